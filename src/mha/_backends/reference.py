@@ -1,0 +1,45 @@
+"""The reference backend: plain PyTorch, everything materialised, obviously right.
+
+Upcasts to fp32 (fp64 stays fp64). Every other backend is tested against it.
+It reads the mask through ``Mask.materialize``, not through the plan the fast
+backends use, so it checks the plan too.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .._core import AttentionOutput, Call
+
+
+class _Reference:
+    name = "reference"
+
+    def not_supported_reasons(self, call: Call) -> list[str]:
+        return []
+
+    def forward(self, call: Call) -> AttentionOutput:
+        N, Hq, Hkv, L, S, _, _ = call.shape
+        dtype = torch.float64 if call.query.dtype == torch.float64 else torch.float32
+        q, k, v = (t.to(dtype) for t in (call.query, call.key, call.value))
+        k = k.repeat_interleave(Hq // Hkv, dim=1)
+        v = v.repeat_interleave(Hq // Hkv, dim=1)
+        scores = torch.matmul(q, k.transpose(-1, -2)) * call.scale
+        if call.mask is not None:
+            scores = scores + call.mask.materialize(N, Hq, L, S, device=q.device, dtype=dtype)
+        lse = torch.logsumexp(scores, dim=-1)
+        empty = torch.isneginf(lse)[..., None]
+        probs = torch.softmax(scores.masked_fill(empty, 0.0), dim=-1).masked_fill(empty, 0.0)
+        if call.dropout_p > 0:
+            probs = F.dropout(probs, call.dropout_p)
+        out = torch.matmul(probs, v).to(call.query.dtype)
+        weights = None
+        if call.weights == "mean":
+            weights = probs.mean(dim=1).to(call.query.dtype)
+        elif call.weights == "per_head":
+            weights = probs.to(call.query.dtype)
+        return AttentionOutput(out, weights, lse.to(call.query.dtype) if call.return_lse else None)
+
+
+BACKEND = _Reference()

@@ -1,0 +1,95 @@
+"""The SDPA backend: ``torch.nn.functional.scaled_dot_product_attention``.
+
+Torch's fused kernels are at the hardware limit for dense and causal attention,
+so this backend hands them everything it can: top-left causal becomes
+``is_causal=True``; key lengths are served by slicing each batch row's keys to
+its length, so padded keys cost nothing; other masks go in at their own
+broadcast shape, never expanded to ``(N, H, L, S)``. It cannot return weights
+or the log-sum-exp.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .._core import AttentionOutput, Call
+from .._plan import MaskPlan
+
+
+class _SDPA:
+    name = "sdpa"
+
+    def not_supported_reasons(self, call: Call) -> list[str]:
+        reasons = []
+        if call.weights is not None:
+            reasons.append(f"SDPA returns no attention weights (weights={call.weights!r} requested)")
+        if call.return_lse:
+            reasons.append("SDPA returns no log-sum-exp (return_lse=True requested)")
+        if call.query.device.type != "cpu" and not call.plan.is_empty:
+            # On CPU torch gives 0 for fully masked rows; its GPU kernels are not all checked to.
+            reasons.append(f"masked SDPA is only checked for fully masked rows on CPU, not {call.query.device.type}")
+        return reasons
+
+    def forward(self, call: Call) -> AttentionOutput:
+        q, k, v = call.query, call.key, call.value
+        if call.plan.lengths is None:
+            out = _sdpa(q, k, v, call.plan, call.scale, call.dropout_p)
+        else:
+            out = _by_length(q, k, v, call.plan, call.scale, call.dropout_p)
+        return AttentionOutput(out, None, None)
+
+
+def _by_length(q: Tensor, k: Tensor, v: Tensor, plan: MaskPlan, scale: float, dropout_p: float) -> Tensor:
+    """Each batch row with its keys cut to its length: padding costs nothing.
+
+    Rows of equal length run together in one SDPA call when the mask's tensors
+    do not vary over the batch."""
+    S = k.shape[2]
+    lengths = [min(max(length, 0), S) for length in plan.lengths.tolist()]
+    N, Hq, L, _ = q.shape
+    out = q.new_zeros(N, Hq, L, v.shape[-1])
+    if plan.has_tensors:
+        for n, length in enumerate(lengths):
+            if length > 0:
+                sub = plan.select_batch(n, length)
+                out[n : n + 1] = _sdpa(
+                    q[n : n + 1], k[n : n + 1, :, :length], v[n : n + 1, :, :length], sub, scale, dropout_p
+                )
+        return out
+    groups: dict[int, list[int]] = {}
+    for n, length in enumerate(lengths):
+        groups.setdefault(length, []).append(n)
+    sub = plan.without_lengths()
+    for length, rows in groups.items():
+        if length == 0:
+            continue
+        if len(rows) == rows[-1] - rows[0] + 1:
+            index = slice(rows[0], rows[-1] + 1)
+            out[index] = _sdpa(q[index], k[index, :, :length], v[index, :, :length], sub, scale, dropout_p)
+        else:
+            idx = torch.tensor(rows, device=q.device)
+            out[idx] = _sdpa(q[idx], k[idx, :, :length], v[idx, :, :length], sub, scale, dropout_p)
+    return out
+
+
+def _sdpa(q: Tensor, k: Tensor, v: Tensor, plan: MaskPlan, scale: float, dropout_p: float) -> Tensor:
+    L, S = q.shape[2], k.shape[2]
+    gqa = q.shape[1] != k.shape[1]
+    if plan.band is not None and plan.band.is_top_left_causal and not plan.has_tensors:
+        return F.scaled_dot_product_attention(
+            q, k, v, dropout_p=dropout_p, is_causal=True, scale=scale, enable_gqa=gqa
+        )
+    mask = None
+    if not plan.is_empty:
+        if plan.bias:
+            mask = plan.additive_rows(0, L, S, q.dtype, q.device)
+        else:
+            mask = plan.allowed_rows(0, L, S, q.device)
+    return F.scaled_dot_product_attention(
+        q, k, v, attn_mask=mask, dropout_p=dropout_p, scale=scale, enable_gqa=gqa
+    )
+
+
+BACKEND = _SDPA()

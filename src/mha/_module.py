@@ -1,0 +1,259 @@
+"""``mha.MultiheadAttention``: the torch-compatible module over :func:`mha.attention`."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn.init import constant_, xavier_normal_, xavier_uniform_
+from torch.nn.modules.linear import NonDynamicallyQuantizableLinear
+
+from ._core import attention
+from ._torch_masks import masks_from_torch, warn_pitfalls
+from ._validate import validate_constructor, validate_forward
+
+
+class MultiheadAttention(nn.Module):
+    r"""Multi-head attention, a drop-in for :class:`torch.nn.MultiheadAttention`.
+
+    .. math::
+
+        \text{MultiHead}(Q, K, V) = \text{Concat}(\text{head}_1, \dots, \text{head}_h) W^O,
+        \quad \text{head}_i = \text{softmax}\!\left(\frac{Q W_i^Q (K W_i^K)^\top}{\sqrt{E / h}} + M\right) V W_i^V
+
+    Same constructor, parameters (names, shapes, initialisation), ``forward`` and
+    results as torch, so a ``state_dict`` loads both ways. What changes:
+
+    * every malformed call raises ``ValueError``/``TypeError`` naming the argument,
+      the expected and actual shapes, and the fix;
+    * a query row whose keys are all masked gets zero attention (output =
+      ``out_proj.bias``, weights 0), never NaN;
+    * an inverted ``tril`` causal mask and masks that empty rows warn;
+    * ``is_causal=True`` works without ``attn_mask``; ``attn_mask`` may also be
+      ``(N, num_heads, L, S)``; boolean and float masks mix freely;
+    * right padding costs nothing, the standard causal mask runs as causal, and
+      averaged weights never materialise per-head weights.
+
+    Args:
+        embed_dim: ``E``, width of query and of the output.
+        num_heads: ``h``; ``E`` must be divisible by it.
+        dropout: dropout probability on the attention weights, in [0, 1).
+        bias: add biases to the input and output projections.
+        add_bias_kv: append a learned key and value (``bias_k``, ``bias_v``).
+        add_zero_attn: append a zero key and value.
+        kdim: width of key (default ``E``).
+        vdim: width of value, ``D`` (default ``E``).
+        batch_first: inputs and outputs are ``(N, L, E)`` instead of ``(L, N, E)``.
+
+    Shapes (``batch_first=False``; swap the first two dims for ``True``):
+        query ``(L, N, E)``, key ``(S, N, kdim)``, value ``(S, N, D)``;
+        key_padding_mask ``(N, S)``; attn_mask ``(L, S)``, ``(N*h, L, S)`` or
+        ``(N, h, L, S)``. Unbatched: query ``(L, E)``, key ``(S, kdim)``,
+        value ``(S, D)``, key_padding_mask ``(S,)``, attn_mask ``(L, S)`` or ``(h, L, S)``.
+        Output ``(L, N, E)``; weights ``(N, L, S)`` averaged or ``(N, h, L, S)``.
+        L: target length, S: source length, N: batch, E: embed_dim, D: vdim.
+    """
+
+    __constants__ = ["batch_first"]
+    bias_k: Tensor | None
+    bias_v: Tensor | None
+
+    def __init__(
+        self,
+        embed_dim: int,
+        num_heads: int,
+        dropout: float = 0.0,
+        bias: bool = True,
+        add_bias_kv: bool = False,
+        add_zero_attn: bool = False,
+        kdim: int | None = None,
+        vdim: int | None = None,
+        batch_first: bool = False,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        validate_constructor(embed_dim, num_heads, dropout, kdim, vdim)
+        factory_kwargs = {"device": device, "dtype": dtype}
+        super().__init__()
+        self.embed_dim = embed_dim
+        self.kdim = kdim if kdim is not None else embed_dim
+        self.vdim = vdim if vdim is not None else embed_dim
+        self._qkv_same_embed_dim = self.kdim == embed_dim and self.vdim == embed_dim
+        self.num_heads = num_heads
+        self.dropout = dropout
+        self.batch_first = batch_first
+        self.head_dim = embed_dim // num_heads
+        # Registration order and initialisation follow torch, so that the same seed gives
+        # the same parameters.
+        if not self._qkv_same_embed_dim:
+            self.q_proj_weight = nn.Parameter(torch.empty((embed_dim, embed_dim), **factory_kwargs))
+            self.k_proj_weight = nn.Parameter(torch.empty((embed_dim, self.kdim), **factory_kwargs))
+            self.v_proj_weight = nn.Parameter(torch.empty((embed_dim, self.vdim), **factory_kwargs))
+            self.register_parameter("in_proj_weight", None)
+        else:
+            self.in_proj_weight = nn.Parameter(torch.empty((3 * embed_dim, embed_dim), **factory_kwargs))
+            self.register_parameter("q_proj_weight", None)
+            self.register_parameter("k_proj_weight", None)
+            self.register_parameter("v_proj_weight", None)
+        if bias:
+            self.in_proj_bias = nn.Parameter(torch.empty(3 * embed_dim, **factory_kwargs))
+        else:
+            self.register_parameter("in_proj_bias", None)
+        self.out_proj = NonDynamicallyQuantizableLinear(embed_dim, embed_dim, bias=bias, **factory_kwargs)
+        if add_bias_kv:
+            self.bias_k = nn.Parameter(torch.empty((1, 1, embed_dim), **factory_kwargs))
+            self.bias_v = nn.Parameter(torch.empty((1, 1, embed_dim), **factory_kwargs))
+        else:
+            self.bias_k = self.bias_v = None
+        self.add_zero_attn = add_zero_attn
+        self._reset_parameters()
+
+    def _reset_parameters(self) -> None:
+        if self._qkv_same_embed_dim:
+            xavier_uniform_(self.in_proj_weight)
+        else:
+            xavier_uniform_(self.q_proj_weight)
+            xavier_uniform_(self.k_proj_weight)
+            xavier_uniform_(self.v_proj_weight)
+        if self.in_proj_bias is not None:
+            constant_(self.in_proj_bias, 0.0)
+            constant_(self.out_proj.bias, 0.0)
+        if self.bias_k is not None:
+            xavier_normal_(self.bias_k)
+        if self.bias_v is not None:
+            xavier_normal_(self.bias_v)
+
+    def __setstate__(self, state: dict) -> None:
+        # Modules pickled before kdim/vdim existed.
+        state.setdefault("_qkv_same_embed_dim", True)
+        super().__setstate__(state)
+
+    def extra_repr(self) -> str:
+        extra = f"embed_dim={self.embed_dim}, num_heads={self.num_heads}"
+        if self.dropout:
+            extra += f", dropout={self.dropout}"
+        if not self._qkv_same_embed_dim:
+            extra += f", kdim={self.kdim}, vdim={self.vdim}"
+        if self.batch_first:
+            extra += ", batch_first=True"
+        return extra
+
+    def forward(
+        self,
+        query: Tensor,
+        key: Tensor,
+        value: Tensor,
+        key_padding_mask: Tensor | None = None,
+        need_weights: bool = True,
+        attn_mask: Tensor | None = None,
+        average_attn_weights: bool = True,
+        is_causal: bool = False,
+    ) -> tuple[Tensor, Tensor | None]:
+        """Attend from ``query`` to ``key``/``value``.
+
+        Args:
+            query: ``(L, N, E)`` (``(N, L, E)`` if ``batch_first``) or unbatched ``(L, E)``.
+            key: ``(S, N, kdim)`` or ``(S, kdim)``.
+            value: ``(S, N, D)`` or ``(S, D)`` with ``D = vdim``.
+            key_padding_mask: ``(N, S)`` or ``(S,)``; bool (True = padding, ignored)
+                or float (added to the scores).
+            need_weights: also return attention weights.
+            attn_mask: ``(L, S)``, ``(N*num_heads, L, S)``, ``(N, num_heads, L, S)``
+                (or ``(num_heads, L, S)`` unbatched); bool (True = blocked) or float
+                (added to the scores).
+            average_attn_weights: average the weights over heads.
+            is_causal: apply a causal mask (query ``i`` sees keys ``j <= i``); with
+                ``attn_mask`` given as well, both apply.
+
+        Returns:
+            ``(attn_output, attn_output_weights)``: output ``(L, N, E)`` (or
+            ``(N, L, E)``, or ``(L, E)``); weights ``(N, L, S)`` averaged, ``(N,
+            num_heads, L, S)`` per head, ``(L, S)``/``(num_heads, L, S)`` unbatched,
+            or None when ``need_weights=False``. With ``add_bias_kv`` or
+            ``add_zero_attn`` the weights have one more column per added key.
+        """
+        shapes = validate_forward(self, query, key, value, key_padding_mask, attn_mask)
+        batch_first = self.batch_first and shapes.batched
+        if not shapes.batched:
+            query, key, value = query.unsqueeze(1), key.unsqueeze(1), value.unsqueeze(1)
+            if key_padding_mask is not None:
+                key_padding_mask = key_padding_mask.unsqueeze(0)
+            if attn_mask is not None and attn_mask.dim() == 3:
+                attn_mask = attn_mask.unsqueeze(0)
+        N, H = shapes.N, self.num_heads
+        warn_pitfalls(key_padding_mask, attn_mask, is_causal)
+
+        q, k, v = self._in_projection(query, key, value)
+        if self.bias_k is not None and self.bias_v is not None:
+            k = torch.cat([k, _batched_token(self.bias_k, N, batch_first)], dim=1 if batch_first else 0)
+            v = torch.cat([v, _batched_token(self.bias_v, N, batch_first)], dim=1 if batch_first else 0)
+            key_padding_mask, attn_mask = _open_extra_key(key_padding_mask, attn_mask)
+        q, k, v = (_split_heads(t, H, batch_first) for t in (q, k, v))
+        if self.add_zero_attn:
+            k = torch.cat([k, k.new_zeros(N, H, 1, k.shape[-1])], dim=2)
+            v = torch.cat([v, v.new_zeros(N, H, 1, v.shape[-1])], dim=2)
+            key_padding_mask, attn_mask = _open_extra_key(key_padding_mask, attn_mask)
+
+        mask = masks_from_torch(key_padding_mask, attn_mask, is_causal, N, H)
+        result = attention(
+            q,
+            k,
+            v,
+            mask,
+            dropout_p=self.dropout if self.training else 0.0,
+            weights=("mean" if average_attn_weights else "per_head") if need_weights else None,
+        )
+        # (N, H, L, Dh) -> (L, N, E) or (N, L, E)
+        out = result.output.permute((0, 2, 1, 3) if batch_first else (2, 0, 1, 3))
+        out = out.reshape(*out.shape[:2], self.embed_dim)
+        out = self.out_proj(out)
+        weights = result.weights
+        if not shapes.batched:
+            out = out.squeeze(1)
+            if weights is not None:
+                weights = weights.squeeze(0)
+        return out, weights
+
+    def _in_projection(self, query: Tensor, key: Tensor, value: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Project to ``E`` features each, in the inputs' own layout. One matmul for
+        self-attention (query is key is value), two when key is value."""
+        E = self.embed_dim
+        b = self.in_proj_bias
+        bq, bk, bv = (None, None, None) if b is None else b.chunk(3)
+        if not self._qkv_same_embed_dim:
+            return (
+                F.linear(query, self.q_proj_weight, bq),
+                F.linear(key, self.k_proj_weight, bk),
+                F.linear(value, self.v_proj_weight, bv),
+            )
+        w = self.in_proj_weight
+        if query is key and key is value:
+            return F.linear(query, w, b).chunk(3, dim=-1)
+        if key is value:
+            q = F.linear(query, w[:E], bq)
+            k, v = F.linear(key, w[E:], None if b is None else b[E:]).chunk(2, dim=-1)
+            return q, k, v
+        wq, wk, wv = w.chunk(3)
+        return F.linear(query, wq, bq), F.linear(key, wk, bk), F.linear(value, wv, bv)
+
+
+def _split_heads(x: Tensor, heads: int, batch_first: bool) -> Tensor:
+    """``(L, N, E)`` or ``(N, L, E)`` -> ``(N, heads, L, E // heads)``, a view."""
+    x = x.unflatten(-1, (heads, x.shape[-1] // heads))
+    return x.permute((0, 2, 1, 3) if batch_first else (1, 2, 0, 3))
+
+
+def _batched_token(token: Tensor, N: int, batch_first: bool) -> Tensor:
+    """A learned ``(1, 1, E)`` key or value repeated over the batch, in the inputs' layout."""
+    return token.expand(N, 1, -1) if batch_first else token.expand(1, N, -1)
+
+
+def _open_extra_key(
+    key_padding_mask: Tensor | None, attn_mask: Tensor | None
+) -> tuple[Tensor | None, Tensor | None]:
+    """Masks for one more key appended at the end, open to every query."""
+    if key_padding_mask is not None:
+        key_padding_mask = F.pad(key_padding_mask, (0, 1))
+    if attn_mask is not None:
+        attn_mask = F.pad(attn_mask, (0, 1))
+    return key_padding_mask, attn_mask

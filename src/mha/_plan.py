@@ -1,0 +1,162 @@
+"""A mask reduced to the few primitive pieces that backends know how to read.
+
+Every backend sees the same :class:`MaskPlan`: at most one band (causal or
+window, with explicit integer offsets), at most one vector of key lengths, and
+lists of boolean and additive tensors, each kept at its own broadcast shape.
+Offsets are explicit so that slicing keys off the right end (what padding
+removal does) does not move a bottom-right alignment.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+import torch
+from torch import Tensor
+
+from . import masks as m
+
+_NEG_INF = float("-inf")
+
+
+@dataclass(frozen=True)
+class Band:
+    """Query ``i`` may attend key ``j`` iff ``i + lo <= j <= i + hi``; ``None`` is unbounded."""
+
+    lo: int | None
+    hi: int | None
+
+    def intersect(self, other: Band) -> Band:
+        lo = self.lo if other.lo is None else other.lo if self.lo is None else max(self.lo, other.lo)
+        hi = self.hi if other.hi is None else other.hi if self.hi is None else min(self.hi, other.hi)
+        return Band(lo, hi)
+
+    @property
+    def is_top_left_causal(self) -> bool:
+        return self.lo is None and self.hi == 0
+
+    def allowed(self, rows: Tensor, S: int) -> Tensor:
+        """Boolean ``(len(rows), S)`` for the given query row indices."""
+        i = rows[:, None]
+        j = torch.arange(S, device=rows.device)[None, :]
+        ok = torch.ones(rows.shape[0], S, dtype=torch.bool, device=rows.device)
+        if self.lo is not None:
+            ok &= j >= i + self.lo
+        if self.hi is not None:
+            ok &= j <= i + self.hi
+        return ok
+
+    def rows_with_keys(self, L: int, S: int) -> tuple[int, int]:
+        """Half-open range of query rows that have at least one key in ``[0, S)``."""
+        first = 0 if self.hi is None else max(0, -self.hi)
+        last = L if self.lo is None else min(L, S - self.lo)
+        return first, max(first, last)
+
+
+@dataclass(frozen=True)
+class MaskPlan:
+    """The intersection of everything a mask allows, in primitive form.
+
+    ``allowed`` tensors are boolean (True = may attend) and ``bias`` tensors are
+    additive, each 4-D and broadcastable to ``(N, H, L, S)``.
+    """
+
+    band: Band | None = None
+    lengths: Tensor | None = None
+    allowed: tuple[Tensor, ...] = field(default=())
+    bias: tuple[Tensor, ...] = field(default=())
+
+    @property
+    def is_empty(self) -> bool:
+        return self.band is None and self.lengths is None and not self.allowed and not self.bias
+
+    @property
+    def has_tensors(self) -> bool:
+        return bool(self.allowed or self.bias)
+
+    def without_lengths(self) -> MaskPlan:
+        return replace(self, lengths=None)
+
+    def select_batch(self, n: int, S: int) -> MaskPlan:
+        """The plan for batch row ``n`` alone, keys cut to ``[0, S)``."""
+
+        def one(t: Tensor) -> Tensor:
+            t = t[n : n + 1] if t.shape[0] > 1 else t
+            return t[..., :S] if t.shape[-1] > 1 else t
+
+        return MaskPlan(
+            band=self.band,
+            lengths=None,
+            allowed=tuple(one(t) for t in self.allowed),
+            bias=tuple(one(t) for t in self.bias),
+        )
+
+    def allowed_rows(self, start: int, stop: int, S: int, device: torch.device) -> Tensor | None:
+        """Boolean mask (True = may attend) for query rows ``[start, stop)``, broadcastable
+        to ``(N, H, stop - start, S)`` at the smallest shape the pieces need; None if
+        nothing is blocked by a band, lengths or boolean tensor."""
+        allowed: Tensor | None = None
+        if self.band is not None:
+            allowed = self.band.allowed(torch.arange(start, stop, device=device), S)[None, None]
+        if self.lengths is not None:
+            keys = torch.arange(S, device=device)[None, :] < self.lengths.to(device)[:, None]
+            keys = keys[:, None, None, :]
+            allowed = keys if allowed is None else allowed & keys
+        for t in self.allowed:
+            t = _rows(t, start, stop).to(device)
+            allowed = t if allowed is None else allowed & t
+        return allowed
+
+    def bias_rows(self, start: int, stop: int, dtype: torch.dtype, device: torch.device) -> Tensor | None:
+        """Sum of the additive tensors for query rows ``[start, stop)``; None if there are none."""
+        bias: Tensor | None = None
+        for t in self.bias:
+            t = _rows(t, start, stop).to(device=device, dtype=dtype)
+            bias = t if bias is None else bias + t
+        return bias
+
+    def additive_rows(
+        self, start: int, stop: int, S: int, dtype: torch.dtype, device: torch.device
+    ) -> Tensor | None:
+        """Everything as one additive mask (0 / -inf plus biases) for rows ``[start, stop)``."""
+        allowed = self.allowed_rows(start, stop, S, device)
+        bias = self.bias_rows(start, stop, dtype, device)
+        if allowed is None:
+            return bias
+        zero = torch.zeros((), dtype=dtype, device=device)
+        add = torch.where(allowed, zero, torch.full((), _NEG_INF, dtype=dtype, device=device))
+        return add if bias is None else add + bias
+
+
+def _rows(t: Tensor, start: int, stop: int) -> Tensor:
+    """Query rows ``[start, stop)`` of a 4-D mask tensor whose L dimension may be broadcast."""
+    return t if t.shape[2] == 1 else t[:, :, start:stop]
+
+
+def plan_mask(mask: m.Mask | None, L: int, S: int) -> MaskPlan:
+    """Reduce a mask object to a :class:`MaskPlan` for a call with ``L`` queries and ``S`` keys."""
+    if mask is None:
+        return MaskPlan()
+    band: Band | None = None
+    lengths: Tensor | None = None
+    allowed: list[Tensor] = []
+    bias: list[Tensor] = []
+    for part in mask.parts():
+        if isinstance(part, m.Window):
+            off = part.offset(L, S)
+            b = Band(
+                None if part.before is None else off - part.before,
+                None if part.after is None else off + part.after,
+            )
+            band = b if band is None else band.intersect(b)
+        elif isinstance(part, m.KeyPadding):
+            lengths = part.lengths if lengths is None else torch.minimum(lengths, part.lengths)
+        elif isinstance(part, m.Allowed):
+            allowed.append(part.tensor4d)
+        elif isinstance(part, m.Blocked):
+            allowed.append(~part.tensor4d)
+        elif isinstance(part, m.Bias):
+            bias.append(part.tensor4d)
+        else:
+            raise TypeError(f"unknown mask type {type(part).__name__}")
+    return MaskPlan(band, lengths, tuple(allowed), tuple(bias))

@@ -1,0 +1,320 @@
+"""Checks on what users pass to :class:`mha.MultiheadAttention`.
+
+Every check reads shapes, dtypes and devices only; none reads tensor values.
+Messages use the seed's notation: query ``(L, N, E)``, key ``(S, N, E)``,
+value ``(S, N, D)`` (``(N, L, E)`` ... with ``batch_first=True``), and each
+says what was expected, what came, and how to fix it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from numbers import Real
+from typing import Any
+
+import torch
+from torch import Tensor
+
+
+@dataclass(frozen=True)
+class ForwardShapes:
+    """Sizes of one validated forward call."""
+
+    batched: bool
+    N: int
+    L: int
+    S: int
+
+
+def _shape(t: Tensor) -> tuple[int, ...]:
+    return tuple(t.shape)
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def validate_constructor(
+    embed_dim: Any, num_heads: Any, dropout: Any, kdim: Any, vdim: Any
+) -> None:
+    for name, value in (("embed_dim", embed_dim), ("num_heads", num_heads)):
+        if not _is_int(value):
+            raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
+        if value <= 0:
+            raise ValueError(f"{name} must be positive, got {name}={value}")
+    for name, value in (("kdim", kdim), ("vdim", vdim)):
+        if value is None:
+            continue
+        if not _is_int(value):
+            raise TypeError(f"{name} must be an int or None, got {type(value).__name__} {value!r}")
+        if value <= 0:
+            raise ValueError(f"{name} must be positive (the width of {'key' if name == 'kdim' else 'value'}), got {name}={value}")
+    if embed_dim % num_heads != 0:
+        divisors = [h for h in range(1, embed_dim + 1) if embed_dim % h == 0]
+        raise ValueError(
+            f"embed_dim={embed_dim} must be divisible by num_heads={num_heads}: each head gets "
+            f"embed_dim // num_heads features. Choose num_heads from {_few(divisors)}, "
+            f"or embed_dim as a multiple of {num_heads} (e.g. {num_heads * max(1, round(embed_dim / num_heads))})"
+        )
+    if isinstance(dropout, bool) or not isinstance(dropout, Real):
+        raise TypeError(f"dropout must be a float in [0, 1), got {type(dropout).__name__} {dropout!r}")
+    if not 0.0 <= float(dropout) < 1.0:
+        raise ValueError(
+            f"dropout must be in [0, 1) (the probability of zeroing an attention weight), got dropout={dropout}"
+        )
+
+
+def _few(values: list[int], limit: int = 8) -> str:
+    shown = ", ".join(str(v) for v in values[:limit])
+    return f"[{shown}{', ...' if len(values) > limit else ''}]"
+
+
+def validate_forward(
+    module: Any,
+    query: Any,
+    key: Any,
+    value: Any,
+    key_padding_mask: Any,
+    attn_mask: Any,
+) -> ForwardShapes:
+    """Check a forward call's inputs; return its sizes. Raises TypeError or ValueError."""
+    bf = module.batch_first
+    names = {
+        "query": "(N, L, E)" if bf else "(L, N, E)",
+        "key": "(N, S, E)" if bf else "(S, N, E)",
+        "value": "(N, S, D)" if bf else "(S, N, D)",
+    }
+    unbatched = {"query": "(L, E)", "key": "(S, E)", "value": "(S, D)"}
+    tensors = {"query": query, "key": key, "value": value}
+    for name, t in tensors.items():
+        if not isinstance(t, Tensor):
+            raise TypeError(
+                f"{name} must be a torch.Tensor of shape {names[name]}, got {type(t).__name__}; "
+                f"convert it with torch.as_tensor({name}, dtype=torch.float32)"
+            )
+        if not (t.is_floating_point()):
+            raise TypeError(
+                f"{name} must be a floating-point tensor, got dtype {t.dtype} with shape {_shape(t)}; "
+                f"cast it, e.g. {name}.float()"
+            )
+    if query.dim() not in (2, 3):
+        raise ValueError(
+            f"query must be 3-D {names['query']} (batched) or 2-D (L, E) (unbatched), got "
+            f"{query.dim()}-D {_shape(query)}"
+            + ("; merge extra batch dimensions into N first" if query.dim() > 3 else "")
+        )
+    batched = query.dim() == 3
+    for name in ("key", "value"):
+        t = tensors[name]
+        if t.dim() != query.dim():
+            if batched:
+                raise ValueError(
+                    f"query is batched {names['query']} = {_shape(query)}, so {name} must be 3-D "
+                    f"{names[name]}, got {t.dim()}-D {_shape(t)}"
+                    + (f"; add the batch dimension with {name}.unsqueeze({0 if bf else 1})" if t.dim() == 2 else "")
+                )
+            raise ValueError(
+                f"query is unbatched (L, E) = {_shape(query)}, so {name} must be unbatched "
+                f"{unbatched[name]}, got {t.dim()}-D {_shape(t)}; either pass query batched "
+                f"{names['query']} (query.unsqueeze({0 if bf else 1})) or drop {name}'s batch dimension"
+            )
+    notation = names if batched else unbatched
+    _validate_dtypes_devices(module, query, key, value)
+    E, kdim, vdim = module.embed_dim, module.kdim, module.vdim
+    if query.shape[-1] != E:
+        raise ValueError(
+            f"query {notation['query']} = {_shape(query)} has E = {query.shape[-1]}, but the module was "
+            f"built with embed_dim={E}; build it with embed_dim={query.shape[-1]} or project query to {E} features"
+            + _batch_first_hint(module, query, key, value)
+        )
+    if key.shape[-1] != kdim:
+        fix = (
+            f"build the module with kdim={key.shape[-1]}"
+            if kdim == E
+            else f"the module was built with kdim={kdim}; pass a key with {kdim} features"
+        )
+        raise ValueError(
+            f"key {notation['key']} = {_shape(key)} has {key.shape[-1]} features, expected kdim = {kdim}; {fix}"
+        )
+    if value.shape[-1] != vdim:
+        if vdim == E:
+            raise ValueError(
+                f"value {notation['value']} = {_shape(value)} has D = {value.shape[-1]}, but the module "
+                f"expects D = E = {E} because it was built without vdim; D != E works: build the module "
+                f"with vdim={value.shape[-1]}"
+            )
+        raise ValueError(
+            f"value {notation['value']} = {_shape(value)} has D = {value.shape[-1]}, but the module was built "
+            f"with vdim={vdim}; pass a value with D = {vdim} or build the module with vdim={value.shape[-1]}"
+        )
+    seq = 1 if (bf and batched) else 0
+    bat = 0 if bf else 1
+    L = query.shape[seq]
+    S = key.shape[seq]
+    if value.shape[seq] != S:
+        raise ValueError(
+            f"key {notation['key']} = {_shape(key)} and value {notation['value']} = {_shape(value)} must have "
+            f"the same S (one value per key), got S = {S} and {value.shape[seq]}"
+        )
+    N = query.shape[bat] if batched else 1
+    if batched:
+        for name in ("key", "value"):
+            t = tensors[name]
+            if t.shape[bat] != N:
+                raise ValueError(
+                    f"{name} {notation[name]} = {_shape(t)} has batch size N = {t.shape[bat]}, but query "
+                    f"{notation['query']} = {_shape(query)} has N = {N}; all three need the same N"
+                    + _batch_first_hint(module, query, key, value)
+                )
+    if key_padding_mask is not None:
+        _validate_key_padding_mask(module, key_padding_mask, batched, N, S, notation, key)
+    if attn_mask is not None:
+        _validate_attn_mask(module, attn_mask, batched, N, L, S)
+    return ForwardShapes(batched, N, L, S)
+
+
+def _batch_first_hint(module: Any, query: Tensor, key: Tensor, value: Tensor) -> str:
+    """A hint when the tensors fit the other layout (batch-first vs sequence-first)."""
+    if query.dim() != 3 or key.dim() != 3 or value.dim() != 3:
+        return ""
+    bat_other = 1 if module.batch_first else 0
+    if query.shape[bat_other] == key.shape[bat_other] == value.shape[bat_other]:
+        if module.batch_first:
+            return (
+                ". The shapes fit sequence-first tensors (L, N, E): this module has batch_first=True; "
+                "build it with batch_first=False or pass query.transpose(0, 1)"
+            )
+        return (
+            ". The shapes fit batch-first tensors (N, L, E): this module has batch_first=False; "
+            "build it with batch_first=True or pass query.transpose(0, 1) (and key, value likewise)"
+        )
+    return ""
+
+
+def _validate_dtypes_devices(module: Any, query: Tensor, key: Tensor, value: Tensor) -> None:
+    if not (query.dtype == key.dtype == value.dtype):
+        raise TypeError(
+            f"query, key and value must share one dtype, got query {query.dtype}, key {key.dtype}, "
+            f"value {value.dtype}; cast them, e.g. key.to(query.dtype)"
+        )
+    param = module.out_proj.weight
+    if query.dtype != param.dtype:
+        raise TypeError(
+            f"query, key and value are {query.dtype} but the module's parameters are {param.dtype}; "
+            f"cast the module with module.to({query.dtype}) or the inputs with .to({param.dtype})"
+        )
+    if not (query.device == key.device == value.device == param.device):
+        raise ValueError(
+            f"query, key, value and the module must be on one device, got query on {query.device}, "
+            f"key on {key.device}, value on {value.device}, module on {param.device}; move them with .to(device)"
+        )
+
+
+def _validate_mask_type(name: str, mask: Any, expected: str) -> None:
+    if not isinstance(mask, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor of shape {expected} or None, got {type(mask).__name__}")
+    if mask.dtype != torch.bool and not mask.is_floating_point():
+        raise TypeError(
+            f"{name} {expected} has dtype {mask.dtype}; pass a bool tensor (True = masked out), "
+            f"e.g. {name}.bool() or ({name} != 0), or a float tensor added to the scores (-inf = masked out)"
+        )
+
+
+def _validate_key_padding_mask(
+    module: Any, kpm: Any, batched: bool, N: int, S: int, notation: dict[str, str], key: Tensor
+) -> None:
+    expected = "(N, S)" if batched else "(S,)"
+    _validate_mask_type("key_padding_mask", kpm, expected)
+    if not batched:
+        if kpm.dim() != 1:
+            raise ValueError(
+                f"query is unbatched, so key_padding_mask must be 1-D (S,) = ({S},), got {kpm.dim()}-D "
+                f"{_shape(kpm)}; pass key_padding_mask[0] for one sequence, or batch all inputs"
+            )
+        if kpm.shape[0] != S:
+            raise ValueError(
+                f"key_padding_mask (S,) must have S = {S} (the key's length), got {_shape(kpm)}"
+            )
+        return
+    if kpm.dim() != 2:
+        raise ValueError(
+            f"key_padding_mask must be 2-D (N, S) = ({N}, {S}), got {kpm.dim()}-D {_shape(kpm)}"
+        )
+    if _shape(kpm) == (N, S):
+        return
+    if _shape(kpm) == (S, N):
+        raise ValueError(
+            f"key_padding_mask has shape {_shape(kpm)} = (S, N), expected (N, S) = ({N}, {S}); "
+            "pass key_padding_mask.T"
+            + (
+                ". If your tensors are batch-first (N, L, E), build the module with batch_first=True"
+                if not module.batch_first
+                else ""
+            )
+        )
+    if not module.batch_first and key.dim() == 3 and _shape(kpm) == (key.shape[0], key.shape[1]):
+        raise ValueError(
+            f"key_padding_mask (N, S) = {_shape(kpm)} does not match (N, S) = ({N}, {S}) read from "
+            f"key {notation['key']} = {_shape(key)}, but it matches key read as batch-first (N, S, E): "
+            "build the module with batch_first=True"
+        )
+    if kpm.shape[0] != N:
+        raise ValueError(
+            f"key_padding_mask (N, S) = {_shape(kpm)} has N = {kpm.shape[0]}, expected N = {N} (query's batch size)"
+        )
+    raise ValueError(
+        f"key_padding_mask (N, S) = {_shape(kpm)} has S = {kpm.shape[1]}, expected S = {S} (the key's length); "
+        "it needs one entry per key position"
+    )
+
+
+def _validate_attn_mask(module: Any, mask: Any, batched: bool, N: int, L: int, S: int) -> None:
+    H = module.num_heads
+    _validate_mask_type("attn_mask", mask, "(L, S)")
+    shape = _shape(mask)
+    if mask.dim() == 2:
+        if shape == (L, S):
+            return
+        if shape == (S, L):
+            raise ValueError(
+                f"attn_mask has shape {shape} = (S, L), expected (L, S) = ({L}, {S}): one row per query; "
+                "pass attn_mask.T"
+            )
+        raise ValueError(f"attn_mask must be (L, S) = ({L}, {S}) (queries x keys), got {shape}")
+    if mask.dim() == 3:
+        lead = N * H if batched else H
+        lead_name = "N*num_heads" if batched else "num_heads"
+        what = f"N*num_heads = {N}*{H} = {N * H}" if batched else f"num_heads = {H}"
+        if shape == (lead, L, S):
+            return
+        if shape[1:] == (S, L) and shape[0] == lead and L != S:
+            raise ValueError(
+                f"attn_mask has shape {shape} = ({lead_name}, S, L), expected "
+                f"({lead_name}, L, S) = ({lead}, {L}, {S}); pass attn_mask.transpose(1, 2)"
+            )
+        if shape[1:] != (L, S):
+            raise ValueError(
+                f"attn_mask of shape {shape} must be ({lead_name}, L, S) = ({lead}, {L}, {S})"
+            )
+        fix = ""
+        if batched and shape[0] == N:
+            fix = (
+                f"; for one mask per batch row, pass it as (N, num_heads, L, S) with "
+                f"attn_mask[:, None].expand({N}, {H}, {L}, {S}) or repeat it per head with "
+                f"attn_mask.repeat_interleave({H}, dim=0)"
+            )
+        raise ValueError(
+            f"3-D attn_mask must have first dimension {what}, got {shape[0]} (attn_mask {shape}){fix}"
+        )
+    if mask.dim() == 4 and batched:
+        if shape[2:] == (L, S) and shape[0] in (1, N) and shape[1] in (1, H):
+            return
+        raise ValueError(
+            f"4-D attn_mask must be (N, num_heads, L, S) = ({N}, {H}, {L}, {S}) (N and num_heads may be 1 "
+            f"to broadcast), got {shape}"
+        )
+    raise ValueError(
+        f"attn_mask must be (L, S) = ({L}, {S}), "
+        + (f"(N*num_heads, L, S) = ({N * H}, {L}, {S}) or (N, num_heads, L, S)" if batched else f"or (num_heads, L, S) = ({H}, {L}, {S})")
+        + f", got {mask.dim()}-D {shape}"
+    )

@@ -1,0 +1,296 @@
+"""Attention masks as objects whose names say what they mean.
+
+A bare boolean tensor means "blocked" in :class:`torch.nn.MultiheadAttention`
+and "may attend" in :func:`torch.nn.functional.scaled_dot_product_attention`.
+:func:`mha.attention` never takes a bare tensor; it takes these objects::
+
+    Causal("top_left")          key j allowed for query i  iff  j <= i
+    Causal("bottom_right")      key j allowed for query i  iff  j <= i + S - L
+    Window(before, after)       i + off - before <= j <= i + off + after
+    KeyPadding(lengths)         key j of batch n allowed   iff  j < lengths[n]
+    Allowed(t)                  allowed iff t (True = may attend)
+    Blocked(t)                  allowed iff not t (True = masked out)
+    Bias(t)                     adds t to the scores (-inf blocks)
+
+Shapes: ``N`` batch, ``H`` heads, ``L`` queries, ``S`` keys. ``Allowed``,
+``Blocked`` and ``Bias`` take tensors broadcastable to ``(N, H, L, S)``
+(right-aligned, like torch broadcasting); they are read through their own
+strides and never expanded. ``a & b`` allows what both allow; biases add.
+
+Causal alignment when ``L != S`` (``x`` = allowed)::
+
+    top_left, L=3, S=5        bottom_right, L=3, S=5
+        x . . . .                 x x x . .
+        x x . . .                 x x x x .
+        x x x . .                 x x x x x
+
+``materialize`` builds the dense ``(N, H, L, S)`` additive form. It exists for
+the reference backend and for tests; no fast path calls it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "Allowed",
+    "Bias",
+    "Blocked",
+    "Causal",
+    "KeyPadding",
+    "Mask",
+    "Window",
+]
+
+Align = Literal["top_left", "bottom_right"]
+_ALIGNS = ("top_left", "bottom_right")
+
+
+class Mask:
+    """Base class of every mask. Combine masks with ``&``."""
+
+    def __and__(self, other: Mask) -> Mask:
+        if not isinstance(other, Mask):
+            return NotImplemented
+        return _And.of(self, other)
+
+    def parts(self) -> tuple[Mask, ...]:
+        """The elementary masks this one intersects (itself, unless combined)."""
+        return (self,)
+
+    def materialize(
+        self,
+        N: int,
+        H: int,
+        L: int,
+        S: int,
+        *,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype = torch.float32,
+    ) -> Tensor:
+        """Dense additive form, shape ``(N, H, L, S)``: 0 where allowed, -inf where
+        blocked, plus any bias. For the reference backend and tests only."""
+        out = torch.zeros(N, H, L, S, device=device, dtype=dtype)
+        for part in self.parts():
+            out = out + part._additive(N, H, L, S, device=device, dtype=dtype)
+        return out
+
+    def _additive(self, N, H, L, S, *, device, dtype) -> Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _check_shape(self, N: int, H: int, L: int, S: int) -> None:
+        """Raise ValueError if this mask cannot apply to ``(N, H, L, S)``."""
+
+
+def _blocked_to_additive(allowed: Tensor, dtype: torch.dtype) -> Tensor:
+    zero = torch.zeros((), dtype=dtype, device=allowed.device)
+    return torch.where(allowed, zero, torch.full((), float("-inf"), dtype=dtype, device=allowed.device))
+
+
+def _validate_align(align: str) -> None:
+    if align not in _ALIGNS:
+        raise ValueError(f"align must be 'top_left' or 'bottom_right', got {align!r}")
+
+
+@dataclass(frozen=True, repr=False)
+class Window(Mask):
+    """Local band: query ``i`` may attend key ``j`` iff
+    ``i + off - before <= j <= i + off + after`` where ``off = 0`` for
+    ``align="top_left"`` and ``off = S - L`` for ``align="bottom_right"``.
+    ``before``/``after`` of ``None`` mean unlimited on that side."""
+
+    before: int | None = None
+    after: int | None = None
+    align: Align = "top_left"
+
+    def __post_init__(self) -> None:
+        _validate_align(self.align)
+        for name in ("before", "after"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
+                raise ValueError(f"Window {name} must be a non-negative int or None, got {value!r}")
+
+    def offset(self, L: int, S: int) -> int:
+        return 0 if self.align == "top_left" else S - L
+
+    def allowed(self, L: int, S: int, device=None) -> Tensor:
+        """Boolean ``(L, S)`` band."""
+        i = torch.arange(L, device=device)[:, None] + self.offset(L, S)
+        j = torch.arange(S, device=device)[None, :]
+        ok = torch.ones(L, S, dtype=torch.bool, device=device)
+        if self.before is not None:
+            ok &= j >= i - self.before
+        if self.after is not None:
+            ok &= j <= i + self.after
+        return ok
+
+    def _additive(self, N, H, L, S, *, device, dtype):
+        return _blocked_to_additive(self.allowed(L, S, device), dtype)
+
+    def __repr__(self) -> str:
+        return f"Window(before={self.before}, after={self.after}, align={self.align!r})"
+
+
+class Causal(Window):
+    """Causal mask: query ``i`` sees key ``j`` iff ``j <= i`` (``top_left``) or
+    ``j <= i + S - L`` (``bottom_right``, what a KV cache needs). Equal to
+    ``Window(None, 0, align)``."""
+
+    def __init__(self, align: Align = "top_left") -> None:
+        super().__init__(None, 0, align)
+
+    def __repr__(self) -> str:
+        return f"Causal({self.align!r})"
+
+
+class KeyPadding(Mask):
+    """Right padding: key ``j`` of batch ``n`` is allowed iff ``j < lengths[n]``.
+
+    ``lengths`` is an integer tensor of shape ``(N,)``. Build it from a torch-style
+    padding mask (True = padding, shape ``(N, S)``) with :meth:`from_padding_mask`.
+    """
+
+    def __init__(self, lengths: Tensor) -> None:
+        if not isinstance(lengths, Tensor):
+            raise TypeError(f"KeyPadding lengths must be a Tensor of shape (N,), got {type(lengths).__name__}")
+        if lengths.dim() != 1:
+            raise ValueError(f"KeyPadding lengths must have shape (N,), got {tuple(lengths.shape)}")
+        if lengths.is_floating_point() or lengths.dtype == torch.bool or lengths.is_complex():
+            raise TypeError(f"KeyPadding lengths must be an integer tensor, got dtype {lengths.dtype}")
+        self.lengths = lengths
+
+    @classmethod
+    def from_padding_mask(cls, padding_mask: Tensor) -> KeyPadding:
+        """From a boolean ``(N, S)`` mask, True at padded keys, padding on the right.
+
+        Raises ValueError if some row has a real key after a padded one; use
+        ``Blocked(padding_mask[:, None, None, :])`` for arbitrary key masks."""
+        lengths = right_padding_lengths(padding_mask)
+        if lengths is None:
+            raise ValueError(
+                "KeyPadding.from_padding_mask needs right padding (each row False, then only True); "
+                "for an arbitrary key mask use Blocked(padding_mask[:, None, None, :])"
+            )
+        return cls(lengths)
+
+    def _check_shape(self, N, H, L, S):
+        if self.lengths.shape[0] != N:
+            raise ValueError(f"KeyPadding has {self.lengths.shape[0]} lengths but the batch has N={N}")
+
+    def allowed(self, S: int) -> Tensor:
+        """Boolean ``(N, S)``: True at real keys."""
+        return torch.arange(S, device=self.lengths.device)[None, :] < self.lengths[:, None]
+
+    def _additive(self, N, H, L, S, *, device, dtype):
+        return _blocked_to_additive(self.allowed(S).to(device)[:, None, None, :], dtype)
+
+    def __repr__(self) -> str:
+        return f"KeyPadding(lengths={self.lengths.tolist()})"
+
+
+def right_padding_lengths(padding_mask: Tensor) -> Tensor | None:
+    """Lengths ``(N,)`` if the boolean ``(N, S)`` mask (True = padding) is right
+    padding, else None. Reads the mask once: O(N*S), no (L, S) work."""
+    lengths = (~padding_mask).sum(dim=-1)
+    positions = torch.arange(padding_mask.shape[-1], device=padding_mask.device)
+    if torch.equal(padding_mask, positions[None, :] >= lengths[:, None]):
+        return lengths
+    return None
+
+
+class _TensorMask(Mask):
+    """A mask given as a tensor broadcastable to (N, H, L, S)."""
+
+    _kind: str = ""
+
+    def __init__(self, tensor: Tensor) -> None:
+        if not isinstance(tensor, Tensor):
+            raise TypeError(f"{type(self).__name__} takes a Tensor, got {type(tensor).__name__}")
+        if tensor.dim() > 4:
+            raise ValueError(
+                f"{type(self).__name__} takes a tensor broadcastable to (N, H, L, S), "
+                f"got {tensor.dim()} dimensions {tuple(tensor.shape)}"
+            )
+        self._validate_dtype(tensor)
+        self.tensor = tensor
+
+    def _validate_dtype(self, tensor: Tensor) -> None:
+        if tensor.dtype != torch.bool:
+            raise TypeError(
+                f"{type(self).__name__} takes a boolean tensor, got dtype {tensor.dtype}; "
+                "use Bias(...) for additive float masks"
+            )
+
+    @property
+    def tensor4d(self) -> Tensor:
+        """The tensor viewed with 4 dims (leading 1s added), no copy."""
+        t = self.tensor
+        return t.reshape((1,) * (4 - t.dim()) + tuple(t.shape))
+
+    def _check_shape(self, N, H, L, S):
+        target = (N, H, L, S)
+        for have, want, name in zip(self.tensor4d.shape, target, "NHLS", strict=True):
+            if have not in (1, want):
+                raise ValueError(
+                    f"{type(self).__name__} tensor of shape {tuple(self.tensor.shape)} does not broadcast "
+                    f"to (N, H, L, S) = {target}: dimension {name} is {have}, expected 1 or {want}"
+                )
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(shape={tuple(self.tensor.shape)}, dtype={self.tensor.dtype})"
+
+
+class Allowed(_TensorMask):
+    """Boolean tensor, True where the query may attend the key (SDPA's convention)."""
+
+    def _additive(self, N, H, L, S, *, device, dtype):
+        return _blocked_to_additive(self.tensor4d.to(device), dtype).expand(N, H, L, S)
+
+
+class Blocked(_TensorMask):
+    """Boolean tensor, True where the key is masked out (nn.MultiheadAttention's convention)."""
+
+    def _additive(self, N, H, L, S, *, device, dtype):
+        return _blocked_to_additive(~self.tensor4d.to(device), dtype).expand(N, H, L, S)
+
+
+class Bias(_TensorMask):
+    """Float tensor added to the scaled scores; ``-inf`` blocks."""
+
+    def _validate_dtype(self, tensor: Tensor) -> None:
+        if not tensor.is_floating_point():
+            raise TypeError(
+                f"Bias takes a floating-point tensor, got dtype {tensor.dtype}; "
+                "use Allowed(...) or Blocked(...) for boolean masks"
+            )
+
+    def _additive(self, N, H, L, S, *, device, dtype):
+        return self.tensor4d.to(device=device, dtype=dtype).expand(N, H, L, S)
+
+
+class _And(Mask):
+    """Intersection of masks (biases add)."""
+
+    def __init__(self, parts: tuple[Mask, ...]) -> None:
+        self._parts = parts
+
+    @classmethod
+    def of(cls, *masks: Mask) -> Mask:
+        flat: list[Mask] = []
+        for m in masks:
+            flat.extend(m.parts())
+        return flat[0] if len(flat) == 1 else cls(tuple(flat))
+
+    def parts(self) -> tuple[Mask, ...]:
+        return self._parts
+
+    def _check_shape(self, N, H, L, S):
+        for p in self._parts:
+            p._check_shape(N, H, L, S)
+
+    def __repr__(self) -> str:
+        return " & ".join(repr(p) for p in self._parts)

@@ -81,6 +81,10 @@ def attention(
         query: ``(N, Hq, L, Dk)``.
         key: ``(N, Hkv, S, Dk)`` with ``Hq % Hkv == 0``.
         value: ``(N, Hkv, S, Dv)``; ``Dv`` may differ from ``Dk``.
+            For variable-length batches, all three may be jagged nested tensors
+            ``(N, H, j, D)`` (``nested_tensor(list_of_(L_n, H, D), layout=torch.jagged)
+            .transpose(1, 2)``); then only ``Causal``/``Window`` masks apply, per
+            sequence, and weights come back as a nested tensor of per-sequence weights.
         mask: a :mod:`mha.masks` object (``Causal``, ``KeyPadding``, ``Window``,
             ``Allowed``, ``Blocked``, ``Bias`` or an ``&`` of them), or None.
         scale: multiplies the scores; default ``1 / sqrt(Dk)``.
@@ -107,6 +111,13 @@ def attention(
     Returns:
         :class:`AttentionOutput` ``(output (N, Hq, L, Dv), weights, lse)``.
     """
+    if isinstance(query, Tensor) and query.is_nested:
+        from ._varlen import core_jagged
+
+        return core_jagged(
+            query, key, value, mask, scale=scale, dropout_p=dropout_p, weights=weights,
+            return_lse=return_lse, backend=backend,
+        )
     call = _validate_call(query, key, value, mask, scale, dropout_p, weights, return_lse)
     from ._dispatch import select_backend
 

@@ -11,6 +11,8 @@ from torch.nn.modules.linear import NonDynamicallyQuantizableLinear
 from ._core import attention
 from ._torch_masks import masks_from_torch, warn_pitfalls
 from ._validate import validate_constructor, validate_forward
+from ._varlen import jagged_from_packed, nested_packed, packed_attention, validate_nested_forward
+from .masks import Causal
 
 
 class MultiheadAttention(nn.Module):
@@ -172,6 +174,10 @@ class MultiheadAttention(nn.Module):
             or None when ``need_weights=False``. With ``add_bias_kv`` or
             ``add_zero_attn`` the weights have one more column per added key.
         """
+        if isinstance(query, Tensor) and query.is_nested:
+            return self._forward_nested(
+                query, key, value, key_padding_mask, need_weights, attn_mask, average_attn_weights, is_causal
+            )
         shapes = validate_forward(self, query, key, value, key_padding_mask, attn_mask)
         batch_first = self.batch_first and shapes.batched
         if not shapes.batched:
@@ -213,6 +219,41 @@ class MultiheadAttention(nn.Module):
             if weights is not None:
                 weights = weights.squeeze(0)
         return out, weights
+
+    def _forward_nested(
+        self,
+        query: Tensor,
+        key: Tensor,
+        value: Tensor,
+        key_padding_mask: Tensor | None,
+        need_weights: bool,
+        attn_mask: Tensor | None,
+        average_attn_weights: bool,
+        is_causal: bool,
+    ) -> tuple[Tensor, Tensor | None]:
+        """Nested (variable-length) batch: projections on the packed tokens, attention per
+        sequence; nothing is spent on padding. Returns a nested output of the query's layout
+        and, with ``need_weights``, a strided nested tensor of per-sequence weights."""
+        validate_nested_forward(self, query, key, value, key_padding_mask, attn_mask)
+        q_in, q_offsets = nested_packed(query)
+        k_in, k_offsets = (q_in, q_offsets) if key is query else nested_packed(key)
+        v_in = k_in if value is key else q_in if value is query else nested_packed(value)[0]
+        q, k, v = self._in_projection(q_in, k_in, v_in)
+        H = self.num_heads
+        q, k, v = (t.unflatten(-1, (H, t.shape[-1] // H)) for t in (q, k, v))
+        result = packed_attention(
+            q,
+            k,
+            v,
+            q_offsets,
+            k_offsets,
+            Causal("top_left") if is_causal else None,
+            dropout_p=self.dropout if self.training else 0.0,
+            weights=("mean" if average_attn_weights else "per_head") if need_weights else None,
+        )
+        out = self.out_proj(result.output.flatten(-2))
+        weights = torch.nested.as_nested_tensor(result.weights) if result.weights is not None else None
+        return jagged_from_packed(out, q_offsets, query), weights
 
     def _in_projection(self, query: Tensor, key: Tensor, value: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Project to ``E`` features each, in the inputs' own layout. One matmul for

@@ -1,0 +1,224 @@
+"""Variable-length batches: packed tokens plus offsets, no padding anywhere.
+
+Sequences are described cu_seqlens-style: sequence ``n`` owns rows
+``offsets[n]:offsets[n + 1]`` of a packed ``(T, H, D)`` tensor. Each sequence is
+attended on its own (sequences of equal length together, in one call), so no
+compute or memory is spent on padding.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+from . import masks as _masks
+from ._core import WeightsMode, attention
+
+
+class PackedOutput(NamedTuple):
+    """output ``(Tq, Hq, Dv)`` packed like the queries; per-sequence weights
+    ``(L_n, S_n)`` (mean) or ``(Hq, L_n, S_n)`` (per head), or None; per-sequence
+    lse ``(Hq, L_n)`` or None."""
+
+    output: Tensor
+    weights: list[Tensor] | None
+    lse: list[Tensor] | None
+
+
+def packed_attention(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    q_offsets: list[int],
+    k_offsets: list[int],
+    mask: _masks.Mask | None = None,
+    *,
+    scale: float | None = None,
+    dropout_p: float = 0.0,
+    weights: WeightsMode | None = None,
+    return_lse: bool = False,
+    backend: str | None = None,
+) -> PackedOutput:
+    """Attention over packed sequences.
+
+    Args:
+        query: ``(Tq, Hq, Dk)``, sequence ``n`` at rows ``q_offsets[n]:q_offsets[n+1]``.
+        key: ``(Tk, Hkv, Dk)``, sequence ``n`` at rows ``k_offsets[n]:k_offsets[n+1]``.
+        value: ``(Tk, Hkv, Dv)``.
+        mask: None or a band mask (``Causal``/``Window``, aligned per sequence).
+    """
+    _validate_band_only(mask)
+    n_seq = len(q_offsets) - 1
+    groups: dict[tuple[int, int], list[int]] = {}
+    for n in range(n_seq):
+        L = q_offsets[n + 1] - q_offsets[n]
+        S = k_offsets[n + 1] - k_offsets[n]
+        groups.setdefault((L, S), []).append(n)
+    outs: list[Tensor | None] = [None] * n_seq
+    ws: list[Tensor | None] = [None] * n_seq
+    lses: list[Tensor | None] = [None] * n_seq
+
+    def heads_first(t: Tensor, offsets: list[int], rows: list[int]) -> Tensor:
+        parts = [t[offsets[n] : offsets[n + 1]].transpose(0, 1) for n in rows]
+        return parts[0][None] if len(parts) == 1 else torch.stack(parts)
+
+    for rows in groups.values():
+        result = attention(
+            heads_first(query, q_offsets, rows),
+            heads_first(key, k_offsets, rows),
+            heads_first(value, k_offsets, rows),
+            mask,
+            scale=scale,
+            dropout_p=dropout_p,
+            weights=weights,
+            return_lse=return_lse,
+            backend=backend,
+        )
+        for i, n in enumerate(rows):
+            outs[n] = result.output[i].transpose(0, 1)
+            if result.weights is not None:
+                ws[n] = result.weights[i]
+            if result.lse is not None:
+                lses[n] = result.lse[i]
+    if n_seq == 0:
+        output = query.new_zeros(0, query.shape[1], value.shape[-1])
+    else:
+        output = outs[0] if n_seq == 1 else torch.cat(outs, dim=0)
+    return PackedOutput(output, ws if weights is not None else None, lses if return_lse else None)
+
+
+def _validate_band_only(mask: _masks.Mask | None) -> None:
+    if mask is None:
+        return
+    for part in mask.parts():
+        if not isinstance(part, _masks.Window):
+            raise ValueError(
+                f"variable-length (jagged) inputs take only Causal or Window masks, got {part!r}; "
+                "jagged sequences carry their own lengths, so no padding mask is needed"
+            )
+
+
+def nested_packed(t: Tensor) -> tuple[Tensor, list[int]]:
+    """``(N, j, ...)`` nested tensor (jagged or strided) -> packed values ``(T, ...)`` and offsets."""
+    if t.layout == torch.jagged:
+        if t._ragged_idx != 1:
+            raise ValueError(
+                f"nested tensor of shape {tuple(t.shape)} must be ragged in dimension 1 (N, j, E)"
+            )
+        return t.values(), t.offsets().tolist()
+    parts = t.unbind()
+    offsets = [0]
+    for p in parts:
+        offsets.append(offsets[-1] + p.shape[0])
+    return torch.cat(parts, dim=0), offsets
+
+
+def jagged_from_packed(values: Tensor, offsets: list[int], like: Tensor) -> Tensor:
+    """Packed values back to a nested tensor with the layout of ``like``."""
+    if like.layout == torch.jagged:
+        return torch.nested.nested_tensor_from_jagged(
+            values, torch.tensor(offsets, device=values.device, dtype=torch.int64)
+        )
+    lengths = [b - a for a, b in zip(offsets[:-1], offsets[1:], strict=True)]
+    return torch.nested.as_nested_tensor(list(values.split(lengths)))
+
+
+def core_jagged(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    mask: _masks.Mask | None,
+    *,
+    scale: float | None,
+    dropout_p: float,
+    weights: WeightsMode | None,
+    return_lse: bool,
+    backend: str | None,
+):
+    """:func:`mha.attention` for jagged ``(N, H, j, D)`` nested tensors."""
+    from ._core import AttentionOutput
+
+    for name, t in (("query", query), ("key", key), ("value", value)):
+        if not (t.is_nested and t.layout == torch.jagged and t.dim() == 4 and t._ragged_idx == 2):
+            raise ValueError(
+                f"attention: with jagged inputs, {name} must be a jagged nested tensor (N, H, j, D), "
+                "e.g. torch.nested.nested_tensor(list_of_(L_n, H, D), layout=torch.jagged).transpose(1, 2)"
+            )
+    q_offsets = query.offsets().tolist()
+    k_offsets = key.offsets().tolist()
+    # values() of an (N, H, j, D) jagged tensor is (H, T, D): packed tokens second.
+    result = packed_attention(
+        query.values().transpose(0, 1),
+        key.values().transpose(0, 1),
+        value.values().transpose(0, 1),
+        q_offsets,
+        k_offsets,
+        mask,
+        scale=scale,
+        dropout_p=dropout_p,
+        weights=weights,
+        return_lse=return_lse,
+        backend=backend,
+    )
+    offsets = query.offsets()
+    output = torch.nested.nested_tensor_from_jagged(result.output, offsets).transpose(1, 2)
+    w = torch.nested.as_nested_tensor(result.weights) if result.weights is not None else None
+    lse = None
+    if result.lse is not None:
+        packed_lse = torch.cat([x.transpose(0, 1) for x in result.lse], dim=0)
+        lse = torch.nested.nested_tensor_from_jagged(packed_lse, offsets).transpose(1, 2)
+    return AttentionOutput(output, w, lse)
+
+
+def validate_nested_forward(module, query, key, value, key_padding_mask, attn_mask) -> None:
+    """Checks for nested-tensor inputs to ``MultiheadAttention.forward``."""
+    if not module.batch_first:
+        raise ValueError(
+            "nested (variable-length) inputs need a module built with batch_first=True: "
+            "a nested query is (N, j, E), batch first"
+        )
+    widths = {"query": module.embed_dim, "key": module.kdim, "value": module.vdim}
+    for name, t in (("query", query), ("key", key), ("value", value)):
+        if not isinstance(t, Tensor) or not t.is_nested:
+            raise TypeError(
+                f"query is a nested tensor, so {name} must be one too (N, j, {'E' if name == 'query' else 'kdim' if name == 'key' else 'D'}), "
+                f"got {type(t).__name__ if not isinstance(t, Tensor) else 'a dense tensor of shape ' + str(tuple(t.shape))}"
+            )
+        if t.dim() != 3:
+            raise ValueError(f"nested {name} must be 3-D (N, j, features), got {t.dim()}-D")
+        if t.size(-1) != widths[name]:
+            raise ValueError(
+                f"nested {name} has {t.size(-1)} features, expected {widths[name]} "
+                f"({'embed_dim' if name == 'query' else 'kdim' if name == 'key' else 'vdim'} of the module)"
+            )
+        if not t.is_floating_point():
+            raise TypeError(f"nested {name} must be floating point, got dtype {t.dtype}")
+        if t.dtype != module.out_proj.weight.dtype:
+            raise TypeError(
+                f"nested {name} is {t.dtype} but the module's parameters are {module.out_proj.weight.dtype}; "
+                f"cast the module with module.to({t.dtype})"
+            )
+    if query.size(0) != key.size(0) or key.size(0) != value.size(0):
+        raise ValueError(
+            f"nested query, key and value must hold the same number of sequences N, got "
+            f"{query.size(0)}, {key.size(0)}, {value.size(0)}"
+        )
+    if key is not value:
+        k_len = [t.shape[0] for t in key.unbind()] if key.layout != torch.jagged else key.offsets().diff().tolist()
+        v_len = [t.shape[0] for t in value.unbind()] if value.layout != torch.jagged else value.offsets().diff().tolist()
+        if k_len != v_len:
+            raise ValueError(f"nested key and value must have the same lengths S_n, got {k_len} and {v_len}")
+    if key_padding_mask is not None:
+        raise ValueError(
+            "key_padding_mask must be None with nested inputs: each sequence has its own length, "
+            "so there is no padding to mask"
+        )
+    if attn_mask is not None:
+        raise ValueError(
+            "attn_mask is not supported with nested inputs (sequences differ in length); "
+            "for causal attention pass is_causal=True"
+        )
+    if module.bias_k is not None or module.add_zero_attn:
+        raise NotImplementedError("add_bias_kv and add_zero_attn are not supported with nested inputs yet")

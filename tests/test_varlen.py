@@ -1,0 +1,128 @@
+"""Variable-length batches: jagged (and strided) nested tensors against torch run per sequence."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import mha
+from mha.masks import Causal, KeyPadding, Window
+
+pytestmark = pytest.mark.filterwarnings("ignore:The PyTorch API of nested tensors:UserWarning")
+
+E, H = 12, 4  # torch's nested fast path needs an even num_heads
+LENGTHS = [3, 7, 1, 7, 4]
+
+
+def _pair(dtype=torch.float64, **kwargs):
+    torch.manual_seed(0)
+    theirs = nn.MultiheadAttention(E, H, batch_first=True, dtype=dtype, **kwargs)
+    ours = mha.MultiheadAttention(E, H, batch_first=True, dtype=dtype, **kwargs)
+    ours.load_state_dict(theirs.state_dict())
+    return theirs, ours
+
+
+def _seqs(lengths, width=E, dtype=torch.float64, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(n, width, dtype=dtype, generator=g) for n in lengths]
+
+
+@pytest.mark.parametrize("is_causal", [False, True])
+@pytest.mark.parametrize("training", [False, True])
+def test_jagged_self_attention_matches_torch_per_sequence(is_causal, training):
+    theirs, ours = _pair()
+    theirs.train(training)
+    ours.train(training)
+    xs = _seqs(LENGTHS)
+    nt = torch.nested.nested_tensor(xs, layout=torch.jagged, requires_grad=True)
+    out, weights = ours(nt, nt, nt, need_weights=True, is_causal=is_causal)
+    assert out.is_nested and out.layout == torch.jagged
+    out.values().square().sum().backward()
+    ref_grads = {name: torch.zeros_like(p) for name, p in theirs.named_parameters()}
+    for x, o, w in zip(xs, out.unbind(), weights.unbind(), strict=True):
+        x = x[None].requires_grad_()
+        causal = torch.ones(len(x[0]), len(x[0]), dtype=torch.bool).triu(1) if is_causal else None
+        ref, ref_w = theirs(x, x, x, attn_mask=causal)
+        torch.testing.assert_close(o, ref[0], rtol=1e-9, atol=1e-9)
+        torch.testing.assert_close(w, ref_w[0], rtol=1e-9, atol=1e-9)
+        theirs.zero_grad()
+        ref.square().sum().backward()
+        for name, p in theirs.named_parameters():
+            ref_grads[name] += p.grad
+    for name, p in ours.named_parameters():
+        torch.testing.assert_close(p.grad, ref_grads[name], rtol=1e-9, atol=1e-9, msg=name)
+
+
+def test_jagged_cross_attention_and_input_gradients():
+    theirs, ours = _pair(kdim=5, vdim=7)
+    qs, ks, vs = _seqs(LENGTHS), _seqs([2, 5, 4, 1, 6], 5, seed=2), _seqs([2, 5, 4, 1, 6], 7, seed=3)
+    q = torch.nested.nested_tensor(qs, layout=torch.jagged, requires_grad=True)
+    k = torch.nested.nested_tensor(ks, layout=torch.jagged, requires_grad=True)
+    v = torch.nested.nested_tensor(vs, layout=torch.jagged, requires_grad=True)
+    out, weights = ours(q, k, v, need_weights=False)
+    assert weights is None
+    gq, gk, gv = torch.autograd.grad(out.values().sum(), (q, k, v))
+    for i, (a, b, c) in enumerate(zip(qs, ks, vs, strict=True)):
+        a, b, c = (t[None].requires_grad_() for t in (a, b, c))
+        ref, _ = theirs(a, b, c)
+        torch.testing.assert_close(out.unbind()[i], ref[0], rtol=1e-9, atol=1e-9)
+        ra, rb, rc = torch.autograd.grad(ref.sum(), (a, b, c))
+        torch.testing.assert_close(gq.unbind()[i], ra[0], rtol=1e-9, atol=1e-9)
+        torch.testing.assert_close(gk.unbind()[i], rb[0], rtol=1e-9, atol=1e-9)
+        torch.testing.assert_close(gv.unbind()[i], rc[0], rtol=1e-9, atol=1e-9)
+
+
+def test_strided_nested_matches_torch_fast_path():
+    theirs, ours = _pair(dtype=torch.float32)
+    theirs.eval()
+    ours.eval()
+    xs = _seqs(LENGTHS, dtype=torch.float32)
+    nt = torch.nested.nested_tensor(xs)
+    with torch.no_grad():
+        ref, _ = theirs(nt, nt, nt, need_weights=False)
+        out, _ = ours(nt, nt, nt, need_weights=False)
+    assert out.is_nested and out.layout == torch.strided
+    for a, b in zip(out.unbind(), ref.unbind(), strict=True):
+        torch.testing.assert_close(a, b, rtol=2e-4, atol=2e-5)
+
+
+@pytest.mark.parametrize("mask", [None, Causal("top_left"), Causal("bottom_right"), Window(1, 2)])
+def test_core_jagged_matches_reference_per_sequence(mask):
+    g = torch.Generator().manual_seed(0)
+    lq, lk = [3, 5, 1, 5], [4, 5, 2, 6]
+    qs = [torch.randn(n, 4, 6, dtype=torch.float64, generator=g) for n in lq]
+    ks = [torch.randn(n, 2, 6, dtype=torch.float64, generator=g) for n in lk]
+    vs = [torch.randn(n, 2, 5, dtype=torch.float64, generator=g) for n in lk]
+
+    def jag(ts):
+        return torch.nested.nested_tensor(ts, layout=torch.jagged).transpose(1, 2)
+
+    res = mha.attention(jag(qs), jag(ks), jag(vs), mask, weights="per_head", return_lse=True)
+    for i, (q, k, v) in enumerate(zip(qs, ks, vs, strict=True)):
+        q, k, v = (t.transpose(0, 1)[None] for t in (q, k, v))
+        ref = mha.attention(q, k, v, mask, weights="per_head", return_lse=True, backend="reference")
+        torch.testing.assert_close(res.output.unbind()[i], ref.output[0], rtol=1e-9, atol=1e-9)
+        torch.testing.assert_close(res.lse.unbind()[i], ref.lse[0], rtol=1e-9, atol=1e-9)
+        torch.testing.assert_close(res.weights.unbind()[i], ref.weights[0], rtol=1e-9, atol=1e-9)
+
+
+def test_jagged_rejects_padding_masks():
+    xs = [torch.randn(n, 2, 4) for n in (2, 3)]
+    q = torch.nested.nested_tensor(xs, layout=torch.jagged).transpose(1, 2)
+    with pytest.raises(ValueError, match="only Causal or Window"):
+        mha.attention(q, q, q, KeyPadding(torch.tensor([1, 2])))
+
+
+def test_nested_module_errors_name_the_problem():
+    _, ours = _pair()
+    nt = torch.nested.nested_tensor(_seqs([2, 3]), layout=torch.jagged)
+    with pytest.raises(ValueError, match="key_padding_mask must be None"):
+        ours(nt, nt, nt, key_padding_mask=torch.zeros(2, 3, dtype=torch.bool))
+    with pytest.raises(ValueError, match="is_causal=True"):
+        ours(nt, nt, nt, attn_mask=torch.zeros(3, 3, dtype=torch.bool))
+    with pytest.raises(TypeError, match="key must be one too"):
+        ours(nt, torch.randn(2, 3, E, dtype=torch.float64), nt)
+    seq_first = mha.MultiheadAttention(E, H, dtype=torch.float64)
+    with pytest.raises(ValueError, match="batch_first=True"):
+        seq_first(nt, nt, nt)

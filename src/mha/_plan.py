@@ -48,6 +48,8 @@ class Band:
 
     def rows_with_keys(self, L: int, S: int) -> tuple[int, int]:
         """Half-open range of query rows that have at least one key in ``[0, S)``."""
+        if self.lo is not None and self.hi is not None and self.lo > self.hi:
+            return 0, 0
         first = 0 if self.hi is None else max(0, -self.hi)
         last = L if self.lo is None else min(L, S - self.lo)
         return first, max(first, last)
@@ -76,6 +78,19 @@ class MaskPlan:
 
     def without_lengths(self) -> MaskPlan:
         return replace(self, lengths=None)
+
+    def batch_slice(self, n0: int, n1: int) -> MaskPlan:
+        """The plan for batch rows ``[n0, n1)``."""
+
+        def part(t: Tensor) -> Tensor:
+            return t[n0:n1] if t.shape[0] > 1 else t
+
+        return MaskPlan(
+            band=self.band,
+            lengths=None if self.lengths is None else self.lengths[n0:n1],
+            allowed=tuple(part(t) for t in self.allowed),
+            bias=tuple(part(t) for t in self.bias),
+        )
 
     def select_batch(self, n: int, S: int) -> MaskPlan:
         """The plan for batch row ``n`` alone, keys cut to ``[0, S)``."""

@@ -3,7 +3,7 @@
 It serves every call, and is the path for what SDPA cannot give: attention
 weights (averaged over heads without keeping per-head weights beyond one
 block), the log-sum-exp, and any mask. Memory beyond the outputs is one block
-of scores, ``N * Hq * block * S`` elements, whatever L is. Masks are read at
+of scores (about ``_BLOCK_ELEMENTS``), whatever N and L are. Masks are read at
 their own broadcast shape, one block of rows at a time.
 
 Half-precision inputs are computed in fp32 and cast back.
@@ -17,9 +17,10 @@ from torch import Tensor
 
 from .._core import AttentionOutput, Call
 
-# Elements of one block of scores (fp32: 32 MiB). Large enough that the matmuls
-# stay efficient, small enough that memory does not grow with L.
-_BLOCK_ELEMENTS = 1 << 23
+# Elements of one block of scores (fp32: 4 MiB). Small enough to stay in cache
+# between the matmul, the softmax and the second matmul; large enough that the
+# Python loop costs little. Memory beyond the outputs never grows with L.
+_BLOCK_ELEMENTS = 1 << 20
 
 
 def _expand_kv(t: Tensor, groups: int) -> Tensor:
@@ -30,18 +31,33 @@ def _expand_kv(t: Tensor, groups: int) -> Tensor:
     return t[:, :, None].expand(N, Hkv, groups, S, D).reshape(N, Hkv * groups, S, D)
 
 
-def masked_softmax(scores: Tensor) -> tuple[Tensor, Tensor]:
-    """Softmax over the last dim that gives 0 (not NaN) on rows that are all ``-inf``.
-
-    Returns ``(probs, lse)`` with ``lse`` of shape ``scores.shape[:-1]``, ``-inf`` on such rows.
-    """
-    row_max = scores.amax(dim=-1, keepdim=True)
-    row_max = torch.where(torch.isneginf(row_max), torch.zeros_like(row_max), row_max).detach()
+def masked_softmax(scores: Tensor) -> Tensor:
+    """Softmax over the last dim that gives 0, not NaN, on rows that are all ``-inf``."""
+    safe = getattr(torch, "_safe_softmax", None)
+    if safe is not None:
+        return safe(scores, -1)
+    row_max = scores.amax(dim=-1, keepdim=True).detach()
+    row_max = torch.where(torch.isneginf(row_max), torch.zeros_like(row_max), row_max)
     exp = torch.exp(scores - row_max)
     denom = exp.sum(dim=-1, keepdim=True)
-    probs = exp / torch.where(denom == 0, torch.ones_like(denom), denom)
-    lse = (row_max + torch.log(denom)).squeeze(-1)
-    return probs, lse
+    return exp / torch.where(denom == 0, torch.ones_like(denom), denom)
+
+
+def _may_empty_rows(call: Call) -> bool:
+    """Whether some query row may have no key (then the NaN-safe softmax is needed)."""
+    plan = call.plan
+    if plan.has_tensors:
+        return True
+    N, _, _, L, S, _, _ = call.shape
+    if plan.lengths is not None and (S == 0 or bool((plan.lengths <= 0).any())):
+        return True
+    if plan.band is not None:
+        first, last = plan.band.rows_with_keys(L, S)
+        if first > 0 or last < L:
+            return True
+        if plan.lengths is not None and plan.band.lo is not None:
+            return True
+    return S == 0
 
 
 class _Blocked:
@@ -51,48 +67,72 @@ class _Blocked:
         return []
 
     def forward(self, call: Call) -> AttentionOutput:
-        N, Hq, Hkv, L, S, _, _ = call.shape
+        N, Hq, Hkv, L, S, _, Dv = call.shape
         in_dtype = call.query.dtype
         dtype = in_dtype if in_dtype in (torch.float32, torch.float64) else torch.float32
         device = call.query.device
         q = call.query.to(dtype) * call.scale
         kt = _expand_kv(call.key.to(dtype), Hq // Hkv).transpose(-1, -2)
         v = _expand_kv(call.value.to(dtype), Hq // Hkv)
-        block = max(1, _BLOCK_ELEMENTS // max(1, N * Hq * S))
+        softmax = masked_softmax if _may_empty_rows(call) else _softmax
+        per_row = max(1, Hq * S)
+        rows = max(1, min(L, _BLOCK_ELEMENTS // per_row))
+        batches = max(1, _BLOCK_ELEMENTS // (per_row * L)) if rows == L else 1
         outs, weights, lses = [], [], []
-        for start in range(0, L, block):
-            stop = min(L, start + block)
-            scores = torch.matmul(q[:, :, start:stop], kt)
-            bias = call.plan.bias_rows(start, stop, dtype, device)
-            if bias is not None:
-                scores = scores + bias
-            allowed = call.plan.allowed_rows(start, stop, S, device)
-            if allowed is not None:
-                scores = scores.masked_fill(~allowed, float("-inf"))
-            probs, lse = masked_softmax(scores)
-            if call.dropout_p > 0:
-                probs = F.dropout(probs, call.dropout_p)
-            outs.append(torch.matmul(probs, v))
-            if call.weights == "mean":
-                weights.append(probs.mean(dim=1))
-            elif call.weights == "per_head":
-                weights.append(probs)
-            if call.return_lse:
-                lses.append(lse)
-        out = _cat(outs, 2, (N, Hq, 0, v.shape[-1]), dtype, device).to(in_dtype)
-        w = None
-        if call.weights == "mean":
-            w = _cat(weights, 1, (N, 0, S), dtype, device).to(in_dtype)
-        elif call.weights == "per_head":
-            w = _cat(weights, 2, (N, Hq, 0, S), dtype, device).to(in_dtype)
-        lse_out = _cat(lses, 2, (N, Hq, 0), dtype, device).to(in_dtype) if call.return_lse else None
-        return AttentionOutput(out, w, lse_out)
+        for n0 in range(0, N, batches):
+            n1 = min(N, n0 + batches)
+            plan = call.plan if batches >= N else call.plan.batch_slice(n0, n1)
+            row_outs, row_weights, row_lses = [], [], []
+            for start in range(0, L, rows):
+                stop = min(L, start + rows)
+                scores = torch.matmul(q[n0:n1, :, start:stop], kt[n0:n1])
+                bias = plan.bias_rows(start, stop, dtype, device)
+                if bias is not None:
+                    scores = scores + bias
+                allowed = plan.allowed_rows(start, stop, S, device)
+                if allowed is not None:
+                    scores = scores.masked_fill(~allowed, float("-inf"))
+                if call.return_lse:
+                    row_lses.append(torch.logsumexp(scores, dim=-1))
+                probs = softmax(scores)
+                if call.dropout_p > 0:
+                    probs = F.dropout(probs, call.dropout_p)
+                row_outs.append(torch.matmul(probs, v[n0:n1]))
+                if call.weights == "mean":
+                    row_weights.append(probs.mean(dim=1))
+                elif call.weights == "per_head":
+                    row_weights.append(probs)
+            outs.append(_cat(row_outs, 2))
+            if row_weights:
+                weights.append(_cat(row_weights, 1 if call.weights == "mean" else 2))
+            if row_lses:
+                lses.append(_cat(row_lses, 2))
+        if not outs:  # N == 0 or L == 0
+            return _empty(call, dtype, device)
+        out = _cat(outs, 0).to(in_dtype)
+        w = _cat(weights, 0).to(in_dtype) if weights else None
+        lse = _cat(lses, 0).to(in_dtype) if lses else None
+        return AttentionOutput(out, w, lse)
 
 
-def _cat(parts: list[Tensor], dim: int, empty_shape, dtype, device) -> Tensor:
-    if not parts:
-        return torch.zeros(empty_shape, dtype=dtype, device=device)
+def _softmax(scores: Tensor) -> Tensor:
+    return torch.softmax(scores, dim=-1)
+
+
+def _cat(parts: list[Tensor], dim: int) -> Tensor:
     return parts[0] if len(parts) == 1 else torch.cat(parts, dim=dim)
+
+
+def _empty(call: Call, dtype: torch.dtype, device: torch.device) -> AttentionOutput:
+    N, Hq, _, L, S, _, Dv = call.shape
+    out = torch.zeros(N, Hq, L, Dv, dtype=call.query.dtype, device=device)
+    w = None
+    if call.weights == "mean":
+        w = torch.zeros(N, L, S, dtype=call.query.dtype, device=device)
+    elif call.weights == "per_head":
+        w = torch.zeros(N, Hq, L, S, dtype=call.query.dtype, device=device)
+    lse = torch.full((N, Hq, L), float("-inf"), dtype=call.query.dtype, device=device) if call.return_lse else None
+    return AttentionOutput(out, w, lse)
 
 
 BACKEND = _Blocked()

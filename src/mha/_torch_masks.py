@@ -13,18 +13,13 @@ import warnings
 import torch
 from torch import Tensor
 
+from ._mask_analysis import summarize_attn_mask
 from .masks import Bias, Blocked, Causal, KeyPadding, Mask, right_padding_lengths
 
 
 def _reads_values() -> bool:
     """Value-reading shortcuts and warnings run in eager mode only (they would break graphs)."""
     return not torch.compiler.is_compiling()
-
-
-def is_standard_causal(attn_mask: Tensor) -> bool:
-    """True if the boolean ``(L, S)`` mask equals ``torch.triu(ones(L, S), diagonal=1)``."""
-    L, S = attn_mask.shape
-    return torch.equal(attn_mask, torch.ones(L, S, dtype=torch.bool, device=attn_mask.device).triu(1))
 
 
 def _attn_mask_4d(attn_mask: Tensor, N: int, H: int) -> Tensor:
@@ -52,12 +47,11 @@ def masks_from_torch(
     if is_causal:
         parts.append(Causal("top_left"))
     if attn_mask is not None:
-        if attn_mask.dtype == torch.bool:
-            if attn_mask.dim() == 2 and _reads_values() and is_standard_causal(attn_mask):
-                if not is_causal:
-                    parts.append(Causal("top_left"))
-            else:
-                parts.append(Blocked(_attn_mask_4d(attn_mask, N, H)))
+        if _reads_values() and summarize_attn_mask(attn_mask).standard_causal:
+            if not is_causal:
+                parts.append(Causal("top_left"))
+        elif attn_mask.dtype == torch.bool:
+            parts.append(Blocked(_attn_mask_4d(attn_mask, N, H)))
         else:
             parts.append(Bias(_attn_mask_4d(attn_mask, N, H)))
     if key_padding_mask is not None:
@@ -87,13 +81,8 @@ def warn_pitfalls(key_padding_mask: Tensor | None, attn_mask: Tensor | None, is_
 
 
 def _warn_inverted_causal(attn_mask: Tensor) -> None:
-    if attn_mask.dtype != torch.bool or attn_mask.dim() != 2:
-        return
-    L, S = attn_mask.shape
-    if L != S or L < 2:
-        return
-    tril = torch.ones(L, L, dtype=torch.bool, device=attn_mask.device).tril()
-    if torch.equal(attn_mask, tril):
+    if summarize_attn_mask(attn_mask).inverted_causal:
+        L = attn_mask.shape[0]
         warnings.warn(
             f"attn_mask (L, S) = ({L}, {L}) is torch.tril(torch.ones({L}, {L})).bool(). In "
             "nn.MultiheadAttention and mha, True means *blocked*, so this mask blocks each query's own "
@@ -101,7 +90,7 @@ def _warn_inverted_causal(attn_mask: Tensor) -> None:
             f"For a causal mask pass torch.triu(torch.ones({L}, {L}, dtype=torch.bool), diagonal=1), "
             "or is_causal=True with no attn_mask.",
             UserWarning,
-            stacklevel=4,
+            stacklevel=6,  # here, warn_pitfalls, forward, Module call (2), caller
         )
 
 
@@ -119,24 +108,51 @@ def _warn_empty_rows(kpm: Tensor | None, attn_mask: Tensor | None, is_causal: bo
             messages.append(
                 f"key_padding_mask blocks every key of batch element(s) {_listing(empty_batches)}"
             )
+    causal_rule = is_causal
+    ab: Tensor | None = None
     if attn_mask is not None:
-        ab = _blocked(attn_mask)
-        if is_causal:
-            L, S = ab.shape[-2:]
-            ab = ab | torch.ones(L, S, dtype=torch.bool, device=ab.device).triu(1)
-        empty = ab.all(dim=-1)  # (..., L)
-        rows = empty.reshape(-1, empty.shape[-1]).any(dim=0).nonzero().flatten().tolist()
+        summary = summarize_attn_mask(attn_mask)
+        causal_rule = causal_rule or summary.standard_causal
+        if is_causal and not summary.standard_causal:
+            L, S = attn_mask.shape[-2:]
+            ab = _blocked(attn_mask) | torch.ones(L, S, dtype=torch.bool, device=attn_mask.device).triu(1)
+            empty = ab.all(dim=-1)
+            rows = empty.reshape(-1, empty.shape[-1]).any(dim=0).nonzero().flatten().tolist()
+        else:
+            rows = list(summary.empty_rows)
         if rows:
             messages.append(f"attn_mask blocks every key of query row(s) {_listing(rows)}")
-        elif kpm is not None and ab.dim() == 2:
-            # Rows empty only through both masks: row i of batch n has no key iff no key j
-            # is open in both, i.e. (open_attn @ open_kpm^T)[i, n] == 0.
-            open_pairs = (~ab).to(torch.float32) @ (~_blocked(kpm)).to(torch.float32).T
-            both = (open_pairs == 0).any(dim=1).nonzero().flatten().tolist()
-            if both:
-                messages.append(
-                    f"attn_mask and key_padding_mask together block every key of query row(s) {_listing(both)}"
-                )
+            return _warn(messages)
+        if not summary.standard_causal and attn_mask.dim() == 2:
+            ab = _blocked(attn_mask) if ab is None else ab
+    if kpm is not None and (ab is not None or causal_rule):
+        padded = _blocked(kpm)
+        if ab is None and kpm.dtype == torch.bool and right_padding_lengths(kpm) is not None:
+            return _warn(messages)  # causal & right padding: only empty sequences, reported above
+        if ab is None:
+            S = kpm.shape[-1]
+            ab = torch.ones(S, S, dtype=torch.bool, device=kpm.device).triu(1)
+        both = _rows_empty_through_both(ab, padded)
+        if both:
+            what = "attn_mask" if attn_mask is not None else "is_causal"
+            messages.append(
+                f"{what} and key_padding_mask together block every key of query row(s) {_listing(both)}"
+            )
+    _warn(messages)
+
+
+def _rows_empty_through_both(attn_blocked: Tensor, kpm_blocked: Tensor, block: int = 1024) -> list[int]:
+    """Query rows that have no key in some batch element: row i of batch n has no key iff
+    no key j is open in both, i.e. ``(open_attn @ open_kpm^T)[i, n] == 0``. In row blocks."""
+    open_keys = (~kpm_blocked).to(torch.float32).T
+    rows: list[int] = []
+    for start in range(0, attn_blocked.shape[0], block):
+        open_pairs = (~attn_blocked[start : start + block]).to(torch.float32) @ open_keys
+        rows += (start + (open_pairs == 0).any(dim=1).nonzero().flatten()).tolist()
+    return rows
+
+
+def _warn(messages: list[str]) -> None:
     if messages:
         warnings.warn(
             "; ".join(messages)
@@ -144,7 +160,7 @@ def _warn_empty_rows(kpm: Tensor | None, attn_mask: Tensor | None, is_causal: bo
             "(torch.nn.MultiheadAttention returns NaN there on some paths). If that is unintended, check "
             "the mask's polarity: True means masked out.",
             UserWarning,
-            stacklevel=4,
+            stacklevel=7,  # _warn, _warn_empty_rows, warn_pitfalls, forward, Module call (2), caller
         )
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -56,7 +58,7 @@ class MultiheadAttention(nn.Module):
         L: target length, S: source length, N: batch, E: embed_dim, D: vdim.
     """
 
-    __constants__ = ["batch_first"]
+    __constants__: ClassVar[list[str]] = ["batch_first"]
     bias_k: Tensor | None
     bias_v: Tensor | None
 
@@ -189,6 +191,12 @@ class MultiheadAttention(nn.Module):
         N, H = shapes.N, self.num_heads
         warn_pitfalls(key_padding_mask, attn_mask, is_causal)
 
+        if is_causal and (self.bias_k is not None or self.add_zero_attn):
+            # The appended keys are open to every query (as torch pads its attn_mask),
+            # so causality must cover the first S keys only: make it an explicit mask.
+            attn_mask = _with_causal(attn_mask, shapes.L, shapes.S, query.device)
+            is_causal = False
+
         q, k, v = self._in_projection(query, key, value)
         if self.bias_k is not None and self.bias_v is not None:
             k = torch.cat([k, _batched_token(self.bias_k, N, batch_first)], dim=1 if batch_first else 0)
@@ -298,3 +306,13 @@ def _open_extra_key(
     if attn_mask is not None:
         attn_mask = F.pad(attn_mask, (0, 1))
     return key_padding_mask, attn_mask
+
+
+def _with_causal(attn_mask: Tensor | None, L: int, S: int, device: torch.device) -> Tensor:
+    """``attn_mask`` with the top-left causal mask merged in (True = blocked)."""
+    causal = torch.ones(L, S, dtype=torch.bool, device=device).triu(1)
+    if attn_mask is None:
+        return causal
+    if attn_mask.dtype == torch.bool:
+        return attn_mask | causal
+    return attn_mask.masked_fill(causal, float("-inf"))

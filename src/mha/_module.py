@@ -11,10 +11,11 @@ from torch.nn.init import constant_, xavier_normal_, xavier_uniform_
 from torch.nn.modules.linear import NonDynamicallyQuantizableLinear
 
 from ._core import attention
-from ._torch_masks import masks_from_torch, warn_pitfalls
+from ._mask_analysis import summarize_attn_mask
+from ._torch_masks import masks_from_torch, reads_values, warn_pitfalls
 from ._validate import validate_constructor, validate_forward
 from ._varlen import jagged_from_packed, nested_packed, packed_attention, validate_nested_forward
-from .masks import Causal
+from .masks import Causal, right_padding_lengths
 
 
 class MultiheadAttention(nn.Module):
@@ -188,7 +189,7 @@ class MultiheadAttention(nn.Module):
                 key_padding_mask = key_padding_mask.unsqueeze(0)
             if attn_mask is not None and attn_mask.dim() == 3:
                 attn_mask = attn_mask.unsqueeze(0)
-        N, H = shapes.N, self.num_heads
+        N = shapes.N
         warn_pitfalls(key_padding_mask, attn_mask, is_causal)
 
         if is_causal and (self.bias_k is not None or self.add_zero_attn):
@@ -197,6 +198,37 @@ class MultiheadAttention(nn.Module):
             attn_mask = _with_causal(attn_mask, shapes.L, shapes.S, query.device)
             is_causal = False
 
+        weights_mode = ("mean" if average_attn_weights else "per_head") if need_weights else None
+        key_lengths = self._right_padding(key_padding_mask, attn_mask, is_causal)
+        if key_lengths is not None:
+            causal = is_causal or attn_mask is not None
+            out, weights = self._forward_key_lengths(
+                query, key, value, key_lengths, causal, weights_mode, batch_first, shapes.L, shapes.S
+            )
+        else:
+            out, weights = self._forward_dense(
+                query, key, value, key_padding_mask, attn_mask, is_causal, weights_mode, batch_first, N
+            )
+        if not shapes.batched:
+            out = out.squeeze(1)
+            if weights is not None:
+                weights = weights.squeeze(0)
+        return out, weights
+
+    def _forward_dense(
+        self,
+        query: Tensor,
+        key: Tensor,
+        value: Tensor,
+        key_padding_mask: Tensor | None,
+        attn_mask: Tensor | None,
+        is_causal: bool,
+        weights_mode: str | None,
+        batch_first: bool,
+        N: int,
+    ) -> tuple[Tensor, Tensor | None]:
+        """Batched inputs in their own layout, torch-style masks turned into mask objects."""
+        H = self.num_heads
         q, k, v = self._in_projection(query, key, value)
         if self.bias_k is not None and self.bias_v is not None:
             k = torch.cat([k, _batched_token(self.bias_k, N, batch_first)], dim=1 if batch_first else 0)
@@ -215,17 +247,77 @@ class MultiheadAttention(nn.Module):
             v,
             mask,
             dropout_p=self.dropout if self.training else 0.0,
-            weights=("mean" if average_attn_weights else "per_head") if need_weights else None,
+            weights=weights_mode,
         )
         # (N, H, L, Dh) -> (L, N, E) or (N, L, E)
         out = result.output.permute((0, 2, 1, 3) if batch_first else (2, 0, 1, 3))
         out = out.reshape(*out.shape[:2], self.embed_dim)
         out = self.out_proj(out)
-        weights = result.weights
-        if not shapes.batched:
-            out = out.squeeze(1)
-            if weights is not None:
-                weights = weights.squeeze(0)
+        return out, result.weights
+
+    def _right_padding(
+        self, key_padding_mask: Tensor | None, attn_mask: Tensor | None, is_causal: bool
+    ) -> Tensor | None:
+        """Key lengths ``(N,)`` when the only masks are right padding and causality, so
+        the padded keys can be dropped before projection; else None."""
+        if key_padding_mask is None or key_padding_mask.dtype != torch.bool:
+            return None
+        if self.bias_k is not None or self.add_zero_attn or not reads_values():
+            return None
+        if attn_mask is not None and not (
+            attn_mask.dim() == 2 and summarize_attn_mask(attn_mask).standard_causal
+        ):
+            return None
+        return right_padding_lengths(key_padding_mask)
+
+    def _forward_key_lengths(
+        self,
+        query: Tensor,
+        key: Tensor,
+        value: Tensor,
+        lengths: Tensor,
+        causal: bool,
+        weights_mode: str | None,
+        batch_first: bool,
+        L: int,
+        S: int,
+    ) -> tuple[Tensor, Tensor | None]:
+        """Right-padded keys: only the real keys are projected and attended, every query row
+        is computed (as torch does). Sequences are packed batch-major."""
+        N, H, E = lengths.shape[0], self.num_heads, self.embed_dim
+        real = torch.arange(S, device=lengths.device)[None, :] < lengths[:, None]  # (N, S)
+        # Row of each real key in the flattened input, batch-major.
+        if batch_first:
+            rows = real.flatten().nonzero().flatten()
+        else:
+            positions = torch.arange(S, device=lengths.device)[None, :] * N
+            rows = (positions + torch.arange(N, device=lengths.device)[:, None])[real]
+        k_tokens = key.reshape(-1, key.shape[-1]).index_select(0, rows)
+        v_tokens = k_tokens if value is key else value.reshape(-1, value.shape[-1]).index_select(0, rows)
+        q, k, v = self._in_projection(query, k_tokens, v_tokens)
+        q = (q if batch_first else q.transpose(0, 1)).reshape(N * L, H, E // H)
+        k, v = (t.unflatten(-1, (H, E // H)) for t in (k, v))
+        q_offsets = [n * L for n in range(N + 1)]
+        k_offsets = [0, *torch.cumsum(lengths, 0).tolist()]
+        result = packed_attention(
+            q,
+            k,
+            v,
+            q_offsets,
+            k_offsets,
+            Causal("top_left") if causal else None,
+            dropout_p=self.dropout if self.training else 0.0,
+            weights=weights_mode,
+        )
+        out = self.out_proj(result.output.reshape(N, L, E))
+        if not batch_first:
+            out = out.transpose(0, 1)
+        weights = None
+        if result.weights is not None:
+            shape = (N, L, S) if weights_mode == "mean" else (N, H, L, S)
+            weights = out.new_zeros(shape)
+            for n, w in enumerate(result.weights):
+                weights[n, ..., : w.shape[-1]] = w
         return out, weights
 
     def _forward_nested(

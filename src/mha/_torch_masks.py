@@ -17,7 +17,7 @@ from ._mask_analysis import summarize_attn_mask
 from .masks import Bias, Blocked, Causal, KeyPadding, Mask, right_padding_lengths
 
 
-def _reads_values() -> bool:
+def reads_values() -> bool:
     """Value-reading shortcuts and warnings run in eager mode only (they would break graphs)."""
     return not torch.compiler.is_compiling()
 
@@ -47,7 +47,7 @@ def masks_from_torch(
     if is_causal:
         parts.append(Causal("top_left"))
     if attn_mask is not None:
-        if _reads_values() and summarize_attn_mask(attn_mask).standard_causal:
+        if reads_values() and summarize_attn_mask(attn_mask).standard_causal:
             if not is_causal:
                 parts.append(Causal("top_left"))
         elif attn_mask.dtype == torch.bool:
@@ -56,7 +56,7 @@ def masks_from_torch(
             parts.append(Bias(_attn_mask_4d(attn_mask, N, H)))
     if key_padding_mask is not None:
         if key_padding_mask.dtype == torch.bool:
-            lengths = right_padding_lengths(key_padding_mask) if _reads_values() else None
+            lengths = right_padding_lengths(key_padding_mask) if reads_values() else None
             if lengths is not None:
                 parts.append(KeyPadding(lengths))
             else:
@@ -73,7 +73,7 @@ def masks_from_torch(
 
 def warn_pitfalls(key_padding_mask: Tensor | None, attn_mask: Tensor | None, is_causal: bool) -> None:
     """Warn about the seed's pitfalls. Masks are batched torch-style, True = blocked."""
-    if not _reads_values():
+    if not reads_values():
         return
     if attn_mask is not None:
         _warn_inverted_causal(attn_mask)

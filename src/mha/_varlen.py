@@ -8,6 +8,7 @@ compute or memory is spent on padding.
 
 from __future__ import annotations
 
+import itertools
 from typing import NamedTuple
 
 import torch
@@ -64,7 +65,16 @@ def packed_attention(
         parts = [t[offsets[n] : offsets[n + 1]].transpose(0, 1) for n in rows]
         return parts[0][None] if len(parts) == 1 else torch.stack(parts)
 
-    for rows in groups.values():
+    for (L, S), rows in groups.items():
+        if S == 0:  # no keys: zero attention
+            for n in rows:
+                outs[n] = query.new_zeros(L, query.shape[1], value.shape[-1])
+                if weights == "mean":
+                    ws[n] = query.new_zeros(L, 0)
+                elif weights == "per_head":
+                    ws[n] = query.new_zeros(query.shape[1], L, 0)
+                lses[n] = query.new_full((query.shape[1], L), float("-inf"))
+            continue
         result = attention(
             heads_first(query, q_offsets, rows),
             heads_first(key, k_offsets, rows),
@@ -121,7 +131,7 @@ def jagged_from_packed(values: Tensor, offsets: list[int], like: Tensor) -> Tens
         return torch.nested.nested_tensor_from_jagged(
             values, torch.tensor(offsets, device=values.device, dtype=torch.int64)
         )
-    lengths = [b - a for a, b in zip(offsets[:-1], offsets[1:], strict=True)]
+    lengths = [b - a for a, b in itertools.pairwise(offsets)]
     return torch.nested.as_nested_tensor(list(values.split(lengths)))
 
 

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .._core import AttentionOutput, Call
+from .._plan import Band
 
 # Elements of one block of scores (fp32: 4 MiB). Small enough to stay in cache
 # between the matmul, the softmax and the second matmul; large enough that the
@@ -48,7 +49,7 @@ def _may_empty_rows(call: Call) -> bool:
     plan = call.plan
     if plan.has_tensors:
         return True
-    N, _, _, L, S, _, _ = call.shape
+    _, _, _, L, S, _, _ = call.shape
     if plan.lengths is not None and (S == 0 or bool((plan.lengths <= 0).any())):
         return True
     if plan.band is not None:
@@ -67,7 +68,7 @@ class _Blocked:
         return []
 
     def forward(self, call: Call) -> AttentionOutput:
-        N, Hq, Hkv, L, S, _, Dv = call.shape
+        N, Hq, Hkv, L, S, _, _ = call.shape
         in_dtype = call.query.dtype
         dtype = in_dtype if in_dtype in (torch.float32, torch.float64) else torch.float32
         device = call.query.device
@@ -78,26 +79,33 @@ class _Blocked:
         per_row = max(1, Hq * S)
         rows = max(1, min(L, _BLOCK_ELEMENTS // per_row))
         batches = max(1, _BLOCK_ELEMENTS // (per_row * L)) if rows == L else 1
+        lengths = None if call.plan.lengths is None else call.plan.lengths.tolist()
         outs, weights, lses = [], [], []
         for n0 in range(0, N, batches):
             n1 = min(N, n0 + batches)
             plan = call.plan if batches >= N else call.plan.batch_slice(n0, n1)
+            key_limit = S if lengths is None else max(0, min(S, max(lengths[n0:n1])))
             row_outs, row_weights, row_lses = [], [], []
             for start in range(0, L, rows):
                 stop = min(L, start + rows)
-                scores = torch.matmul(q[n0:n1, :, start:stop], kt[n0:n1])
+                # Keys that the band and the lengths leave open to some row of this block:
+                # blocks wholly above a causal diagonal or past every length are skipped.
+                k0, k1 = _key_range(call.plan.band, start, stop, key_limit)
+                scores = torch.matmul(q[n0:n1, :, start:stop], kt[n0:n1, :, :, k0:k1])
                 bias = plan.bias_rows(start, stop, dtype, device)
                 if bias is not None:
-                    scores = scores + bias
+                    scores = scores + _keys(bias, k0, k1)
                 allowed = plan.allowed_rows(start, stop, S, device)
                 if allowed is not None:
-                    scores = scores.masked_fill(~allowed, float("-inf"))
+                    scores = scores.masked_fill(~_keys(allowed, k0, k1), float("-inf"))
                 if call.return_lse:
                     row_lses.append(torch.logsumexp(scores, dim=-1))
-                probs = softmax(scores)
+                probs = softmax(scores) if k1 > k0 else scores.new_zeros(scores.shape)
                 if call.dropout_p > 0:
                     probs = F.dropout(probs, call.dropout_p)
-                row_outs.append(torch.matmul(probs, v[n0:n1]))
+                row_outs.append(torch.matmul(probs, v[n0:n1, :, k0:k1]))
+                if k0 > 0 or k1 < S:
+                    probs = F.pad(probs, (k0, S - k1))
                 if call.weights == "mean":
                     row_weights.append(probs.mean(dim=1))
                 elif call.weights == "per_head":
@@ -113,6 +121,22 @@ class _Blocked:
         w = _cat(weights, 0).to(in_dtype) if weights else None
         lse = _cat(lses, 0).to(in_dtype) if lses else None
         return AttentionOutput(out, w, lse)
+
+
+def _key_range(band: Band | None, start: int, stop: int, key_limit: int) -> tuple[int, int]:
+    """Keys ``[k0, k1)`` open to at least one of the query rows ``[start, stop)``."""
+    k0, k1 = 0, key_limit
+    if band is not None:
+        if band.lo is not None:
+            k0 = max(0, start + band.lo)
+        if band.hi is not None:
+            k1 = min(k1, stop + band.hi)
+    return min(k0, key_limit), max(min(k0, key_limit), k1)
+
+
+def _keys(t: Tensor, k0: int, k1: int) -> Tensor:
+    """Keys ``[k0, k1)`` of a mask tensor whose key dimension may be broadcast."""
+    return t if t.shape[-1] == 1 else t[..., k0:k1]
 
 
 def _softmax(scores: Tensor) -> Tensor:

@@ -37,7 +37,8 @@ def test_jagged_self_attention_matches_torch_per_sequence(is_causal, training):
     xs = _seqs(LENGTHS)
     nt = torch.nested.nested_tensor(xs, layout=torch.jagged, requires_grad=True)
     out, weights = ours(nt, nt, nt, need_weights=True, is_causal=is_causal)
-    assert out.is_nested and out.layout == torch.jagged
+    assert out.is_nested
+    assert out.layout == torch.jagged
     out.values().square().sum().backward()
     ref_grads = {name: torch.zeros_like(p) for name, p in theirs.named_parameters()}
     for x, o, w in zip(xs, out.unbind(), weights.unbind(), strict=True):
@@ -82,7 +83,8 @@ def test_strided_nested_matches_torch_fast_path():
     with torch.no_grad():
         ref, _ = theirs(nt, nt, nt, need_weights=False)
         out, _ = ours(nt, nt, nt, need_weights=False)
-    assert out.is_nested and out.layout == torch.strided
+    assert out.is_nested
+    assert out.layout == torch.strided
     for a, b in zip(out.unbind(), ref.unbind(), strict=True):
         torch.testing.assert_close(a, b, rtol=2e-4, atol=2e-5)
 

@@ -190,7 +190,7 @@ class MultiheadAttention(nn.Module):
             if attn_mask is not None and attn_mask.dim() == 3:
                 attn_mask = attn_mask.unsqueeze(0)
         N = shapes.N
-        warn_pitfalls(key_padding_mask, attn_mask, is_causal)
+        warn_pitfalls(key_padding_mask, attn_mask, is_causal, self.bias_k is not None or self.add_zero_attn)
 
         if is_causal and (self.bias_k is not None or self.add_zero_attn):
             # The appended keys are open to every query (as torch pads its attn_mask),

@@ -37,17 +37,24 @@ def masks_from_torch(
     is_causal: bool,
     N: int,
     H: int,
+    *,
+    read_values: bool | None = None,
 ) -> Mask | None:
     """Mask objects for batched torch-style masks: ``key_padding_mask (N, S)``,
     ``attn_mask (L, S)``, ``(N*H, L, S)`` or ``(N, H, L, S)``. True means blocked.
 
     ``is_causal=True`` means top-left causal; with an ``attn_mask`` too, both apply.
+    ``read_values`` (default: outside ``torch.compile``) lets it recognise a
+    standard causal ``attn_mask`` and right padding; without it each mask blocks or
+    adds at its own broadcast shape.
     """
+    if read_values is None:
+        read_values = reads_values()
     parts: list[Mask] = []
     if is_causal:
         parts.append(Causal("top_left"))
     if attn_mask is not None:
-        if reads_values() and summarize_attn_mask(attn_mask).standard_causal:
+        if read_values and summarize_attn_mask(attn_mask).standard_causal:
             if not is_causal:
                 parts.append(Causal("top_left"))
         elif attn_mask.dtype == torch.bool:
@@ -56,7 +63,7 @@ def masks_from_torch(
             parts.append(Bias(_attn_mask_4d(attn_mask, N, H)))
     if key_padding_mask is not None:
         if key_padding_mask.dtype == torch.bool:
-            lengths = right_padding_lengths(key_padding_mask) if reads_values() else None
+            lengths = right_padding_lengths(key_padding_mask) if read_values else None
             if lengths is not None:
                 parts.append(KeyPadding(lengths))
             else:
@@ -71,27 +78,38 @@ def masks_from_torch(
     return mask
 
 
-def warn_pitfalls(key_padding_mask: Tensor | None, attn_mask: Tensor | None, is_causal: bool) -> None:
-    """Warn about the seed's pitfalls. Masks are batched torch-style, True = blocked."""
+def warn_pitfalls(
+    key_padding_mask: Tensor | None, attn_mask: Tensor | None, is_causal: bool, extra_key: bool = False
+) -> None:
+    """Warn about the seed's pitfalls. Masks are batched torch-style, True = blocked.
+
+    ``extra_key``: the module appends a key open to every query (``add_bias_kv`` or
+    ``add_zero_attn``), so no row is ever left without a key."""
     if not reads_values():
         return
-    if attn_mask is not None:
-        _warn_inverted_causal(attn_mask)
-    _warn_empty_rows(key_padding_mask, attn_mask, is_causal)
+    inverted = attn_mask is not None and _warn_inverted_causal(attn_mask, extra_key)
+    if not extra_key:
+        # The inverted-causal warning already names the row it empties.
+        _warn_empty_rows(key_padding_mask, None if inverted else attn_mask, is_causal)
 
 
-def _warn_inverted_causal(attn_mask: Tensor) -> None:
+def _warn_inverted_causal(attn_mask: Tensor, extra_key: bool) -> bool:
+    """Warn if ``attn_mask`` is the seed's ``tril`` mask; return whether it is."""
     if summarize_attn_mask(attn_mask).inverted_causal:
         L = attn_mask.shape[0]
         warnings.warn(
             f"attn_mask (L, S) = ({L}, {L}) is torch.tril(torch.ones({L}, {L})).bool(). In "
             "nn.MultiheadAttention and mha, True means *blocked*, so this mask blocks each query's own "
-            f"and earlier keys and lets it see only later ones; the last query (row {L - 1}) sees no key. "
-            f"For a causal mask pass torch.triu(torch.ones({L}, {L}, dtype=torch.bool), diagonal=1), "
+            f"and earlier keys and lets it see only later ones; the last query (row {L - 1}) sees "
+            + ("only the key that add_bias_kv/add_zero_attn appends. " if extra_key else
+               "no key and gets zero attention. ")
+            + f"For a causal mask pass torch.triu(torch.ones({L}, {L}, dtype=torch.bool), diagonal=1), "
             "or is_causal=True with no attn_mask.",
             UserWarning,
             stacklevel=6,  # here, warn_pitfalls, forward, Module call (2), caller
         )
+        return True
+    return False
 
 
 def _blocked(mask: Tensor) -> Tensor:

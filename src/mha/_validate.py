@@ -125,13 +125,13 @@ def validate_forward(
         raise ValueError(
             f"query {notation['query']} = {_shape(query)} has E = {query.shape[-1]}, but the module was "
             f"built with embed_dim={E}; build it with embed_dim={query.shape[-1]} or project query to {E} features"
-            + _batch_first_hint(module, query, key, value)
         )
     if key.shape[-1] != kdim:
         fix = (
             f"build the module with kdim={key.shape[-1]}"
             if kdim == E
-            else f"the module was built with kdim={kdim}; pass a key with {kdim} features"
+            else f"the module was built with kdim={kdim}: pass a key with {kdim} features or build "
+            f"the module with kdim={key.shape[-1]}"
         )
         raise ValueError(
             f"key {notation['key']} = {_shape(key)} has {key.shape[-1]} features, expected kdim = {kdim}; {fix}"
@@ -169,7 +169,7 @@ def validate_forward(
     if key_padding_mask is not None:
         _validate_key_padding_mask(module, key_padding_mask, batched, N, S, notation, key)
     if attn_mask is not None:
-        _validate_attn_mask(module, attn_mask, batched, N, L, S)
+        _validate_attn_mask(module, attn_mask, batched, N, L, S, query.device)
     return ForwardShapes(batched, N, L, S)
 
 
@@ -210,13 +210,17 @@ def _validate_dtypes_devices(module: Any, query: Tensor, key: Tensor, value: Ten
         )
 
 
-def _validate_mask_type(name: str, mask: Any, expected: str) -> None:
+def _validate_mask_type(name: str, mask: Any, expected: str, device: torch.device) -> None:
     if not isinstance(mask, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor of shape {expected} or None, got {type(mask).__name__}")
     if mask.dtype != torch.bool and not mask.is_floating_point():
         raise TypeError(
-            f"{name} {expected} has dtype {mask.dtype}; pass a bool tensor (True = masked out), "
-            f"e.g. {name}.bool() or ({name} != 0), or a float tensor added to the scores (-inf = masked out)"
+            f"{name} {expected} = {_shape(mask)} has dtype {mask.dtype}; pass a bool tensor (True = masked "
+            f"out), e.g. {name}.bool() or ({name} != 0), or a float tensor added to the scores (-inf = masked out)"
+        )
+    if mask.device != device:
+        raise ValueError(
+            f"{name} is on {mask.device} but query is on {device}; move it with {name}.to({str(device)!r})"
         )
 
 
@@ -224,7 +228,7 @@ def _validate_key_padding_mask(
     module: Any, kpm: Any, batched: bool, N: int, S: int, notation: dict[str, str], key: Tensor
 ) -> None:
     expected = "(N, S)" if batched else "(S,)"
-    _validate_mask_type("key_padding_mask", kpm, expected)
+    _validate_mask_type("key_padding_mask", kpm, expected, key.device)
     if not batched:
         if kpm.dim() != 1:
             raise ValueError(
@@ -268,9 +272,13 @@ def _validate_key_padding_mask(
     )
 
 
-def _validate_attn_mask(module: Any, mask: Any, batched: bool, N: int, L: int, S: int) -> None:
+def _validate_attn_mask(
+    module: Any, mask: Any, batched: bool, N: int, L: int, S: int, device: torch.device
+) -> None:
     H = module.num_heads
-    _validate_mask_type("attn_mask", mask, "(L, S)")
+    layouts = {3: "(N*num_heads, L, S)" if batched else "(num_heads, L, S)", 4: "(N, num_heads, L, S)"}
+    expected = layouts.get(mask.dim(), "(L, S)") if isinstance(mask, Tensor) else "(L, S)"
+    _validate_mask_type("attn_mask", mask, expected, device)
     shape = _shape(mask)
     if mask.dim() == 2:
         if shape == (L, S):
@@ -314,7 +322,11 @@ def _validate_attn_mask(module: Any, mask: Any, batched: bool, N: int, L: int, S
             f"to broadcast), got {shape}"
         )
     raise ValueError(
-        f"attn_mask must be (L, S) = ({L}, {S}), "
-        + (f"(N*num_heads, L, S) = ({N * H}, {L}, {S}) or (N, num_heads, L, S)" if batched else f"or (num_heads, L, S) = ({H}, {L}, {S})")
+        f"attn_mask must be (L, S) = ({L}, {S})"
+        + (
+            f", (N*num_heads, L, S) = ({N * H}, {L}, {S}) or (N, num_heads, L, S) = ({N}, {H}, {L}, {S})"
+            if batched
+            else f" or (num_heads, L, S) = ({H}, {L}, {S}) (the query is unbatched)"
+        )
         + f", got {mask.dim()}-D {shape}"
     )

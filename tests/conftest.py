@@ -1,0 +1,34 @@
+"""Shared helpers: a torch module and an mha module with identical weights, and tolerances."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+import mha
+
+# The tests run tiny tensors; torch's intra-op thread pool only adds overhead there, and on
+# a loaded machine (or under xdist) a spinning pool makes each op ~100x slower.
+torch.set_num_threads(1)
+
+# Issue 2's parity tolerances.
+TOL = {
+    torch.float32: {"rtol": 2e-4, "atol": 2e-5},
+    torch.float64: {"rtol": 1e-9, "atol": 1e-9},
+}
+
+
+def build_pair(*args, seed: int = 0, **kwargs) -> tuple[nn.MultiheadAttention, mha.MultiheadAttention]:
+    """``(theirs, ours)``: torch's module and mha's, with torch's weights loaded into mha.
+
+    Biases are drawn at random (torch initialises them to 0, which would hide bugs)."""
+    torch.manual_seed(seed)
+    theirs = nn.MultiheadAttention(*args, **kwargs)
+    with torch.no_grad():
+        for name, p in theirs.named_parameters():
+            if "bias" in name:
+                p.normal_()
+    ours = mha.MultiheadAttention(*args, **kwargs)
+    ours.load_state_dict(theirs.state_dict(), strict=True)
+    return theirs, ours
+

@@ -1,0 +1,172 @@
+"""Warnings for the seed's pitfalls: the inverted tril mask and masks that empty rows.
+Each names the argument and the rows, says what happens and how to fix it; none repeats
+for the same situation; correct masks stay silent."""
+
+from __future__ import annotations
+
+import sys
+import warnings
+
+import pytest
+import torch
+
+import mha
+
+L, N, E, H = 6, 3, 8, 2
+
+
+@pytest.fixture(scope="module")
+def module():
+    return mha.MultiheadAttention(E, H)
+
+
+@pytest.fixture(scope="module")
+def x():
+    return torch.randn(L, N, E)
+
+
+def _caught(fn, times: int = 1, action: str = "always") -> list[str]:
+    """Messages of the UserWarnings raised by calling ``fn`` ``times`` times from one line."""
+    sys.modules[__name__].__dict__.pop("__warningregistry__", None)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter(action)
+        for _ in range(times):
+            fn()
+    return [str(w.message) for w in caught if issubclass(w.category, UserWarning)]
+
+
+def _triu(n: int) -> torch.Tensor:
+    return torch.ones(n, n, dtype=torch.bool).triu(1)
+
+
+def test_inverted_tril_mask(module, x):
+    mask = torch.tril(torch.ones(L, L)).bool()
+    (message,) = _caught(lambda: module(x, x, x, attn_mask=mask))
+    assert "attn_mask" in message
+    assert "True means *blocked*" in message
+    assert "see only later ones" in message  # what the mask actually does
+    assert f"row {L - 1}" in message
+    assert f"torch.triu(torch.ones({L}, {L}, dtype=torch.bool), diagonal=1)" in message
+    assert "is_causal=True" in message
+
+
+def test_inverted_tril_mask_with_an_appended_key_is_not_empty(x):
+    m = mha.MultiheadAttention(E, H, add_zero_attn=True)
+    mask = torch.tril(torch.ones(L, L)).bool()
+    (message,) = _caught(lambda: m(x, x, x, attn_mask=mask))
+    assert "True means *blocked*" in message
+    assert "add_bias_kv/add_zero_attn" in message
+    assert "zero attention" not in message
+
+
+def test_fully_padded_batch_element(module, x):
+    kpm = torch.zeros(N, L, dtype=torch.bool)
+    kpm[1] = True
+    (message,) = _caught(lambda: module(x, x, x, key_padding_mask=kpm))
+    assert "key_padding_mask" in message
+    assert "batch element(s) [1]" in message
+    assert "zero attention" in message
+    assert "True means masked out" in message
+
+
+@pytest.mark.parametrize("kind", ["bool", "float", "3d"])
+def test_attn_mask_with_empty_rows(module, x, kind):
+    blocked = torch.zeros(L, L, dtype=torch.bool)
+    blocked[[2, 4]] = True
+    mask = {
+        "bool": blocked,
+        "float": torch.zeros(L, L).masked_fill(blocked, float("-inf")),
+        "3d": blocked.expand(N * H, L, L),
+    }[kind]
+    (message,) = _caught(lambda: module(x, x, x, attn_mask=mask))
+    assert "attn_mask blocks every key of query row(s) [2, 4]" in message
+    assert "out_proj's bias" in message
+
+
+def test_rows_emptied_by_both_masks(module, x):
+    kpm = torch.zeros(N, L, dtype=torch.bool)
+    kpm[0, :3] = True  # left padding: the first queries of batch 0 see no earlier key
+    (message,) = _caught(lambda: module(x, x, x, key_padding_mask=kpm, attn_mask=_triu(L)))
+    assert "attn_mask and key_padding_mask together" in message
+    assert "row(s) [0, 1, 2]" in message
+    (message,) = _caught(lambda: module(x, x, x, key_padding_mask=kpm, is_causal=True))
+    assert "is_causal and key_padding_mask together" in message
+    assert "row(s) [0, 1, 2]" in message
+
+
+def test_long_listings_are_cut(module):
+    x = torch.randn(30, 1, E)
+    mask = torch.zeros(30, 30, dtype=torch.bool)
+    mask[::2] = True
+    (message,) = _caught(lambda: module(x, x, x, attn_mask=mask))
+    assert "[0, 2, 4, 6, 8, 10, 12, 14, 16, 18, ... (5 more)]" in message
+
+
+def test_warning_points_at_the_caller(module, x):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        module(x, x, x, attn_mask=torch.tril(torch.ones(L, L)).bool())
+        module(x, x, x, key_padding_mask=torch.ones(N, L, dtype=torch.bool))
+    assert len(caught) == 2
+    assert all(w.filename == __file__ for w in caught)
+
+
+def test_not_repeated_for_the_same_situation(module, x):
+    mask = torch.tril(torch.ones(L, L)).bool()
+    kpm = torch.zeros(N, L, dtype=torch.bool)
+    kpm[2] = True
+    assert len(_caught(lambda: module(x, x, x, attn_mask=mask), times=3, action="default")) == 1
+    assert len(_caught(lambda: module(x, x, x, key_padding_mask=kpm), times=3, action="default")) == 1
+    # A fresh but equal mask is the same situation.
+    masks = iter([mask.clone(), mask.clone()])
+    assert len(_caught(lambda: module(x, x, x, attn_mask=next(masks)), times=2, action="default")) == 1
+
+
+def test_different_situations_each_warn(module, x):
+    kpm_1 = torch.zeros(N, L, dtype=torch.bool)
+    kpm_1[1] = True
+    kpm_2 = torch.zeros(N, L, dtype=torch.bool)
+    kpm_2[2] = True
+    kpms = iter([kpm_1, kpm_2])
+    messages = _caught(lambda: module(x, x, x, key_padding_mask=next(kpms)), times=2, action="default")
+    assert len(messages) == 2
+    assert "[1]" in messages[0]
+    assert "[2]" in messages[1]
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"attn_mask": _triu(L)},
+        {"attn_mask": torch.zeros(L, L).masked_fill(_triu(L), float("-inf"))},
+        {"is_causal": True},
+        {"is_causal": True, "attn_mask": _triu(L)},
+        {"key_padding_mask": torch.arange(L)[None, :] >= torch.tensor([L, 1, 4])[:, None]},
+        {
+            "key_padding_mask": torch.arange(L)[None, :] >= torch.tensor([L, 1, 4])[:, None],
+            "attn_mask": _triu(L),
+        },
+        {"key_padding_mask": torch.arange(L)[None, :] >= torch.tensor([L, 1, 4])[:, None], "is_causal": True},
+        {"key_padding_mask": torch.zeros(N, L)},
+        {"attn_mask": torch.randn(N * H, L, L)},
+    ],
+    ids=["triu", "float-causal", "is_causal", "both-causal", "padding", "padding-triu", "padding-causal", "float-padding", "float-3d"],
+)
+def test_correct_masks_are_silent(module, x, kwargs):
+    assert _caught(lambda: module(x, x, x, **kwargs)) == []
+
+
+def test_fully_padded_with_appended_key_is_silent(x):
+    m = mha.MultiheadAttention(E, H, add_bias_kv=True)
+    assert _caught(lambda: m(x, x, x, key_padding_mask=torch.ones(N, L, dtype=torch.bool))) == []
+
+
+def test_mixed_mask_types_do_not_warn(module, x):
+    """torch deprecates a bool key_padding_mask with a float attn_mask; mha takes both."""
+    kpm = torch.arange(L)[None, :] >= torch.tensor([L, 2, 5])[:, None]
+    float_attn = torch.zeros(L, L).masked_fill(_triu(L), float("-inf"))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        module(x, x, x, key_padding_mask=kpm, attn_mask=float_attn)
+        module(x, x, x, key_padding_mask=kpm.float().masked_fill(kpm, float("-inf")), attn_mask=_triu(L))
+    assert caught == []

@@ -6,6 +6,7 @@ import math
 from dataclasses import dataclass
 from typing import Literal, NamedTuple
 
+import torch
 from torch import Tensor
 
 from . import masks as _masks
@@ -121,6 +122,17 @@ def attention(
     from ._dispatch import select_backend
 
     return select_backend(call, backend).forward(call)
+
+
+def zeros_in_graph(shape: tuple[int, ...], *inputs: Tensor) -> Tensor:
+    """Zeros of ``shape`` whose gradient to each input is zero, not missing.
+
+    For outputs that no key contributes to (every key masked or padded): a plain
+    ``new_zeros`` would cut the graph, and ``backward()`` would then raise or leave
+    ``.grad`` unset where torch's users expect zeros."""
+    first = inputs[0]
+    zero = sum(t.flatten()[:0].sum() for t in inputs)
+    return torch.zeros(shape, dtype=first.dtype, device=first.device) + zero
 
 
 def _shape(t: Tensor) -> str:

@@ -70,11 +70,12 @@ class MaskPlan:
 
     @property
     def is_empty(self) -> bool:
-        return self.band is None and self.lengths is None and not self.allowed and not self.bias
+        # len() rather than truthiness: dynamo traces len() of a tuple, not `not tuple`.
+        return self.band is None and self.lengths is None and len(self.allowed) == 0 and len(self.bias) == 0
 
     @property
     def has_tensors(self) -> bool:
-        return bool(self.allowed or self.bias)
+        return len(self.allowed) + len(self.bias) > 0
 
     def without_lengths(self) -> MaskPlan:
         return replace(self, lengths=None)

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from . import masks as _masks
-from ._core import WeightsMode, attention
+from ._core import WeightsMode, attention, zeros_in_graph
 
 
 class PackedOutput(NamedTuple):
@@ -68,7 +68,7 @@ def packed_attention(
     for (L, S), rows in groups.items():
         if S == 0:  # no keys: zero attention
             for n in rows:
-                outs[n] = query.new_zeros(L, query.shape[1], value.shape[-1])
+                outs[n] = zeros_in_graph((L, query.shape[1], value.shape[-1]), query, key, value)
                 if weights == "mean":
                     ws[n] = query.new_zeros(L, 0)
                 elif weights == "per_head":

@@ -169,6 +169,19 @@ class KeyPadding(Mask):
 
         Raises ValueError if some row has a real key after a padded one; use
         ``Blocked(padding_mask[:, None, None, :])`` for arbitrary key masks."""
+        if not isinstance(padding_mask, Tensor):
+            raise TypeError(
+                f"KeyPadding.from_padding_mask takes a boolean (N, S) tensor, got {type(padding_mask).__name__}"
+            )
+        if padding_mask.dtype != torch.bool:
+            raise TypeError(
+                f"KeyPadding.from_padding_mask takes a boolean (N, S) tensor (True = padding), got dtype "
+                f"{padding_mask.dtype}; convert with padding_mask.bool() if 1 means padding"
+            )
+        if padding_mask.dim() != 2:
+            raise ValueError(
+                f"KeyPadding.from_padding_mask takes a boolean (N, S) tensor, got shape {tuple(padding_mask.shape)}"
+            )
         lengths = right_padding_lengths(padding_mask)
         if lengths is None:
             raise ValueError(

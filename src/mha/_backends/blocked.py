@@ -33,15 +33,18 @@ def _expand_kv(t: Tensor, groups: int) -> Tensor:
 
 
 def masked_softmax(scores: Tensor) -> Tensor:
-    """Softmax over the last dim that gives 0, not NaN, on rows that are all ``-inf``."""
-    safe = getattr(torch, "_safe_softmax", None)
-    if safe is not None:
-        return safe(scores, -1)
-    row_max = scores.amax(dim=-1, keepdim=True).detach()
-    row_max = torch.where(torch.isneginf(row_max), torch.zeros_like(row_max), row_max)
-    exp = torch.exp(scores - row_max)
-    denom = exp.sum(dim=-1, keepdim=True)
-    return exp / torch.where(denom == 0, torch.ones_like(denom), denom)
+    """Softmax over the last dim that gives 0, not NaN, on rows that are all ``-inf``.
+
+    torch's own ``_safe_softmax`` (what SDPA's math path uses), called through
+    ``torch.ops.aten`` so that dynamo traces it."""
+    return torch.ops.aten._safe_softmax(scores, -1)
+
+
+def _masked_logsumexp(scores: Tensor) -> Tensor:
+    """``logsumexp`` over the last dim, ``-inf`` on all ``-inf`` rows, with a zero (not NaN)
+    gradient there: such rows are filled with 0 first and set back after."""
+    empty = torch.isneginf(scores).all(dim=-1, keepdim=True)
+    return torch.logsumexp(scores.masked_fill(empty, 0.0), dim=-1).masked_fill(empty[..., 0], float("-inf"))
 
 
 def _may_empty_rows(call: Call) -> bool:
@@ -72,10 +75,14 @@ class _Blocked:
         in_dtype = call.query.dtype
         dtype = in_dtype if in_dtype in (torch.float32, torch.float64) else torch.float32
         device = call.query.device
+        if N == 0 or L == 0:
+            return _empty(call, device)
         q = call.query.to(dtype) * call.scale
         kt = _expand_kv(call.key.to(dtype), Hq // Hkv).transpose(-1, -2)
         v = _expand_kv(call.value.to(dtype), Hq // Hkv)
-        softmax = masked_softmax if _may_empty_rows(call) else _softmax
+        may_empty = _may_empty_rows(call)
+        softmax = masked_softmax if may_empty else _softmax
+        logsumexp = _masked_logsumexp if may_empty else _logsumexp
         per_row = max(1, Hq * S)
         rows = max(1, min(L, _BLOCK_ELEMENTS // per_row))
         batches = max(1, _BLOCK_ELEMENTS // (per_row * L)) if rows == L else 1
@@ -99,7 +106,7 @@ class _Blocked:
                 if allowed is not None:
                     scores = scores.masked_fill(~_keys(allowed, k0, k1), float("-inf"))
                 if call.return_lse:
-                    row_lses.append(torch.logsumexp(scores, dim=-1))
+                    row_lses.append(logsumexp(scores))
                 probs = softmax(scores) if k1 > k0 else scores.new_zeros(scores.shape)
                 if call.dropout_p > 0:
                     probs = F.dropout(probs, call.dropout_p)
@@ -115,8 +122,6 @@ class _Blocked:
                 weights.append(_cat(row_weights, 1 if call.weights == "mean" else 2))
             if row_lses:
                 lses.append(_cat(row_lses, 2))
-        if not outs:  # N == 0 or L == 0
-            return _empty(call, dtype, device)
         out = _cat(outs, 0).to(in_dtype)
         w = _cat(weights, 0).to(in_dtype) if weights else None
         lse = _cat(lses, 0).to(in_dtype) if lses else None
@@ -143,11 +148,16 @@ def _softmax(scores: Tensor) -> Tensor:
     return torch.softmax(scores, dim=-1)
 
 
+def _logsumexp(scores: Tensor) -> Tensor:
+    return torch.logsumexp(scores, dim=-1)
+
+
 def _cat(parts: list[Tensor], dim: int) -> Tensor:
     return parts[0] if len(parts) == 1 else torch.cat(parts, dim=dim)
 
 
-def _empty(call: Call, dtype: torch.dtype, device: torch.device) -> AttentionOutput:
+def _empty(call: Call, device: torch.device) -> AttentionOutput:
+    """The result for N == 0 or L == 0: every output is empty."""
     N, Hq, _, L, S, _, Dv = call.shape
     out = torch.zeros(N, Hq, L, Dv, dtype=call.query.dtype, device=device)
     w = None

@@ -28,9 +28,12 @@ class _Reference:
         scores = torch.matmul(q, k.transpose(-1, -2)) * call.scale
         if call.mask is not None:
             scores = scores + call.mask.materialize(N, Hq, L, S, device=q.device, dtype=dtype)
-        lse = torch.logsumexp(scores, dim=-1)
-        empty = torch.isneginf(lse)[..., None]
-        probs = torch.softmax(scores.masked_fill(empty, 0.0), dim=-1).masked_fill(empty, 0.0)
+        # Fully masked rows are filled with 0 before logsumexp/softmax and set after:
+        # logsumexp's gradient on an all -inf row is exp(-inf - -inf) = NaN otherwise.
+        empty = torch.isneginf(scores).all(dim=-1, keepdim=True)
+        scores = scores.masked_fill(empty, 0.0)
+        lse = torch.logsumexp(scores, dim=-1).masked_fill(empty[..., 0], float("-inf"))
+        probs = torch.softmax(scores, dim=-1).masked_fill(empty, 0.0)
         if call.dropout_p > 0:
             probs = F.dropout(probs, call.dropout_p)
         out = torch.matmul(probs, v).to(call.query.dtype)

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .._core import AttentionOutput, Call
+from .._core import AttentionOutput, Call, zeros_in_graph
 from .._plan import MaskPlan
 
 
@@ -49,6 +49,8 @@ def _by_length(q: Tensor, k: Tensor, v: Tensor, plan: MaskPlan, scale: float, dr
     S = k.shape[2]
     lengths = [min(max(length, 0), S) for length in plan.lengths.tolist()]
     N, Hq, L, _ = q.shape
+    if not any(lengths):
+        return zeros_in_graph((N, Hq, L, v.shape[-1]), q, k, v)
     out = q.new_zeros(N, Hq, L, v.shape[-1])
     if plan.has_tensors:
         for n, length in enumerate(lengths):

@@ -8,6 +8,12 @@ from ._core import AttentionOutput, Call
 
 
 class Backend(Protocol):
+    """A backend names itself, says why it cannot serve a call, and serves it.
+
+    A backend may also set ``auto_devices``, the device types on which dispatch
+    picks it by itself; elsewhere it runs only when forced with ``backend=...``
+    (the Triton kernels on CPU run in Triton's interpreter, for tests only)."""
+
     name: str
 
     def not_supported_reasons(self, call: Call) -> list[str]:
@@ -18,10 +24,11 @@ class Backend(Protocol):
 
 
 def _registry() -> dict[str, Backend]:
-    from ._backends import blocked, reference, sdpa
+    from ._backends import blocked, reference, sdpa, triton
 
     backends: dict[str, Backend] = {
         "sdpa": sdpa.BACKEND,
+        "triton": triton.BACKEND,
         "blocked": blocked.BACKEND,
         "reference": reference.BACKEND,
     }
@@ -33,9 +40,19 @@ def backend_names() -> list[str]:
     return list(_registry())
 
 
+def _auto_reasons(b: Backend, call: Call) -> list[str]:
+    """Why dispatch, left to itself, does not pick ``b`` for ``call``."""
+    reasons = b.not_supported_reasons(call)
+    devices = getattr(b, "auto_devices", None)
+    device = call.query.device.type
+    if devices is not None and device not in devices:
+        reasons.append(f"picked automatically only on {', '.join(sorted(devices))}, not {device} (force it with backend={b.name!r})")
+    return reasons
+
+
 def explain_dispatch(call: Call) -> dict[str, list[str]]:
-    """For each backend, the reasons it cannot serve ``call`` (empty list = it can)."""
-    return {name: b.not_supported_reasons(call) for name, b in _registry().items()}
+    """For each backend, the reasons dispatch does not pick it for ``call`` (empty list = it may)."""
+    return {name: _auto_reasons(b, call) for name, b in _registry().items()}
 
 
 def select_backend(call: Call, backend: str | None = None) -> Backend:
@@ -52,7 +69,7 @@ def select_backend(call: Call, backend: str | None = None) -> Backend:
             )
         return chosen
     for b in registry.values():
-        if not b.not_supported_reasons(call):
+        if not _auto_reasons(b, call):
             return b
     raise NotImplementedError(  # pragma: no cover - the reference backend serves every call
         "no backend can serve this call"

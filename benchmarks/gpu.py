@@ -1,0 +1,338 @@
+"""GPU benchmark and check of the triton backend (issue 6). One command, under
+5 minutes on one H100::
+
+    python benchmarks/gpu.py                       # check, dense, train, varlen, weights
+    python benchmarks/gpu.py --sections check      # compiled kernels against the reference only
+    python benchmarks/gpu.py --lengths 1024 8192 --head-dims 128
+
+Sections:
+
+* ``check``: the compiled kernels (not the interpreter) against the fp64
+  reference, every mask kind, fp16/bf16/fp32, forward, lse, weights, gradients;
+  error at most twice plain torch's in the same dtype.
+* ``dense``: bf16 forward TFLOP/s, head dims 64/128, L from 1k to 16k at a fixed
+  number of tokens: the Triton forward alone, ``mha.attention`` through dispatch,
+  SDPA's flash, cuDNN and efficient backends, FlexAttention (where it imports),
+  and the modules ``mha.MultiheadAttention`` / ``torch.nn.MultiheadAttention``
+  (their time includes the projections; TFLOP/s count attention only).
+* ``train``: forward + backward, Triton against SDPA flash.
+* ``varlen``: right-padded batch with causal masks (useful FLOPs only): mha
+  (Triton), FlexAttention with the same mask, SDPA with a boolean mask, jagged
+  nested tensors through mha, and the modules with ``key_padding_mask``.
+* ``weights``: ``need_weights=True`` averaged, mha against torch's module, time
+  and peak memory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import math
+import sys
+
+SECTIONS = ("check", "dense", "train", "varlen", "weights")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS), help="what to run (default: all)")
+    p.add_argument("--lengths", nargs="+", type=int, default=[1024, 4096, 16384], help="sequence lengths L = S")
+    p.add_argument("--head-dims", nargs="+", type=int, default=[64, 128], help="head dims D")
+    p.add_argument("--tokens", type=int, default=16384, help="N * L for dense cases (N = tokens // L)")
+    p.add_argument("--width", type=int, default=2048, help="H * D: heads = width // D")
+    p.add_argument("--rep", type=int, default=40, help="milliseconds of timed repetitions per measurement")
+    p.add_argument("--no-flex", action="store_true", help="skip FlexAttention (its compiles take time)")
+    return p.parse_args(argv)
+
+
+def _bench(rep: int, fn, *args, **kwargs) -> float | None:
+    """Median milliseconds of ``fn(*args, **kwargs)``, or None (with the reason printed) if it fails."""
+    from triton.testing import do_bench
+
+    try:
+        return do_bench(functools.partial(fn, *args, **kwargs), warmup=10, rep=rep, return_mode="median")
+    except Exception as e:  # a backend that cannot run this shape is reported, not fatal
+        print(f"      ({type(e).__name__}: {str(e).splitlines()[0][:100]})")
+        return None
+
+
+def _row(name: str, ms: float | None, flops: float, base: float | None) -> None:
+    if ms is None:
+        print(f"    {name:<34} {'n/a':>9}")
+        return
+    tflops = flops / ms / 1e9
+    speed = f"{base / ms:6.2f}x" if base else ""
+    print(f"    {name:<34} {ms:8.3f} ms {tflops:8.1f} TFLOP/s  {speed}")
+
+
+def _flex():
+    try:
+        import torch
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    except ImportError:
+        return None
+    return torch.compile(flex_attention), create_block_mask
+
+
+def _sdpa_with(backend_name: str):
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    backend = getattr(SDPBackend, backend_name)
+
+    def run(q, k, v, **kw):
+        with sdpa_kernel(backend):
+            return F.scaled_dot_product_attention(q, k, v, **kw)
+
+    return run
+
+
+def _modules(E: int, H: int):
+    import torch
+    from torch import nn
+
+    import mha
+
+    theirs = nn.MultiheadAttention(E, H, batch_first=True, device="cuda", dtype=torch.bfloat16).eval()
+    ours = mha.MultiheadAttention(E, H, batch_first=True, device="cuda", dtype=torch.bfloat16).eval()
+    ours.load_state_dict(theirs.state_dict())
+    return ours, theirs
+
+
+def dense(args) -> None:
+    import torch
+
+    import mha
+    from mha._backends import triton as tb
+
+    flex = None if args.no_flex else _flex()
+    print("\n== dense bf16 forward (speed-up vs SDPA's best backend) ==")
+    for D in args.head_dims:
+        H = args.width // D
+        for L in args.lengths:
+            N = max(1, args.tokens // L)
+            q, k, v = (torch.randn(N, H, L, D, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+            flops = 4 * N * H * L * L * D
+            print(f"  D={D} L={L} N={N} H={H}")
+            sdpa = {name: _bench(args.rep, _sdpa_with(name), q, k, v) for name in ("FLASH_ATTENTION", "CUDNN_ATTENTION", "EFFICIENT_ATTENTION")}
+            best = min((t for t in sdpa.values() if t is not None), default=None)
+            scale = D**-0.5
+            _row("triton forward alone", _bench(args.rep, tb.attention_fwd, q, k, v, None, None, None, scale, None, None), flops, best)
+            _row("mha.attention (dispatch)", _bench(args.rep, mha.attention, q, k, v), flops, best)
+            for name, ms in sdpa.items():
+                _row(f"sdpa {name.split('_')[0].lower()}", ms, flops, best)
+            if flex is not None:
+                _row("flex_attention", _bench(args.rep, flex[0], q, k, v), flops, best)
+            ours, theirs = _modules(H * D, H)
+            x = torch.randn(N, L, H * D, device="cuda", dtype=torch.bfloat16)
+            with torch.inference_mode():
+                _row("mha.MultiheadAttention (module)", _bench(args.rep, ours, x, x, x, need_weights=False), flops, best)
+                _row("nn.MultiheadAttention (module)", _bench(args.rep, theirs, x, x, x, need_weights=False), flops, best)
+
+
+def _step(dout, fn, *args):
+    fn(*args).backward(dout)
+
+
+def _triton_out(q, k, v):
+    from mha._backends import triton as tb
+
+    return tb.attention_fwd(q, k, v, None, None, None, q.shape[-1] ** -0.5, None, None)[0]
+
+
+def _causal_padding_mod(lengths):
+    def mask_mod(b, h, qi, kj):
+        return (kj <= qi) & (kj < lengths[b])
+
+    return mask_mod
+
+
+def train(args) -> None:
+    import torch
+
+    print("\n== forward + backward bf16 (speed-up vs SDPA flash) ==")
+    flash = _sdpa_with("FLASH_ATTENTION")
+    for D in args.head_dims:
+        H = args.width // D
+        for L in [n for n in args.lengths if n in (4096, 16384)] or args.lengths[:1]:
+            N = max(1, args.tokens // L)
+            q, k, v = (torch.randn(N, H, L, D, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+            dout = torch.randn(N, H, L, D, device="cuda", dtype=torch.bfloat16)
+            flops = 4 * N * H * L * L * D * 3.5  # forward + backward (2.5x forward)
+            print(f"  D={D} L={L} N={N} H={H}")
+
+            base = _bench(args.rep, _step, dout, flash, q, k, v)
+            _row("sdpa flash", base, flops, base)
+            _row("triton", _bench(args.rep, _step, dout, _triton_out, q, k, v), flops, base)
+
+
+def varlen(args) -> None:
+    import torch
+
+    import mha
+    from mha.masks import Causal, KeyPadding
+
+    print("\n== right padding + causal, bf16 forward (useful FLOPs; speed-up vs nn.MultiheadAttention) ==")
+    flex = None if args.no_flex else _flex()
+    for D in args.head_dims:
+        H = args.width // D
+        for L in [n for n in args.lengths if n <= 8192]:
+            N = max(2, args.tokens // L)
+            g = torch.Generator().manual_seed(0)
+            lengths = torch.randint(L // 4, L + 1, (N,), generator=g).cuda()
+            q, k, v = (torch.randn(N, H, L, D, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+            pairs = sum(int(torch.clamp(torch.arange(1, L + 1), max=n).sum()) for n in lengths.tolist())
+            flops = 4 * H * D * pairs
+            print(f"  D={D} L={L} N={N} H={H} lengths {lengths.min().item()}..{lengths.max().item()}")
+            ours_m, theirs_m = _modules(H * D, H)
+            x = torch.randn(N, L, H * D, device="cuda", dtype=torch.bfloat16)
+            pad = torch.arange(L, device="cuda")[None, :] >= lengths[:, None]
+            causal = torch.ones(L, L, dtype=torch.bool, device="cuda").triu(1)
+            with torch.inference_mode():
+                base = _bench(args.rep, theirs_m, x, x, x, key_padding_mask=pad, attn_mask=causal, need_weights=False)
+                _row("nn.MultiheadAttention (module)", base, flops, base)
+                _row("mha.MultiheadAttention (module)", _bench(args.rep, ours_m, x, x, x, key_padding_mask=pad, attn_mask=causal, need_weights=False), flops, base)
+            mask = Causal() & KeyPadding(lengths)
+            _row("mha.attention (triton)", _bench(args.rep, mha.attention, q, k, v, mask), flops, base)
+            allowed = (~pad)[:, None, None, :] & ~causal
+            _row("sdpa bool mask", _bench(args.rep, torch.nn.functional.scaled_dot_product_attention, q, k, v, attn_mask=allowed), flops, base)
+            if flex is not None:
+                block_mask = flex[1](_causal_padding_mod(lengths), N, None, L, L, device="cuda")
+                _row("flex_attention (same mask)", _bench(args.rep, flex[0], q, k, v, block_mask=block_mask), flops, base)
+            seqs = [torch.randn(n, H, D, device="cuda", dtype=torch.bfloat16) for n in lengths.tolist()]
+            nq = torch.nested.nested_tensor(seqs, layout=torch.jagged).transpose(1, 2)
+            _row("mha.attention jagged (causal)", _bench(args.rep, mha.attention, nq, nq, nq, Causal()), flops, base)
+
+
+def weights(args) -> None:
+    import torch
+
+    print("\n== need_weights=True averaged, bf16 modules (speed-up vs nn.MultiheadAttention) ==")
+    E, H = 1024, 16
+    for L in [n for n in args.lengths if n <= 8192]:
+        N = max(1, 8192 // L)
+        ours, theirs = _modules(E, H)
+        x = torch.randn(N, L, E, device="cuda", dtype=torch.bfloat16)
+        flops = 4 * N * H * L * L * (E // H) * 1.5  # forward + weights recompute (QK^T again)
+        print(f"  L={L} N={N} H={H} E={E}: weights (N, L, S) = {N * L * L * 2 / 2**20:.0f} MiB")
+        results = {}
+        with torch.inference_mode():
+            for name, module in (("nn.MultiheadAttention", theirs), ("mha.MultiheadAttention", ours)):
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+                before = torch.cuda.memory_allocated()
+                try:
+                    module(x, x, x, need_weights=True)
+                    torch.cuda.synchronize()
+                    peak = (torch.cuda.max_memory_allocated() - before) / 2**20
+                except torch.cuda.OutOfMemoryError:
+                    peak = math.nan
+                results[name] = (_bench(args.rep, module, x, x, x, need_weights=True), peak)
+        base = results["nn.MultiheadAttention"][0]
+        for name, (ms, peak) in results.items():
+            _row(name, ms, flops, base)
+            print(f"    {'':<34} peak extra memory {peak:8.0f} MiB")
+
+
+def _plain(q, k, v, mask):
+    """Attention in plain torch ops in the inputs' dtype: the rounding yardstick."""
+    import torch
+
+    N, Hq, L, Dk = q.shape
+    S = k.shape[2]
+    k = k.repeat_interleave(Hq // k.shape[1], dim=1)
+    v = v.repeat_interleave(Hq // v.shape[1], dim=1)
+    s = torch.matmul(q, k.transpose(-1, -2)) * Dk**-0.5
+    if mask is not None:
+        s = s + mask.materialize(N, Hq, L, S, device=q.device, dtype=q.dtype)
+    empty = torch.isneginf(s).all(dim=-1, keepdim=True)
+    s = s.masked_fill(empty, 0.0)
+    p = torch.softmax(s, dim=-1).masked_fill(empty, 0.0)
+    lse = torch.logsumexp(s, dim=-1).masked_fill(empty[..., 0], float("-inf"))
+    return torch.matmul(p, v), lse, p
+
+
+def check() -> bool:
+    """The compiled kernels against fp64, every mask kind, three dtypes; True if all pass."""
+    import torch
+
+    import mha
+    from mha.masks import Allowed, Bias, Blocked, Causal, KeyPadding, Window
+
+    print("\n== check: compiled Triton kernels vs fp64 (error <= 2x plain torch's + 1 ulp) ==")
+    N, Hq, Hkv, L, S = 3, 6, 2, 97, 257
+    dev = "cuda"
+    g = torch.Generator(device=dev).manual_seed(0)
+    masks = {
+        "none": None,
+        "causal": Causal(),
+        "causal_bottom_right": Causal("bottom_right"),
+        "window_padding": Window(31, 7) & KeyPadding(torch.tensor([0, 100, 257], device=dev)),
+        "allowed_blocked": Allowed(torch.rand(N, 1, L, S, generator=g, device=dev) < 0.8)
+        & Blocked(torch.rand(S, generator=g, device=dev) < 0.2),
+        "causal_padding_bias": Causal("bottom_right")
+        & KeyPadding(torch.tensor([50, 200, 257], device=dev))
+        & Bias(torch.randn(1, Hq, L, S, generator=g, device=dev)),
+    }
+    # Each (dims, dtype, mask kind) compiles four kernels: a few dozen compiles in all.
+    cases = [
+        ((64, 64), torch.bfloat16, list(masks)),
+        ((128, 128), torch.bfloat16, list(masks)),
+        ((128, 128), torch.float16, ["causal", "causal_padding_bias"]),
+        ((40, 80), torch.float32, list(masks)),
+        ((96, 96), torch.float16, ["window_padding"]),
+        ((256, 256), torch.bfloat16, ["causal_padding_bias"]),
+    ]
+    ok = True
+    for (Dk, Dv), dtype, names in cases:
+        base = [torch.randn(shape, generator=g, device=dev, dtype=torch.float64) for shape in ((N, Hq, L, Dk), (N, Hkv, S, Dk), (N, Hkv, S, Dv))]
+        dout = torch.randn(N, Hq, L, Dv, generator=g, device=dev, dtype=torch.float64)
+        for name in names:
+            mask = masks[name]
+            worst = 0.0
+            res = {}
+            for kind, dt in (("exact", torch.float64), ("plain", dtype), ("triton", dtype)):
+                q, k, v = (t.to(dt).requires_grad_() for t in base)
+                if kind == "triton":
+                    o = mha.attention(q, k, v, mask, return_lse=True, backend="triton")
+                    out, lse = o.output, o.lse
+                    with torch.no_grad():
+                        w = mha.attention(q, k, v, mask, weights="mean", backend="triton").weights
+                else:
+                    out, lse, p = _plain(q, k, v, mask)
+                    w = p.mean(dim=1)
+                grads = torch.autograd.grad((out * dout.to(dt)).sum(), (q, k, v))
+                res[kind] = [t.detach() for t in (out, lse, w, *grads)]
+            for got, exact, plain in zip(res["triton"], res["exact"], res["plain"], strict=True):
+                finite = torch.isfinite(exact)
+                if not finite.any():
+                    continue
+                err = (got.double() - exact)[finite].abs().max().item()
+                ref = (plain.double() - exact)[finite].abs().max().item()
+                ulp = torch.finfo(dtype).eps * max(1.0, exact[finite].abs().max().item())
+                worst = max(worst, err / (2 * ref + ulp))
+            passed = worst <= 1.0
+            ok &= passed
+            print(f"  {'PASS' if passed else 'FAIL'} D=({Dk},{Dv}) {str(dtype)[6:]:<9} {name:<20} worst error / budget {worst:.2f}")
+    return ok
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    import torch
+
+    if not torch.cuda.is_available():
+        print("benchmarks/gpu.py needs a CUDA GPU (the CPU runs the kernels only in tests, under TRITON_INTERPRET=1)")
+        return 2
+    print(f"{torch.cuda.get_device_name()}  torch {torch.__version__}")
+    ok = True
+    for section in args.sections:
+        if section == "check":
+            ok = check()
+        else:
+            globals()[section](args)
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,290 @@
+"""The triton backend under Triton's CPU interpreter, against the reference backend.
+
+``TRITON_INTERPRET=1`` must be set when the kernels are defined (``triton.jit``
+reads it then), so this module sets it, imports the kernels, and puts the
+variable back as it was: the backend accepts CPU tensors only while the variable
+is set, and other test modules must keep dispatching CPU calls to the CPU
+backends. An autouse fixture sets it again for the tests here.
+
+Tolerances follow the design notes: the kernel's error against an fp64
+reference is at most twice plain torch's error in the same dtype (plus one ulp
+at 1.0, for results plain torch gets exactly).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import pytest
+import torch
+
+_saved = os.environ.get("TRITON_INTERPRET")
+os.environ["TRITON_INTERPRET"] = "1"
+try:
+    pytest.importorskip("triton")
+    from mha._backends import _triton_kernels  # noqa: F401  (defined under the interpreter)
+finally:
+    if _saved is None:
+        del os.environ["TRITON_INTERPRET"]
+    else:
+        os.environ["TRITON_INTERPRET"] = _saved
+
+import mha  # noqa: E402
+from mha._backends import triton as triton_backend  # noqa: E402
+from mha._core import _validate_call  # noqa: E402
+from mha._dispatch import explain_dispatch, select_backend  # noqa: E402
+from mha.masks import Allowed, Bias, Blocked, Causal, KeyPadding, Window  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _interpret(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+
+
+N, HQ, HKV, L, S, DK, DV = 2, 4, 2, 17, 33, 40, 24
+
+
+def _inputs(N=N, Hq=HQ, Hkv=HKV, L=L, S=S, Dk=DK, Dv=DV, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return tuple(
+        torch.randn(*shape, generator=g, dtype=torch.float64)
+        for shape in ((N, Hq, L, Dk), (N, Hkv, S, Dk), (N, Hkv, S, Dv))
+    )
+
+
+def _plain(q, k, v, mask, scale=None):
+    """Attention in plain torch ops, in the inputs' own dtype (the rounding yardstick)."""
+    N, Hq, L, Dk = q.shape
+    S = k.shape[2]
+    k = k.repeat_interleave(Hq // k.shape[1], dim=1)
+    v = v.repeat_interleave(Hq // v.shape[1], dim=1)
+    s = torch.matmul(q, k.transpose(-1, -2)) * (Dk**-0.5 if scale is None else scale)
+    if mask is not None:
+        s = s + mask.materialize(N, Hq, L, S, dtype=q.dtype)
+    empty = torch.isneginf(s).all(dim=-1, keepdim=True)
+    s = s.masked_fill(empty, 0.0)
+    p = torch.softmax(s, dim=-1).masked_fill(empty, 0.0)
+    lse = torch.logsumexp(s, dim=-1).masked_fill(empty[..., 0], float("-inf"))
+    return torch.matmul(p, v), lse, p
+
+
+def _close(actual, exact, plain, what):
+    """``max |actual - exact| <= 2 max |plain - exact| + ulp``, the ulp taken at the
+    largest exact value (a floor for results plain torch gets exactly)."""
+    assert actual.shape == exact.shape, what
+    actual, plain = actual.double(), plain.double()
+    assert torch.equal(torch.isneginf(actual), torch.isneginf(exact)), what
+    finite = torch.isfinite(exact)
+    err = (actual - exact)[finite].abs().max().item() if finite.any() else 0.0
+    ref = (plain - exact)[finite].abs().max().item() if finite.any() else 0.0
+    eps = torch.finfo(plain.dtype if plain.dtype != torch.float64 else torch.float32).eps
+    ulp = eps * max(1.0, exact[finite].abs().max().item() if finite.any() else 0.0)
+    assert err <= 2 * ref + ulp, f"{what}: error {err:.3g} vs plain torch {ref:.3g}"
+
+
+def _check(mask, dtype=torch.float32, shapes=None, grads=True, lse_grad=False):
+    """Output, lse, both kinds of weights and the gradients against fp64."""
+    q64, k64, v64 = _inputs(**(shapes or {}))
+    results = {}
+    for name, dt in (("exact", torch.float64), ("plain", dtype), ("triton", dtype)):
+        q, k, v = (t.to(dt).requires_grad_(grads) for t in (q64, k64, v64))
+        if name == "triton":
+            res = mha.attention(q, k, v, mask, return_lse=True, backend="triton")
+            out, lse = res.output, res.lse
+            with torch.no_grad():
+                w_mean = mha.attention(q, k, v, mask, weights="mean", backend="triton").weights
+                w_head = mha.attention(q, k, v, mask, weights="per_head", backend="triton").weights
+        else:
+            out, lse, p = _plain(q, k, v, mask)
+            w_mean, w_head = p.mean(dim=1), p
+        got = {"output": out, "lse": lse, "weights mean": w_mean, "weights per_head": w_head}
+        if grads:
+            g = torch.Generator().manual_seed(1)
+            dout = torch.randn(out.shape, generator=g, dtype=torch.float64).to(dt)
+            loss = (out * dout).sum()
+            if lse_grad:
+                loss = loss + (lse.masked_fill(torch.isneginf(lse), 0.0) * 0.5).sum()
+            got.update(zip(("dq", "dk", "dv"), torch.autograd.grad(loss, (q, k, v)), strict=True))
+        results[name] = {key: t.detach() for key, t in got.items()}
+    for key, exact in results["exact"].items():
+        _close(results["triton"][key], exact, results["plain"][key], f"{key} ({dtype}, {mask!r})")
+    return results["triton"]
+
+
+g = torch.Generator().manual_seed(7)
+MASKS = {
+    "none": None,
+    "causal": Causal(),
+    "causal_bottom_right": Causal("bottom_right"),
+    "window": Window(3, 2),
+    "window_bottom_right_after": Window(None, 4, align="bottom_right"),
+    "key_padding": KeyPadding(torch.tensor([5, 33])),
+    "allowed_per_head": Allowed(torch.rand(1, HQ, 1, S, generator=g) < 0.7),
+    "blocked_rows_keys": Blocked(torch.rand(L, S, generator=g) < 0.3),
+    "bias_full": Bias(torch.randn(N, HQ, L, S, generator=g)),
+    "bias_keys": Bias(torch.randn(S, generator=g)),
+    "causal_padding_bias": Causal() & KeyPadding(torch.tensor([7, 30])) & Bias(torch.randn(N, 1, 1, S, generator=g)),
+    "window_allowed_blocked": Window(4, 4, align="bottom_right")
+    & Allowed(torch.rand(N, 1, L, 1, generator=g) < 0.8)
+    & Blocked(torch.rand(1, 1, 1, S, generator=g) < 0.2),
+}
+
+
+@pytest.mark.parametrize("name", MASKS)
+def test_every_mask_matches_reference_fp32(name):
+    _check(MASKS[name])
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("name", ["causal_padding_bias", "window_allowed_blocked"])
+def test_half_precision_within_twice_plain_torch_error(name, dtype):
+    _check(MASKS[name], dtype=dtype)
+
+
+@pytest.mark.parametrize(
+    "shapes",
+    [
+        {"N": 1, "Hq": 2, "Hkv": 2, "L": 1, "S": 1, "Dk": 16, "Dv": 8},
+        {"N": 1, "Hq": 3, "Hkv": 1, "L": 3, "S": 17, "Dk": 16, "Dv": 24},
+        {"N": 2, "Hq": 2, "Hkv": 1, "L": 33, "S": 3, "Dk": 40, "Dv": 8},
+    ],
+    ids=["one_query_one_key", "mqa_L3_S17", "L33_S3"],
+)
+def test_awkward_shapes(shapes):
+    _check(Causal("bottom_right"), shapes=shapes)
+
+
+def test_lse_gradient_enters_backward():
+    _check(Window(5, 0) & KeyPadding(torch.tensor([20, 9])), lse_grad=True)
+
+
+def test_fully_masked_rows_give_zeros_and_finite_gradients():
+    blocked = torch.zeros(N, 1, L, S, dtype=torch.bool)
+    blocked[0, :, 2] = True  # row 2 of batch 0 sees nothing
+    mask = KeyPadding(torch.tensor([0, 9])) & Blocked(blocked)  # batch 0: no keys at all
+    q, k, v = (t.float().requires_grad_() for t in _inputs())
+    res = mha.attention(q, k, v, mask, return_lse=True, backend="triton")
+    assert torch.equal(res.output[0], torch.zeros_like(res.output[0]))
+    assert torch.isneginf(res.lse[0]).all()
+    assert torch.isfinite(res.lse[1]).all()
+    res.output.sum().backward()
+    for t in (q, k, v):
+        assert torch.isfinite(t.grad).all()
+    assert torch.equal(q.grad[0], torch.zeros_like(q.grad[0]))
+    w = mha.attention(q.detach(), k.detach(), v.detach(), mask, weights="mean", backend="triton").weights
+    assert torch.equal(w[0], torch.zeros_like(w[0]))
+    # the band can empty rows too: bottom-right causal with L > S
+    q, k, v = (t.float() for t in _inputs(L=33, S=3))
+    out = mha.attention(q, k, v, Causal("bottom_right"), backend="triton").output
+    assert torch.equal(out[:, :, :30], torch.zeros_like(out[:, :, :30]))
+
+
+@pytest.mark.parametrize(("L", "S"), [(0, 4), (3, 0)])
+def test_no_queries_or_no_keys(L, S):
+    q, k, v = (t.float().requires_grad_() for t in _inputs(L=L, S=S, Dk=16, Dv=8))
+    res = mha.attention(q, k, v, Causal(), return_lse=True, backend="triton")
+    assert res.output.shape == (N, HQ, L, 8)
+    assert torch.equal(res.output, torch.zeros_like(res.output))
+    assert torch.isneginf(res.lse).all()
+    dq, dk, dv = torch.autograd.grad(res.output.sum(), (q, k, v))
+    for grad in (dq, dk, dv):
+        assert torch.equal(grad, torch.zeros_like(grad))
+    w = mha.attention(q.detach(), k.detach(), v.detach(), weights="mean", backend="triton").weights
+    assert w.shape == (N, L, S)
+
+
+def test_non_contiguous_inputs_and_custom_scale():
+    q, k, v = (t.float() for t in _inputs())
+    # (N, L, H, D) storage viewed as (N, H, L, D), as the module's projections give it
+    qs, ks, vs = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in (q, k, v))
+    assert not qs.is_contiguous()
+    mask = Causal() & Bias(torch.randn(S).expand(L, S))  # a stride-0 view, read as such
+    ours = mha.attention(qs, ks, vs, mask, scale=0.3, return_lse=True, backend="triton")
+    ref = mha.attention(q, k, v, mask, scale=0.3, return_lse=True, backend="reference")
+    torch.testing.assert_close(ours.output, ref.output, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ours.lse, ref.lse, rtol=1e-5, atol=1e-5)
+
+
+def test_forward_is_deterministic():
+    q, k, v = (t.float() for t in _inputs())
+    mask = MASKS["causal_padding_bias"]
+    a = mha.attention(q, k, v, mask, weights="mean", return_lse=True, backend="triton")
+    b = mha.attention(q, k, v, mask, weights="mean", return_lse=True, backend="triton")
+    for x, y in zip(a, b, strict=True):
+        assert torch.equal(x, y)
+
+
+@pytest.mark.filterwarnings("ignore:The PyTorch API of nested tensors:UserWarning")
+def test_jagged_batches_through_the_core():
+    torch.manual_seed(0)
+    lengths = [3, 17, 5]
+    seqs = [torch.randn(n, HQ, DK) for n in lengths]
+    q = torch.nested.nested_tensor(seqs, layout=torch.jagged).transpose(1, 2)
+    ours = mha.attention(q, q, q, Causal(), weights="mean", backend="triton")
+    for n, x in enumerate(seqs):
+        x = x.transpose(0, 1)[None]
+        ref = mha.attention(x, x, x, Causal(), weights="mean", backend="reference")
+        torch.testing.assert_close(ours.output.unbind()[n], ref.output[0], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(ours.weights[n], ref.weights[0], rtol=1e-5, atol=1e-6)
+
+
+def test_torch_compile_traces_the_custom_ops():
+    q, k, v = (t.float().requires_grad_() for t in _inputs(N=1, Hq=2, Hkv=1, L=3, S=5, Dk=16, Dv=8))
+    mask = KeyPadding(torch.tensor([4]))
+
+    def f(q, k, v):
+        return mha.attention(q, k, v, mask, return_lse=True, backend="triton")
+
+    compiled = torch.compile(f, backend="aot_eager", fullgraph=True)
+    got, want = compiled(q, k, v), f(q, k, v)
+    torch.testing.assert_close(got.output, want.output)
+    torch.testing.assert_close(got.lse, want.lse)
+    (dq,) = torch.autograd.grad(got.output.sum(), q)
+    (dq_eager,) = torch.autograd.grad(want.output.sum(), q)
+    torch.testing.assert_close(dq, dq_eager)
+
+
+def test_custom_op_registrations_pass_opcheck():
+    q, k, v = (t.float() for t in _inputs(N=1, Hq=2, Hkv=1, L=3, S=5, Dk=16, Dv=8))
+    allowed = torch.rand(1, 1, 3, 5) < 0.8
+    args = (q, k, v, torch.tensor([4], dtype=torch.int32), allowed, None, 0.25, None, 0)
+    tests = ("test_schema", "test_faketensor", "test_aot_dispatch_dynamic")
+    torch.library.opcheck(triton_backend.attention_fwd, args, test_utils=tests)
+    torch.library.opcheck(triton_backend.attention_weights, (q, k, torch.zeros(1, 2, 3), *args[3:], True), test_utils=tests[:2])
+
+
+def _call(mask=None, dtype=torch.float32, **kwargs):
+    q, k, v = (t.to(dtype) for t in _inputs(L=3, S=5, Dk=16, Dv=8))
+    return _validate_call(q, k, v, mask, None, kwargs.get("dropout_p", 0.0), kwargs.get("weights"), False)
+
+
+def test_declines_with_reasons(monkeypatch):
+    reasons = triton_backend.BACKEND.not_supported_reasons
+    assert reasons(_call()) == []
+    assert any("float16, bfloat16 or float32" in r for r in reasons(_call(dtype=torch.float64)))
+    assert any("no dropout" in r for r in reasons(_call(dropout_p=0.1)))
+    q, k, v = (t.float().requires_grad_() for t in _inputs(L=3, S=5))
+    call = _validate_call(q, k, v, None, None, 0.0, "mean", False)
+    assert any("not differentiable" in r for r in reasons(call))
+    with pytest.raises(NotImplementedError, match="not differentiable"):
+        mha.attention(q, k, v, weights="mean", backend="triton")
+    bias = torch.zeros(5, requires_grad=True)
+    assert any("Bias tensor" in r for r in reasons(_validate_call(q, k, v, Bias(bias), None, 0.0, None, False)))
+    monkeypatch.delenv("TRITON_INTERPRET")
+    assert any("need CUDA tensors" in r for r in explain_dispatch(_call())["triton"])
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    assert reasons(_call()) == ["triton is not installed: pip install 'mha[triton]'"]
+
+
+def test_dispatch_picks_triton_on_cpu_only_when_forced():
+    q, k, v = (t.float() for t in _inputs(L=3, S=5, Dk=16, Dv=8))
+    why = explain_dispatch(_validate_call(q, k, v, None, None, 0.0, None, False))
+    assert why["sdpa"] == []  # dense without weights: SDPA first
+    call = _validate_call(q, k, v, Causal(), None, 0.0, "mean", False)
+    why = explain_dispatch(call)
+    assert why["sdpa"]
+    # The interpreter can serve it, but only a forced call runs CPU tensors through it.
+    assert why["triton"] == ["picked automatically only on cuda, not cpu (force it with backend='triton')"]
+    assert select_backend(call).name == "blocked"
+    assert select_backend(call, "triton").name == "triton"

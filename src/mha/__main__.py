@@ -1,4 +1,4 @@
-"""``python -m mha`` / ``mha``: the command line (demo for now)."""
+"""``python -m mha`` / ``mha``: the command line (see ``mha --help``)."""
 
 from __future__ import annotations
 
@@ -6,10 +6,10 @@ import sys
 
 
 def main(argv: list[str] | None = None) -> int:
-    from ._seed_demo import run
+    """Run the ``mha`` command with ``argv`` (default ``sys.argv[1:]``); return the exit status."""
+    from ._cli import main as cli_main
 
-    run()
-    return 0
+    return cli_main(argv)
 
 
 if __name__ == "__main__":

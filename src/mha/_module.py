@@ -128,6 +128,12 @@ class MultiheadAttention(nn.Module):
         if self.bias_v is not None:
             xavier_normal_(self.bias_v)
 
+    # torch's TransformerEncoderLayer, in eval under no_grad, skips self_attn.forward and
+    # runs its own fused layer kernel on these weights, asking self_attn for the merged
+    # mask. Keeping torch's method (it reads only num_heads) keeps that path, and its
+    # results, exactly as they were before mha.swap.
+    merge_masks = nn.MultiheadAttention.merge_masks
+
     def __setstate__(self, state: dict) -> None:
         # Modules pickled before kdim/vdim existed.
         state.setdefault("_qkv_same_embed_dim", True)

@@ -1,0 +1,271 @@
+"""The ``mha`` command: ``demo``, ``explain``, ``plot`` and ``bench``.
+
+Exit status: 0 on success, 2 on bad usage (argparse errors, an invalid
+``explain`` call, an unreadable ``--weights`` file, an unavailable subcommand),
+1 when an optional dependency is missing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+from . import __version__
+
+_DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16, "bfloat16": torch.bfloat16}
+_MASK_KINDS = ("bool", "float")
+
+
+def _shape(text: str) -> tuple[int, ...]:
+    """``10,32,64`` -> ``(10, 32, 64)``."""
+    try:
+        dims = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated sizes like 10,32,64, got {text!r}") from None
+    if not dims or any(d < 0 for d in dims):
+        raise argparse.ArgumentTypeError(f"expected comma-separated non-negative sizes like 10,32,64, got {text!r}")
+    return dims
+
+
+def _mask_spec(text: str) -> tuple[tuple[int, ...], str]:
+    """``10,15:bool``, ``32,15`` or ``10,15:float`` -> (shape, dtype name)."""
+    shape_text, _, kind = text.partition(":")
+    kind = kind or "bool"
+    if kind not in _MASK_KINDS:
+        raise argparse.ArgumentTypeError(f"mask dtype must be bool or float, got {kind!r}")
+    return _shape(shape_text), kind
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mha",
+        description="mha: multi-head attention for PyTorch. What goes into nn.MultiheadAttention, "
+        "what comes out, and what mha does differently.",
+    )
+    parser.add_argument("--version", action="version", version=f"mha {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    demo = sub.add_parser(
+        "demo",
+        help="walk through the seed's three examples: inputs, shapes, torch vs mha, a heatmap",
+        description="The three examples of 'What are the inputs to nn.MultiheadAttention?' run "
+        "through mha.MultiheadAttention: a table of every input, where torch and mha differ, "
+        "the inverted causal mask and its fix, and a heatmap PNG of Example 3's weights.",
+    )
+    demo.add_argument(
+        "--out", type=Path, default=Path("mha-demo-example3.png"), metavar="FILE.png",
+        help="where to write Example 3's heatmap (default ./mha-demo-example3.png)",
+    )
+    demo.add_argument("--no-plot", action="store_true", help="skip the heatmap")
+
+    explain = sub.add_parser(
+        "explain",
+        help="say what a MultiheadAttention call does, without running it",
+        description="Check a call by its shapes, as mha.MultiheadAttention would, and print each "
+        "input's role and dims, the output shapes, the backend dispatch picks (and why not the "
+        "others) and the memory it needs. Sizes are comma-separated: --query 10,32,64. "
+        "An invalid call prints the module's error and exits 2.",
+        epilog="example: mha explain --embed-dim 64 --num-heads 8 --query 10,32,64 --key 15,32,64 "
+        "--value 15,32,64 --key-padding-mask 32,15 --attn-mask 10,15:bool",
+    )
+    module = explain.add_argument_group("module (constructor arguments)")
+    module.add_argument("--embed-dim", type=int, required=True, help="E")
+    module.add_argument("--num-heads", type=int, required=True, help="H; E must be divisible by it")
+    module.add_argument("--kdim", type=int, default=None, help="key features (default E)")
+    module.add_argument("--vdim", type=int, default=None, help="value features D (default E)")
+    module.add_argument("--batch-first", action="store_true", help="inputs are (N, L, E)")
+    module.add_argument("--dropout", type=float, default=0.0, help="attention dropout (default 0)")
+    module.add_argument("--no-bias", action="store_true", help="bias=False")
+    module.add_argument("--add-bias-kv", action="store_true", help="add_bias_kv=True")
+    module.add_argument("--add-zero-attn", action="store_true", help="add_zero_attn=True")
+    module.add_argument("--eval", action="store_true", help="explain the module in eval mode (no dropout)")
+    call = explain.add_argument_group("call (forward arguments)")
+    call.add_argument("--query", type=_shape, required=True, metavar="L,N,E", help="query shape")
+    call.add_argument("--key", type=_shape, default=None, metavar="S,N,E", help="key shape (default: query's)")
+    call.add_argument("--value", type=_shape, default=None, metavar="S,N,D", help="value shape (default: key's)")
+    call.add_argument(
+        "--key-padding-mask", type=_mask_spec, default=None, metavar="N,S[:bool|float]",
+        help="key_padding_mask shape and dtype (default bool)",
+    )
+    call.add_argument(
+        "--attn-mask", type=_mask_spec, default=None, metavar="L,S[:bool|float]",
+        help="attn_mask shape and dtype (default bool); (N*H, L, S) and (N, H, L, S) work too",
+    )
+    call.add_argument(
+        "--need-weights", action=argparse.BooleanOptionalAction, default=True,
+        help="return attention weights (default: yes, as forward)",
+    )
+    call.add_argument(
+        "--average-attn-weights", action=argparse.BooleanOptionalAction, default=True,
+        help="average the weights over heads (default: yes)",
+    )
+    call.add_argument("--is-causal", action="store_true", help="is_causal=True")
+    call.add_argument("--dtype", choices=list(_DTYPES), default="float32", help="default float32")
+    call.add_argument("--device", default="cpu", help="device to explain dispatch for (default cpu)")
+
+    plot = sub.add_parser(
+        "plot",
+        help="draw attention-weight heatmaps: one per head and the head mean",
+        description="Heatmaps of attention weights (needs matplotlib: pip install 'mha[plot]'). "
+        "Input: a tensor saved with torch.save, (L, S), (H, L, S) or (N, H, L, S); by default the "
+        "weights of a demo call (the seed's Example 3 with a correct causal mask).",
+    )
+    plot.add_argument("--weights", type=Path, default=None, metavar="FILE.pt", help="saved weights tensor")
+    plot.add_argument(
+        "--out", type=Path, default=Path("mha-weights.png"), metavar="FILE.png",
+        help="output image (default ./mha-weights.png)",
+    )
+    plot.add_argument("--batch", type=int, default=0, help="batch row to draw from 4-D weights (default 0)")
+    plot.add_argument("--title", default=None, help="figure title")
+
+    sub.add_parser(
+        "bench",
+        help="time mha against torch.nn.MultiheadAttention",
+        description="Benchmarks of mha against torch.nn.MultiheadAttention.",
+        add_help=False,
+    )
+    return parser
+
+
+def _command(argv: list[str]) -> str | None:
+    """The subcommand named in ``argv`` (the first argument that is not an option)."""
+    return next((a for a in argv if not a.startswith("-")), None)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``mha`` and ``python -m mha``; returns the exit status."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser()
+    if _command(argv) == "bench":
+        return _bench(parser, argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exit_:
+        return _code(exit_)
+    if args.command == "explain":
+        return _explain(args)
+    console = _console()
+    if console is None:
+        return 1
+    if args.command == "demo":
+        from ._demo import run
+
+        return run(console, None if args.no_plot else args.out)
+    return _plot(args, console)
+
+
+def _code(exit_: SystemExit) -> int:
+    return exit_.code if isinstance(exit_.code, int) else 0 if exit_.code is None else 2
+
+
+def _bench(parser: argparse.ArgumentParser, argv: list[str]) -> int:
+    try:
+        bench = importlib.import_module("mha._bench")
+    except ImportError as err:
+        print(f"mha bench is not available in this install: {err}", file=sys.stderr)
+        return 2
+    index = argv.index("bench")
+    bench_parser = argparse.ArgumentParser(
+        prog="mha bench", description="Benchmarks of mha against torch.nn.MultiheadAttention."
+    )
+    bench.add_arguments(bench_parser)
+    try:
+        args = bench_parser.parse_args(argv[index + 1 :])
+    except SystemExit as exit_:
+        return _code(exit_)
+    return bench.run(args)
+
+
+def _console():
+    try:
+        from rich.console import Console
+    except ImportError:
+        print("the mha command prints with rich: pip install 'mha[cli]'", file=sys.stderr)
+        return None
+    console = Console(highlight=False, markup=False)
+    if not console.is_terminal and "COLUMNS" not in os.environ:
+        console.width = 100
+    return console
+
+
+def _explain(args: argparse.Namespace) -> int:
+    from ._explain import explain
+    from ._module import MultiheadAttention
+
+    dtype = _DTYPES[args.dtype]
+    try:
+        torch.empty((), device=args.device)
+    except (RuntimeError, AssertionError) as err:
+        print(f"mha explain: device {args.device!r} is not usable here: {err}", file=sys.stderr)
+        return 2
+    meta = torch.device("meta")
+    key_shape = args.key or args.query
+    value_shape = args.value or key_shape
+    try:
+        module = MultiheadAttention(
+            args.embed_dim, args.num_heads, dropout=args.dropout, bias=not args.no_bias,
+            add_bias_kv=args.add_bias_kv, add_zero_attn=args.add_zero_attn, kdim=args.kdim,
+            vdim=args.vdim, batch_first=args.batch_first, device=meta, dtype=dtype,
+        )
+        module.train(not args.eval)
+        query, key, value = (torch.empty(s, dtype=dtype, device=meta) for s in (args.query, key_shape, value_shape))
+        kpm, attn_mask = (_mask(spec, dtype) for spec in (args.key_padding_mask, args.attn_mask))
+        report = explain(
+            module, query, key, value, key_padding_mask=kpm, need_weights=args.need_weights,
+            attn_mask=attn_mask, average_attn_weights=args.average_attn_weights,
+            is_causal=args.is_causal, dispatch_device=args.device,
+        )
+    except (ValueError, TypeError, NotImplementedError) as err:
+        print(f"{type(err).__name__}: {err}", file=sys.stderr)
+        return 2
+    console = _console()
+    if console is None:
+        print(report)
+    else:
+        console.print(report)
+    return 0
+
+
+def _mask(spec: tuple[tuple[int, ...], str] | None, dtype: torch.dtype) -> torch.Tensor | None:
+    """A mask of known shape and unknown values (on the meta device)."""
+    if spec is None:
+        return None
+    shape, kind = spec
+    return torch.empty(shape, dtype=torch.bool if kind == "bool" else dtype, device="meta")
+
+
+def _plot(args: argparse.Namespace, console) -> int:
+    from . import plot
+
+    if args.weights is None:
+        weights, title = plot.demo_weights(), "Example 3 with a causal mask: weights of batch row 0"
+    else:
+        try:
+            weights = torch.load(args.weights, map_location="cpu", weights_only=True)
+        except (OSError, RuntimeError) as err:
+            console.print(f"mha plot: cannot read {args.weights}: {err}")
+            return 2
+        if not isinstance(weights, torch.Tensor):
+            console.print(f"mha plot: {args.weights} holds a {type(weights).__name__}, not a tensor")
+            return 2
+        title = str(args.weights)
+    try:
+        figure = plot.weights(weights, batch=args.batch, title=args.title or title)
+    except ImportError as err:
+        console.print(str(err))
+        return 1
+    except ValueError as err:
+        console.print(f"mha plot: {err}")
+        return 2
+    figure.savefig(args.out, dpi=110)
+    console.print(f"wrote {args.out.resolve()} ({_describe(weights)})")
+    return 0
+
+
+def _describe(weights: torch.Tensor) -> str:
+    return f"weights {tuple(weights.shape)}"

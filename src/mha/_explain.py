@@ -1,0 +1,391 @@
+"""``mha.explain``: what a forward call of :class:`mha.MultiheadAttention` will do, without running it.
+
+The report names every input's role and dimensions in the seed's notation
+(``L``, ``N``, ``E``, ``S``, ``D``), the output shapes, the path and backend the
+module would take (and why the other backends were passed over), and an
+estimate of the memory the call needs.
+
+Checks are the module's own (:func:`mha._validate.validate_forward`), so a call
+that the module would reject raises the same exception with the same message.
+Only shapes, dtypes and devices are read, except from masks with real values:
+those are read as the module reads them (causal and right-padding recognition,
+the seed's pitfall warnings). A module and inputs on the ``meta`` device stand
+for a call whose mask values are unknown (what ``mha explain`` builds).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from ._core import _validate_call
+from ._dispatch import explain_dispatch
+from ._module import MultiheadAttention, _open_extra_key, _with_causal
+from ._torch_masks import masks_from_torch, warn_pitfalls
+from ._validate import validate_forward
+from .masks import Causal, Mask
+
+# Elements of one block of scores in the blocked backend (mirrors its _BLOCK_ELEMENTS).
+_BLOCKED_SCORES = 1 << 20
+
+
+@dataclass(frozen=True)
+class Section:
+    """One titled table of the report."""
+
+    title: str
+    columns: tuple[str, ...]
+    rows: tuple[tuple[str, ...], ...]
+
+
+@dataclass(frozen=True)
+class Explanation:
+    """The report of :func:`explain`. ``str()`` gives plain text; rich renders it as tables.
+
+    Attributes:
+        summary: one line: the module and the layout of its inputs.
+        sections: inputs, outputs, dispatch and memory tables.
+        notes: what the mask values mean (warnings the module would give, shortcuts it takes).
+        output_shape: shape of ``attn_output``.
+        weights_shape: shape of ``attn_output_weights``, or None with ``need_weights=False``.
+        path: how the module computes the call (dense or right-padded keys dropped).
+        backend: the backend dispatch picks.
+        memory_bytes: estimated bytes for the call's activations and workspace.
+    """
+
+    summary: str
+    sections: tuple[Section, ...]
+    notes: tuple[str, ...]
+    output_shape: tuple[int, ...]
+    weights_shape: tuple[int, ...] | None
+    path: str
+    backend: str
+    memory_bytes: int
+    dispatch: dict[str, list[str]] = field(repr=False)
+
+    def __str__(self) -> str:
+        lines = [self.summary, ""]
+        for section in self.sections:
+            lines += [section.title, *_text_table(section.columns, section.rows), ""]
+        lines.append(f"Path: {self.path}")
+        lines += [f"Note: {note}" for note in self.notes]
+        return "\n".join(lines)
+
+    def __rich__(self):
+        from rich.console import Group
+        from rich.text import Text
+
+        parts: list = [Text(self.summary, style="bold")]
+        parts += [rich_table(section) for section in self.sections]
+        parts.append(Text(f"Path: {self.path}"))
+        parts += [Text(f"Note: {note}", style="yellow") for note in self.notes]
+        return Group(*parts)
+
+
+def rich_table(section: Section):
+    """A :class:`rich.table.Table` of ``section``; its first two columns do not wrap."""
+    from rich.table import Table
+    from rich.text import Text
+
+    table = Table(title=section.title, title_justify="left", title_style="bold cyan")
+    for i, column in enumerate(section.columns):
+        table.add_column(column, no_wrap=i < 2)
+    for row in section.rows:
+        table.add_row(*(Text(cell) for cell in row))
+    return table
+
+
+def _text_table(columns: tuple[str, ...], rows: tuple[tuple[str, ...], ...]) -> list[str]:
+    widths = [max(len(c), *(len(r[i]) for r in rows)) for i, c in enumerate(columns)]
+
+    def line(cells: tuple[str, ...]) -> str:
+        return "  " + "  ".join(cell.ljust(w) for cell, w in zip(cells, widths, strict=True)).rstrip()
+
+    return [line(columns), line(tuple("-" * w for w in widths)), *(line(r) for r in rows)]
+
+
+def _fmt_shape(shape: tuple[int, ...] | torch.Size) -> str:
+    return "(" + ", ".join(str(s) for s in shape) + ("," if len(shape) == 1 else "") + ")"
+
+
+def _dims(labels: tuple[str, ...], shape: tuple[int, ...] | torch.Size) -> str:
+    return "  ".join(f"{label}={size}" for label, size in zip(labels, shape, strict=True))
+
+
+def _mib(nbytes: float) -> str:
+    if nbytes < 1 << 20:
+        return f"{nbytes / 1024:.1f} KiB"
+    return f"{nbytes / (1 << 20):.1f} MiB"
+
+
+def explain(
+    module: MultiheadAttention,
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    key_padding_mask: Tensor | None = None,
+    need_weights: bool = True,
+    attn_mask: Tensor | None = None,
+    average_attn_weights: bool = True,
+    is_causal: bool = False,
+    *,
+    dispatch_device: torch.device | str | None = None,
+) -> Explanation:
+    """Explain ``module(query, key, value, **forward_kwargs)`` without running it.
+
+    Takes the arguments of :meth:`mha.MultiheadAttention.forward`. Raises what the
+    module would raise for an invalid call. With the module and inputs on the
+    ``meta`` device the call is explained by shapes alone, and dispatch is reported
+    for ``dispatch_device`` (default ``"cpu"``); otherwise for the inputs' device.
+    Returns an :class:`Explanation`; print it.
+
+    Example::
+
+        >>> m = mha.MultiheadAttention(64, 8)
+        >>> print(mha.explain(m, torch.randn(10, 32, 64), torch.randn(15, 32, 64),
+        ...                   torch.randn(15, 32, 64), key_padding_mask=padding))
+    """
+    if not isinstance(module, MultiheadAttention):
+        raise TypeError(
+            f"explain takes an mha.MultiheadAttention, got {type(module).__name__}; "
+            "convert a model with mha.swap(model, to='mha') first"
+        )
+    if isinstance(query, Tensor) and query.is_nested:
+        raise NotImplementedError(
+            "explain takes dense tensors; for nested (variable-length) inputs every sequence is "
+            "attended at its own length with no padding"
+        )
+    shapes = validate_forward(module, query, key, value, key_padding_mask, attn_mask)
+    H, E = module.num_heads, module.embed_dim
+    Dh = E // H
+    N, L, S = shapes.N, shapes.L, shapes.S
+    kpm, am = key_padding_mask, attn_mask
+    if not shapes.batched:
+        kpm = None if kpm is None else kpm.unsqueeze(0)
+        am = am.unsqueeze(0) if am is not None and am.dim() == 3 else am
+    masks_known = query.device.type != "meta"
+    extra = int(module.bias_k is not None) + int(module.add_zero_attn)
+    device = query.device
+    if device.type == "meta":
+        device = torch.device("cpu" if dispatch_device is None else dispatch_device)
+
+    notes: list[str] = []
+    if masks_known:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            warn_pitfalls(kpm, am, is_causal, extra > 0)
+        notes += [f"mha warns: {w.message}" for w in caught]
+    else:
+        notes.append(
+            "explained by shapes alone: with real masks, a standard causal attn_mask "
+            "(torch.triu(torch.ones(L, S, dtype=torch.bool), 1)) would run as Causal, a right-padded "
+            "bool key_padding_mask would have its padded keys dropped before projection, and masks "
+            "that leave a query with no key would warn"
+        )
+
+    if is_causal and extra:
+        am = _with_causal(am, L, S, query.device)
+        is_causal = False
+    weights_mode = ("mean" if average_attn_weights else "per_head") if need_weights else None
+    dropout = module.dropout if module.training else 0.0
+    requires_grad = torch.is_grad_enabled() and any(p.requires_grad for p in module.parameters())
+
+    def heads(n: int, length: int) -> Tensor:
+        base = torch.empty((), dtype=query.dtype, device=device).requires_grad_(requires_grad)
+        return base.expand(n, H, length, Dh)
+
+    lengths = module._right_padding(kpm, am, is_causal) if masks_known else None
+    if lengths is not None:
+        causal = is_causal or am is not None
+        keys = [int(n) for n in lengths.tolist()]
+        groups = len(set(keys))
+        path = (
+            f"right-padded keys: the padded keys are dropped before projection and each sequence "
+            f"attends its own keys (lengths {min(keys)}..{max(keys)} of S={S}, {groups} group(s) of "
+            f"equal length){', causal' if causal else ''}"
+        )
+        mask: Mask | None = Causal("top_left") if causal else None
+        call = _validate_call(heads(N, L), heads(N, max(keys)), heads(N, max(keys)), mask, None, dropout, weights_mode, False)
+        projected_keys = sum(keys)
+    else:
+        if extra:
+            for _ in range(extra):
+                kpm, am = _open_extra_key(kpm, am)
+        mask = masks_from_torch(kpm, am, is_causal, N, H, read_values=masks_known)
+        path = f"dense: mha.attention on heads (N, H, L, Dh) = ({N}, {H}, {L}, {Dh})" + (
+            f", {extra} learned/zero key(s) appended (S={S + extra})" if extra else ""
+        )
+        call = _validate_call(heads(N, L), heads(N, S + extra), heads(N, S + extra), mask, None, dropout, weights_mode, False)
+        projected_keys = N * S
+    if mask is not None:
+        path += f"; mask {mask!r}"
+    dispatch = explain_dispatch(call)
+    backend = next(name for name, reasons in dispatch.items() if not reasons)
+
+    S_w = S + extra
+    out_shape = ((N, L, E) if module.batch_first else (L, N, E)) if shapes.batched else (L, E)
+    w_shape: tuple[int, ...] | None = None
+    if need_weights:
+        w_shape = (N, L, S_w) if average_attn_weights else (N, H, L, S_w)
+        if not shapes.batched:
+            w_shape = w_shape[1:]
+
+    inputs = _input_rows(module, query, key, value, key_padding_mask, attn_mask, shapes.batched, is_causal)
+    outputs = _output_rows(module, out_shape, w_shape, shapes.batched, average_attn_weights)
+    dispatch_rows = tuple(
+        (name, "picked" if name == backend else "passed over" if reasons else "could serve", "; ".join(reasons) or "-")
+        for name, reasons in dispatch.items()
+    )
+    itemsize = query.element_size()
+    memory, total = _memory_rows(
+        module, backend, N, L, S_w, projected_keys, out_shape, w_shape, itemsize, need_weights
+    )
+    layout = "batch-first (N, L, E)" if module.batch_first else "sequence-first (L, N, E)"
+    summary = (
+        f"mha.MultiheadAttention({module.extra_repr()}): {H} heads of Dh = E / H = {Dh} features; "
+        f"inputs {layout if shapes.batched else 'unbatched (L, E)'}; "
+        f"{'training' if module.training else 'eval'} mode, {query.dtype} on {device}"
+    )
+    sections = (
+        Section("Inputs", ("argument", "shape", "dims", "role"), inputs),
+        Section("Outputs", ("output", "shape", "dims", "meaning"), outputs),
+        Section("Dispatch", ("backend", "verdict", "why"), dispatch_rows),
+        Section("Memory (estimate)", ("item", "shape", "size"), memory),
+    )
+    return Explanation(
+        summary, sections, tuple(notes), out_shape, w_shape, path, backend, total, dispatch
+    )
+
+
+def _input_rows(
+    module: MultiheadAttention,
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    kpm: Tensor | None,
+    am: Tensor | None,
+    batched: bool,
+    is_causal: bool,
+) -> tuple[tuple[str, ...], ...]:
+    bf = module.batch_first and batched
+    E = module.embed_dim
+    kname = "E" if module.kdim == E else "kdim"
+
+    def labels(seq: str, feat: str) -> tuple[str, ...]:
+        if not batched:
+            return (seq, feat)
+        return ("N", seq, feat) if bf else (seq, "N", feat)
+
+    def shape(t: Tensor) -> str:
+        return f"{_fmt_shape(t.shape)} {str(t.dtype).removeprefix('torch.')}"
+
+    L, S = (query.shape[1], key.shape[1]) if bf else (query.shape[0], key.shape[0])
+    rows = [
+        ("query", shape(query), _dims(labels("L", "E"), query.shape),
+         f"asks: {L} positions per sequence, one output row each"),
+        ("key", shape(key), _dims(labels("S", kname), key.shape),
+         f"is matched: {S} positions, each scored against every query"),
+        ("value", shape(value), _dims(labels("S", "D"), value.shape),
+         "is mixed: one vector per key, averaged by the weights"),
+    ]
+    if kpm is not None:
+        kdims = ("N", "S") if batched else ("S",)
+        if kpm.dtype == torch.bool:
+            role = "True = key j of batch row n is padding, ignored"
+        else:
+            role = "added to the scores of key j in batch row n (-inf = ignored)"
+        rows.append(("key_padding_mask", shape(kpm), _dims(kdims, kpm.shape), role + _mask_stats(kpm)))
+    if am is not None:
+        adims = {2: ("L", "S"), 3: ("N*H", "L", "S") if batched else ("H", "L", "S"), 4: ("N", "H", "L", "S")}[am.dim()]
+        scope = "in every batch row and head" if am.dim() == 2 else "per batch row and head"
+        if am.dtype == torch.bool:
+            role = f"True = query i may not attend key j, {scope}"
+        else:
+            role = f"added to the score of query i and key j, {scope} (-inf = blocked)"
+        rows.append(("attn_mask", shape(am), _dims(adims, am.shape), role + _mask_stats(am)))
+    if is_causal:
+        rows.append(("is_causal", "True", "-", "query i attends keys j <= i only (top-left causal)"))
+    return tuple(rows)
+
+
+def _mask_stats(mask: Tensor) -> str:
+    if mask.device.type == "meta":
+        return ""
+    blocked = mask if mask.dtype == torch.bool else torch.isneginf(mask)
+    return f"; blocks {int(blocked.sum())} of {blocked.numel()}"
+
+
+def _output_rows(
+    module: MultiheadAttention,
+    out_shape: tuple[int, ...],
+    w_shape: tuple[int, ...] | None,
+    batched: bool,
+    average: bool,
+) -> tuple[tuple[str, ...], ...]:
+    if not batched:
+        out_labels: tuple[str, ...] = ("L", "E")
+    else:
+        out_labels = ("N", "L", "E") if module.batch_first else ("L", "N", "E")
+    rows = [
+        ("attn_output", _fmt_shape(out_shape), _dims(out_labels, out_shape),
+         "weighted values through out_proj, one row per query"),
+    ]
+    if w_shape is None:
+        rows.append(("attn_output_weights", "None", "-", "need_weights=False"))
+    else:
+        w_labels = ("L", "S") if average else ("H", "L", "S")
+        if batched:
+            w_labels = ("N", *w_labels)
+        how = f"mean of the {module.num_heads} heads" if average else "one map per head"
+        rows.append(
+            ("attn_output_weights", _fmt_shape(w_shape), _dims(w_labels, w_shape),
+             f"softmax over keys, {how}; rows sum to 1 (0 if every key is masked)")
+        )
+    return tuple(rows)
+
+
+def _memory_rows(
+    module: MultiheadAttention,
+    backend: str,
+    N: int,
+    L: int,
+    S: int,
+    projected_keys: int,
+    out_shape: tuple[int, ...],
+    w_shape: tuple[int, ...] | None,
+    itemsize: int,
+    need_weights: bool,
+) -> tuple[tuple[tuple[str, ...], ...], int]:
+    H, E = module.num_heads, module.embed_dim
+    params = sum(p.numel() * p.element_size() for p in module.parameters())
+    rows: list[tuple[str, str, int]] = [
+        ("projected query", _fmt_shape((N, L, E)), N * L * E * itemsize),
+        ("projected key + value", f"2 x {projected_keys} x {E}", 2 * projected_keys * E * itemsize),
+        ("attn_output (+ before out_proj)", _fmt_shape(out_shape), 2 * math.prod(out_shape) * itemsize),
+    ]
+    if w_shape is not None:
+        rows.append(("attn_output_weights", _fmt_shape(w_shape), math.prod(w_shape) * itemsize))
+    score_bytes = 4 if itemsize < 4 else itemsize
+    if backend == "sdpa":
+        rows.append(("scores workspace", "fused SDPA kernel", 0))
+    elif backend == "blocked":
+        block = min(N * H * L * S, max(_BLOCKED_SCORES, H * S))
+        rows.append(("scores workspace", f"one block of ~{block} scores (x2)", 2 * block * score_bytes))
+    elif backend == "reference":
+        rows.append(("scores workspace", _fmt_shape((N, H, L, S)) + " x3", 3 * N * H * L * S * score_bytes))
+    else:
+        rows.append(("scores workspace", "fused kernel tiles", 0))
+    total = sum(r[2] for r in rows)
+    out = [(name, shape, _mib(size)) for name, shape, size in rows]
+    out.append(("total activations", "", _mib(total)))
+    out.append(("parameters (already allocated)", "", _mib(params)))
+    if need_weights:
+        torch_bytes = N * H * L * S * itemsize
+        out.append(
+            ("torch.nn.MultiheadAttention weights", _fmt_shape((N * H, L, S)), _mib(torch_bytes) + " (for comparison)")
+        )
+    return tuple(out), total

@@ -1,0 +1,86 @@
+"""Smoke tests of ``mha bench`` (``mha._bench``) at tiny sizes; no timing assertions."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+import pytest
+import torch
+
+from mha import _bench
+
+
+def _run(tmp_path, *extra: str) -> dict:
+    parser = argparse.ArgumentParser()
+    _bench.add_arguments(parser)
+    path = tmp_path / "bench.json"
+    args = parser.parse_args(
+        ["--quick", "--threads", "1", "--repeats", "2", "--warmup", "1", "--json", str(path), *extra]
+    )
+    assert _bench.run(args) == 0
+    return json.loads(path.read_text())
+
+
+def test_quick_run_writes_every_case(tmp_path, capsys):
+    threads = torch.get_num_threads()
+    report = _run(tmp_path)
+    assert torch.get_num_threads() == threads
+    assert set(report) == {"machine", "config", "roofline", "cases"}
+    machine = report["machine"]
+    assert {"cpu", "torch", "threads", "dtype", "device"} <= set(machine)
+    assert (machine["threads"], machine["dtype"], machine["device"]) == (1, "float32", "cpu")
+    roofline = report["roofline"]
+    assert roofline["gflops"] == max(roofline["samples_gflops"]) > 0
+    assert len(roofline["samples_gflops"]) == len(_bench.CASE_NAMES) + 1
+    assert [case["name"] for case in report["cases"]] == list(_bench.CASE_NAMES)
+    for case in report["cases"]:
+        assert case["status"] == "ok", case
+        assert case["max_abs_diff"] < 1e-4
+        for side in ("torch", "mha"):
+            stats = case[side]
+            assert len(stats["times_s"]) == 2
+            assert stats["min_s"] <= stats["median_s"]
+            assert stats["gflops"] > 0
+            assert stats["roofline_fraction"] > 0
+        assert case["speedup_median"] > 0
+        assert case["speedup_min"] > 0
+    assert "speed-up" in capsys.readouterr().out
+
+
+def test_unsupported_side_is_reported_not_raised(tmp_path, monkeypatch):
+    def refuse(*args, **kwargs):
+        raise NotImplementedError("no nested input yet")
+
+    monkeypatch.setattr(_bench.MultiheadAttention, "_forward_nested", refuse)
+    (case,) = _run(tmp_path, "--cases", "jagged")["cases"]
+    assert case["status"] == "unsupported"
+    assert case["reason"] == "mha: NotImplementedError: no nested input yet"
+
+
+def test_plain_text_without_rich(tmp_path, monkeypatch, capsys):
+    for name in ("rich", "rich.box", "rich.console", "rich.progress", "rich.table"):
+        monkeypatch.setitem(sys.modules, name, None)
+    report = _run(tmp_path, "--cases", "dense,causal")
+    assert [case["name"] for case in report["cases"]] == ["dense", "causal"]
+    out = capsys.readouterr().out
+    assert "torch min" in out
+    assert "causal" in out
+
+
+def test_unknown_case_is_a_usage_error(capsys):
+    parser = argparse.ArgumentParser()
+    _bench.add_arguments(parser)
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--cases", "dense,sparse"])
+    assert "unknown case(s) sparse" in capsys.readouterr().err
+
+
+def test_useful_flops_counts_real_pairs_only():
+    # Two sequences of 3 and 1 tokens, E = 2: projections 2*E*E*(2*4 + 2*4) = 128;
+    # pairs 3*3 + 1*1 = 10, attention 4*E*10 = 80.
+    assert _bench.useful_flops([3, 1], [3, 1], 2) == 128 + 80
+    # Causal: pairs 3*4/2 + 1 = 7.
+    assert _bench.useful_flops([3, 1], [3, 1], 2, causal=True) == 128 + 4 * 2 * 7
+    assert _bench.useful_flops([3, 1], [3, 1], 2, backward=True) == 3 * (128 + 80)

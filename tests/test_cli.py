@@ -1,0 +1,151 @@
+"""The mha command through its entry point: exit codes, key output lines, files written."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import mha
+from mha.__main__ import main
+
+SEED_EXPLAIN = [
+    "explain", "--embed-dim", "64", "--num-heads", "8", "--query", "10,32,64",
+    "--key", "15,32,64", "--value", "15,32,64", "--key-padding-mask", "32,15",
+]
+
+
+@pytest.fixture(autouse=True)
+def _wide_console(monkeypatch):
+    monkeypatch.setenv("COLUMNS", "240")  # rich output unwrapped, so lines can be matched
+
+
+def test_python_dash_m_entry_point_and_lazy_imports():
+    explain = subprocess.run(
+        [sys.executable, "-m", "mha", *SEED_EXPLAIN, "--attn-mask", "10,15:bool"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert explain.returncode == 0, explain.stderr
+    assert "(10, 32, 64)" in explain.stdout
+    probe = "import sys, mha; print('matplotlib' in sys.modules, 'rich' in sys.modules)"
+    imports = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert imports.stdout.split() == ["False", "False"]
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["demo", "--help"], ["explain", "--help"], ["plot", "--help"], ["--version"]])
+def test_help_exits_0(argv, capsys):
+    assert main(argv) == 0
+    assert "mha" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [[], ["frobnicate"], ["explain", "--embed-dim", "64"], ["explain", "--embed-dim", "64", "--num-heads", "8", "--query", "10,x"],
+     ["demo", "--bogus"]],
+)
+def test_bad_usage_exits_2(argv, capsys):
+    assert main(argv) == 2
+    assert "usage:" in capsys.readouterr().err
+
+
+def test_bench_is_wired_and_missing_bench_exits_2(monkeypatch, capsys):
+    assert main(["bench", "--help"]) == 0
+    assert "usage: mha bench" in capsys.readouterr().out
+    assert main(["bench", "--no-such-option"]) == 2
+    monkeypatch.setitem(sys.modules, "mha._bench", None)
+    assert main(["bench", "--quick"]) == 2
+    assert "mha bench is not available" in capsys.readouterr().err
+
+
+def test_explain_seed_example_2(capsys):
+    assert main([*SEED_EXPLAIN, "--attn-mask", "10,15:bool", "--need-weights"]) == 0
+    out = capsys.readouterr().out
+    for line in ("L=10  N=32  E=64", "S=15  N=32  D=64", "key_padding_mask", "(32, 15) bool", "(32, 10, 15)",
+                 "blocked", "picked", "SDPA returns no attention weights", "torch.nn.MultiheadAttention weights"):
+        assert line in out
+
+
+def test_explain_without_weights_picks_sdpa(capsys):
+    assert main([*SEED_EXPLAIN, "--no-need-weights", "--batch-first", "--query", "32,10,64",
+                 "--key", "32,15,64", "--value", "32,15,64"]) == 0
+    out = capsys.readouterr().out
+    assert "N=32  L=10  E=64" in out
+    assert re.search(r"sdpa\W+picked", out)
+
+
+@pytest.mark.parametrize(
+    ("extra", "kwargs"),
+    [
+        (["--key-padding-mask", "15,32"], {"key_padding_mask": torch.zeros(15, 32, dtype=torch.bool)}),
+        (["--value", "15,32,40"], {"value": torch.zeros(15, 32, 40)}),
+        (["--attn-mask", "32,10,15"], {"attn_mask": torch.zeros(32, 10, 15, dtype=torch.bool)}),
+    ],
+)
+def test_explain_invalid_call_prints_the_module_error(extra, kwargs, capsys):
+    module = mha.MultiheadAttention(64, 8)
+    call = {"query": torch.zeros(10, 32, 64), "key": torch.zeros(15, 32, 64), "value": torch.zeros(15, 32, 64),
+            "key_padding_mask": torch.zeros(32, 15, dtype=torch.bool), **kwargs}
+    with pytest.raises(ValueError, match=r"key_padding_mask|value|attn_mask") as expected:
+        module(**call)
+    assert main([*SEED_EXPLAIN, *extra]) == 2
+    assert capsys.readouterr().err.strip() == f"ValueError: {expected.value}"
+
+
+def test_explain_bad_constructor_exits_2(capsys):
+    assert main(["explain", "--embed-dim", "63", "--num-heads", "8", "--query", "10,32,63"]) == 2
+    assert "embed_dim=63 must be divisible by num_heads=8" in capsys.readouterr().err
+
+
+def _png(path) -> bool:
+    return path.exists() and path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_demo_walks_the_seed_and_writes_the_heatmap(tmp_path, capsys):
+    out = tmp_path / "example3.png"
+    assert main(["demo", "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    for line in ("Example 1", "Example 2", "Example 3", "(10, 32, 64)", "(32, 15) bool", "L=10  N=32  E=64",
+                 "S=15  N=32  D=64", "True = key j of batch row n is",
+                 "query row(s) [9] of all 32 batch rows",  # torch's NaN row
+                 "all 10 query rows of batch row(s) [5]",  # Example 2 with a blank row
+                 "is torch.tril(torch.ones(10, 10)).bool()",  # mha's warning
+                 "torch.triu(torch.ones(10, 10, dtype=torch.bool), 1)", "Causal('top_left')", str(out)):
+        assert line in text, line
+    assert _png(out)
+
+
+def test_plot_default_and_saved_weights(tmp_path, capsys):
+    default = tmp_path / "default.png"
+    assert main(["plot", "--out", str(default)]) == 0
+    assert _png(default)
+    saved = tmp_path / "w.pt"
+    torch.save(torch.softmax(torch.randn(2, 3, 5, 7), -1), saved)
+    out = tmp_path / "saved.png"
+    assert main(["plot", "--weights", str(saved), "--batch", "1", "--out", str(out)]) == 0
+    assert _png(out)
+    assert str(out) in capsys.readouterr().out
+
+
+def test_plot_errors(tmp_path, capsys, monkeypatch):
+    assert main(["plot", "--weights", str(tmp_path / "missing.pt")]) == 2
+    bad = tmp_path / "bad.pt"
+    torch.save(torch.zeros(2, 2, 2, 2, 2), bad)
+    assert main(["plot", "--weights", str(bad), "--out", str(tmp_path / "x.png")]) == 2
+    assert "must be (L, S), (H, L, S) or (N, H, L, S)" in capsys.readouterr().out
+    monkeypatch.setitem(sys.modules, "matplotlib.figure", None)
+    assert main(["plot", "--out", str(tmp_path / "y.png")]) == 1
+    assert "pip install 'mha[plot]'" in capsys.readouterr().out
+
+
+def test_plot_weights_library_function(monkeypatch):
+    figure = mha.plot.weights(torch.softmax(torch.randn(4, 6, 6), -1), title="t")
+    titles = [ax.get_title() for ax in figure.axes if ax.get_title()]
+    assert titles == ["head 0", "head 1", "head 2", "head 3", "mean over heads"]
+    single = mha.plot.weights(torch.softmax(torch.randn(6, 6), -1))
+    assert [ax.get_title() for ax in single.axes if ax.get_title()] == ["weights"]
+    monkeypatch.setitem(sys.modules, "matplotlib.figure", None)
+    with pytest.raises(ImportError, match=r"pip install 'mha\[plot\]'"):
+        mha.plot.weights(torch.zeros(3, 3))

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 import torch
 from torch import nn
@@ -128,3 +131,27 @@ def test_nested_module_errors_name_the_problem():
     seq_first = mha.MultiheadAttention(E, H, dtype=torch.float64)
     with pytest.raises(ValueError, match="batch_first=True"):
         seq_first(nt, nt, nt)
+
+
+def test_jagged_output_shares_the_query_ragged_size_for_residuals():
+    _, ours = _pair()
+    q = torch.nested.nested_tensor(_seqs(LENGTHS), layout=torch.jagged)
+    kv = torch.nested.nested_tensor(_seqs([2, 5, 4, 1, 6], seed=2), layout=torch.jagged)
+    for key in (q, kv):
+        out, _ = ours(q, key, key, need_weights=False)
+        residual = out + q  # raises if out has a ragged size of its own
+        for r, o, x in zip(residual.unbind(), out.unbind(), q.unbind(), strict=True):
+            torch.testing.assert_close(r, o + x)
+
+
+def test_jagged_weights_raise_no_prototype_warning():
+    # torch warns once per process, so a fresh one: nothing may warn on a jagged call with weights.
+    script = (
+        "import torch, mha\n"
+        "m = mha.MultiheadAttention(8, 2, batch_first=True)\n"
+        "q = torch.nested.nested_tensor([torch.randn(3, 8), torch.randn(5, 8)], layout=torch.jagged)\n"
+        "_, w = m(q, q, q, average_attn_weights=False)\n"
+        "assert [tuple(x.shape) for x in w.unbind()] == [(2, 3, 3), (2, 5, 5)]\n"
+    )
+    result = subprocess.run([sys.executable, "-W", "error", "-c", script], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr

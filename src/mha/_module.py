@@ -14,7 +14,13 @@ from ._core import attention
 from ._mask_analysis import summarize_attn_mask
 from ._torch_masks import masks_from_torch, reads_values, warn_pitfalls
 from ._validate import validate_constructor, validate_forward
-from ._varlen import jagged_from_packed, nested_packed, packed_attention, validate_nested_forward
+from ._varlen import (
+    jagged_from_packed,
+    nested_packed,
+    nested_weights,
+    packed_attention,
+    validate_nested_forward,
+)
 from .masks import Causal, right_padding_lengths
 
 
@@ -358,7 +364,7 @@ class MultiheadAttention(nn.Module):
             weights=("mean" if average_attn_weights else "per_head") if need_weights else None,
         )
         out = self.out_proj(result.output.flatten(-2))
-        weights = torch.nested.as_nested_tensor(result.weights) if result.weights is not None else None
+        weights = nested_weights(result.weights) if result.weights is not None else None
         return jagged_from_packed(out, q_offsets, query), weights
 
     def _in_projection(self, query: Tensor, key: Tensor, value: Tensor) -> tuple[Tensor, Tensor, Tensor]:

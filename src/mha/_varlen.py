@@ -9,6 +9,7 @@ compute or memory is spent on padding.
 from __future__ import annotations
 
 import itertools
+import warnings
 from typing import NamedTuple
 
 import torch
@@ -126,13 +127,29 @@ def nested_packed(t: Tensor) -> tuple[Tensor, list[int]]:
 
 
 def jagged_from_packed(values: Tensor, offsets: list[int], like: Tensor) -> Tensor:
-    """Packed values back to a nested tensor with the layout of ``like``."""
+    """Packed values back to a nested tensor with the layout of ``like``.
+
+    A jagged result reuses ``like``'s offsets tensor where it can, so that it shares
+    ``like``'s ragged size and ``output + like`` (a residual) works: jagged tensors
+    built on different offsets tensors do not broadcast with each other."""
     if like.layout == torch.jagged:
-        return torch.nested.nested_tensor_from_jagged(
-            values, torch.tensor(offsets, device=values.device, dtype=torch.int64)
-        )
+        like_offsets = like.offsets()
+        if offsets[0] == 0 and like.values().shape[0] == values.shape[0]:
+            return torch.nested.nested_tensor_from_jagged(values, like_offsets)
+        fresh = torch.tensor([o - offsets[0] for o in offsets], device=values.device, dtype=torch.int64)
+        return torch.nested.nested_tensor_from_jagged(values, fresh)
     lengths = [b - a for a, b in itertools.pairwise(offsets)]
     return torch.nested.as_nested_tensor(list(values.split(lengths)))
+
+
+def nested_weights(weights: list[Tensor]) -> Tensor:
+    """Per-sequence weights ``(L_n, S_n)`` or ``(H, L_n, S_n)`` as one strided nested tensor.
+
+    Two ragged dims need torch's strided layout; its "prototype stage, use
+    layout=torch.jagged" warning is silenced here, as the jagged layout cannot hold them."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The PyTorch API of nested tensors is in prototype stage")
+        return torch.nested.as_nested_tensor(weights)
 
 
 def core_jagged(
@@ -174,7 +191,7 @@ def core_jagged(
     )
     offsets = query.offsets()
     output = torch.nested.nested_tensor_from_jagged(result.output, offsets).transpose(1, 2)
-    w = torch.nested.as_nested_tensor(result.weights) if result.weights is not None else None
+    w = nested_weights(result.weights) if result.weights is not None else None
     lse = None
     if result.lse is not None:
         packed_lse = torch.cat([x.transpose(0, 1) for x in result.lse], dim=0)

@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test test-slow lint bench clean
+.PHONY: demo test test-quick lint bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -21,12 +21,13 @@ demo: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check .
 
+# Every test, the slow ones (long hypothesis runs) included: about a minute on 2 cores.
 test: lint
-	$(BIN)/python -m pytest -n 2 -q -m "not slow"
+	$(BIN)/python -m pytest -n 2 -q
 
-# Cases marked slow (long hypothesis runs); not part of `make test`.
-test-slow: $(STAMP)
-	$(BIN)/python -m pytest -n 2 -q -m slow
+# The edit-run loop: everything but the cases marked slow.
+test-quick: $(STAMP)
+	$(BIN)/python -m pytest -n 2 -q -m "not slow"
 
 bench: $(STAMP)
 	$(BIN)/mha bench

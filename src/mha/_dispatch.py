@@ -45,7 +45,7 @@ def _auto_reasons(b: Backend, call: Call) -> list[str]:
     reasons = b.not_supported_reasons(call)
     devices = getattr(b, "auto_devices", None)
     device = call.query.device.type
-    if devices is not None and device not in devices:
+    if not reasons and devices is not None and device not in devices:
         reasons.append(f"picked automatically only on {', '.join(sorted(devices))}, not {device} (force it with backend={b.name!r})")
     return reasons
 

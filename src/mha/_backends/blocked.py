@@ -107,7 +107,7 @@ class _Blocked:
                     scores = scores.masked_fill(~_keys(allowed, k0, k1), float("-inf"))
                 if call.return_lse:
                     row_lses.append(logsumexp(scores))
-                probs = softmax(scores) if k1 > k0 else scores.new_zeros(scores.shape)
+                probs = softmax(scores)  # no key open (k0 == k1): empty, and the output 0
                 if call.dropout_p > 0:
                     probs = F.dropout(probs, call.dropout_p)
                 row_outs.append(torch.matmul(probs, v[n0:n1, :, k0:k1]))

@@ -50,7 +50,7 @@ def _by_length(q: Tensor, k: Tensor, v: Tensor, plan: MaskPlan, scale: float, dr
     lengths = [min(max(length, 0), S) for length in plan.lengths.tolist()]
     N, Hq, L, _ = q.shape
     if not any(lengths):
-        return zeros_in_graph((N, Hq, L, v.shape[-1]), q, k, v)
+        return zeros_in_graph((N, Hq, L, v.shape[-1]), q, k, v, *plan.bias)
     out = q.new_zeros(N, Hq, L, v.shape[-1])
     if plan.has_tensors:
         for n, length in enumerate(lengths):

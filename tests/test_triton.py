@@ -13,7 +13,10 @@ at 1.0, for results plain torch gets exactly).
 
 from __future__ import annotations
 
+import collections
 import importlib.util
+import itertools
+import math
 import os
 
 import pytest
@@ -23,7 +26,7 @@ _saved = os.environ.get("TRITON_INTERPRET")
 os.environ["TRITON_INTERPRET"] = "1"
 try:
     pytest.importorskip("triton")
-    from mha._backends import _triton_kernels  # noqa: F401  (defined under the interpreter)
+    from mha._backends import _triton_kernels  # defined under the interpreter
 finally:
     if _saved is None:
         del os.environ["TRITON_INTERPRET"]
@@ -34,6 +37,7 @@ import mha  # noqa: E402
 from mha._backends import triton as triton_backend  # noqa: E402
 from mha._core import _validate_call  # noqa: E402
 from mha._dispatch import explain_dispatch, select_backend  # noqa: E402
+from mha._varlen import packed_attention  # noqa: E402
 from mha.masks import Allowed, Bias, Blocked, Causal, KeyPadding, Window  # noqa: E402
 
 
@@ -69,8 +73,8 @@ def _plain(q, k, v, mask, scale=None):
     return torch.matmul(p, v), lse, p
 
 
-def _close(actual, exact, plain, what):
-    """``max |actual - exact| <= 2 max |plain - exact| + ulp``, the ulp taken at the
+def _close(actual, exact, plain, what, ulps=1.0):
+    """``max |actual - exact| <= 2 max |plain - exact| + ulps * ulp``, the ulp taken at the
     largest exact value (a floor for results plain torch gets exactly)."""
     assert actual.shape == exact.shape, what
     actual, plain = actual.double(), plain.double()
@@ -80,11 +84,14 @@ def _close(actual, exact, plain, what):
     ref = (plain - exact)[finite].abs().max().item() if finite.any() else 0.0
     eps = torch.finfo(plain.dtype if plain.dtype != torch.float64 else torch.float32).eps
     ulp = eps * max(1.0, exact[finite].abs().max().item() if finite.any() else 0.0)
-    assert err <= 2 * ref + ulp, f"{what}: error {err:.3g} vs plain torch {ref:.3g}"
+    assert err <= 2 * ref + ulps * ulp, f"{what}: error {err:.3g} vs plain torch {ref:.3g}"
 
 
-def _check(mask, dtype=torch.float32, shapes=None, grads=True, lse_grad=False):
-    """Output, lse, both kinds of weights and the gradients against fp64."""
+def _check(mask, dtype=torch.float32, shapes=None, grads=True, lse_grad=False, grad_ulps=1.0):
+    """Output, lse, both kinds of weights and the gradients against fp64.
+
+    ``grad_ulps``: extra ulps allowed on dq, dk, dv, whose flash-style backward takes
+    ``delta = rowsum(dO * O)`` over Dv terms where autograd takes ``rowsum(p * dp)``."""
     q64, k64, v64 = _inputs(**(shapes or {}))
     results = {}
     for name, dt in (("exact", torch.float64), ("plain", dtype), ("triton", dtype)):
@@ -108,7 +115,8 @@ def _check(mask, dtype=torch.float32, shapes=None, grads=True, lse_grad=False):
             got.update(zip(("dq", "dk", "dv"), torch.autograd.grad(loss, (q, k, v)), strict=True))
         results[name] = {key: t.detach() for key, t in got.items()}
     for key, exact in results["exact"].items():
-        _close(results["triton"][key], exact, results["plain"][key], f"{key} ({dtype}, {mask!r})")
+        ulps = grad_ulps if key in ("dq", "dk", "dv") else 1.0
+        _close(results["triton"][key], exact, results["plain"][key], f"{key} ({dtype}, {mask!r})", ulps)
     return results["triton"]
 
 
@@ -153,6 +161,13 @@ def test_half_precision_within_twice_plain_torch_error(name, dtype):
 )
 def test_awkward_shapes(shapes):
     _check(Causal("bottom_right"), shapes=shapes)
+
+
+@pytest.mark.parametrize(("Dk", "Dv"), [(80, 96), (96, 80), (256, 256)])
+def test_large_and_non_power_of_two_head_dims(Dk, Dv):
+    # The rounding of delta grows like sqrt(Dv) ulps (random-walk accumulation).
+    shapes = {"L": 9, "S": 11, "Dk": Dk, "Dv": Dv}
+    _check(Causal() & KeyPadding(torch.tensor([9, 4])), shapes=shapes, grad_ulps=math.sqrt(Dv))
 
 
 def test_lse_gradient_enters_backward():
@@ -288,3 +303,245 @@ def test_dispatch_picks_triton_on_cpu_only_when_forced():
     assert why["triton"] == ["picked automatically only on cuda, not cpu (force it with backend='triton')"]
     assert select_backend(call).name == "blocked"
     assert select_backend(call, "triton").name == "triton"
+
+
+# --------------------------------------------------------------------------- variable length
+
+# Sequences with no queries, no keys or neither, one query or one key, L_n > S_n (a
+# bottom-right band empties rows), L_n < S_n, and lengths crossing the 16-row tiles.
+LQ = [5, 0, 1, 19, 3, 2, 0]
+LK = [7, 3, 0, 17, 1, 20, 0]
+
+VARLEN_MASKS = {
+    "none": None,
+    "causal": Causal(),
+    "causal_bottom_right": Causal("bottom_right"),
+    "window": Window(3, 2),
+    "window_bottom_right": Window(2, 4, align="bottom_right"),
+    "window_before": Window(4, None),
+    "window_before_bottom_right": Window(3, None, align="bottom_right"),
+    "window_after": Window(None, 2),
+    "window_after_bottom_right": Window(None, 1, align="bottom_right"),
+    "causal_and_window": Causal() & Window(5, None),
+}
+
+
+def _jagged(values, lengths):
+    """Packed ``(T, H, D)`` values as a jagged ``(N, H, j, D)`` nested tensor."""
+    offsets = torch.tensor([0, *itertools.accumulate(lengths)])
+    return torch.nested.nested_tensor_from_jagged(values, offsets).transpose(1, 2)
+
+
+def _varlen_run(how, q, k, v, lq, lk, mask, dout, shared):
+    """Packed output ``(Tq, Hq, Dv)``, lse ``(Tq, Hq)`` and gradients of
+    ``<output, dout> + lse / 2`` for a jagged batch: the triton backend on the whole
+    batch, or the reference backend / plain torch on each sequence alone."""
+    if how == "triton":
+        qj = _jagged(q, lq)
+        kj, vj = (qj, qj) if shared else (_jagged(k, lk), _jagged(v, lk))
+        res = mha.attention(qj, kj, vj, mask, return_lse=True, backend="triton")
+        out, lse = res.output.transpose(1, 2).values(), res.lse.transpose(1, 2).values()
+    else:
+        outs, lses = [], []
+        for qn, kn, vn in zip(q.split(lq), k.split(lk), v.split(lk), strict=True):
+            qn, kn, vn = (t.transpose(0, 1)[None] for t in (qn, kn, vn))
+            if how == "reference":
+                o, lse_n = mha.attention(qn, kn, vn, mask, return_lse=True, backend="reference")[::2]
+            else:
+                o, lse_n, _ = _plain(qn, kn, vn, mask)
+            outs.append(o[0].transpose(0, 1))
+            lses.append(lse_n[0].transpose(0, 1))
+        out, lse = torch.cat(outs), torch.cat(lses)
+    loss = (out * dout).sum() + (lse.masked_fill(torch.isneginf(lse), 0.0) * 0.5).sum()
+    grads = torch.autograd.grad(loss, (q,) if shared else (q, k, v))
+    names = ("dqkv",) if shared else ("dq", "dk", "dv")
+    return {"output": out.detach(), "lse": lse.detach(), **dict(zip(names, grads, strict=True))}
+
+
+def _varlen_check(mask, dtype=torch.float32, lq=LQ, lk=LK, Hq=HQ, Hkv=HKV, Dk=24, Dv=40, shared=False):
+    """The triton backend on a jagged batch against each sequence alone: fp32 within
+    fp32 tolerances of the reference backend, half precision within twice plain torch's error."""
+    g = torch.Generator().manual_seed(3)
+    Tq, Tk = sum(lq), sum(lk)
+    q64, k64, v64, dout = (
+        torch.randn(*shape, generator=g, dtype=torch.float64)
+        for shape in ((Tq, Hq, Dk), (Tk, Hkv, Dk), (Tk, Hkv, Dv), (Tq, Hq, Dv))
+    )
+    if shared:
+        k64, v64 = q64, q64
+
+    def run(how, dt):
+        q, k, v = (t.to(dt).requires_grad_() for t in (q64, k64, v64))
+        if shared:
+            k, v = q, q
+        return _varlen_run(how, q, k, v, lq, lk, mask, dout.to(dt), shared)
+
+    ours = run("triton", dtype)
+    if dtype == torch.float32:
+        ref = run("reference", torch.float32)
+        for key, want in ref.items():
+            torch.testing.assert_close(ours[key], want, rtol=1e-5, atol=1e-5, msg=f"{key} ({mask!r})")
+    else:
+        exact, plain = run("reference", torch.float64), run("plain", dtype)
+        for key, want in exact.items():
+            _close(ours[key], want, plain[key], f"{key} ({dtype}, {mask!r})")
+    return ours
+
+
+@pytest.mark.parametrize("name", VARLEN_MASKS)
+def test_varlen_cross_attention_matches_reference_per_sequence_fp32(name):
+    _varlen_check(VARLEN_MASKS[name])
+
+
+@pytest.mark.parametrize(
+    ("mask", "shape"),
+    [
+        (Causal("bottom_right"), {"lq": [9, 0, 1, 17], "lk": [9, 0, 1, 17], "Hkv": 1}),
+        (Window(2, 1, align="bottom_right"), {"lq": [4, 1, 0, 18], "lk": [4, 1, 0, 18], "Hq": 2, "Hkv": 2, "Dk": 24, "Dv": 24, "shared": True}),
+        (Window(None, 0, align="bottom_right"), {"lq": [3, 1, 21], "lk": [6, 0, 2], "Hq": 3, "Hkv": 1, "Dk": 40, "Dv": 8}),
+    ],
+    ids=["self_attention_mqa", "query_is_key_is_value", "mqa_dk40_dv8"],
+)
+def test_varlen_shapes_match_reference_per_sequence_fp32(mask, shape):
+    _varlen_check(mask, **shape)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("name", ["causal_bottom_right", "window"])
+def test_varlen_half_precision_within_twice_plain_torch_error(name, dtype):
+    _varlen_check(VARLEN_MASKS[name], dtype=dtype)
+
+
+def test_varlen_rows_without_keys_give_zeros_and_zero_gradients():
+    # Every key length 0, or no key inside the band (bottom-right, L_n > S_n): output 0,
+    # lse -inf, gradients 0, nothing NaN.
+    for lq, lk, mask in (([3, 0, 18], [0, 0, 0], None), ([18, 4], [1, 2], Causal("bottom_right"))):
+        res = _varlen_check(mask, lq=lq, lk=lk)
+        empty = torch.isneginf(res["lse"])
+        assert empty.any()
+        assert torch.equal(res["output"][empty.all(-1)], torch.zeros_like(res["output"][empty.all(-1)]))
+        assert torch.equal(res["dq"][empty.all(-1)], torch.zeros_like(res["dq"][empty.all(-1)]))
+        for key in ("output", "dq", "dk", "dv"):
+            assert torch.isfinite(res[key]).all(), key
+
+
+def test_varlen_batch_of_no_tokens():
+    q, k, v = torch.zeros(0, HQ, 16), torch.zeros(0, HKV, 16), torch.zeros(0, HKV, 8)
+    for q_offsets, k_offsets in (([0], [0]), ([0, 0, 0], [0, 0, 0])):
+        res = packed_attention(q, k, v, q_offsets, k_offsets, Causal(), return_lse=True, backend="triton")
+        assert res.output.shape == (0, HQ, 8)
+        assert [x.shape for x in res.lse] == [(HQ, 0)] * (len(q_offsets) - 1)
+
+
+def test_varlen_rows_outside_the_offsets_are_left_out():
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(*shape, generator=g) for shape in ((12, HQ, 16), (9, HKV, 16), (9, HKV, 8)))
+    q_offsets, k_offsets = [2, 5, 5, 10], [1, 3, 8, 8]  # rows before and after are no sequence's
+    ours = packed_attention(q, k, v, q_offsets, k_offsets, Causal("bottom_right"), return_lse=True, backend="triton")
+    ref = packed_attention(q, k, v, q_offsets, k_offsets, Causal("bottom_right"), return_lse=True, backend="reference")
+    assert ours.output.shape == (8, HQ, 8)
+    torch.testing.assert_close(ours.output, ref.output, rtol=1e-5, atol=1e-5)
+    for a, b in zip(ours.lse, ref.lse, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def _count_launches(monkeypatch) -> collections.Counter:
+    """Counts the launches of each Triton kernel, by kernel name, from now on."""
+    counts: collections.Counter = collections.Counter()
+
+    class Counting:
+        def __init__(self, name, kernel):
+            self.name, self.kernel = name, kernel
+
+        def __getitem__(self, grid):
+            counts[self.name] += 1
+            return self.kernel[grid]
+
+    for name in ("_fwd_kernel", "_weights_kernel", "_bwd_dq_kernel", "_bwd_dkdv_kernel"):
+        monkeypatch.setattr(_triton_kernels, name, Counting(name, getattr(_triton_kernels, name)))
+    return counts
+
+
+def _small_jagged(requires_grad=False):
+    """A jagged batch of 4 sequences with 4 distinct (L_n, S_n)."""
+    g = torch.Generator().manual_seed(0)
+    lq, lk = [3, 5, 1, 5], [4, 5, 2, 6]
+    q = torch.randn(sum(lq), HQ, 16, generator=g, requires_grad=requires_grad)
+    k = torch.randn(sum(lk), HKV, 16, generator=g, requires_grad=requires_grad)
+    v = torch.randn(sum(lk), HKV, 8, generator=g, requires_grad=requires_grad)
+    return (q, k, v), (_jagged(q, lq), _jagged(k, lk), _jagged(v, lk))
+
+
+def test_forced_triton_runs_a_jagged_batch_in_one_launch(monkeypatch):
+    counts = _count_launches(monkeypatch)
+    (q, k, v), jagged = _small_jagged(requires_grad=True)
+    res = mha.attention(*jagged, Causal("bottom_right"), backend="triton")
+    assert counts == {"_fwd_kernel": 1}
+    torch.autograd.grad(res.output.values().sum(), (q, k, v))
+    assert counts == {"_fwd_kernel": 1, "_bwd_dq_kernel": 1, "_bwd_dkdv_kernel": 1}
+    # Weights keep the grouping path: one forward and one weights launch per distinct (L_n, S_n).
+    counts.clear()
+    with torch.no_grad():
+        mha.attention(*jagged, Causal("bottom_right"), weights="mean", backend="triton")
+    assert counts == {"_fwd_kernel": 4, "_weights_kernel": 4}
+
+
+def test_jagged_auto_dispatch_on_cpu_never_uses_triton(monkeypatch):
+    counts = _count_launches(monkeypatch)
+    _, jagged = _small_jagged()
+    forced = mha.attention(*jagged, Window(2, 1), return_lse=True, backend="triton")
+    counts.clear()
+    auto = mha.attention(*jagged, Window(2, 1), return_lse=True)
+    torch.testing.assert_close(auto.output.values(), forced.output.values(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(auto.lse.values(), forced.lse.values(), rtol=1e-5, atol=1e-5)
+    module = mha.MultiheadAttention(8, 2, batch_first=True)
+    x = torch.nested.nested_tensor([torch.randn(n, 8) for n in (3, 5, 1)], layout=torch.jagged)
+    module(x, x, x, is_causal=True)
+    module(x, x, x, need_weights=False)
+    assert counts == {}
+
+
+def test_forced_triton_on_jagged_input_declines_with_reasons():
+    _, (q, k, v) = _small_jagged()
+    with pytest.raises(NotImplementedError, match=r"backend 'triton' cannot serve this variable-length.*\n.*float16, bfloat16 or float32"):
+        mha.attention(q.double(), k.double(), v.double(), backend="triton")
+    with pytest.raises(NotImplementedError, match="no dropout"):
+        mha.attention(q, k, v, dropout_p=0.5, backend="triton")
+    with pytest.raises(NotImplementedError, match="bands of one alignment"):
+        mha.attention(q, k, v, Causal() & Window(2, None, align="bottom_right"), backend="triton")
+    reasons = triton_backend.varlen_not_supported_reasons
+    packed = (t.values()[None] for t in (q, k, v))  # values() of (N, H, j, D) is (H, T, D)
+    call = _validate_call(*packed, Causal("bottom_right"), None, 0.0, None, False)
+    assert reasons(call, 4) == []
+    assert any("at most 65535, got 20000 sequences * 4 heads" in r for r in reasons(call, 20_000))
+    huge = call.query[..., :1, :].expand(1, HQ, 2**31, 16)  # stride 0: nothing allocated
+    assert any("int32 offsets" in r for r in reasons(_validate_call(huge, call.key, call.value, None, None, 0.0, None, False), 4))
+    call = _validate_call(call.query, call.key, call.value, None, None, 0.0, "per_head", False)
+    assert any("no attention weights" in r for r in reasons(call, 4))
+
+
+def test_torch_compile_traces_the_varlen_path():
+    (q, k, v), _ = _small_jagged(requires_grad=True)
+
+    def f(q, k, v):
+        res = packed_attention(q, k, v, [0, 3, 9], [0, 5, 11], Causal("bottom_right"), return_lse=True, backend="triton")
+        return res.output, res.lse[1]
+
+    got = torch.compile(f, backend="aot_eager", fullgraph=True)(q, k, v)
+    want = f(q, k, v)
+    torch.testing.assert_close(got, want)
+    grads = [torch.autograd.grad(out.sum() + lse.sum(), (q, k, v)) for out, lse in (got, want)]
+    torch.testing.assert_close(grads[0], grads[1])
+
+
+def test_varlen_custom_ops_pass_opcheck():
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(*shape, generator=g) for shape in ((6, 2, 16), (7, 1, 16), (7, 1, 8)))
+    offsets = (torch.tensor([0, 2, 2, 6], dtype=torch.int32), torch.tensor([0, 3, 7, 7], dtype=torch.int32))
+    args = (q, k, v, *offsets, 4, 4, 0.25, None, 0, True)
+    torch.library.opcheck(triton_backend.varlen_fwd, args)
+    grad_args = tuple(t.requires_grad_() for t in (q.clone(), k.clone(), v.clone()))
+    torch.library.opcheck(triton_backend.varlen_fwd, (*grad_args, *args[3:]))
+    out, lse = triton_backend.varlen_fwd(*args)
+    dout, dlse = torch.randn(out.shape, generator=g), torch.randn(lse.shape, generator=g)
+    torch.library.opcheck(triton_backend.varlen_bwd, (dout, dlse, q, k, v, out, lse, *args[3:]))

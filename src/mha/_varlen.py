@@ -2,8 +2,9 @@
 
 Sequences are described cu_seqlens-style: sequence ``n`` owns rows
 ``offsets[n]:offsets[n + 1]`` of a packed ``(T, H, D)`` tensor. Each sequence is
-attended on its own (sequences of equal length together, in one call), so no
-compute or memory is spent on padding.
+attended on its own, so no compute or memory is spent on padding: on the triton
+backend the whole batch in one launch of its varlen kernels, elsewhere
+sequences of equal lengths together, one call per distinct ``(L_n, S_n)``.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import torch
 from torch import Tensor
 
 from . import masks as _masks
-from ._core import WeightsMode, attention, zeros_in_graph
+from ._core import WeightsMode, _validate_call, attention, zeros_in_graph
 
 
 class PackedOutput(NamedTuple):
@@ -50,8 +51,19 @@ def packed_attention(
         key: ``(Tk, Hkv, Dk)``, sequence ``n`` at rows ``k_offsets[n]:k_offsets[n+1]``.
         value: ``(Tk, Hkv, Dv)``.
         mask: None or a band mask (``Causal``/``Window``, aligned per sequence).
+        backend: ``"triton"`` runs the batch in one launch of the varlen Triton kernels
+            (with weights, one call of the triton backend per group of equal lengths);
+            any other backend runs per group. None picks the varlen kernels for CUDA
+            tensors where they can serve the call, else groups.
     """
     _validate_band_only(mask)
+    if backend == "triton" or (backend is None and query.device.type == "cuda"):
+        packed = _packed_triton(
+            query, key, value, q_offsets, k_offsets, mask, scale, dropout_p, weights, return_lse,
+            forced=backend == "triton",
+        )
+        if packed is not None:
+            return packed
     n_seq = len(q_offsets) - 1
     groups: dict[tuple[int, int], list[int]] = {}
     for n in range(n_seq):
@@ -98,6 +110,45 @@ def packed_attention(
     else:
         output = outs[0] if n_seq == 1 else torch.cat(outs, dim=0)
     return PackedOutput(output, ws if weights is not None else None, lses if return_lse else None)
+
+
+def _packed_triton(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    q_offsets: list[int],
+    k_offsets: list[int],
+    mask: _masks.Mask | None,
+    scale: float | None,
+    dropout_p: float,
+    weights: WeightsMode | None,
+    return_lse: bool,
+    forced: bool,
+) -> PackedOutput | None:
+    """:func:`packed_attention` in one launch of the varlen Triton kernels, or None where
+    they cannot serve it and the grouping path should: weights asked for, or not
+    ``forced`` (a forced call they cannot serve otherwise raises NotImplementedError)."""
+    from ._backends import triton as _triton
+
+    q0, k0 = q_offsets[0], k_offsets[0]
+    query, key, value = query[q0 : q_offsets[-1]], key[k0 : k_offsets[-1]], value[k0 : k_offsets[-1]]
+    q_offsets = [o - q0 for o in q_offsets]
+    k_offsets = [o - k0 for o in k_offsets]
+    # The packed tensors as one (1, H, T, D) sequence: checked as mha.attention checks its inputs.
+    call = _validate_call(
+        *(t.transpose(0, 1)[None] for t in (query, key, value)), mask, scale, dropout_p, weights, return_lse
+    )
+    reasons = _triton.varlen_not_supported_reasons(call, len(q_offsets) - 1)
+    if reasons:
+        if forced and weights is None:
+            raise NotImplementedError(
+                "backend 'triton' cannot serve this variable-length (jagged) call:\n"
+                + "\n".join(f"  - {r}" for r in reasons)
+            )
+        return None
+    output, lse = _triton.varlen_attention(query, key, value, q_offsets, k_offsets, mask, call.scale)
+    lses = [lse[:, a:b] for a, b in itertools.pairwise(q_offsets)] if return_lse else None
+    return PackedOutput(output, None, lses)
 
 
 def _validate_band_only(mask: _masks.Mask | None) -> None:

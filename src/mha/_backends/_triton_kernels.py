@@ -8,6 +8,14 @@ with masked loads. Scores are kept in log2 units (``exp2`` is the fast
 exponential), and so is the lse that the forward stores and the weights and
 backward kernels read back: no conversion rounds it in between.
 
+Variable-length batches (``VARLEN``) run through the same forward and backward
+kernels: q is packed ``(Tq, Hq, Dk)``, k ``(Tk, Hkv, Dk)`` and v ``(Tk, Hkv, Dv)``,
+and sequence ``n`` owns query rows ``QOff[n]:QOff[n + 1]`` and key rows
+``KOff[n]:KOff[n + 1]`` (int32 offsets, cu_seqlens style). A packed tensor is read
+as a batch of stride 0 whose base moves to the sequence's first row, so one
+launch covers every sequence; programs past their sequence's length return at
+once. The lse is then packed ``(Hq, Tq)``.
+
 Masks come as a :class:`~mha._plan.MaskPlan`'s primitives:
 
 * a band ``i + lo <= j <= i + hi`` (either side optional), which also decides
@@ -15,6 +23,10 @@ Masks come as a :class:`~mha._plan.MaskPlan`'s primitives:
 * key lengths ``(N,)``: keys at and past the length are neither loaded nor visited;
 * one boolean ``allowed`` and one additive ``bias`` tensor, read through their
   broadcast strides (0 where a dimension is 1), never expanded.
+
+Variable-length batches take the band only, aligned per sequence: ``lo``/``hi``
+are a square sequence's offsets, and ``BOTTOM_RIGHT`` shifts both by
+``S_n - L_n`` in sequence ``n``.
 
 No atomics anywhere: dk/dv are summed over the query heads of a GQA group
 inside one program, and dq has its own kernel, so every result is deterministic.
@@ -43,6 +55,20 @@ def _key_range(m0, L, BLOCK_M: tl.constexpr, kv_len, lo, hi, HAS_LO: tl.constexp
     if HAS_HI:
         end = tl.minimum(end, tl.minimum(m0 + BLOCK_M, L) - 1 + hi + 1)
     return start, end
+
+
+@triton.jit
+def _sequence(QOff, KOff, n, lo, hi, BOTTOM_RIGHT: tl.constexpr):
+    """Sequence ``n`` of a packed batch: its first query row, first key row,
+    ``L_n``, ``S_n`` and the band offsets aligned to it."""
+    q0 = tl.load(QOff + n)
+    k0 = tl.load(KOff + n)
+    L = tl.load(QOff + n + 1) - q0
+    S = tl.load(KOff + n + 1) - k0
+    if BOTTOM_RIGHT:
+        lo += S - L
+        hi += S - L
+    return q0.to(tl.int64), k0.to(tl.int64), L, S, lo, hi
 
 
 @triton.jit
@@ -81,21 +107,31 @@ def _masked_scores(
 
 @triton.jit
 def _fwd_kernel(
-    Q, K, V, Out, LSE, Lens, Allowed, Bias,
-    sqn, sqh, sql, sqd, skn, skh, sks, skd, svn, svh, svs, svd, son, soh, sol, sod,
+    Q, K, V, Out, LSE, Lens, Allowed, Bias, QOff, KOff,
+    sqn, sqh, sql, sqd, skn, skh, sks, skd, svn, svh, svs, svd, son, soh, sol, sod, sln, slh,
     san, sah, sal, sas, sbn, sbh, sbl, sbs,
     Hq, L, S, Dk, Dv, GROUPS, qk_scale, lo, hi,
     HAS_LENS: tl.constexpr, HAS_LO: tl.constexpr, HAS_HI: tl.constexpr,
-    HAS_ALLOWED: tl.constexpr, HAS_BIAS: tl.constexpr,
+    HAS_ALLOWED: tl.constexpr, HAS_BIAS: tl.constexpr, VARLEN: tl.constexpr, BOTTOM_RIGHT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
+    """Output and lse for one block of query rows of one query head."""
     pid_m = tl.program_id(0)
     pid_nh = tl.program_id(1)
     n = (pid_nh // Hq).to(tl.int64)
     h = pid_nh % Hq
     hk = h // GROUPS
     m0 = pid_m * BLOCK_M
+    if VARLEN:
+        q0, k0, L, S, lo, hi = _sequence(QOff, KOff, n, lo, hi, BOTTOM_RIGHT)
+        if m0 >= L:
+            return
+        Q += q0 * sql
+        Out += q0 * sol
+        LSE += q0
+        K += k0 * sks
+        V += k0 * svs
     offs_m = m0 + tl.arange(0, BLOCK_M)
     offs_dk = tl.arange(0, BLOCK_DK)
     offs_dv = tl.arange(0, BLOCK_DV)
@@ -144,7 +180,7 @@ def _fwd_kernel(
         acc.to(Out.dtype.element_ty),
         mask=(offs_m < L)[:, None] & (offs_dv < Dv)[None, :],
     )
-    tl.store(LSE + pid_nh.to(tl.int64) * L + offs_m, lse, mask=offs_m < L)
+    tl.store(LSE + n * sln + h * slh + offs_m, lse, mask=offs_m < L)
 
 
 @triton.jit
@@ -209,13 +245,13 @@ def _weights_kernel(
 
 @triton.jit
 def _bwd_dkdv_kernel(
-    Q, K, V, DO, LSE, Delta, DK, DV, Lens, Allowed, Bias,
+    Q, K, V, DO, LSE, Delta, DK, DV, Lens, Allowed, Bias, QOff, KOff,
     sqn, sqh, sql, sqd, skn, skh, sks, skd, svn, svh, svs, svd, sdon, sdoh, sdol, sdod,
-    sdkn, sdkh, sdks, sdkd, sdvn, sdvh, sdvs, sdvd,
+    sdkn, sdkh, sdks, sdkd, sdvn, sdvh, sdvs, sdvd, sln, slh,
     san, sah, sal, sas, sbn, sbh, sbl, sbs,
     Hq, Hkv, L, S, Dk, Dv, GROUPS, qk_scale, scale, lo, hi,
     HAS_LENS: tl.constexpr, HAS_LO: tl.constexpr, HAS_HI: tl.constexpr,
-    HAS_ALLOWED: tl.constexpr, HAS_BIAS: tl.constexpr,
+    HAS_ALLOWED: tl.constexpr, HAS_BIAS: tl.constexpr, VARLEN: tl.constexpr, BOTTOM_RIGHT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
@@ -225,6 +261,18 @@ def _bwd_dkdv_kernel(
     n = (pid_nh // Hkv).to(tl.int64)
     hk = pid_nh % Hkv
     n0 = pid_n * BLOCK_N
+    if VARLEN:
+        q0, k0, L, S, lo, hi = _sequence(QOff, KOff, n, lo, hi, BOTTOM_RIGHT)
+        if n0 >= S:
+            return
+        Q += q0 * sql
+        DO += q0 * sdol
+        LSE += q0
+        Delta += q0
+        K += k0 * sks
+        V += k0 * svs
+        DK += k0 * sdks
+        DV += k0 * sdvs
     offs_n = n0 + tl.arange(0, BLOCK_N)
     offs_dk = tl.arange(0, BLOCK_DK)
     offs_dv = tl.arange(0, BLOCK_DV)
@@ -251,7 +299,7 @@ def _bwd_dkdv_kernel(
     dv = tl.zeros([BLOCK_N, BLOCK_DV], tl.float32)
     for g in range(0, GROUPS):
         h = hk * GROUPS + g
-        row = (n * Hq + h) * L
+        row = n * sln + h * slh
         for m0 in range(q_start, q_end, BLOCK_M):
             offs_m = m0 + tl.arange(0, BLOCK_M)
             q = tl.load(
@@ -291,13 +339,13 @@ def _bwd_dkdv_kernel(
 
 @triton.jit
 def _bwd_dq_kernel(
-    Q, K, V, DO, LSE, Delta, DQ, Lens, Allowed, Bias,
+    Q, K, V, DO, LSE, Delta, DQ, Lens, Allowed, Bias, QOff, KOff,
     sqn, sqh, sql, sqd, skn, skh, sks, skd, svn, svh, svs, svd, sdon, sdoh, sdol, sdod,
-    sdqn, sdqh, sdql, sdqd,
+    sdqn, sdqh, sdql, sdqd, sln, slh,
     san, sah, sal, sas, sbn, sbh, sbl, sbs,
     Hq, L, S, Dk, Dv, GROUPS, qk_scale, scale, lo, hi,
     HAS_LENS: tl.constexpr, HAS_LO: tl.constexpr, HAS_HI: tl.constexpr,
-    HAS_ALLOWED: tl.constexpr, HAS_BIAS: tl.constexpr,
+    HAS_ALLOWED: tl.constexpr, HAS_BIAS: tl.constexpr, VARLEN: tl.constexpr, BOTTOM_RIGHT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
@@ -308,10 +356,21 @@ def _bwd_dq_kernel(
     h = pid_nh % Hq
     hk = h // GROUPS
     m0 = pid_m * BLOCK_M
+    if VARLEN:
+        q0, k0, L, S, lo, hi = _sequence(QOff, KOff, n, lo, hi, BOTTOM_RIGHT)
+        if m0 >= L:
+            return
+        Q += q0 * sql
+        DO += q0 * sdol
+        DQ += q0 * sdql
+        LSE += q0
+        Delta += q0
+        K += k0 * sks
+        V += k0 * svs
     offs_m = m0 + tl.arange(0, BLOCK_M)
     offs_dk = tl.arange(0, BLOCK_DK)
     offs_dv = tl.arange(0, BLOCK_DV)
-    row = pid_nh.to(tl.int64) * L
+    row = n * sln + h * slh
     q = tl.load(
         Q + n * sqn + h * sqh + offs_m[:, None] * sql + offs_dk[None, :] * sqd,
         mask=(offs_m < L)[:, None] & (offs_dk < Dk)[None, :], other=0.0,
@@ -404,6 +463,28 @@ def _band_args(lo: int | None, hi: int | None) -> dict:
     return {"lo": 0 if lo is None else lo, "hi": 0 if hi is None else hi, "HAS_LO": lo is not None, "HAS_HI": hi is not None}
 
 
+def _strides(t: Tensor) -> tuple[int, int, int, int]:
+    """Batch, head, row and feature strides of a ``(N, H, rows, D)`` tensor, or of a
+    packed ``(T, H, D)`` one read as a batch of stride 0."""
+    if t.dim() == 4:
+        return t.stride()
+    return (0, t.stride(1), t.stride(0), t.stride(2))
+
+
+def _row_strides(lse: Tensor) -> tuple[int, int]:
+    """Batch and head strides of a contiguous ``(N, H, L)`` lse, or of a packed ``(H, T)`` one."""
+    return (lse.stride(0), lse.stride(1)) if lse.dim() == 3 else (0, lse.stride(0))
+
+
+# A layout: the offset pointers (passed after the mask tensors) and the constexpr flags.
+_DENSE = ((None, None), {"VARLEN": False, "BOTTOM_RIGHT": False})
+
+
+def _packed(q_offsets: Tensor, k_offsets: Tensor, bottom_right: bool) -> tuple[tuple, dict]:
+    """The layout of a packed batch (``_DENSE`` is that of a padded one)."""
+    return (q_offsets, k_offsets), {"VARLEN": True, "BOTTOM_RIGHT": bottom_right}
+
+
 def _common(lengths, allowed, bias, lo, hi) -> tuple[tuple, dict]:
     args = (lengths, *_mask_args(allowed), *_mask_args(bias))
     flags = {
@@ -415,27 +496,54 @@ def _common(lengths, allowed, bias, lo, hi) -> tuple[tuple, dict]:
     return args, flags
 
 
+def _launch_forward(
+    q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, N: int, L: int, S: int,
+    masks: tuple, flags: dict, scale: float, layout: tuple[tuple, dict],
+) -> None:
+    """Fill ``out`` and ``lse``; ``L``/``S`` are the (longest) sequence lengths."""
+    Hq, Dk, Hkv, Dv = q.shape[1], q.shape[-1], k.shape[1], v.shape[-1]
+    cfg = _blocks(Dk, Dv, q.dtype, backward=False)
+    offsets, varlen = layout
+    _fwd_kernel[(triton.cdiv(L, cfg["BLOCK_M"]), N * Hq)](
+        q, k, v, out, lse, masks[0], masks[1], masks[6], *offsets,
+        *_strides(q), *_strides(k), *_strides(v), *_strides(out), *_row_strides(lse),
+        *masks[2:6], *masks[7:11],
+        Hq, L, S, Dk, Dv, Hq // Hkv, scale * _LOG2E,
+        BLOCK_DK=_head_block(Dk), BLOCK_DV=_head_block(Dv), PRECISION=_precision(q.dtype),
+        **flags, **varlen, **cfg,
+    )
+
+
 def forward(
     q: Tensor, k: Tensor, v: Tensor, lengths: Tensor | None, allowed: Tensor | None, bias: Tensor | None,
     scale: float, lo: int | None, hi: int | None,
 ) -> tuple[Tensor, Tensor]:
     """Output ``(N, Hq, L, Dv)`` in q's dtype and lse ``(N, Hq, L)`` in fp32, log2 units."""
-    N, Hq, L, Dk = q.shape
-    Hkv, S, Dv = k.shape[1], k.shape[2], v.shape[3]
-    out = q.new_empty(N, Hq, L, Dv)
+    N, Hq, L, _ = q.shape
+    out = q.new_empty(N, Hq, L, v.shape[3])
     lse = q.new_empty(N, Hq, L, dtype=torch.float32)
-    if lse.numel() == 0:
-        return out, lse
-    masks, flags = _common(lengths, allowed, bias, lo, hi)
-    cfg = _blocks(Dk, Dv, q.dtype, backward=False)
-    _fwd_kernel[(triton.cdiv(L, cfg["BLOCK_M"]), N * Hq)](
-        q, k, v, out, lse, masks[0], masks[1], masks[6],
-        *q.stride(), *k.stride(), *v.stride(), *out.stride(),
-        *masks[2:6], *masks[7:11],
-        Hq, L, S, Dk, Dv, Hq // Hkv, scale * _LOG2E,
-        BLOCK_DK=_head_block(Dk), BLOCK_DV=_head_block(Dv), PRECISION=_precision(q.dtype),
-        **flags, **cfg,
-    )
+    if lse.numel() > 0:
+        masks, flags = _common(lengths, allowed, bias, lo, hi)
+        _launch_forward(q, k, v, out, lse, N, L, k.shape[2], masks, flags, scale, _DENSE)
+    return out, lse
+
+
+def varlen_forward(
+    q: Tensor, k: Tensor, v: Tensor, q_offsets: Tensor, k_offsets: Tensor, max_q: int, max_k: int,
+    scale: float, lo: int | None, hi: int | None, bottom_right: bool,
+) -> tuple[Tensor, Tensor]:
+    """Packed output ``(Tq, Hq, Dv)`` in q's dtype and lse ``(Hq, Tq)`` in fp32, log2 units,
+    for packed q ``(Tq, Hq, Dk)``, k ``(Tk, Hkv, Dk)``, v ``(Tk, Hkv, Dv)`` and int32
+    offsets ``(N + 1,)`` that start at 0 and end at ``Tq``/``Tk``. ``max_q``/``max_k``
+    are the longest ``L_n``/``S_n``; the band is ``i + lo <= j <= i + hi``, both
+    shifted by ``S_n - L_n`` in sequence ``n`` when ``bottom_right``."""
+    Tq, Hq, _ = q.shape
+    out = q.new_empty(Tq, Hq, v.shape[2])
+    lse = q.new_empty(Hq, Tq, dtype=torch.float32)
+    if lse.numel() > 0:
+        masks, flags = _common(None, None, None, lo, hi)
+        layout = _packed(q_offsets, k_offsets, bottom_right)
+        _launch_forward(q, k, v, out, lse, q_offsets.shape[0] - 1, max_q, max_k, masks, flags, scale, layout)
     return out, lse
 
 
@@ -466,35 +574,64 @@ def weights(
     return w
 
 
-def backward(
+def _launch_backward(
     dout: Tensor, dlse: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
-    lengths: Tensor | None, allowed: Tensor | None, bias: Tensor | None,
-    scale: float, lo: int | None, hi: int | None,
+    N: int, L: int, S: int, masks: tuple, flags: dict, scale: float, layout: tuple[tuple, dict],
 ) -> tuple[Tensor, Tensor, Tensor]:
     """dq, dk, dv. ``dlse`` is the gradient reaching the (log2) lse output; it
     enters through ``delta``: ``ds = p * (dp - (rowsum(dO * O) - dlse * log2(e)))``."""
-    N, Hq, L, Dk = q.shape
-    Hkv, S, Dv = k.shape[1], k.shape[2], v.shape[3]
+    Hq, Dk, Hkv, Dv = q.shape[1], q.shape[-1], k.shape[1], v.shape[-1]
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-    delta = ((dout.float() * out.float()).sum(-1) - dlse.float() * _LOG2E).contiguous()
+    offsets, varlen = layout
+    rowsum = (dout.float() * out.float()).sum(-1)
+    if varlen["VARLEN"]:
+        rowsum = rowsum.transpose(0, 1)
+    delta = (rowsum - dlse.float() * _LOG2E).contiguous()
     lse = lse.contiguous()
-    masks, flags = _common(lengths, allowed, bias, lo, hi)
     cfg = _blocks(Dk, Dv, q.dtype, backward=True)
-    common = {"BLOCK_DK": _head_block(Dk), "BLOCK_DV": _head_block(Dv), "PRECISION": _precision(q.dtype), **flags, **cfg}
+    common = {
+        "BLOCK_DK": _head_block(Dk), "BLOCK_DV": _head_block(Dv), "PRECISION": _precision(q.dtype),
+        **flags, **varlen, **cfg,
+    }
     if dk.numel() + dv.numel() > 0:
         _bwd_dkdv_kernel[(triton.cdiv(S, cfg["BLOCK_N"]), N * Hkv)](
-            q, k, v, dout, lse, delta, dk, dv, masks[0], masks[1], masks[6],
-            *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dk.stride(), *dv.stride(),
-            *masks[2:6], *masks[7:11],
+            q, k, v, dout, lse, delta, dk, dv, masks[0], masks[1], masks[6], *offsets,
+            *_strides(q), *_strides(k), *_strides(v), *_strides(dout), *_strides(dk), *_strides(dv),
+            *_row_strides(lse), *masks[2:6], *masks[7:11],
             Hq, Hkv, L, S, Dk, Dv, Hq // Hkv, scale * _LOG2E, scale,
             **common,
         )
     if dq.numel() > 0:
         _bwd_dq_kernel[(triton.cdiv(L, cfg["BLOCK_M"]), N * Hq)](
-            q, k, v, dout, lse, delta, dq, masks[0], masks[1], masks[6],
-            *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dq.stride(),
-            *masks[2:6], *masks[7:11],
+            q, k, v, dout, lse, delta, dq, masks[0], masks[1], masks[6], *offsets,
+            *_strides(q), *_strides(k), *_strides(v), *_strides(dout), *_strides(dq),
+            *_row_strides(lse), *masks[2:6], *masks[7:11],
             Hq, L, S, Dk, Dv, Hq // Hkv, scale * _LOG2E, scale,
             **common,
         )
     return dq, dk, dv
+
+
+def backward(
+    dout: Tensor, dlse: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
+    lengths: Tensor | None, allowed: Tensor | None, bias: Tensor | None,
+    scale: float, lo: int | None, hi: int | None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """dq, dk, dv of :func:`forward`, shaped like q, k, v."""
+    N, _, L, _ = q.shape
+    masks, flags = _common(lengths, allowed, bias, lo, hi)
+    return _launch_backward(dout, dlse, q, k, v, out, lse, N, L, k.shape[2], masks, flags, scale, _DENSE)
+
+
+def varlen_backward(
+    dout: Tensor, dlse: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
+    q_offsets: Tensor, k_offsets: Tensor, max_q: int, max_k: int,
+    scale: float, lo: int | None, hi: int | None, bottom_right: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """dq ``(Tq, Hq, Dk)``, dk ``(Tk, Hkv, Dk)``, dv ``(Tk, Hkv, Dv)`` of :func:`varlen_forward`;
+    ``dout`` is packed like its output, ``dlse`` like its lse ``(Hq, Tq)``."""
+    masks, flags = _common(None, None, None, lo, hi)
+    layout = _packed(q_offsets, k_offsets, bottom_right)
+    return _launch_backward(
+        dout, dlse, q, k, v, out, lse, q_offsets.shape[0] - 1, max_q, max_k, masks, flags, scale, layout
+    )

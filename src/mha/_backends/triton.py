@@ -12,11 +12,15 @@ through their broadcast strides), attention weights and the log-sum-exp.
   never ``N * Hq * L * S``; ``"per_head"`` writes each head's tile.
 * backward: flash-attention-2 style, dk/dv per key block (summed over the query
   heads of a GQA group) and dq per query block, no atomics.
+* variable-length batches: the same forward and backward kernels read packed
+  q/k/v and int32 cu_seqlens-style offsets, so a jagged batch costs one launch
+  (per kernel), whatever its lengths; bands align per sequence.
 
 The kernels are wrapped as ``torch.library.custom_op`` (``mha::triton_attention_fwd``,
-``mha::triton_attention_bwd``, ``mha::triton_attention_weights``) with fake and
-autograd registrations, so ``torch.compile`` traces through them. Triton itself
-is imported only when a kernel runs.
+``mha::triton_attention_bwd``, ``mha::triton_attention_weights``,
+``mha::triton_varlen_fwd``, ``mha::triton_varlen_bwd``) with fake and autograd
+registrations, so ``torch.compile`` traces through them. Triton itself is
+imported only when a kernel runs.
 
 On CPU the kernels run only in Triton's interpreter (``TRITON_INTERPRET=1``,
 set before the kernels are first used), which is how the tests run them.
@@ -26,16 +30,20 @@ set before the kernels are first used), which is how the tests run them.
 
 import functools
 import importlib.util
+import itertools
 import operator
 import os
 
 import torch
 from torch import Tensor
 
+from .. import masks as _masks
 from .._core import AttentionOutput, Call
+from .._plan import plan_mask
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _MAX_HEAD_DIM = 256
+_MAX_GRID_Y = 65535  # CUDA's limit on a grid's second dimension
 _LN2 = 0.6931471805599453
 
 
@@ -137,6 +145,86 @@ def _(q, k, lse, lengths, allowed, bias, scale, lo, hi, per_head):
     return q.new_empty((N, Hq, L, S) if per_head else (N, L, S))
 
 
+@torch.library.custom_op("mha::triton_varlen_fwd", mutates_args=())
+def varlen_fwd(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    q_offsets: Tensor,
+    k_offsets: Tensor,
+    max_q: int,
+    max_k: int,
+    scale: float,
+    lo: int | None,
+    hi: int | None,
+    bottom_right: bool,
+) -> tuple[Tensor, Tensor]:
+    """Attention over a packed batch in one launch.
+
+    q ``(Tq, Hq, Dk)``, k ``(Tk, Hkv, Dk)``, v ``(Tk, Hkv, Dv)``; sequence ``n`` owns
+    query rows ``q_offsets[n]:q_offsets[n + 1]`` and key rows
+    ``k_offsets[n]:k_offsets[n + 1]`` (int32 ``(N + 1,)`` on q's device, from 0 to
+    ``Tq``/``Tk``); ``max_q``/``max_k`` are the longest ``L_n``/``S_n``. Query ``i``
+    of sequence ``n`` attends its keys ``j`` with ``i + lo <= j <= i + hi``, both
+    offsets shifted by ``S_n - L_n`` when ``bottom_right`` (None: unbounded side).
+
+    Returns the packed output ``(Tq, Hq, Dv)`` (q's dtype) and the lse packed
+    ``(Hq, Tq)`` (fp32, log2 units; sequence ``n``'s lse is ``lse[:, q_offsets[n]:q_offsets[n + 1]]``)."""
+    return _kernels().varlen_forward(q, k, v, q_offsets, k_offsets, max_q, max_k, scale, lo, hi, bottom_right)
+
+
+@varlen_fwd.register_fake
+def _(q, k, v, q_offsets, k_offsets, max_q, max_k, scale, lo, hi, bottom_right):
+    Tq, Hq, _ = q.shape
+    return q.new_empty(Tq, Hq, v.shape[-1]), q.new_empty(Hq, Tq, dtype=torch.float32)
+
+
+@torch.library.custom_op("mha::triton_varlen_bwd", mutates_args=())
+def varlen_bwd(
+    dout: Tensor,
+    dlse: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    out: Tensor,
+    lse: Tensor,
+    q_offsets: Tensor,
+    k_offsets: Tensor,
+    max_q: int,
+    max_k: int,
+    scale: float,
+    lo: int | None,
+    hi: int | None,
+    bottom_right: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``(dq, dk, dv)``, packed like q, k, v, of :func:`varlen_fwd` given the gradients
+    of its output ``(Tq, Hq, Dv)`` and lse ``(Hq, Tq)``."""
+    return _kernels().varlen_backward(
+        dout, dlse, q, k, v, out, lse, q_offsets, k_offsets, max_q, max_k, scale, lo, hi, bottom_right
+    )
+
+
+@varlen_bwd.register_fake
+def _(dout, dlse, q, k, v, out, lse, q_offsets, k_offsets, max_q, max_k, scale, lo, hi, bottom_right):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _varlen_setup_context(ctx, inputs, output):
+    q, k, v, q_offsets, k_offsets, *args = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, q_offsets, k_offsets)
+    ctx.args = args
+
+
+def _varlen_backward(ctx, dout, dlse):
+    q, k, v, out, lse, q_offsets, k_offsets = ctx.saved_tensors
+    dq, dk, dv = varlen_bwd(dout, dlse, q, k, v, out, lse, q_offsets, k_offsets, *ctx.args)
+    return dq, dk, dv, None, None, None, None, None, None, None, None
+
+
+varlen_fwd.register_autograd(_varlen_backward, setup_context=_varlen_setup_context)
+
+
 def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -192,3 +280,59 @@ class _Triton:
 
 
 BACKEND = _Triton()
+
+
+def _alignments(mask: _masks.Mask | None) -> set[str]:
+    """The alignments (``"top_left"``, ``"bottom_right"``) of a mask's bands."""
+    return set() if mask is None else {p.align for p in mask.parts() if isinstance(p, _masks.Window)}
+
+
+def varlen_not_supported_reasons(call: Call, n_seq: int) -> list[str]:
+    """Why :func:`varlen_attention` cannot serve a packed batch of ``n_seq`` sequences;
+    empty if it can.
+
+    ``call`` holds the packed q ``(Tq, Hq, Dk)``, k and v viewed as one sequence
+    ``(1, H, T, D)``, with the (band) mask, dropout and weights of the batch."""
+    reasons = BACKEND.not_supported_reasons(call)
+    if call.weights is not None:
+        reasons.append(
+            f"the varlen Triton kernels compute no attention weights (weights={call.weights!r}); "
+            "jagged batches with weights run per group of equal lengths"
+        )
+    if len(_alignments(call.mask)) > 1:
+        reasons.append(
+            f"the varlen Triton kernels take bands of one alignment, got {call.mask!r} "
+            "(top_left and bottom_right mixed)"
+        )
+    _, Hq, _, Tq, Tk, _, _ = call.shape
+    if n_seq * Hq > _MAX_GRID_Y:
+        reasons.append(
+            f"the varlen Triton kernels run one program per sequence and head along a grid axis "
+            f"of at most {_MAX_GRID_Y}, got {n_seq} sequences * {Hq} heads; split the batch"
+        )
+    if max(Tq, Tk) >= 2**31:
+        reasons.append(f"the varlen Triton kernels take int32 offsets, got {Tq} queries and {Tk} keys")
+    return reasons
+
+
+def varlen_attention(
+    query: Tensor, key: Tensor, value: Tensor, q_offsets: list[int], k_offsets: list[int],
+    mask: _masks.Mask | None, scale: float,
+) -> tuple[Tensor, Tensor]:
+    """Attention over packed sequences in one launch of :func:`varlen_fwd`.
+
+    query ``(Tq, Hq, Dk)``, key ``(Tk, Hkv, Dk)``, value ``(Tk, Hkv, Dv)``; sequence
+    ``n`` owns rows ``q_offsets[n]:q_offsets[n + 1]`` and ``k_offsets[n]:k_offsets[n + 1]``,
+    offsets from 0 to ``Tq``/``Tk``; ``mask`` a band (``Causal``/``Window``) of one
+    alignment, aligned per sequence. Check :func:`varlen_not_supported_reasons` first.
+
+    Returns the output ``(Tq, Hq, Dv)`` and the natural-log lse packed ``(Hq, Tq)``,
+    both in the query's dtype."""
+    band = plan_mask(mask, 0, 0).band  # a square sequence's offsets: no alignment shift
+    lo = None if band is None else band.lo
+    hi = None if band is None else band.hi
+    offsets = [torch.tensor(o, dtype=torch.int32, device=query.device) for o in (q_offsets, k_offsets)]
+    max_q, max_k = (max([0, *(b - a for a, b in itertools.pairwise(o))]) for o in (q_offsets, k_offsets))
+    bottom_right = _alignments(mask) == {"bottom_right"}
+    out, lse = varlen_fwd(query, key, value, *offsets, max_q, max_k, scale, lo, hi, bottom_right)
+    return out, (lse * _LN2).to(query.dtype)

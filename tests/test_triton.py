@@ -284,6 +284,9 @@ def test_declines_with_reasons(monkeypatch):
     assert any("not differentiable" in r for r in reasons(call))
     with pytest.raises(NotImplementedError, match="not differentiable"):
         mha.attention(q, k, v, weights="mean", backend="triton")
+    wide = q.detach()[:1, :1, :1].expand(20_000, 4, 3, q.shape[-1])  # stride 0: nothing allocated
+    call = _validate_call(wide, k.detach()[:1, :1].expand(20_000, 4, 5, -1), v.detach()[:1, :1].expand(20_000, 4, 5, -1), None, None, 0.0, None, False)
+    assert any("at most 65535, got N=20000 * Hq=4" in r for r in reasons(call))
     bias = torch.zeros(5, requires_grad=True)
     assert any("Bias tensor" in r for r in reasons(_validate_call(q, k, v, Bias(bias), None, 0.0, None, False)))
     monkeypatch.delenv("TRITON_INTERPRET")

@@ -249,9 +249,14 @@ class _Triton:
             )
         if call.query.dtype not in _DTYPES:
             reasons.append(f"the triton backend takes float16, bfloat16 or float32, got {call.query.dtype}")
-        _, _, _, _, _, Dk, Dv = call.shape
+        N, Hq, _, _, _, Dk, Dv = call.shape
         if max(Dk, Dv) > _MAX_HEAD_DIM:
             reasons.append(f"the triton backend takes head dims up to {_MAX_HEAD_DIM}, got Dk={Dk}, Dv={Dv}")
+        if N * Hq > _MAX_GRID_Y:
+            reasons.append(
+                f"the triton backend runs one program per batch row and head along a grid axis of at most "
+                f"{_MAX_GRID_Y}, got N={N} * Hq={Hq}; split the batch"
+            )
         if call.dropout_p > 0:
             reasons.append(f"the triton backend has no dropout (dropout_p={call.dropout_p}); pass 0.0 in eval")
         if _needs_grad(*call.plan.bias):

@@ -29,8 +29,9 @@ import argparse
 import functools
 import math
 import sys
+import warnings
 
-SECTIONS = ("check", "dense", "train", "varlen", "weights")
+SECTIONS = ("check", "module", "tune", "dense", "train", "varlen", "weights")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -42,6 +43,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--width", type=int, default=2048, help="H * D: heads = width // D")
     p.add_argument("--rep", type=int, default=40, help="milliseconds of timed repetitions per measurement")
     p.add_argument("--no-flex", action="store_true", help="skip FlexAttention (its compiles take time)")
+    p.add_argument("--check-cases", nargs="+", type=int, help="indices of the check cases to run (default: all); "
+                   "separate processes can split them, as compiling dominates")
     return p.parse_args(argv)
 
 
@@ -252,7 +255,7 @@ def _plain(q, k, v, mask):
     return torch.matmul(p, v), lse, p
 
 
-def check() -> bool:
+def check(selected: list[int] | None = None) -> bool:
     """The compiled kernels against fp64, every mask kind, three dtypes; True if all pass."""
     import torch
 
@@ -283,6 +286,8 @@ def check() -> bool:
         ((96, 96), torch.float16, ["window_padding"]),
         ((256, 256), torch.bfloat16, ["causal_padding_bias"]),
     ]
+    if selected is not None:
+        cases = [cases[i] for i in selected]
     ok = True
     for (Dk, Dv), dtype, names in cases:
         base = [torch.randn(shape, generator=g, device=dev, dtype=torch.float64) for shape in ((N, Hq, L, Dk), (N, Hkv, S, Dk), (N, Hkv, S, Dv))]
@@ -317,6 +322,136 @@ def check() -> bool:
     return ok
 
 
+def _counting(backend):
+    """Wrap ``backend.forward`` to count the calls it serves; returns the counter."""
+    calls = [0]
+    forward = backend.forward
+
+    def counted(call):
+        calls[0] += 1
+        return forward(call)
+
+    backend.forward = counted
+    return calls
+
+
+def module() -> bool:
+    """The drop-in on CUDA: mha.MultiheadAttention against torch.nn.MultiheadAttention
+    (same weights) in fp32, torch's fp64 module as the exact answer; True if all pass."""
+    import torch
+    from torch import nn
+
+    import mha
+    from mha._backends import triton as tb
+
+    print("\n== module: mha.MultiheadAttention vs nn.MultiheadAttention on CUDA, fp32 (error <= 2x torch fp32's + 1 ulp vs torch fp64) ==")
+    served = _counting(tb.BACKEND)
+    dev = "cuda"
+    g = torch.Generator(device=dev).manual_seed(1)
+    N, L, S, E, H = 3, 37, 53, 64, 4
+    lengths = torch.tensor([53, 20, 1], device=dev)
+    kpm = torch.arange(S, device=dev)[None] >= lengths[:, None]
+    causal = torch.ones(L, S, dtype=torch.bool, device=dev).triu(1)
+    cases = {
+        "no mask": {},
+        "key_padding_mask": {"key_padding_mask": kpm},
+        "kpm + causal bool": {"key_padding_mask": kpm, "attn_mask": causal},
+        "float attn_mask (N*H, L, S)": {"attn_mask": torch.randn(N * H, L, S, generator=g, device=dev)},
+        "float kpm + bool attn_mask": {"key_padding_mask": torch.zeros(N, S, device=dev).masked_fill(kpm, float("-inf")), "attn_mask": causal},
+    }
+    ok = True
+    for kdim in (None, 48):
+        ref = nn.MultiheadAttention(E, H, kdim=kdim, vdim=kdim, batch_first=True, device=dev, dtype=torch.float64)
+        x = [torch.randn(N, n, d, generator=g, device=dev, dtype=torch.float64) for n, d in ((L, E), (S, kdim or E), (S, kdim or E))]
+        dout = torch.randn(N, L, E, generator=g, device=dev, dtype=torch.float64)
+        for name, kwargs in cases.items():
+            for need_weights, average in ((False, True), (True, True), (True, False)):
+                results = {}
+                for kind, cls, dt in (("exact", nn.MultiheadAttention, torch.float64), ("plain", nn.MultiheadAttention, torch.float32), ("mha", mha.MultiheadAttention, torch.float32)):
+                    m = cls(E, H, kdim=kdim, vdim=kdim, batch_first=True, device=dev, dtype=dt)
+                    m.load_state_dict(ref.state_dict())
+                    kw = {key: (t.to(dt) if t.is_floating_point() else t) for key, t in kwargs.items()}
+                    inputs = [t.to(dt).requires_grad_(not need_weights) for t in x]
+                    with torch.set_grad_enabled(not need_weights), warnings.catch_warnings():
+                        warnings.simplefilter("ignore")  # torch's on the float/bool mask mix
+                        out, w = m(*inputs, need_weights=need_weights, average_attn_weights=average, **kw)
+                    tensors = [out.detach()] + ([w] if need_weights else [])
+                    if not need_weights:
+                        params = [p for p in m.parameters() if p.requires_grad]
+                        tensors += [t for t in torch.autograd.grad(out, inputs + params, dout.to(dt)) if t is not None]
+                    results[kind] = tensors
+                worst = 0.0
+                for got, exact, plain in zip(results["mha"], results["exact"], results["plain"], strict=True):
+                    if not torch.isfinite(got).all():
+                        worst = float("inf")
+                        break
+                    err = (got.double() - exact).abs().max().item()
+                    budget = 2 * (plain.double() - exact).abs().max().item() + torch.finfo(torch.float32).eps * max(1.0, exact.abs().max().item())
+                    worst = max(worst, err / budget)
+                passed = worst <= 1.0
+                ok &= passed
+                what = "grads" if not need_weights else ("weights mean" if average else "weights per head")
+                print(f"  {'PASS' if passed else 'FAIL'} kdim={kdim} {name:<28} {what:<16} worst error / budget {worst:.2f}")
+    m = mha.MultiheadAttention(E, H, batch_first=True, device=dev)
+    torch.nn.init.normal_(m.out_proj.bias)
+    q = torch.randn(N, L, E, device=dev, requires_grad=True)
+    empty = torch.ones(N, S, dtype=torch.bool, device=dev)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the warning that every key is padded is the point here
+        out, w = m(q, torch.randn(N, S, E, device=dev), torch.randn(N, S, E, device=dev), key_padding_mask=empty)
+    out.sum().backward()
+    zero = bool((out == m.out_proj.bias).all() and (w == 0).all() and torch.isfinite(q.grad).all())
+    ok &= zero
+    print(f"  {'PASS' if zero else 'FAIL'} every key padded: output is out_proj's bias, weights 0, gradients finite")
+    print(f"  the triton backend served {served[0]} calls")
+    return ok
+
+
+# Forward tiles (BLOCK_M, BLOCK_N, num_warps, num_stages) per head dim, and backward tiles.
+_TUNE_FWD = {
+    64: [(128, 64, 4, 3), (128, 64, 4, 4), (128, 128, 4, 3), (128, 128, 8, 3), (64, 64, 4, 3), (128, 32, 4, 3)],
+    128: [(128, 64, 8, 3), (128, 64, 8, 4), (128, 128, 8, 3), (128, 128, 8, 2), (128, 64, 4, 3), (64, 64, 4, 3), (64, 128, 4, 3)],
+}
+_TUNE_BWD = [(64, 64, 4, 2), (64, 64, 8, 2), (64, 64, 4, 3), (64, 64, 8, 3), (128, 64, 8, 2), (64, 128, 8, 2), (32, 64, 4, 2)]
+
+
+def tune(args) -> None:
+    """Time the dense bf16 kernels at L = 8192 under other tile sizes than ``_blocks`` picks."""
+    import torch
+
+    from mha._backends import _triton_kernels as tk
+    from mha._backends import triton as tb
+
+    print("\n== tune: bf16 dense L=8192, tiles (BLOCK_M, BLOCK_N, warps, stages); speed-up vs the default tiles ==")
+    default = tk._blocks
+    L = 8192
+    try:
+        for D in args.head_dims:
+            H = args.width // D
+            N = max(1, args.tokens // L)
+            q, k, v = (torch.randn(N, H, L, D, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+            dout = torch.randn_like(q)
+            flops = 4 * N * H * L * L * D
+            print(f"  forward D={D} N={N} H={H}, default {default(D, D, torch.bfloat16, False)}")
+            base = _bench(args.rep, tb.attention_fwd, q, k, v, None, None, None, D**-0.5, None, None)
+            _row("default", base, flops, base)
+            for bm, bn, w, st in _TUNE_FWD.get(D, []):
+                cfg = {"BLOCK_M": bm, "BLOCK_N": bn, "num_warps": w, "num_stages": st}
+                tk._blocks = lambda dk, dv, dtype, backward, cfg=cfg: cfg
+                _row(f"{bm} {bn} {w} {st}", _bench(args.rep, tb.attention_fwd, q, k, v, None, None, None, D**-0.5, None, None), flops, base)
+            tk._blocks = default
+            print(f"  forward + backward D={D}, default backward {default(D, D, torch.bfloat16, True)}")
+            base = _bench(args.rep, _step, dout, _triton_out, q, k, v)
+            _row("default", base, flops * 3.5, base)
+            for bm, bn, w, st in _TUNE_BWD:
+                cfg = {"BLOCK_M": bm, "BLOCK_N": bn, "num_warps": w, "num_stages": st}
+                tk._blocks = lambda dk, dv, dtype, backward, cfg=cfg: cfg if backward else default(dk, dv, dtype, backward)
+                _row(f"{bm} {bn} {w} {st}", _bench(args.rep, _step, dout, _triton_out, q, k, v), flops * 3.5, base)
+            tk._blocks = default
+    finally:
+        tk._blocks = default
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     import torch
@@ -328,7 +463,9 @@ def main(argv: list[str] | None = None) -> int:
     ok = True
     for section in args.sections:
         if section == "check":
-            ok = check()
+            ok &= check(args.check_cases)
+        elif section == "module":
+            ok &= module()
         else:
             globals()[section](args)
     return 0 if ok else 1

@@ -489,6 +489,25 @@ def test_forced_triton_runs_a_jagged_batch_in_one_launch(monkeypatch):
     assert counts == {"_fwd_kernel": 4, "_weights_kernel": 4}
 
 
+def test_a_jagged_batch_that_knows_its_longest_sequence_reads_nothing_back(monkeypatch):
+    """On CUDA a host read waits for the GPU. The varlen kernels need only the offsets
+    tensor and the longest length, which a jagged tensor built from a list caches."""
+    g = torch.Generator().manual_seed(0)
+    seqs = [torch.randn(n, HQ, 16, generator=g) for n in (3, 7, 1)]
+    q = torch.nested.nested_tensor(seqs, layout=torch.jagged).transpose(1, 2)
+    want = mha.attention(q, q, q, Causal(), backend="reference").output.values()
+
+    def read(*args, **kwargs):
+        raise AssertionError("a tensor was read on the host")
+
+    for name in ("tolist", "item", "__int__", "__bool__"):
+        monkeypatch.setattr(torch.Tensor, name, read)
+    got = mha.attention(q, q, q, Causal(), backend="triton").output
+    monkeypatch.undo()
+    torch.testing.assert_close(got.values(), want)
+    assert got._maybe_max_seqlen == 7  # the output keeps the cache for the next layer
+
+
 def test_jagged_auto_dispatch_on_cpu_never_uses_triton(monkeypatch):
     counts = _count_launches(monkeypatch)
     _, jagged = _small_jagged()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from typing import ClassVar
 
 import torch
@@ -15,6 +16,7 @@ from ._mask_analysis import summarize_attn_mask
 from ._torch_masks import masks_from_torch, reads_values, warn_pitfalls
 from ._validate import validate_constructor, validate_forward
 from ._varlen import (
+    Offsets,
     jagged_from_packed,
     nested_packed,
     nested_weights,
@@ -297,20 +299,27 @@ class MultiheadAttention(nn.Module):
         """Right-padded keys: only the real keys are projected and attended, every query row
         is computed (as torch does). Sequences are packed batch-major."""
         N, H, E = lengths.shape[0], self.num_heads, self.embed_dim
-        real = torch.arange(S, device=lengths.device)[None, :] < lengths[:, None]  # (N, S)
-        # Row of each real key in the flattened input, batch-major.
-        if batch_first:
-            rows = real.flatten().nonzero().flatten()
-        else:
-            positions = torch.arange(S, device=lengths.device)[None, :] * N
-            rows = (positions + torch.arange(N, device=lengths.device)[:, None])[real]
+        dev = lengths.device
+        # The one host read of this path, before any large launch, so that nothing after
+        # it waits for the GPU.
+        lengths_host = lengths.tolist()
+        T = sum(lengths_host)
+        # Row of each real key in the flattened input: key s of sequence n, batch-major.
+        ends = torch.cumsum(lengths, 0)
+        batch = torch.repeat_interleave(torch.arange(N, device=dev), lengths, output_size=T)
+        within = torch.arange(T, device=dev) - (ends - lengths)[batch]
+        rows = batch * S + within if batch_first else within * N + batch
         k_tokens = key.reshape(-1, key.shape[-1]).index_select(0, rows)
         v_tokens = k_tokens if value is key else value.reshape(-1, value.shape[-1]).index_select(0, rows)
         q, k, v = self._in_projection(query, k_tokens, v_tokens)
         q = (q if batch_first else q.transpose(0, 1)).reshape(N * L, H, E // H)
         k, v = (t.unflatten(-1, (H, E // H)) for t in (k, v))
-        q_offsets = [n * L for n in range(N + 1)]
-        k_offsets = [0, *torch.cumsum(lengths, 0).tolist()]
+        q_offsets = Offsets(range(0, (N + 1) * L, L), torch.arange(0, (N + 1) * L, L, device=dev), L)
+        k_offsets = Offsets(
+            itertools.accumulate(lengths_host, initial=0),
+            torch.cat([ends.new_zeros(1), ends]),
+            max(lengths_host, default=0),
+        )
         result = packed_attention(
             q,
             k,

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import itertools
 import warnings
+from collections.abc import Sequence
 from typing import NamedTuple
 
 import torch
@@ -30,12 +31,68 @@ class PackedOutput(NamedTuple):
     lse: list[Tensor] | None
 
 
+class Offsets:
+    """Where the sequences of a packed batch lie, cu_seqlens style: sequence ``n``
+    owns rows ``offsets[n]:offsets[n + 1]``.
+
+    Held as a host list, an integer tensor on the data's device, or both; either is
+    made from the other only when asked for, since reading a CUDA tensor on the host
+    waits for the GPU. The varlen kernels need only the tensor and the longest
+    length, so a jagged batch whose nested tensors know their longest sequence runs
+    without a single host-device synchronization."""
+
+    def __init__(self, host: Sequence[int] | None = None, device: Tensor | None = None, longest: int | None = None):
+        if host is None and device is None:
+            raise TypeError("Offsets needs a host list, a device tensor or both")
+        self._host = None if host is None else list(host)
+        self._device = device
+        self._longest = longest
+
+    def __len__(self) -> int:
+        return len(self._host) if self._host is not None else self._device.shape[0]
+
+    @property
+    def on_host(self) -> bool:
+        """Whether the list is at hand (reading it costs nothing)."""
+        return self._host is not None
+
+    def host(self) -> list[int]:
+        if self._host is None:
+            self._host = self._device.tolist()
+        return self._host
+
+    def on(self, device: torch.device) -> Tensor:
+        """The offsets as an int32 tensor on ``device``."""
+        if self._device is None:
+            self._device = torch.tensor(self._host, dtype=torch.int32, device=device)
+        return self._device.to(device=device, dtype=torch.int32)
+
+    def longest(self) -> int:
+        """The longest sequence's length (0 for none)."""
+        if self._longest is None:
+            if self._host is None and len(self) > 1:
+                self._longest = int(self._device.diff().max())
+            else:
+                self._longest = max([0, *(b - a for a, b in itertools.pairwise(self.host()))])
+        return self._longest
+
+    def shifted(self, by: int) -> Offsets:
+        """The offsets minus ``by``."""
+        if by == 0:
+            return self
+        return Offsets(
+            None if self._host is None else [o - by for o in self._host],
+            None if self._device is None else self._device - by,
+            self._longest,
+        )
+
+
 def packed_attention(
     query: Tensor,
     key: Tensor,
     value: Tensor,
-    q_offsets: list[int],
-    k_offsets: list[int],
+    q_offsets: Sequence[int] | Offsets,
+    k_offsets: Sequence[int] | Offsets,
     mask: _masks.Mask | None = None,
     *,
     scale: float | None = None,
@@ -45,6 +102,9 @@ def packed_attention(
     backend: str | None = None,
 ) -> PackedOutput:
     """Attention over packed sequences.
+
+    Offsets given as a tensor (in :class:`Offsets`) must run from 0 to the number of
+    rows; a host list may start and end anywhere (rows outside are left out).
 
     Args:
         query: ``(Tq, Hq, Dk)``, sequence ``n`` at rows ``q_offsets[n]:q_offsets[n+1]``.
@@ -57,6 +117,8 @@ def packed_attention(
             tensors where they can serve the call, else groups.
     """
     _validate_band_only(mask)
+    q_offsets = q_offsets if isinstance(q_offsets, Offsets) else Offsets(q_offsets)
+    k_offsets = k_offsets if isinstance(k_offsets, Offsets) else Offsets(k_offsets)
     if backend == "triton" or (backend is None and query.device.type == "cuda"):
         packed = _packed_triton(
             query, key, value, q_offsets, k_offsets, mask, scale, dropout_p, weights, return_lse,
@@ -64,6 +126,7 @@ def packed_attention(
         )
         if packed is not None:
             return packed
+    q_offsets, k_offsets = q_offsets.host(), k_offsets.host()
     n_seq = len(q_offsets) - 1
     groups: dict[tuple[int, int], list[int]] = {}
     for n in range(n_seq):
@@ -116,8 +179,8 @@ def _packed_triton(
     query: Tensor,
     key: Tensor,
     value: Tensor,
-    q_offsets: list[int],
-    k_offsets: list[int],
+    q_offsets: Offsets,
+    k_offsets: Offsets,
     mask: _masks.Mask | None,
     scale: float | None,
     dropout_p: float,
@@ -130,10 +193,12 @@ def _packed_triton(
     ``forced`` (a forced call they cannot serve otherwise raises NotImplementedError)."""
     from ._backends import triton as _triton
 
-    q0, k0 = q_offsets[0], k_offsets[0]
-    query, key, value = query[q0 : q_offsets[-1]], key[k0 : k_offsets[-1]], value[k0 : k_offsets[-1]]
-    q_offsets = [o - q0 for o in q_offsets]
-    k_offsets = [o - k0 for o in k_offsets]
+    if q_offsets.on_host:  # a list may leave rows out: keep those of the sequences
+        q0 = q_offsets.host()[0]
+        query, q_offsets = query[q0 : q_offsets.host()[-1]], q_offsets.shifted(q0)
+    if k_offsets.on_host:
+        k0 = k_offsets.host()[0]
+        key, value, k_offsets = key[k0 : k_offsets.host()[-1]], value[k0 : k_offsets.host()[-1]], k_offsets.shifted(k0)
     # The packed tensors as one (1, H, T, D) sequence: checked as mha.attention checks its inputs.
     call = _validate_call(
         *(t.transpose(0, 1)[None] for t in (query, key, value)), mask, scale, dropout_p, weights, return_lse
@@ -146,8 +211,11 @@ def _packed_triton(
                 + "\n".join(f"  - {r}" for r in reasons)
             )
         return None
-    output, lse = _triton.varlen_attention(query, key, value, q_offsets, k_offsets, mask, call.scale)
-    lses = [lse[:, a:b] for a, b in itertools.pairwise(q_offsets)] if return_lse else None
+    output, lse = _triton.varlen_attention(
+        query, key, value, q_offsets.on(query.device), k_offsets.on(query.device),
+        q_offsets.longest(), k_offsets.longest(), mask, call.scale,
+    )
+    lses = [lse[:, a:b] for a, b in itertools.pairwise(q_offsets.host())] if return_lse else None
     return PackedOutput(output, None, lses)
 
 
@@ -162,34 +230,41 @@ def _validate_band_only(mask: _masks.Mask | None) -> None:
             )
 
 
-def nested_packed(t: Tensor) -> tuple[Tensor, list[int]]:
-    """``(N, j, ...)`` nested tensor (jagged or strided) -> packed values ``(T, ...)`` and offsets."""
+def nested_packed(t: Tensor) -> tuple[Tensor, Offsets]:
+    """``(N, j, ...)`` nested tensor (jagged or strided) -> packed values ``(T, ...)`` and offsets.
+
+    A jagged tensor's offsets stay on its device, with the longest length it caches."""
     if t.layout == torch.jagged:
         if t._ragged_idx != 1:
             raise ValueError(
                 f"nested tensor of shape {tuple(t.shape)} must be ragged in dimension 1 (N, j, E)"
             )
-        return t.values(), t.offsets().tolist()
+        return t.values(), _jagged_offsets(t)
     parts = t.unbind()
-    offsets = [0]
-    for p in parts:
-        offsets.append(offsets[-1] + p.shape[0])
-    return torch.cat(parts, dim=0), offsets
+    return torch.cat(parts, dim=0), Offsets(itertools.accumulate((p.shape[0] for p in parts), initial=0))
 
 
-def jagged_from_packed(values: Tensor, offsets: list[int], like: Tensor) -> Tensor:
-    """Packed values back to a nested tensor with the layout of ``like``.
+def _jagged_offsets(t: Tensor) -> Offsets:
+    return Offsets(device=t.offsets(), longest=getattr(t, "_maybe_max_seqlen", None))
 
-    A jagged result reuses ``like``'s offsets tensor where it can, so that it shares
-    ``like``'s ragged size and ``output + like`` (a residual) works: jagged tensors
-    built on different offsets tensors do not broadcast with each other."""
+
+def _jagged_like(values: Tensor, like: Tensor) -> Tensor:
+    """``values`` packed as ``like``'s (a jagged tensor's) values, as a jagged tensor on
+    ``like``'s offsets: it shares ``like``'s ragged size, so ``output + like`` (a residual)
+    works, and its cached lengths, so it costs no synchronization."""
+    return torch.nested.nested_tensor_from_jagged(
+        values,
+        like.offsets(),
+        min_seqlen=getattr(like, "_maybe_min_seqlen", None),
+        max_seqlen=getattr(like, "_maybe_max_seqlen", None),
+    )
+
+
+def jagged_from_packed(values: Tensor, offsets: Offsets, like: Tensor) -> Tensor:
+    """Packed values (from :func:`nested_packed` of ``like``) back to a nested tensor with the layout of ``like``."""
     if like.layout == torch.jagged:
-        like_offsets = like.offsets()
-        if offsets[0] == 0 and like.values().shape[0] == values.shape[0]:
-            return torch.nested.nested_tensor_from_jagged(values, like_offsets)
-        fresh = torch.tensor([o - offsets[0] for o in offsets], device=values.device, dtype=torch.int64)
-        return torch.nested.nested_tensor_from_jagged(values, fresh)
-    lengths = [b - a for a, b in itertools.pairwise(offsets)]
+        return _jagged_like(values, like)
+    lengths = [b - a for a, b in itertools.pairwise(offsets.host())]
     return torch.nested.as_nested_tensor(list(values.split(lengths)))
 
 
@@ -218,19 +293,26 @@ def core_jagged(
     """:func:`mha.attention` for jagged ``(N, H, j, D)`` nested tensors."""
     from ._core import AttentionOutput
 
+    # Each distinct tensor is checked and unpacked once: attribute reads on a nested tensor
+    # go through its Python __torch_function__, microseconds each, and self-attention
+    # passes one tensor three times.
+    packed: dict[int, Tensor] = {}
     for name, t in (("query", query), ("key", key), ("value", value)):
+        if id(t) in packed:
+            continue
         if not (t.is_nested and t.layout == torch.jagged and t.dim() == 4 and t._ragged_idx == 2):
             raise ValueError(
                 f"attention: with jagged inputs, {name} must be a jagged nested tensor (N, H, j, D), "
                 "e.g. torch.nested.nested_tensor(list_of_(L_n, H, D), layout=torch.jagged).transpose(1, 2)"
             )
-    q_offsets = query.offsets().tolist()
-    k_offsets = key.offsets().tolist()
-    # values() of an (N, H, j, D) jagged tensor is (H, T, D): packed tokens second.
+        # values() of an (N, H, j, D) jagged tensor is (H, T, D): packed tokens second.
+        packed[id(t)] = t.values().transpose(0, 1)
+    q_offsets = _jagged_offsets(query)
+    k_offsets = q_offsets if key.offsets() is query.offsets() else _jagged_offsets(key)
     result = packed_attention(
-        query.values().transpose(0, 1),
-        key.values().transpose(0, 1),
-        value.values().transpose(0, 1),
+        packed[id(query)],
+        packed[id(key)],
+        packed[id(value)],
         q_offsets,
         k_offsets,
         mask,
@@ -240,13 +322,12 @@ def core_jagged(
         return_lse=return_lse,
         backend=backend,
     )
-    offsets = query.offsets()
-    output = torch.nested.nested_tensor_from_jagged(result.output, offsets).transpose(1, 2)
+    output = _jagged_like(result.output, query).transpose(1, 2)
     w = nested_weights(result.weights) if result.weights is not None else None
     lse = None
     if result.lse is not None:
         packed_lse = torch.cat([x.transpose(0, 1) for x in result.lse], dim=0)
-        lse = torch.nested.nested_tensor_from_jagged(packed_lse, offsets).transpose(1, 2)
+        lse = _jagged_like(packed_lse, query).transpose(1, 2)
     return AttentionOutput(output, w, lse)
 
 

@@ -30,7 +30,6 @@ set before the kernels are first used), which is how the tests run them.
 
 import functools
 import importlib.util
-import itertools
 import operator
 import os
 
@@ -321,23 +320,23 @@ def varlen_not_supported_reasons(call: Call, n_seq: int) -> list[str]:
 
 
 def varlen_attention(
-    query: Tensor, key: Tensor, value: Tensor, q_offsets: list[int], k_offsets: list[int],
+    query: Tensor, key: Tensor, value: Tensor, q_offsets: Tensor, k_offsets: Tensor, max_q: int, max_k: int,
     mask: _masks.Mask | None, scale: float,
 ) -> tuple[Tensor, Tensor]:
     """Attention over packed sequences in one launch of :func:`varlen_fwd`.
 
     query ``(Tq, Hq, Dk)``, key ``(Tk, Hkv, Dk)``, value ``(Tk, Hkv, Dv)``; sequence
-    ``n`` owns rows ``q_offsets[n]:q_offsets[n + 1]`` and ``k_offsets[n]:k_offsets[n + 1]``,
-    offsets from 0 to ``Tq``/``Tk``; ``mask`` a band (``Causal``/``Window``) of one
+    ``n`` owns rows ``q_offsets[n]:q_offsets[n + 1]`` and ``k_offsets[n]:k_offsets[n + 1]``
+    (int32 tensors on the data's device, from 0 to ``Tq``/``Tk``), the longest
+    ``max_q`` and ``max_k`` rows; ``mask`` a band (``Causal``/``Window``) of one
     alignment, aligned per sequence. Check :func:`varlen_not_supported_reasons` first.
+    Nothing here copies between host and device.
 
     Returns the output ``(Tq, Hq, Dv)`` and the natural-log lse packed ``(Hq, Tq)``,
     both in the query's dtype."""
     band = plan_mask(mask, 0, 0).band  # a square sequence's offsets: no alignment shift
     lo = None if band is None else band.lo
     hi = None if band is None else band.hi
-    offsets = [torch.tensor(o, dtype=torch.int32, device=query.device) for o in (q_offsets, k_offsets)]
-    max_q, max_k = (max([0, *(b - a for a, b in itertools.pairwise(o))]) for o in (q_offsets, k_offsets))
     bottom_right = _alignments(mask) == {"bottom_right"}
-    out, lse = varlen_fwd(query, key, value, *offsets, max_q, max_k, scale, lo, hi, bottom_right)
+    out, lse = varlen_fwd(query, key, value, q_offsets, k_offsets, max_q, max_k, scale, lo, hi, bottom_right)
     return out, (lse * _LN2).to(query.dtype)

@@ -1,15 +1,20 @@
-"""GPU benchmark and check of the triton backend (issue 6). One command, under
-5 minutes on one H100::
+"""GPU benchmark and check of the triton backend (issue 6). ``bash
+benchmarks/gpu_all.sh`` runs every section in about 3 minutes on one H100
+(checks in parallel processes); one section at a time::
 
-    python benchmarks/gpu.py                       # check, dense, train, varlen, weights
     python benchmarks/gpu.py --sections check      # compiled kernels against the reference only
-    python benchmarks/gpu.py --lengths 1024 8192 --head-dims 128
+    python benchmarks/gpu.py --sections dense --lengths 1024 8192 --head-dims 128
 
 Sections:
 
 * ``check``: the compiled kernels (not the interpreter) against the fp64
   reference, every mask kind, fp16/bf16/fp32, forward, lse, weights, gradients;
   error at most twice plain torch's in the same dtype.
+* ``module``: ``mha.MultiheadAttention`` against ``torch.nn.MultiheadAttention``
+  on CUDA in fp32, torch's fp64 module as the exact answer.
+* ``tune``: the dense kernels at L = 8192 under other tile sizes.
+* ``profile``: wall time against kernel time per call, host syncs, the top
+  ops and the host's own time, for the jagged, padded, module and dense paths.
 * ``dense``: bf16 forward TFLOP/s, head dims 64/128, L from 1k to 16k at a fixed
   number of tokens: the Triton forward alone, ``mha.attention`` through dispatch,
   SDPA's flash, cuDNN and efficient backends, FlexAttention (where it imports),
@@ -31,7 +36,7 @@ import math
 import sys
 import warnings
 
-SECTIONS = ("check", "module", "tune", "dense", "train", "varlen", "weights")
+SECTIONS = ("check", "module", "tune", "profile", "dense", "train", "varlen", "weights")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -450,6 +455,89 @@ def tune(args) -> None:
             tk._blocks = default
     finally:
         tk._blocks = default
+
+
+def _syncs(fn) -> list[str]:
+    """The host-device synchronizations of one call of ``fn``, as CUDA's sync debug mode names them."""
+    import torch
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            fn()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return [str(w.message).splitlines()[0][:90] for w in caught if "called a synchronizing" in str(w.message)]
+
+
+def profile(args) -> None:
+    """Where the time of the mha calls goes: wall time per call, kernel time, syncs, top ops."""
+    import cProfile
+    import pstats
+    import time
+
+    import torch
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    import mha
+    from mha.masks import Causal, KeyPadding
+
+    print("\n== profile: wall time vs kernel time per call, host syncs, top ops by device time ==")
+    g = torch.Generator().manual_seed(0)
+    N, H, D, L = 16, 32, 64, 1024
+    lengths = torch.randint(L // 4, L + 1, (N,), generator=g)
+    q = torch.randn(N, H, L, D, device="cuda", dtype=torch.bfloat16)
+    seqs = [torch.randn(n, H, D, device="cuda", dtype=torch.bfloat16) for n in lengths.tolist()]
+    nq = torch.nested.nested_tensor(seqs, layout=torch.jagged).transpose(1, 2)
+    padded_mask = Causal() & KeyPadding(lengths.cuda())
+    E = 2048
+    ours, _ = _modules(E, E // 128)
+    x = torch.randn(N, L, E, device="cuda", dtype=torch.bfloat16)
+    pad = torch.arange(L, device="cuda")[None, :] >= lengths.cuda()[:, None]
+    causal = torch.ones(L, L, dtype=torch.bool, device="cuda").triu(1)
+    weighted, _ = _modules(1024, 16)
+    xw = torch.randn(8, 1024, 1024, device="cuda", dtype=torch.bfloat16)
+    qd = torch.randn(1, 32, 16384, 64, device="cuda", dtype=torch.bfloat16)
+    cases = {
+        "jagged causal, N=16 H=32 D=64 L<=1024": lambda: mha.attention(nq, nq, nq, Causal()),
+        "padded causal + KeyPadding, same": lambda: mha.attention(q, q, q, padded_mask),
+        "module kpm + causal, N=16 L=1024 E=2048": lambda: ours(x, x, x, key_padding_mask=pad, attn_mask=causal, need_weights=False),
+        "module need_weights, N=8 L=1024 E=1024": lambda: weighted(xw, xw, xw, need_weights=True),
+        "dense attention, N=1 H=32 L=16384 D=64": lambda: mha.attention(qd, qd, qd),
+    }
+    key = "self_device_time_total"
+    with torch.inference_mode():
+        for name, fn in cases.items():
+            for _ in range(3):
+                fn()
+            torch.cuda.synchronize()
+            start = time.perf_counter()
+            for _ in range(10):
+                fn()
+            torch.cuda.synchronize()
+            wall = (time.perf_counter() - start) / 10 * 1e3
+            syncs = _syncs(fn)
+            with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+                for _ in range(5):
+                    fn()
+                torch.cuda.synchronize()
+            events = prof.key_averages()
+            kernels = [e for e in events if str(e.device_type).endswith("CUDA")]
+            device_ms = sum(getattr(e, key) for e in kernels) / 5 / 1e3
+            print(f"  {name}: wall {wall:.3f} ms per call, kernels {device_ms:.3f} ms, {len(syncs)} host syncs")
+            for s in sorted(set(syncs)):
+                print(f"      sync: {s}")
+            print(events.table(sort_by=key, row_limit=8, max_name_column_width=50))
+            host = cProfile.Profile()
+            host.enable()
+            for _ in range(20):
+                fn()
+            host.disable()
+            torch.cuda.synchronize()
+            print("    host time, 20 calls, by own time:")
+            pstats.Stats(host, stream=sys.stdout).sort_stats("tottime").print_stats(12)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -2,14 +2,18 @@
 # Every GPU check and benchmark in one command, for a lent GPU machine with
 # torch and triton installed (nothing to install: mha runs from src/).
 #
-#     bash benchmarks/gpu_all.sh [LOGDIR]       # LOGDIR defaults to gpu-logs
+#     bash benchmarks/gpu_all.sh [LOGDIR [STEP...]]    # LOGDIR defaults to gpu-logs
 #
-# The correctness checks run first, in parallel processes (compiling the kernels
-# dominates them and takes CPU, not GPU); the timed sections follow one at a time
-# on an otherwise idle GPU. Each step has its own time limit, so one that hangs
-# or fails leaves the others' results. Everything goes to LOGDIR/gpu.log.
+# STEPs (default: all, in this order): checks profile tune dense train varlen weights.
+# The checks (compiled kernels, and the module on CUDA) run in parallel processes,
+# as compiling the kernels dominates them and takes CPU, not GPU; the timed steps
+# follow one at a time on an otherwise idle GPU. Each step has its own time limit,
+# so one that hangs or fails leaves the others' results. Everything goes to
+# LOGDIR/gpu.log.
 set -u
 logdir=${1:-gpu-logs}
+shift $(($# > 0 ? 1 : 0))
+steps=${*:-checks profile tune dense train varlen weights}
 mkdir -p "$logdir"
 log="$logdir/gpu.log"
 : >"$log"
@@ -25,24 +29,33 @@ run() {  # run LIMIT_S NAME COMMAND...: one step, its exit status logged
     echo "### $name: exit $? in $((SECONDS - start)) s" | tee -a "$log"
 }
 
+checks() {
+    local start=$SECONDS tmp
+    tmp=$(mktemp -d)
+    for case in 0 1 2 3 4 5; do
+        timeout 130 $bench --sections check --check-cases $case >"$tmp/check$case" 2>&1 &
+    done
+    timeout 130 $bench --sections module >"$tmp/module" 2>&1 &
+    wait
+    cat "$tmp"/check* "$tmp/module" >>"$log"
+    echo "### checks (parallel): $(cat "$tmp"/* | grep -c PASS) PASS, $(cat "$tmp"/* | grep -c FAIL) FAIL in $((SECONDS - start)) s" | tee -a "$log"
+}
+
 {
     nvidia-smi -L
     $py -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())"
 } >>"$log" 2>&1
 
-start=$SECONDS
-tmp=$(mktemp -d)
-for case in 0 1 2 3 4 5; do
-    timeout 130 $bench --sections check --check-cases $case >"$tmp/check$case" 2>&1 &
+for step in $steps; do
+    case $step in
+        checks) checks ;;
+        profile) run 80 profile $bench --sections profile ;;
+        tune) run 80 tune $bench --sections tune ;;
+        dense) run 80 dense $bench --sections dense --no-flex --lengths 1024 4096 8192 16384 ;;
+        train) run 50 train $bench --sections train --lengths 4096 16384 ;;
+        varlen) run 100 varlen $bench --sections varlen --lengths 1024 4096 ;;
+        weights) run 50 weights $bench --sections weights --lengths 1024 4096 ;;
+        *) echo "unknown step $step" | tee -a "$log" ;;
+    esac
 done
-timeout 130 $bench --sections module >"$tmp/module" 2>&1 &
-wait
-cat "$tmp"/check* "$tmp/module" >>"$log"
-echo "### checks (parallel): $(grep -c PASS "$tmp"/* | paste -sd' ') PASS, $(cat "$tmp"/* | grep -c FAIL) FAIL in $((SECONDS - start)) s" | tee -a "$log"
-
-run 80 tune $bench --sections tune
-run 80 dense $bench --sections dense --no-flex --lengths 1024 4096 8192 16384
-run 50 train $bench --sections train --lengths 4096 16384
-run 100 varlen $bench --sections varlen --lengths 1024 4096
-run 50 weights $bench --sections weights --lengths 1024 4096
 grep -E "^(  |    |==|###)" "$log" | grep -vE "^\s+PASS" | tail -c 11000

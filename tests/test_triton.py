@@ -508,6 +508,25 @@ def test_a_jagged_batch_that_knows_its_longest_sequence_reads_nothing_back(monke
     assert got._maybe_max_seqlen == 7  # the output keeps the cache for the next layer
 
 
+@pytest.mark.parametrize("backend", [None, "reference", "triton"])
+def test_jagged_offsets_that_leave_rows_out(backend):
+    """Offsets may start past row 0 and end before the last row of the values: the
+    triton path reads the sequences in place, the others pack them first."""
+    g = torch.Generator().manual_seed(0)
+    values = torch.randn(12, HQ, 16, generator=g)
+    q = torch.nested.nested_tensor_from_jagged(values, torch.tensor([2, 5, 10])).transpose(1, 2)
+    res = mha.attention(q, q, q, Causal(), return_lse=True, backend=backend)
+    # Read each sequence where its offsets say, as nested-tensor ops do (unbind alone
+    # splits the values by length from row 0, whatever the first offset).
+    out_offsets = res.output.offsets().tolist()
+    for i, (a, b) in enumerate(((2, 5), (5, 10))):
+        x = values[a:b].transpose(0, 1)[None]
+        ref = mha.attention(x, x, x, Causal(), return_lse=True, backend="reference")
+        rows = slice(out_offsets[i], out_offsets[i + 1])
+        torch.testing.assert_close(res.output.values()[:, rows], ref.output[0], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(res.lse.unbind()[i], ref.lse[0], rtol=1e-5, atol=1e-5)
+
+
 def test_jagged_auto_dispatch_on_cpu_never_uses_triton(monkeypatch):
     counts = _count_launches(monkeypatch)
     _, jagged = _small_jagged()

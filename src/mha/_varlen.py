@@ -249,12 +249,19 @@ def _jagged_offsets(t: Tensor) -> Offsets:
 
 
 def _jagged_like(values: Tensor, like: Tensor) -> Tensor:
-    """``values`` packed as ``like``'s (a jagged tensor's) values, as a jagged tensor on
-    ``like``'s offsets: it shares ``like``'s ragged size, so ``output + like`` (a residual)
-    works, and its cached lengths, so it costs no synchronization."""
+    """``values`` packed as ``like``'s (a jagged tensor's) values, as a jagged tensor.
+
+    Where ``values`` has a row for each of ``like``'s, it reuses ``like``'s offsets: it
+    shares ``like``'s ragged size, so ``output + like`` (a residual) works, and its
+    cached lengths, so it costs no synchronization. Where ``like``'s offsets leave rows
+    out (they start past 0 or end early) and ``values`` holds only the sequences' rows,
+    the offsets are shifted to start at 0."""
+    offsets = like.offsets()
+    if values.shape[0] != like._values.shape[like._ragged_idx - 1]:
+        offsets = offsets - offsets[0]
     return torch.nested.nested_tensor_from_jagged(
         values,
-        like.offsets(),
+        offsets,
         min_seqlen=getattr(like, "_maybe_min_seqlen", None),
         max_seqlen=getattr(like, "_maybe_max_seqlen", None),
     )

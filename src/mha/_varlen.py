@@ -103,8 +103,10 @@ def packed_attention(
 ) -> PackedOutput:
     """Attention over packed sequences.
 
-    Offsets given as a tensor (in :class:`Offsets`) must run from 0 to the number of
-    rows; a host list may start and end anywhere (rows outside are left out).
+    Offsets may start past row 0 and end before the last row. Where the host list is
+    at hand, the rows outside every sequence are dropped from the output; where only a
+    device tensor is (the triton path reads no offsets back from the GPU), the output
+    keeps one row per query row and those rows are unspecified.
 
     Args:
         query: ``(Tq, Hq, Dk)``, sequence ``n`` at rows ``q_offsets[n]:q_offsets[n+1]``.

@@ -198,10 +198,10 @@ def explain(
         base = torch.empty((), dtype=query.dtype, device=device).requires_grad_(requires_grad)
         return base.expand(n, H, length, Dh)
 
-    lengths = module._right_padding(kpm, am, is_causal) if masks_known else None
-    if lengths is not None:
+    padding = module._right_padding(kpm, am, is_causal) if masks_known else None
+    if padding is not None:
         causal = is_causal or am is not None
-        keys = [int(n) for n in lengths.tolist()]
+        keys = list(padding.lengths_list)
         groups = len(set(keys))
         path = (
             f"right-padded keys: the padded keys are dropped before projection and each sequence "

@@ -12,9 +12,14 @@ from torch.nn.init import constant_, xavier_normal_, xavier_uniform_
 from torch.nn.modules.linear import NonDynamicallyQuantizableLinear
 
 from ._core import attention
-from ._mask_analysis import summarize_attn_mask
+from ._mask_analysis import (
+    KeyPaddingSummary,
+    reading_once,
+    summarize_attn_mask,
+    summarize_key_padding_mask,
+)
 from ._torch_masks import masks_from_torch, reads_values, warn_pitfalls
-from ._validate import validate_constructor, validate_forward
+from ._validate import ForwardShapes, validate_constructor, validate_forward
 from ._varlen import (
     Offsets,
     jagged_from_packed,
@@ -23,7 +28,7 @@ from ._varlen import (
     packed_attention,
     validate_nested_forward,
 )
-from .masks import Causal, right_padding_lengths
+from .masks import Causal
 
 
 class MultiheadAttention(nn.Module):
@@ -196,14 +201,36 @@ class MultiheadAttention(nn.Module):
                 query, key, value, key_padding_mask, need_weights, attn_mask, average_attn_weights, is_causal
             )
         shapes = validate_forward(self, query, key, value, key_padding_mask, attn_mask)
-        batch_first = self.batch_first and shapes.batched
         if not shapes.batched:
             query, key, value = query.unsqueeze(1), key.unsqueeze(1), value.unsqueeze(1)
             if key_padding_mask is not None:
                 key_padding_mask = key_padding_mask.unsqueeze(0)
             if attn_mask is not None and attn_mask.dim() == 3:
                 attn_mask = attn_mask.unsqueeze(0)
-        N = shapes.N
+        with reading_once():
+            out, weights = self._forward_batched(
+                query, key, value, key_padding_mask, attn_mask, is_causal, need_weights, average_attn_weights, shapes
+            )
+        if not shapes.batched:
+            out = out.squeeze(1)
+            if weights is not None:
+                weights = weights.squeeze(0)
+        return out, weights
+
+    def _forward_batched(
+        self,
+        query: Tensor,
+        key: Tensor,
+        value: Tensor,
+        key_padding_mask: Tensor | None,
+        attn_mask: Tensor | None,
+        is_causal: bool,
+        need_weights: bool,
+        average_attn_weights: bool,
+        shapes: ForwardShapes,
+    ) -> tuple[Tensor, Tensor | None]:
+        """Batched dense inputs: warnings, then the right-padding path or the dense one."""
+        batch_first = self.batch_first and shapes.batched
         warn_pitfalls(key_padding_mask, attn_mask, is_causal, self.bias_k is not None or self.add_zero_attn)
 
         if is_causal and (self.bias_k is not None or self.add_zero_attn):
@@ -213,21 +240,15 @@ class MultiheadAttention(nn.Module):
             is_causal = False
 
         weights_mode = ("mean" if average_attn_weights else "per_head") if need_weights else None
-        key_lengths = self._right_padding(key_padding_mask, attn_mask, is_causal)
-        if key_lengths is not None:
+        padding = self._right_padding(key_padding_mask, attn_mask, is_causal)
+        if padding is not None:
             causal = is_causal or attn_mask is not None
-            out, weights = self._forward_key_lengths(
-                query, key, value, key_lengths, causal, weights_mode, batch_first, shapes.L, shapes.S
+            return self._forward_key_lengths(
+                query, key, value, padding, causal, weights_mode, batch_first, shapes.L, shapes.S
             )
-        else:
-            out, weights = self._forward_dense(
-                query, key, value, key_padding_mask, attn_mask, is_causal, weights_mode, batch_first, N
-            )
-        if not shapes.batched:
-            out = out.squeeze(1)
-            if weights is not None:
-                weights = weights.squeeze(0)
-        return out, weights
+        return self._forward_dense(
+            query, key, value, key_padding_mask, attn_mask, is_causal, weights_mode, batch_first, shapes.N
+        )
 
     def _forward_dense(
         self,
@@ -271,9 +292,10 @@ class MultiheadAttention(nn.Module):
 
     def _right_padding(
         self, key_padding_mask: Tensor | None, attn_mask: Tensor | None, is_causal: bool
-    ) -> Tensor | None:
-        """Key lengths ``(N,)`` when the only masks are right padding and causality, so
-        the padded keys can be dropped before projection; else None."""
+    ) -> KeyPaddingSummary | None:
+        """The key padding mask's summary when it is right padding and the only other
+        mask is causality, so that the padded keys can be dropped before projection;
+        else None."""
         if key_padding_mask is None or key_padding_mask.dtype != torch.bool:
             return None
         if self.bias_k is not None or self.add_zero_attn or not reads_values():
@@ -282,14 +304,15 @@ class MultiheadAttention(nn.Module):
             attn_mask.dim() == 2 and summarize_attn_mask(attn_mask).standard_causal
         ):
             return None
-        return right_padding_lengths(key_padding_mask)
+        summary = summarize_key_padding_mask(key_padding_mask)
+        return summary if summary.lengths is not None else None
 
     def _forward_key_lengths(
         self,
         query: Tensor,
         key: Tensor,
         value: Tensor,
-        lengths: Tensor,
+        padding: KeyPaddingSummary,
         causal: bool,
         weights_mode: str | None,
         batch_first: bool,
@@ -297,12 +320,11 @@ class MultiheadAttention(nn.Module):
         S: int,
     ) -> tuple[Tensor, Tensor | None]:
         """Right-padded keys: only the real keys are projected and attended, every query row
-        is computed (as torch does). Sequences are packed batch-major."""
+        is computed (as torch does). Sequences are packed batch-major. The key lengths are
+        at hand on the host and the device, so nothing here waits for the GPU."""
+        lengths, lengths_host = padding.lengths, padding.lengths_list
         N, H, E = lengths.shape[0], self.num_heads, self.embed_dim
         dev = lengths.device
-        # The one host read of this path, before any large launch, so that nothing after
-        # it waits for the GPU.
-        lengths_host = lengths.tolist()
         T = sum(lengths_host)
         # Row of each real key in the flattened input: key s of sequence n, batch-major.
         ends = torch.cumsum(lengths, 0)

@@ -13,8 +13,8 @@ import warnings
 import torch
 from torch import Tensor
 
-from ._mask_analysis import summarize_attn_mask
-from .masks import Bias, Blocked, Causal, KeyPadding, Mask, right_padding_lengths
+from ._mask_analysis import summarize_attn_mask, summarize_key_padding_mask
+from .masks import Bias, Blocked, Causal, KeyPadding, Mask
 
 
 def reads_values() -> bool:
@@ -63,7 +63,7 @@ def masks_from_torch(
             parts.append(Bias(_attn_mask_4d(attn_mask, N, H)))
     if key_padding_mask is not None:
         if key_padding_mask.dtype == torch.bool:
-            lengths = right_padding_lengths(key_padding_mask) if read_values else None
+            lengths = summarize_key_padding_mask(key_padding_mask).lengths if read_values else None
             if lengths is not None:
                 parts.append(KeyPadding(lengths))
             else:
@@ -106,7 +106,7 @@ def _warn_inverted_causal(attn_mask: Tensor, extra_key: bool) -> bool:
             + f"For a causal mask pass torch.triu(torch.ones({L}, {L}, dtype=torch.bool), diagonal=1), "
             "or is_causal=True with no attn_mask.",
             UserWarning,
-            stacklevel=6,  # here, warn_pitfalls, forward, Module call (2), caller
+            stacklevel=7,  # here, warn_pitfalls, _forward_batched, forward, Module call (2), caller
         )
         return True
     return False
@@ -120,8 +120,7 @@ def _warn_empty_rows(kpm: Tensor | None, attn_mask: Tensor | None, is_causal: bo
     """Warn when some query row has every key blocked. Such rows get zero attention."""
     messages: list[str] = []
     if kpm is not None:
-        kb = _blocked(kpm)
-        empty_batches = kb.all(dim=-1).nonzero().flatten().tolist()
+        empty_batches = list(summarize_key_padding_mask(kpm).empty_batches)
         if empty_batches:
             messages.append(
                 f"key_padding_mask blocks every key of batch element(s) {_listing(empty_batches)}"
@@ -145,7 +144,7 @@ def _warn_empty_rows(kpm: Tensor | None, attn_mask: Tensor | None, is_causal: bo
             ab = _blocked(attn_mask) if ab is None else ab
     if kpm is not None and (ab is not None or causal_rule):
         padded = _blocked(kpm)
-        if ab is None and kpm.dtype == torch.bool and right_padding_lengths(kpm) is not None:
+        if ab is None and summarize_key_padding_mask(kpm).lengths is not None:
             return _warn(messages)  # causal & right padding: only empty sequences, reported above
         if ab is None:
             S = kpm.shape[-1]
@@ -178,7 +177,7 @@ def _warn(messages: list[str]) -> None:
             "(torch.nn.MultiheadAttention returns NaN there on some paths). If that is unintended, check "
             "the mask's polarity: True means masked out.",
             UserWarning,
-            stacklevel=7,  # _warn, _warn_empty_rows, warn_pitfalls, forward, Module call (2), caller
+            stacklevel=8,  # _warn, _warn_empty_rows, warn_pitfalls, _forward_batched, forward, Module call (2), caller
         )
 
 

@@ -1,0 +1,90 @@
+"""The module reads torch-style masks' values (causal and right-padding recognition,
+pitfall warnings): once per mask tensor, since on a GPU each read waits for the
+queue to drain; again after an in-place change; on every call for inference
+tensors, which keep no version counter."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import mha
+from conftest import TOL, build_pair
+from mha import _mask_analysis
+
+N, L, E, H = 3, 7, 8, 2
+
+
+def _masks(dtype=torch.float32):
+    lengths = torch.tensor([7, 4, 1])
+    padding = torch.arange(L)[None, :] >= lengths[:, None]
+    causal = torch.ones(L, L, dtype=torch.bool).triu(1)
+    return {
+        "bool causal attn_mask": {"attn_mask": causal},
+        "float causal attn_mask": {"attn_mask": torch.zeros(L, L, dtype=dtype).masked_fill(causal, float("-inf"))},
+        "right padding": {"key_padding_mask": padding},
+        "right padding and causal": {"key_padding_mask": padding, "attn_mask": causal},
+        "float padding": {"key_padding_mask": torch.zeros(N, L, dtype=dtype).masked_fill(padding, float("-inf"))},
+    }
+
+
+@pytest.mark.parametrize("case", list(_masks()))
+def test_masks_made_in_inference_mode_match_torch(case):
+    theirs, ours = build_pair(E, H, batch_first=True)
+    with torch.inference_mode():
+        x = torch.randn(N, L, E)
+        kwargs = _masks()[case]
+        want_out, want_w = theirs(x, x, x, **kwargs)
+        got_out, got_w = ours(x, x, x, **kwargs)
+    torch.testing.assert_close(got_out, want_out, **TOL[torch.float32])
+    torch.testing.assert_close(got_w, want_w, **TOL[torch.float32])
+
+
+def _count_reads(monkeypatch) -> dict[str, int]:
+    counts = {"key_padding_mask": 0, "attn_mask": 0}
+
+    def counting(kind, summarize):
+        def wrapped(mask):
+            counts[kind] += 1
+            return summarize(mask)
+
+        return wrapped
+
+    monkeypatch.setattr(_mask_analysis, "_summarize_key_padding", counting("key_padding_mask", _mask_analysis._summarize_key_padding))
+    monkeypatch.setattr(_mask_analysis, "_summarize", counting("attn_mask", _mask_analysis._summarize))
+    return counts
+
+
+def test_masks_passed_to_every_layer_are_read_once(monkeypatch):
+    counts = _count_reads(monkeypatch)
+    layers = [mha.MultiheadAttention(E, H, batch_first=True) for _ in range(4)]
+    x = torch.randn(N, L, E)
+    kwargs = _masks()["right padding and causal"]
+    for layer in layers:
+        x = layer(x, x, x, **kwargs)[0]
+    assert counts == {"key_padding_mask": 1, "attn_mask": 1}
+
+
+def test_a_mask_changed_in_place_is_read_again(monkeypatch):
+    counts = _count_reads(monkeypatch)
+    theirs, ours = build_pair(E, H, batch_first=True)
+    x = torch.randn(N, L, E)
+    padding = _masks()["right padding"]["key_padding_mask"].clone()
+    ours(x, x, x, key_padding_mask=padding)
+    padding[0, 2] = True  # no longer right padding: a hole in the first sequence
+    got = ours(x, x, x, key_padding_mask=padding)
+    want = theirs(x, x, x, key_padding_mask=padding)
+    assert counts["key_padding_mask"] == 2
+    torch.testing.assert_close(got[0], want[0], **TOL[torch.float32])
+    torch.testing.assert_close(got[1], want[1], **TOL[torch.float32])
+
+
+def test_inference_tensors_are_read_on_every_call(monkeypatch):
+    counts = _count_reads(monkeypatch)
+    m = mha.MultiheadAttention(E, H, batch_first=True)
+    with torch.inference_mode():
+        x = torch.randn(N, L, E)
+        kwargs = _masks()["right padding and causal"]
+        for _ in range(3):
+            m(x, x, x, **kwargs)
+    assert counts == {"key_padding_mask": 3, "attn_mask": 3}

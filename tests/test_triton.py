@@ -260,6 +260,14 @@ def test_torch_compile_traces_the_custom_ops():
     torch.testing.assert_close(dq, dq_eager)
 
 
+def test_output_is_laid_out_heads_last():
+    """(N, L, Hq, Dv) in memory, so merging the heads into (N, L, E) costs no copy."""
+    q, k, v = (t.float() for t in _inputs())
+    out = mha.attention(q, k, v, Causal(), backend="triton").output
+    assert out.shape == (N, HQ, L, DV)
+    assert out.transpose(1, 2).is_contiguous()
+
+
 def test_custom_op_registrations_pass_opcheck():
     q, k, v = (t.float() for t in _inputs(N=1, Hq=2, Hkv=1, L=3, S=5, Dk=16, Dv=8))
     allowed = torch.rand(1, 1, 3, 5) < 0.8

@@ -41,6 +41,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from .triton import new_output
+
 _LOG2E = 1.4426950408889634
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -521,9 +523,10 @@ def forward(
     q: Tensor, k: Tensor, v: Tensor, lengths: Tensor | None, allowed: Tensor | None, bias: Tensor | None,
     scale: float, lo: int | None, hi: int | None,
 ) -> tuple[Tensor, Tensor]:
-    """Output ``(N, Hq, L, Dv)`` in q's dtype and lse ``(N, Hq, L)`` in fp32, log2 units."""
+    """Output ``(N, Hq, L, Dv)`` in q's dtype (laid out as :func:`new_output` says) and
+    lse ``(N, Hq, L)`` in fp32, log2 units."""
     N, Hq, L, _ = q.shape
-    out = q.new_empty(N, Hq, L, v.shape[3])
+    out = new_output(q, v.shape[3])
     lse = q.new_empty(N, Hq, L, dtype=torch.float32)
     if lse.numel() > 0:
         masks, flags = _common(lengths, allowed, bias, lo, hi)

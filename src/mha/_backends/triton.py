@@ -52,6 +52,14 @@ def _kernels():
     return _triton_kernels
 
 
+def new_output(q: Tensor, dv: int) -> Tensor:
+    """The forward's output ``(N, Hq, L, Dv)``, laid out ``(N, L, Hq, Dv)`` in memory (as
+    SDPA's fused kernels do): the module's merge of the heads into ``(N, L, E)`` is then
+    a view, not a copy."""
+    N, Hq, L, _ = q.shape
+    return q.new_empty(N, L, Hq, dv).transpose(1, 2)
+
+
 @torch.library.custom_op("mha::triton_attention_fwd", mutates_args=())
 def attention_fwd(
     q: Tensor,
@@ -75,7 +83,7 @@ def attention_fwd(
 @attention_fwd.register_fake
 def _(q, k, v, lengths, allowed, bias, scale, lo, hi):
     N, Hq, L, _ = q.shape
-    return q.new_empty(N, Hq, L, v.shape[-1]), q.new_empty(N, Hq, L, dtype=torch.float32)
+    return new_output(q, v.shape[-1]), q.new_empty(N, Hq, L, dtype=torch.float32)
 
 
 @torch.library.custom_op("mha::triton_attention_bwd", mutates_args=())

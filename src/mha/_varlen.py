@@ -215,7 +215,7 @@ def _packed_triton(
         return None
     output, lse = _triton.varlen_attention(
         query, key, value, q_offsets.on(query.device), k_offsets.on(query.device),
-        q_offsets.longest(), k_offsets.longest(), mask, call.scale,
+        q_offsets.longest(), k_offsets.longest(), mask, call.scale, return_lse,
     )
     lses = [lse[:, a:b] for a, b in itertools.pairwise(q_offsets.host())] if return_lse else None
     return PackedOutput(output, None, lses)
@@ -251,7 +251,9 @@ def _jagged_offsets(t: Tensor) -> Offsets:
 
 
 def _jagged_like(values: Tensor, like: Tensor) -> Tensor:
-    """``values`` packed as ``like``'s (a jagged tensor's) values, as a jagged tensor.
+    """Packed ``values`` ``(T, ...)``, tokens first, as a jagged tensor ragged where ``like``
+    is: ``(N, j, ...)``, or ``(N, H, j, D)`` for a ``like`` of that layout (built in one
+    step, as a transpose of a jagged tensor costs as much again).
 
     Where ``values`` has a row for each of ``like``'s, it reuses ``like``'s offsets: it
     shares ``like``'s ragged size, so ``output + like`` (a residual) works, and its
@@ -259,11 +261,13 @@ def _jagged_like(values: Tensor, like: Tensor) -> Tensor:
     out (they start past 0 or end early) and ``values`` holds only the sequences' rows,
     the offsets are shifted to start at 0."""
     offsets = like.offsets()
-    if values.shape[0] != like._values.shape[like._ragged_idx - 1]:
+    token_dim = like._ragged_idx - 1
+    if values.shape[0] != like._values.shape[token_dim]:
         offsets = offsets - offsets[0]
     return torch.nested.nested_tensor_from_jagged(
-        values,
+        values.movedim(0, token_dim),
         offsets,
+        jagged_dim=like._ragged_idx,
         min_seqlen=getattr(like, "_maybe_min_seqlen", None),
         max_seqlen=getattr(like, "_maybe_max_seqlen", None),
     )
@@ -331,12 +335,12 @@ def core_jagged(
         return_lse=return_lse,
         backend=backend,
     )
-    output = _jagged_like(result.output, query).transpose(1, 2)
+    output = _jagged_like(result.output, query)
     w = nested_weights(result.weights) if result.weights is not None else None
     lse = None
     if result.lse is not None:
         packed_lse = torch.cat([x.transpose(0, 1) for x in result.lse], dim=0)
-        lse = _jagged_like(packed_lse, query).transpose(1, 2)
+        lse = _jagged_like(packed_lse, query)
     return AttentionOutput(output, w, lse)
 
 

@@ -329,8 +329,8 @@ def varlen_not_supported_reasons(call: Call, n_seq: int) -> list[str]:
 
 def varlen_attention(
     query: Tensor, key: Tensor, value: Tensor, q_offsets: Tensor, k_offsets: Tensor, max_q: int, max_k: int,
-    mask: _masks.Mask | None, scale: float,
-) -> tuple[Tensor, Tensor]:
+    mask: _masks.Mask | None, scale: float, return_lse: bool,
+) -> tuple[Tensor, Tensor | None]:
     """Attention over packed sequences in one launch of :func:`varlen_fwd`.
 
     query ``(Tq, Hq, Dk)``, key ``(Tk, Hkv, Dk)``, value ``(Tk, Hkv, Dv)``; sequence
@@ -340,11 +340,11 @@ def varlen_attention(
     alignment, aligned per sequence. Check :func:`varlen_not_supported_reasons` first.
     Nothing here copies between host and device.
 
-    Returns the output ``(Tq, Hq, Dv)`` and the natural-log lse packed ``(Hq, Tq)``,
-    both in the query's dtype."""
+    Returns the output ``(Tq, Hq, Dv)`` and, if ``return_lse``, the natural-log lse
+    packed ``(Hq, Tq)``, both in the query's dtype."""
     band = plan_mask(mask, 0, 0).band  # a square sequence's offsets: no alignment shift
     lo = None if band is None else band.lo
     hi = None if band is None else band.hi
     bottom_right = _alignments(mask) == {"bottom_right"}
     out, lse = varlen_fwd(query, key, value, q_offsets, k_offsets, max_q, max_k, scale, lo, hi, bottom_right)
-    return out, (lse * _LN2).to(query.dtype)
+    return out, (lse * _LN2).to(query.dtype) if return_lse else None

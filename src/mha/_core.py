@@ -85,6 +85,10 @@ def attention(
             ``(N, H, j, D)`` (``nested_tensor(list_of_(L_n, H, D), layout=torch.jagged)
             .transpose(1, 2)``); then only ``Causal``/``Window`` masks apply, per
             sequence, and weights come back as a nested tensor of per-sequence weights.
+            On CUDA their offsets should span their values (start at 0, end at the
+            last row), as torch's constructors make them: rows outside every
+            sequence are not read back to the host to be dropped, so their output
+            and gradient rows are left unspecified.
         mask: a :mod:`mha.masks` object (``Causal``, ``KeyPadding``, ``Window``,
             ``Allowed``, ``Blocked``, ``Bias`` or an ``&`` of them), or None.
         scale: multiplies the scores; default ``1 / sqrt(Dk)``.

@@ -13,7 +13,7 @@ import warnings
 import torch
 from torch import Tensor
 
-from ._mask_analysis import summarize_attn_mask, summarize_key_padding_mask
+from ._mask_analysis import _blocked, summarize_attn_mask, summarize_key_padding_mask
 from .masks import Bias, Blocked, Causal, KeyPadding, Mask
 
 
@@ -112,10 +112,6 @@ def _warn_inverted_causal(attn_mask: Tensor, extra_key: bool) -> bool:
     return False
 
 
-def _blocked(mask: Tensor) -> Tensor:
-    return mask if mask.dtype == torch.bool else torch.isneginf(mask)
-
-
 def _warn_empty_rows(kpm: Tensor | None, attn_mask: Tensor | None, is_causal: bool) -> None:
     """Warn when some query row has every key blocked. Such rows get zero attention."""
     messages: list[str] = []
@@ -143,13 +139,12 @@ def _warn_empty_rows(kpm: Tensor | None, attn_mask: Tensor | None, is_causal: bo
         if not summary.standard_causal and attn_mask.dim() == 2:
             ab = _blocked(attn_mask) if ab is None else ab
     if kpm is not None and (ab is not None or causal_rule):
-        padded = _blocked(kpm)
         if ab is None and summarize_key_padding_mask(kpm).lengths is not None:
             return _warn(messages)  # causal & right padding: only empty sequences, reported above
         if ab is None:
             S = kpm.shape[-1]
             ab = torch.ones(S, S, dtype=torch.bool, device=kpm.device).triu(1)
-        both = _rows_empty_through_both(ab, padded)
+        both = _rows_empty_through_both(ab, _blocked(kpm))
         if both:
             what = "attn_mask" if attn_mask is not None else "is_causal"
             messages.append(

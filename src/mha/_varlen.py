@@ -42,8 +42,6 @@ class Offsets:
     without a single host-device synchronization."""
 
     def __init__(self, host: Sequence[int] | None = None, device: Tensor | None = None, longest: int | None = None):
-        if host is None and device is None:
-            raise TypeError("Offsets needs a host list, a device tensor or both")
         self._host = None if host is None else list(host)
         self._device = device
         self._longest = longest
@@ -106,7 +104,8 @@ def packed_attention(
     Offsets may start past row 0 and end before the last row. Where the host list is
     at hand, the rows outside every sequence are dropped from the output; where only a
     device tensor is (the triton path reads no offsets back from the GPU), the output
-    keeps one row per query row and those rows are unspecified.
+    keeps one row per query row, and those rows of the output and of the input
+    gradients are unspecified.
 
     Args:
         query: ``(Tq, Hq, Dk)``, sequence ``n`` at rows ``q_offsets[n]:q_offsets[n+1]``.

@@ -540,7 +540,8 @@ def varlen_forward(
 ) -> tuple[Tensor, Tensor]:
     """Packed output ``(Tq, Hq, Dv)`` in q's dtype and lse ``(Hq, Tq)`` in fp32, log2 units,
     for packed q ``(Tq, Hq, Dk)``, k ``(Tk, Hkv, Dk)``, v ``(Tk, Hkv, Dv)`` and int32
-    offsets ``(N + 1,)`` that start at 0 and end at ``Tq``/``Tk``. ``max_q``/``max_k``
+    offsets ``(N + 1,)`` within ``0..Tq``/``0..Tk`` (rows outside every sequence are
+    left unwritten). ``max_q``/``max_k``
     are the longest ``L_n``/``S_n``; the band is ``i + lo <= j <= i + hi``, both
     shifted by ``S_n - L_n`` in sequence ``n`` when ``bottom_right``."""
     Tq, Hq, _ = q.shape

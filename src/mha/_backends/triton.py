@@ -170,8 +170,9 @@ def varlen_fwd(
 
     q ``(Tq, Hq, Dk)``, k ``(Tk, Hkv, Dk)``, v ``(Tk, Hkv, Dv)``; sequence ``n`` owns
     query rows ``q_offsets[n]:q_offsets[n + 1]`` and key rows
-    ``k_offsets[n]:k_offsets[n + 1]`` (int32 ``(N + 1,)`` on q's device, from 0 to
-    ``Tq``/``Tk``); ``max_q``/``max_k`` are the longest ``L_n``/``S_n``. Query ``i``
+    ``k_offsets[n]:k_offsets[n + 1]`` (int32 ``(N + 1,)`` on q's device, within
+    ``0..Tq``/``0..Tk``; rows outside every sequence are left unwritten, in the
+    output and in the gradients); ``max_q``/``max_k`` are the longest ``L_n``/``S_n``. Query ``i``
     of sequence ``n`` attends its keys ``j`` with ``i + lo <= j <= i + hi``, both
     offsets shifted by ``S_n - L_n`` when ``bottom_right`` (None: unbounded side).
 
@@ -335,7 +336,7 @@ def varlen_attention(
 
     query ``(Tq, Hq, Dk)``, key ``(Tk, Hkv, Dk)``, value ``(Tk, Hkv, Dv)``; sequence
     ``n`` owns rows ``q_offsets[n]:q_offsets[n + 1]`` and ``k_offsets[n]:k_offsets[n + 1]``
-    (int32 tensors on the data's device, from 0 to ``Tq``/``Tk``), the longest
+    (int32 tensors on the data's device, within ``0..Tq``/``0..Tk``), the longest
     ``max_q`` and ``max_k`` rows; ``mask`` a band (``Causal``/``Window``) of one
     alignment, aligned per sequence. Check :func:`varlen_not_supported_reasons` first.
     Nothing here copies between host and device.

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, cast
 
 import torch
 from torch import nn
@@ -89,7 +89,7 @@ def _convert(old: nn.Module, target: type[nn.Module]) -> nn.Module:
         vdim=old.vdim,
         batch_first=old.batch_first,
         device=torch.device("meta"),
-        dtype=old.out_proj.weight.dtype,
+        dtype=cast(nn.Linear, old.out_proj).weight.dtype,
     )
     for name, param in old.named_parameters(recurse=False):
         setattr(new, name, param)

@@ -8,8 +8,9 @@ benchmarks/gpu_all.sh`` runs every section in about 3 minutes on one H100
 Sections:
 
 * ``check``: the compiled kernels (not the interpreter) against the fp64
-  reference, every mask kind, fp16/bf16/fp32, forward, lse, weights, gradients;
-  error at most twice plain torch's in the same dtype.
+  reference, every mask kind, fp16/bf16/fp32, forward, lse, weights, gradients
+  (through the output and the averaged weights); error at most twice plain
+  torch's in the same dtype.
 * ``module``: ``mha.MultiheadAttention`` against ``torch.nn.MultiheadAttention``
   on CUDA in fp32, torch's fp64 module as the exact answer.
 * ``tune``: the dense kernels at L = 8192 under other tile sizes.
@@ -25,7 +26,8 @@ Sections:
   (Triton), FlexAttention with the same mask, SDPA with a boolean mask, jagged
   nested tensors through mha, and the modules with ``key_padding_mask``.
 * ``weights``: ``need_weights=True`` averaged, mha against torch's module, time
-  and peak memory.
+  and peak memory in inference, and the time of a training step whose loss
+  takes the output and the weights (the fused backward of the weights).
 """
 
 from __future__ import annotations
@@ -240,6 +242,17 @@ def weights(args) -> None:
         for name, (ms, peak) in results.items():
             _row(name, ms, flops, base)
             print(f"    {'':<34} peak extra memory {peak:8.0f} MiB")
+        print("    training step: forward + backward through the output and the averaged weights")
+        xt = x.clone().requires_grad_()
+        base = _bench(args.rep, _weights_step, theirs, xt)
+        _row("nn.MultiheadAttention", base, flops * 3, base)
+        _row("mha.MultiheadAttention", _bench(args.rep, _weights_step, ours, xt), flops * 3, base)
+
+
+def _weights_step(module, x):
+    """One training step of a loss on both the output and the averaged weights."""
+    out, w = module(x, x, x, need_weights=True)
+    (out.float().square().mean() + w.float().square().sum()).backward()
 
 
 def _plain(q, k, v, mask):
@@ -297,6 +310,7 @@ def check(selected: list[int] | None = None) -> bool:
     for (Dk, Dv), dtype, names in cases:
         base = [torch.randn(shape, generator=g, device=dev, dtype=torch.float64) for shape in ((N, Hq, L, Dk), (N, Hkv, S, Dk), (N, Hkv, S, Dv))]
         dout = torch.randn(N, Hq, L, Dv, generator=g, device=dev, dtype=torch.float64)
+        dw = torch.randn(N, L, S, generator=g, device=dev, dtype=torch.float64)
         for name in names:
             mask = masks[name]
             worst = 0.0
@@ -304,14 +318,13 @@ def check(selected: list[int] | None = None) -> bool:
             for kind, dt in (("exact", torch.float64), ("plain", dtype), ("triton", dtype)):
                 q, k, v = (t.to(dt).requires_grad_() for t in base)
                 if kind == "triton":
-                    o = mha.attention(q, k, v, mask, return_lse=True, backend="triton")
-                    out, lse = o.output, o.lse
-                    with torch.no_grad():
-                        w = mha.attention(q, k, v, mask, weights="mean", backend="triton").weights
+                    out, w, lse = mha.attention(q, k, v, mask, weights="mean", return_lse=True, backend="triton")
                 else:
                     out, lse, p = _plain(q, k, v, mask)
                     w = p.mean(dim=1)
-                grads = torch.autograd.grad((out * dout.to(dt)).sum(), (q, k, v))
+                # the gradients flow through the output and the averaged weights
+                loss = (out * dout.to(dt)).sum() + (w * dw.to(dt)).sum()
+                grads = torch.autograd.grad(loss, (q, k, v))
                 res[kind] = [t.detach() for t in (out, lse, w, *grads)]
             for got, exact, plain in zip(res["triton"], res["exact"], res["plain"], strict=True):
                 finite = torch.isfinite(exact)

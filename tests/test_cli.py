@@ -134,18 +134,44 @@ def test_plot_errors(tmp_path, capsys, monkeypatch):
     bad = tmp_path / "bad.pt"
     torch.save(torch.zeros(2, 2, 2, 2, 2), bad)
     assert main(["plot", "--weights", str(bad), "--out", str(tmp_path / "x.png")]) == 2
-    assert "must be (L, S), (H, L, S) or (N, H, L, S)" in capsys.readouterr().out
+    assert "must be (L, S), (N, L, S) averaged over heads or (N, H, L, S) per head" in capsys.readouterr().out
+    assert main(["plot", "--weights", str(bad), "--layout", "NHLS", "--out", str(tmp_path / "x.png")]) == 2
+    assert "layout='NHLS' means weights (N, H, L, S) per head, got 5-D" in capsys.readouterr().out
     monkeypatch.setitem(sys.modules, "matplotlib.figure", None)
     assert main(["plot", "--out", str(tmp_path / "y.png")]) == 1
     assert "pip install 'mha[plot]'" in capsys.readouterr().out
 
 
+def _titles(figure) -> list[str]:
+    return [ax.get_title() for ax in figure.axes if ax.get_title()]
+
+
 def test_plot_weights_library_function(monkeypatch):
-    figure = mha.plot.weights(torch.softmax(torch.randn(4, 6, 6), -1), title="t")
-    titles = [ax.get_title() for ax in figure.axes if ax.get_title()]
-    assert titles == ["head 0", "head 1", "head 2", "head 3", "mean over heads"]
+    figure = mha.plot.weights(torch.softmax(torch.randn(4, 6, 6), -1), layout="HLS", title="t")
+    assert _titles(figure) == ["head 0", "head 1", "head 2", "head 3", "mean over heads"]
     single = mha.plot.weights(torch.softmax(torch.randn(6, 6), -1))
     assert [ax.get_title() for ax in single.axes if ax.get_title()] == ["weights"]
     monkeypatch.setitem(sys.modules, "matplotlib.figure", None)
     with pytest.raises(ImportError, match=r"pip install 'mha\[plot\]'"):
         mha.plot.weights(torch.zeros(3, 3))
+
+
+def test_plot_labels_the_module_default_weights_as_batch_rows(tmp_path, capsys):
+    """need_weights=True gives (N, L, S) averaged over heads: panels are batch rows, not heads."""
+    module = mha.MultiheadAttention(8, 2, batch_first=True)
+    with torch.no_grad():
+        _, averaged = module(*(torch.randn(3, 5, 8),) * 3)
+        _, per_head = module(*(torch.randn(3, 5, 8),) * 3, average_attn_weights=False)
+    expected = ["batch 0, mean over heads", "batch 1, mean over heads", "batch 2, mean over heads"]
+    assert _titles(mha.plot.weights(averaged)) == expected
+    assert _titles(mha.plot.weights(averaged, layout="NLS")) == expected
+    assert _titles(mha.plot.weights(averaged[:1])) == ["mean over heads"]
+    assert _titles(mha.plot.weights(per_head, batch=2)) == ["head 0", "head 1", "mean over heads"]
+    with pytest.raises(ValueError, match=r"layout='HLS' means weights \(H, L, S\) per head, got 4-D"):
+        mha.plot.weights(per_head, layout="HLS")
+    with pytest.raises(ValueError, match="layout must be one of 'LS', 'HLS', 'NLS', 'NHLS', got 'HNLS'"):
+        mha.plot.weights(per_head, layout="HNLS")
+    saved = tmp_path / "averaged.pt"
+    torch.save(averaged, saved)
+    assert main(["plot", "--weights", str(saved), "--out", str(tmp_path / "a.png")]) == 0
+    assert main(["plot", "--weights", str(saved), "--layout", "HLS", "--out", str(tmp_path / "h.png")]) == 0

@@ -125,3 +125,73 @@ def test_keeps_dtype_mode_grad_flags_and_sharing():
 def test_rejects_unknown_target():
     with pytest.raises(ValueError, match="to must be 'mha' or 'torch', got 'flash'"):
         mha.swap(nn.Linear(2, 2), to="flash")
+
+
+class _Block(nn.Module):
+    """Calls its attention with keyword arguments, as nn.TransformerEncoderLayer does."""
+
+    def __init__(self):
+        super().__init__()
+        self.attn = nn.MultiheadAttention(12, 3, batch_first=True)
+
+    def forward(self, x):
+        return self.attn(x, x, x, need_weights=False)[0]
+
+
+def test_hooks_move_with_the_module_and_back():
+    torch.manual_seed(0)
+    block = _Block()
+    calls: list[tuple[str, type]] = []
+
+    def record(name):
+        def hook(module, *args):
+            calls.append((name, type(module)))
+            if name == "pre_kwargs":  # (module, args, kwargs): kwargs reach the hook
+                assert args[1]["need_weights"] is False
+            if name == "fwd_kwargs":  # (module, args, kwargs, output)
+                assert args[1]["need_weights"] is False
+                assert isinstance(args[2], tuple)
+
+        return hook
+
+    attn = block.attn
+    handles = [
+        attn.register_forward_pre_hook(record("pre")),
+        attn.register_forward_pre_hook(record("pre_kwargs"), with_kwargs=True),
+        attn.register_forward_hook(record("fwd")),
+        attn.register_forward_hook(record("fwd_kwargs"), with_kwargs=True, always_call=True),
+        attn.register_full_backward_pre_hook(record("bwd_pre")),
+        attn.register_full_backward_hook(record("bwd")),
+        attn.register_state_dict_post_hook(record("state_dict")),
+    ]
+    names = ["pre", "pre_kwargs", "fwd", "fwd_kwargs", "bwd_pre", "bwd", "state_dict"]
+    x = torch.randn(2, 5, 12, requires_grad=True)
+
+    def run(cls):
+        calls.clear()
+        block(x).sum().backward()
+        block.state_dict()
+        assert sorted(calls) == sorted((name, cls) for name in names)
+
+    run(nn.MultiheadAttention)
+    mha.swap(block)
+    run(mha.MultiheadAttention)
+    mha.swap(block, to="torch")
+    run(nn.MultiheadAttention)
+    mha.swap(block)
+    for handle in handles:  # the handles from registration still remove the hooks
+        handle.remove()
+    calls.clear()
+    block(x).sum().backward()
+    block.state_dict()
+    assert calls == []
+
+
+def test_always_call_hook_fires_when_the_swapped_module_raises():
+    block = _Block()
+    fired = []
+    block.attn.register_forward_hook(lambda *a: fired.append(True), always_call=True)
+    mha.swap(block)
+    with pytest.raises(ValueError, match="query"):
+        block.attn(torch.randn(2, 5, 7), torch.randn(2, 5, 12), torch.randn(2, 5, 12))
+    assert fired == [True]

@@ -170,6 +170,79 @@ def test_large_and_non_power_of_two_head_dims(Dk, Dv):
     _check(Causal() & KeyPadding(torch.tensor([9, 4])), shapes=shapes, grad_ulps=math.sqrt(Dv))
 
 
+@pytest.mark.parametrize(
+    ("name", "weights"),
+    [("causal_padding_bias", "mean"), ("window_allowed_blocked", "mean"), ("none", "per_head")],
+)
+def test_weights_gradient_enters_backward(name, weights):
+    """q, k, v gradients through the weights (GQA 4:2, Dk 40 != Dv 24) against fp64."""
+    mask = MASKS[name]
+    q64, k64, v64 = _inputs()
+    grads = {}
+    for kind, dt in (("exact", torch.float64), ("plain", torch.float32), ("triton", torch.float32)):
+        q, k, v = (t.to(dt).requires_grad_() for t in (q64, k64, v64))
+        if kind == "triton":
+            res = mha.attention(q, k, v, mask, weights=weights, backend="triton")
+            out, w = res.output, res.weights
+        else:
+            out, _, p = _plain(q, k, v, mask)
+            w = p.mean(dim=1) if weights == "mean" else p
+        g = torch.Generator().manual_seed(2)
+        dout, dw = (torch.randn(t.shape, generator=g, dtype=torch.float64).to(dt) for t in (out, w))
+        loss = (out * dout).sum() + (w * dw).sum()
+        grads[kind] = torch.autograd.grad(loss, (q, k, v))
+    # delta's weights term sums S products p * dW where autograd sums p * dp: sqrt(S) ulps of slack
+    for i, what in enumerate(("dq", "dk", "dv")):
+        _close(grads["triton"][i], grads["exact"][i], grads["plain"][i], f"{what} ({weights}, {mask!r})", math.sqrt(S))
+
+
+def test_weights_alone_give_gradients():
+    """A loss on the weights only (the output unused) still reaches q and k, and not v."""
+    q64, k64, v64 = _inputs(L=9, S=11)
+    got = {}
+    for backend, dt in (("reference", torch.float64), ("triton", torch.float32)):
+        q, k, v = (t.to(dt).requires_grad_() for t in (q64, k64, v64))
+        w = mha.attention(q, k, v, Causal(), weights="mean", backend=backend).weights
+        got[backend] = torch.autograd.grad((w * w).sum(), (q, k, v), allow_unused=True, materialize_grads=True)
+    for ours, ref in zip(got["triton"], got["reference"], strict=True):
+        torch.testing.assert_close(ours.double(), ref, rtol=1e-5, atol=1e-6)
+    assert torch.equal(got["triton"][2], torch.zeros_like(got["triton"][2]))
+
+
+@pytest.mark.parametrize("value", [torch.finfo(torch.float32).min, -1e10])
+def test_huge_negative_bias_rows_average_uniformly(value):
+    """Rows whose every key has a huge finite bias average their keys, as the reference
+    does; -inf still blocks. (In log2 units -3.4e38 overflowed to -inf; and an lse of
+    -1.4e10 has no room left for log2 of the row sum, which weights and gradients need.)"""
+    bias = torch.randn(L, S, generator=torch.Generator().manual_seed(3))
+    bias[2] = value  # every key of row 2
+    bias[5, :4] = value  # some keys of row 5: they get no weight
+    bias[7, 1:] = float("-inf")  # row 7: one key left
+    mask = Bias(bias)
+    q64, k64, v64 = _inputs()
+    res = {}
+    for backend in ("reference", "triton"):  # fp32 both: in fp64, -1e10 + q.k keeps q.k
+        q, k, v = (t.float().requires_grad_() for t in (q64, k64, v64))
+        out, _, lse = mha.attention(q, k, v, mask, return_lse=True, backend=backend)
+        grads = torch.autograd.grad((out * out).sum(), (q, k, v))
+        with torch.no_grad():
+            w = mha.attention(q, k, v, mask, weights="mean", backend=backend).weights
+        res[backend] = (out, w, *grads)
+    for ours, ref in zip(res["triton"], res["reference"], strict=True):
+        torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(res["triton"][1][:, 2], torch.full((N, S), 1 / S, dtype=torch.float32))
+    # the lse of such a row: finite, near value (fp32 keeps no room below -2.35e38 in log2 units)
+    assert ((lse[:, :, 2] / value - 1).abs() < 0.35).all()
+
+
+def test_key_lengths_past_int32_are_clamped():
+    q, k, v = (t.float() for t in _inputs())
+    huge = mha.attention(q, k, v, KeyPadding(torch.tensor([2**31 + 3, 2**32 + 5])), weights="mean", backend="triton")
+    full = mha.attention(q, k, v, KeyPadding(torch.tensor([S, S])), weights="mean", backend="triton")
+    assert torch.equal(huge.output, full.output)
+    assert torch.equal(huge.weights, full.weights)
+
+
 def test_lse_gradient_enters_backward():
     _check(Window(5, 0) & KeyPadding(torch.tensor([20, 9])), lse_grad=True)
 
@@ -274,7 +347,9 @@ def test_custom_op_registrations_pass_opcheck():
     args = (q, k, v, torch.tensor([4], dtype=torch.int32), allowed, None, 0.25, None, 0)
     tests = ("test_schema", "test_faketensor", "test_aot_dispatch_dynamic")
     torch.library.opcheck(triton_backend.attention_fwd, args, test_utils=tests)
-    torch.library.opcheck(triton_backend.attention_weights, (q, k, torch.zeros(1, 2, 3), *args[3:], True), test_utils=tests[:2])
+    for t in (q, k, v):
+        t.requires_grad_()
+    torch.library.opcheck(triton_backend.attention_fwd, (*args, "mean"), test_utils=tests)
 
 
 def _call(mask=None, dtype=torch.float32, **kwargs):
@@ -288,10 +363,8 @@ def test_declines_with_reasons(monkeypatch):
     assert any("float16, bfloat16 or float32" in r for r in reasons(_call(dtype=torch.float64)))
     assert any("no dropout" in r for r in reasons(_call(dropout_p=0.1)))
     q, k, v = (t.float().requires_grad_() for t in _inputs(L=3, S=5))
-    call = _validate_call(q, k, v, None, None, 0.0, "mean", False)
-    assert any("not differentiable" in r for r in reasons(call))
-    with pytest.raises(NotImplementedError, match="not differentiable"):
-        mha.attention(q, k, v, weights="mean", backend="triton")
+    for weights in ("mean", "per_head"):  # differentiable: served
+        assert reasons(_validate_call(q, k, v, None, None, 0.0, weights, False)) == []
     wide = q.detach()[:1, :1, :1].expand(20_000, 4, 3, q.shape[-1])  # stride 0: nothing allocated
     call = _validate_call(wide, k.detach()[:1, :1].expand(20_000, 4, 5, -1), v.detach()[:1, :1].expand(20_000, 4, 5, -1), None, None, 0.0, None, False)
     assert any("at most 65535, got N=20000 * Hq=4" in r for r in reasons(call))
@@ -591,6 +664,41 @@ def test_varlen_custom_ops_pass_opcheck():
     torch.library.opcheck(triton_backend.varlen_fwd, args)
     grad_args = tuple(t.requires_grad_() for t in (q.clone(), k.clone(), v.clone()))
     torch.library.opcheck(triton_backend.varlen_fwd, (*grad_args, *args[3:]))
-    out, lse = triton_backend.varlen_fwd(*args)
+    out, lse, stats = triton_backend.varlen_fwd(*args)
     dout, dlse = torch.randn(out.shape, generator=g), torch.randn(lse.shape, generator=g)
-    torch.library.opcheck(triton_backend.varlen_bwd, (dout, dlse, q, k, v, out, lse, *args[3:]))
+    torch.library.opcheck(triton_backend.varlen_bwd, (dout, dlse, q, k, v, out, stats, *args[3:]))
+
+
+# --------------------------------------------------------------------------- code hygiene
+
+
+def test_kernel_records_name_the_kernels_parameters():
+    """MaskArgs, Layout and WeightsGrad are passed as keyword arguments: each field must be
+    a parameter of every kernel that takes the record."""
+    K = _triton_kernels
+    takes = {
+        K.MaskArgs: (K._fwd_kernel, K._weights_kernel, K._bwd_weights_delta_kernel, K._bwd_dkdv_kernel, K._bwd_dq_kernel),
+        K.Layout: (K._fwd_kernel, K._bwd_dkdv_kernel, K._bwd_dq_kernel),
+        K.WeightsGrad: (K._bwd_weights_delta_kernel, K._bwd_dkdv_kernel, K._bwd_dq_kernel),
+    }
+    for record, kernels in takes.items():
+        for kernel in kernels:
+            assert set(record._fields) <= set(kernel.arg_names), (record.__name__, kernel.__name__)
+
+
+def test_kernels_do_not_import_the_backend_and_one_place_reads_the_interpreter_flag():
+    import ast
+    import pathlib
+    import re
+
+    src = pathlib.Path(mha.__file__).parent
+    tree = ast.parse((src / "_backends" / "_triton_kernels.py").read_text())
+    relative = [node for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.level > 0]
+    assert relative == [], [ast.unparse(node) for node in relative]
+    reads = [
+        (path.name, line)
+        for path in src.rglob("*.py")
+        for line in path.read_text().splitlines()
+        if re.search(r"environ(\.get\(|\[)\s*['\"]TRITON_INTERPRET", line)
+    ]
+    assert len(reads) == 1, reads

@@ -110,15 +110,21 @@ def build_parser() -> argparse.ArgumentParser:
 
     plot = sub.add_parser(
         "plot",
-        help="draw attention-weight heatmaps: one per head and the head mean",
+        help="draw attention-weight heatmaps: per head and their mean, or per batch row",
         description="Heatmaps of attention weights (needs matplotlib: pip install 'mha[plot]'). "
-        "Input: a tensor saved with torch.save, (L, S), (H, L, S) or (N, H, L, S); by default the "
-        "weights of a demo call (the seed's Example 3 with a correct causal mask).",
+        "Input: a tensor saved with torch.save: (N, L, S) averaged over heads (the module's "
+        "default), (N, H, L, S) per head, or (L, S); --layout HLS for an unbatched call's per-head "
+        "(H, L, S). By default the weights of a demo call (the seed's Example 3 with a correct "
+        "causal mask).",
     )
     plot.add_argument("--weights", type=Path, default=None, metavar="FILE.pt", help="saved weights tensor")
     plot.add_argument(
         "--out", type=Path, default=Path("mha-weights.png"), metavar="FILE.png",
         help="output image (default ./mha-weights.png)",
+    )
+    plot.add_argument(
+        "--layout", choices=["LS", "HLS", "NLS", "NHLS"], default=None,
+        help="what the dimensions mean (default: by their number, 3-D as NLS)",
     )
     plot.add_argument("--batch", type=int, default=0, help="batch row to draw from 4-D weights (default 0)")
     plot.add_argument("--title", default=None, help="figure title")
@@ -255,7 +261,7 @@ def _plot(args: argparse.Namespace, console) -> int:
             return 2
         title = str(args.weights)
     try:
-        figure = plot.weights(weights, batch=args.batch, title=args.title or title)
+        figure = plot.weights(weights, layout=args.layout, batch=args.batch, title=args.title or title)
     except ImportError as err:
         console.print(str(err))
         return 1

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, cast
 
 import torch
 from torch import nn
@@ -10,6 +10,23 @@ from torch import nn
 from ._module import MultiheadAttention
 
 _CLASSES: dict[str, type[nn.Module]] = {"mha": MultiheadAttention, "torch": nn.MultiheadAttention}
+
+# Every per-module hook table of nn.Module (torch 2.5 to 2.13): handles hold weak
+# references to these very dicts, so sharing them keeps the handles working.
+_HOOK_TABLES = (
+    "_forward_hooks",
+    "_forward_hooks_with_kwargs",
+    "_forward_hooks_always_called",
+    "_forward_pre_hooks",
+    "_forward_pre_hooks_with_kwargs",
+    "_backward_hooks",
+    "_backward_pre_hooks",
+    "_is_full_backward_hook",
+    "_state_dict_hooks",
+    "_state_dict_pre_hooks",
+    "_load_state_dict_pre_hooks",
+    "_load_state_dict_post_hooks",
+)
 
 
 def swap(model: nn.Module, to: Literal["mha", "torch"] = "mha") -> nn.Module:
@@ -20,8 +37,16 @@ def swap(model: nn.Module, to: Literal["mha", "torch"] = "mha") -> nn.Module:
     layers, and on a bare attention module. The new modules take over the old ones'
     parameter objects (so device, dtype, ``requires_grad`` and optimizer state carry
     over, and outputs are unchanged), their configuration and training mode. A module
-    used in several places stays shared. Subclasses of either class and hooks on the
-    replaced modules are left alone.
+    used in several places stays shared. Subclasses of either class are left alone.
+
+    Hooks move with the module: forward hooks and forward pre-hooks (with
+    ``with_kwargs=True`` and ``always_call=True`` as registered), backward hooks
+    and backward pre-hooks, and ``state_dict`` / ``load_state_dict`` hooks. The new
+    module takes over the old one's hook tables themselves, so the handles
+    returned when the hooks were registered still remove them, and a swap back
+    with ``to="torch"`` carries them again. Hooks receive the new module as their
+    ``module`` argument. Hooks on ``out_proj`` and on the parameters stay where
+    they are, as those objects are kept.
 
     Returns the model, changed in place (or the new module when ``model`` itself is
     replaced)::
@@ -51,7 +76,8 @@ def swap(model: nn.Module, to: Literal["mha", "torch"] = "mha") -> nn.Module:
 
 
 def _convert(old: nn.Module, target: type[nn.Module]) -> nn.Module:
-    """``old`` rebuilt as ``target`` on the meta device, then given ``old``'s parameters."""
+    """``old`` rebuilt as ``target`` on the meta device, then given ``old``'s parameters
+    and hook tables."""
     new = target(
         old.embed_dim,
         old.num_heads,
@@ -63,10 +89,12 @@ def _convert(old: nn.Module, target: type[nn.Module]) -> nn.Module:
         vdim=old.vdim,
         batch_first=old.batch_first,
         device=torch.device("meta"),
-        dtype=old.out_proj.weight.dtype,
+        dtype=cast(nn.Linear, old.out_proj).weight.dtype,
     )
     for name, param in old.named_parameters(recurse=False):
         setattr(new, name, param)
     new.out_proj = old.out_proj
+    for table in _HOOK_TABLES:
+        setattr(new, table, getattr(old, table))
     new.train(old.training)
     return new

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 import torch
 from torch import Tensor
@@ -30,23 +30,55 @@ def _figure_class():
     return Figure
 
 
-def _as_maps(tensor: Tensor, batch: int) -> Tensor:
-    """Weights as ``(H, L, S)`` (H = 1 for averaged weights)."""
+Layout = Literal["LS", "HLS", "NLS", "NHLS"]
+_LAYOUTS: dict[str, str] = {
+    "LS": "(L, S)",
+    "HLS": "(H, L, S) per head",
+    "NLS": "(N, L, S) averaged over heads",
+    "NHLS": "(N, H, L, S) per head",
+}
+
+
+def _layout(t: Tensor, layout: str | None) -> str:
+    """The layout of ``t``: ``layout`` checked against its dimensions, or read from them
+    (3-D weights are taken as the module's default, ``(N, L, S)`` averaged over heads)."""
+    if layout is None:
+        by_dim = {2: "LS", 3: "NLS", 4: "NHLS"}
+        if t.dim() not in by_dim:
+            raise ValueError(
+                f"weights must be (L, S), (N, L, S) averaged over heads or (N, H, L, S) per head, "
+                f"got {t.dim()}-D {tuple(t.shape)}"
+            )
+        return by_dim[t.dim()]
+    if layout not in _LAYOUTS:
+        raise ValueError(f"layout must be one of {', '.join(map(repr, _LAYOUTS))}, got {layout!r}")
+    if t.dim() != len(layout):
+        raise ValueError(
+            f"layout={layout!r} means weights {_LAYOUTS[layout]}, got {t.dim()}-D {tuple(t.shape)}"
+        )
+    return layout
+
+
+def _panels(tensor: Tensor, layout: str | None, batch: int, mean: bool) -> list[tuple[str, Tensor]]:
+    """The named ``(L, S)`` maps to draw: one per head (with their mean) or one per batch row."""
     if not isinstance(tensor, Tensor):
         raise TypeError(f"weights must be a torch.Tensor, got {type(tensor).__name__}")
     t = tensor.detach().to("cpu", torch.float32)
-    if t.dim() == 4:
+    layout = _layout(t, layout)
+    if layout == "LS":
+        return [("weights", t)]
+    if layout == "NLS":
+        if t.shape[0] == 1:
+            return [("mean over heads", t[0])]
+        return [(f"batch {n}, mean over heads", t[n]) for n in range(t.shape[0])]
+    if layout == "NHLS":
         if not -t.shape[0] <= batch < t.shape[0]:
             raise ValueError(f"batch={batch} is out of range for weights (N, H, L, S) = {tuple(t.shape)}")
         t = t[batch]
-    elif t.dim() == 2:
-        t = t[None]
-    elif t.dim() != 3:
-        raise ValueError(
-            f"weights must be (L, S), (H, L, S) or (N, H, L, S), got {t.dim()}-D {tuple(t.shape)}; "
-            "for averaged weights (N, L, S) pass one batch row, weights[n]"
-        )
-    return t
+    panels = [(f"head {h}", t[h]) for h in range(t.shape[0])]
+    if mean and t.shape[0] > 1:
+        panels.append(("mean over heads", t.mean(dim=0)))
+    return panels
 
 
 def _heatmap(ax, data: Tensor, title: str, vmax: float) -> object:
@@ -58,32 +90,35 @@ def _heatmap(ax, data: Tensor, title: str, vmax: float) -> object:
     return image
 
 
-def weights(tensor: Tensor, *, batch: int = 0, title: str | None = None, mean: bool = True) -> Figure:
-    """Heatmaps of attention weights: one panel per head, plus the mean over heads.
+def weights(
+    tensor: Tensor, *, layout: Layout | None = None, batch: int = 0, title: str | None = None, mean: bool = True
+) -> Figure:
+    """Heatmaps of attention weights, each panel labelled with what it shows.
 
     Args:
-        tensor: ``(L, S)`` (one map), ``(H, L, S)`` (per head) or ``(N, H, L, S)``
-            (per head, batch row ``batch`` drawn), e.g. the weights of
-            ``module(q, k, v, average_attn_weights=False)``.
-        batch: batch row drawn from 4-D weights.
+        tensor: attention weights as the module returns them: ``(N, L, S)`` averaged
+            over heads (the default, ``need_weights=True``): one panel per batch row;
+            ``(N, H, L, S)`` per head (``average_attn_weights=False``): one panel per
+            head of batch row ``batch``, plus their mean; or one ``(L, S)`` map.
+        layout: what the dimensions mean, ``"LS"``, ``"HLS"``, ``"NLS"`` or ``"NHLS"``;
+            by default read from the number of dimensions, a 3-D tensor taken as
+            ``"NLS"``. Pass ``"HLS"`` for the per-head weights of an unbatched call
+            ``(H, L, S)``.
+        batch: batch row drawn from ``(N, H, L, S)`` weights.
         title: figure title.
-        mean: add a panel with the mean over heads (when there is more than one head).
+        mean: add a panel with the mean over heads (per-head weights, more than one head).
 
     Returns:
         The matplotlib Figure. Raises ImportError naming ``pip install 'mha[plot]'``
-        without matplotlib.
+        without matplotlib, ValueError when ``layout`` does not fit the tensor.
     """
     Figure = _figure_class()
-    maps = _as_maps(tensor, batch)
-    H = maps.shape[0]
-    panels = [(f"head {h}" if H > 1 else "weights", maps[h]) for h in range(H)]
-    if mean and H > 1:
-        panels.append(("mean over heads", maps.mean(dim=0)))
+    panels = _panels(tensor, layout, batch, mean)
     cols = min(len(panels), 4 if len(panels) <= 8 else math.ceil(math.sqrt(len(panels))))
     rows = math.ceil(len(panels) / cols)
     fig = Figure(figsize=(3.0 * cols + 0.8, 2.7 * rows + 0.6), layout="constrained")
     axes = fig.subplots(rows, cols, squeeze=False)
-    vmax = max(float(maps.max()), 1e-6)
+    vmax = max(max(float(data.max()) for _, data in panels), 1e-6)
     image = None
     for ax, (name, data) in zip(axes.flat, panels, strict=False):
         image = _heatmap(ax, data, name, vmax)

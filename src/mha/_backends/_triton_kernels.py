@@ -5,24 +5,37 @@ kernel reads q ``(N, Hq, L, Dk)``, k ``(N, Hkv, S, Dk)`` and v ``(N, Hkv, S, Dv)
 through their strides; query head ``h`` reads key/value head ``h // GROUPS``.
 Head dims are padded to a power of two (at least 16, what ``tl.dot`` needs)
 with masked loads. Scores are kept in log2 units (``exp2`` is the fast
-exponential), and so is the lse that the forward stores and the weights and
-backward kernels read back: no conversion rounds it in between.
+exponential).
+
+The forward stores, per query row, the lse ``m + log2 l`` (log2 units) that the
+caller sees, and apart from it the two numbers it is made of: the row maximum
+``m`` and ``log2 l``, ``l = sum_j 2^(s_ij - m)``. The weights and backward
+kernels recompute ``p = 2^((s - m) - log2 l)`` from those two: a row whose
+scores are huge (a bias of ``-1e10`` on every key) keeps ``log2 l`` exactly,
+where ``m + log2 l`` would round it away and give weights that sum to ``l``.
 
 Variable-length batches (``VARLEN``) run through the same forward and backward
 kernels: q is packed ``(Tq, Hq, Dk)``, k ``(Tk, Hkv, Dk)`` and v ``(Tk, Hkv, Dv)``,
 and sequence ``n`` owns query rows ``QOff[n]:QOff[n + 1]`` and key rows
 ``KOff[n]:KOff[n + 1]`` (int32 offsets, cu_seqlens style). A packed tensor is read
 as a batch of stride 0 whose base moves to the sequence's first row, so one
-launch covers every sequence; programs past their sequence's length return at
-once. The lse is then packed ``(Hq, Tq)``.
+launch covers every sequence; programs past their sequence's length find an
+empty range of rows or keys and store nothing. The lse is then packed ``(Hq, Tq)``.
 
-Masks come as a :class:`~mha._plan.MaskPlan`'s primitives:
+Masks come as a :class:`~mha._plan.MaskPlan`'s primitives, passed to every
+kernel as one :class:`MaskArgs` record whose field names are the kernels'
+parameter names:
 
 * a band ``i + lo <= j <= i + hi`` (either side optional), which also decides
   which key blocks (forward, dq) or query blocks (dk/dv) are visited at all;
-* key lengths ``(N,)``: keys at and past the length are neither loaded nor visited;
+* key lengths ``(N,)``, int32 within ``0..S``: keys at and past the length are
+  neither loaded nor visited;
 * one boolean ``allowed`` and one additive ``bias`` tensor, read through their
-  broadcast strides (0 where a dimension is 1), never expanded.
+  broadcast strides (0 where a dimension is 1), never expanded. ``-inf`` in the
+  bias blocks a key; finite biases below ``-2.35e38`` (whose scores would leave
+  fp32's range in log2 units) count as ``-2.35e38``, so a row of
+  ``torch.finfo(torch.float32).min`` averages its keys uniformly, as plain PyTorch
+  does (its lse is then about ``-2.35e38`` where plain PyTorch gives ``-3.4e38``).
 
 Variable-length batches take the band only, aligned per sequence: ``lo``/``hi``
 are a square sequence's offsets, and ``BOTTOM_RIGHT`` shifts both by
@@ -34,24 +47,107 @@ inside one program, and dq has its own kernel, so every result is deterministic.
 
 from __future__ import annotations
 
-import os
+from typing import NamedTuple
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
-
-from .triton import new_output
+from triton.runtime.interpreter import InterpretedFunction
 
 _LOG2E = 1.4426950408889634
-_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+class MaskArgs(NamedTuple):
+    """A mask plan as kernel arguments (pass as ``**masks._asdict()``).
+
+    ``Lens`` int32 ``(N,)`` key lengths; ``Allowed`` (uint8 view of a bool) and
+    ``Bias`` tensors broadcastable to ``(N, Hq, L, S)`` with their batch, head, row
+    and key strides (0 where broadcast); the band ``i + lo <= j <= i + hi``; and the
+    constexpr flags saying which pieces are present."""
+
+    Lens: Tensor | None
+    Allowed: Tensor | None
+    san: int
+    sah: int
+    sal: int
+    sas: int
+    Bias: Tensor | None
+    sbn: int
+    sbh: int
+    sbl: int
+    sbs: int
+    lo: int
+    hi: int
+    HAS_LENS: bool
+    HAS_ALLOWED: bool
+    HAS_BIAS: bool
+    HAS_LO: bool
+    HAS_HI: bool
+
+
+class Layout(NamedTuple):
+    """Padded (``VARLEN`` False) or packed batches with their int32 offsets ``(N + 1,)``."""
+
+    QOff: Tensor | None
+    KOff: Tensor | None
+    VARLEN: bool
+    BOTTOM_RIGHT: bool
+
+
+class WeightsGrad(NamedTuple):
+    """The gradient ``DW`` reaching the weights, with its batch, head, row and key strides
+    (head stride 0 for averaged weights) and ``w_scale`` (``1 / Hq`` for averaged
+    weights, 1 per head): it adds ``w_scale * DW`` to ``dp = dO v^T``."""
+
+    DW: Tensor | None
+    swn: int
+    swh: int
+    swl: int
+    sws: int
+    w_scale: float
+    HAS_DW: bool
+
+
+_DENSE = Layout(None, None, False, False)
+_NO_DW = WeightsGrad(None, 0, 0, 0, 0, 0.0, False)
+
+
+@triton.jit
+def _tile(Ptr, n, h, offs_m, offs_n, s_n, s_h, s_l, s_s, mask, other):
+    """The ``(rows, keys)`` tile of a 4-D tensor read through its strides."""
+    return tl.load(Ptr + n * s_n + h * s_h + offs_m[:, None] * s_l + offs_n[None, :] * s_s, mask=mask, other=other)
+
+
+@triton.jit
+def _rows(Ptr, n, h, offs_m, L, offs_d, D, s_n, s_h, s_l, s_d):
+    """The ``(rows, D)`` tile of a q-like tensor (q, dO): rows ``offs_m`` of batch ``n``, head ``h``."""
+    mask = (offs_m < L)[:, None] & (offs_d < D)[None, :]
+    return tl.load(Ptr + n * s_n + h * s_h + offs_m[:, None] * s_l + offs_d[None, :] * s_d, mask=mask, other=0.0)
+
+
+@triton.jit
+def _keys(Ptr, offs_n, end, offs_d, D, s_s, s_d):
+    """The ``(keys, D)`` tile of a k-like tensor whose base is already at its batch and head."""
+    mask = (offs_n < end)[:, None] & (offs_d < D)[None, :]
+    return tl.load(Ptr + offs_n[:, None] * s_s + offs_d[None, :] * s_d, mask=mask, other=0.0)
+
+
+@triton.jit
+def _key_length(Lens, n, S, HAS_LENS: tl.constexpr):
+    """The number of keys batch row ``n`` may attend: ``Lens[n]`` (within ``0..S``) or ``S``."""
+    kv_len = S
+    if HAS_LENS:
+        kv_len = tl.load(Lens + n)
+    return kv_len
 
 
 @triton.jit
 def _key_range(m0, L, BLOCK_M: tl.constexpr, kv_len, lo, hi, HAS_LO: tl.constexpr, HAS_HI: tl.constexpr):
-    """Half-open range of keys that rows ``[m0, m0 + BLOCK_M)`` may attend."""
+    """Half-open range of keys that rows ``[m0, m0 + BLOCK_M)`` may attend: empty when
+    the block starts at or past ``L`` (a packed sequence shorter than the grid)."""
     start = 0
-    end = kv_len
+    end = tl.where(m0 < L, kv_len, 0)
     if HAS_LO:
         start = tl.maximum(m0 + lo, 0)
     if HAS_HI:
@@ -74,6 +170,14 @@ def _sequence(QOff, KOff, n, lo, hi, BOTTOM_RIGHT: tl.constexpr):
 
 
 @triton.jit
+def _row_stats(Stat, row, s_stat, offs_m, L):
+    """The forward's row maximum ``m`` (0 for rows without keys) and ``log2 l``."""
+    m = tl.load(Stat + row + offs_m, mask=offs_m < L, other=0.0)
+    log2l = tl.load(Stat + s_stat + row + offs_m, mask=offs_m < L, other=0.0)
+    return tl.where(m == float("-inf"), 0.0, m), log2l
+
+
+@triton.jit
 def _dot(a, b, PRECISION: tl.constexpr):
     """``a @ b`` accumulated in fp32. ``PRECISION="upcast"`` computes in fp32 from
     the start: Triton's interpreter multiplies the bit patterns of bfloat16
@@ -87,38 +191,44 @@ def _dot(a, b, PRECISION: tl.constexpr):
 
 
 @triton.jit
-def _masked_scores(
-    s, n, h, offs_m, offs_n, L, kv_len, lo, hi,
+def _scores(
+    q, k, qk_scale, n, h, offs_m, offs_n, L, kv_len, lo, hi,
     Allowed, san, sah, sal, sas, Bias, sbn, sbh, sbl, sbs,
     HAS_LO: tl.constexpr, HAS_HI: tl.constexpr, HAS_ALLOWED: tl.constexpr, HAS_BIAS: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
-    """Scores ``s`` (log2 units) with the bias added and ``-inf`` where a key is blocked."""
+    """Scores ``q k^T * qk_scale`` (log2 units) of one tile with the bias added and ``-inf``
+    where a key is blocked. A bias of ``-inf`` blocks; finite ones are clamped at
+    ``-2.35e38`` (just above ``-FLT_MAX ln 2``), so that in log2 units they stay finite
+    instead of overflowing to ``-inf``."""
+    s = _dot(q, tl.trans(k), PRECISION) * qk_scale
     keep = (offs_m < L)[:, None] & (offs_n < kv_len)[None, :]
     if HAS_LO:
         keep &= offs_n[None, :] >= offs_m[:, None] + lo
     if HAS_HI:
         keep &= offs_n[None, :] <= offs_m[:, None] + hi
     if HAS_ALLOWED:
-        a_ptrs = Allowed + n * san + h * sah + offs_m[:, None] * sal + offs_n[None, :] * sas
-        keep &= tl.load(a_ptrs, mask=keep, other=0) != 0
+        keep &= _tile(Allowed, n, h, offs_m, offs_n, san, sah, sal, sas, keep, 0) != 0
     if HAS_BIAS:
-        b_ptrs = Bias + n * sbn + h * sbh + offs_m[:, None] * sbl + offs_n[None, :] * sbs
-        s += tl.load(b_ptrs, mask=keep, other=0.0).to(tl.float32) * 1.4426950408889634
+        b = _tile(Bias, n, h, offs_m, offs_n, sbn, sbh, sbl, sbs, keep, 0.0).to(tl.float32)
+        keep &= b != float("-inf")
+        s += tl.maximum(b, -2.35e38) * 1.4426950408889634
     return tl.where(keep, s, float("-inf"))
 
 
 @triton.jit
 def _fwd_kernel(
-    Q, K, V, Out, LSE, Lens, Allowed, Bias, QOff, KOff,
-    sqn, sqh, sql, sqd, skn, skh, sks, skd, svn, svh, svs, svd, son, soh, sol, sod, sln, slh,
-    san, sah, sal, sas, sbn, sbh, sbl, sbs,
-    Hq, L, S, Dk, Dv, GROUPS, qk_scale, lo, hi,
-    HAS_LENS: tl.constexpr, HAS_LO: tl.constexpr, HAS_HI: tl.constexpr,
-    HAS_ALLOWED: tl.constexpr, HAS_BIAS: tl.constexpr, VARLEN: tl.constexpr, BOTTOM_RIGHT: tl.constexpr,
+    Q, K, V, Out, LSE, Stat,
+    sqn, sqh, sql, sqd, skn, skh, sks, skd, svn, svh, svs, svd, son, soh, sol, sod, sln, slh, s_stat,
+    Hq, L, S, Dk, Dv, GROUPS, qk_scale,
+    Lens, Allowed, san, sah, sal, sas, Bias, sbn, sbh, sbl, sbs, lo, hi,
+    QOff, KOff,
+    HAS_LENS: tl.constexpr, HAS_ALLOWED: tl.constexpr, HAS_BIAS: tl.constexpr,
+    HAS_LO: tl.constexpr, HAS_HI: tl.constexpr, VARLEN: tl.constexpr, BOTTOM_RIGHT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
-    """Output and lse for one block of query rows of one query head."""
+    """Output, lse and the row statistics for one block of query rows of one query head."""
     pid_m = tl.program_id(0)
     pid_nh = tl.program_id(1)
     n = (pid_nh // Hq).to(tl.int64)
@@ -127,23 +237,17 @@ def _fwd_kernel(
     m0 = pid_m * BLOCK_M
     if VARLEN:
         q0, k0, L, S, lo, hi = _sequence(QOff, KOff, n, lo, hi, BOTTOM_RIGHT)
-        if m0 >= L:
-            return
         Q += q0 * sql
         Out += q0 * sol
         LSE += q0
+        Stat += q0
         K += k0 * sks
         V += k0 * svs
     offs_m = m0 + tl.arange(0, BLOCK_M)
     offs_dk = tl.arange(0, BLOCK_DK)
     offs_dv = tl.arange(0, BLOCK_DV)
-    q = tl.load(
-        Q + n * sqn + h * sqh + offs_m[:, None] * sql + offs_dk[None, :] * sqd,
-        mask=(offs_m < L)[:, None] & (offs_dk < Dk)[None, :], other=0.0,
-    )
-    kv_len = S
-    if HAS_LENS:
-        kv_len = tl.minimum(tl.maximum(tl.load(Lens + n), 0), S)
+    q = _rows(Q, n, h, offs_m, L, offs_dk, Dk, sqn, sqh, sql, sqd)
+    kv_len = _key_length(Lens, n, S, HAS_LENS)
     start, end = _key_range(m0, L, BLOCK_M, kv_len, lo, hi, HAS_LO, HAS_HI)
     start = (start // BLOCK_N) * BLOCK_N
     K += n * skn + hk * skh
@@ -153,50 +257,47 @@ def _fwd_kernel(
     acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
     for n0 in range(start, end, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
-        k = tl.load(
-            K + offs_n[:, None] * sks + offs_dk[None, :] * skd,
-            mask=(offs_n < end)[:, None] & (offs_dk < Dk)[None, :], other=0.0,
-        )
-        s = _dot(q, tl.trans(k), PRECISION) * qk_scale
-        s = _masked_scores(
-            s, n, h, offs_m, offs_n, L, end, lo, hi,
+        k = _keys(K, offs_n, end, offs_dk, Dk, sks, skd)
+        s = _scores(
+            q, k, qk_scale, n, h, offs_m, offs_n, L, end, lo, hi,
             Allowed, san, sah, sal, sas, Bias, sbn, sbh, sbl, sbs,
-            HAS_LO, HAS_HI, HAS_ALLOWED, HAS_BIAS,
+            HAS_LO, HAS_HI, HAS_ALLOWED, HAS_BIAS, PRECISION,
         )
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         alpha = tl.exp2(m_i - m_safe)
         p = tl.exp2(s - m_safe[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(
-            V + offs_n[:, None] * svs + offs_dv[None, :] * svd,
-            mask=(offs_n < end)[:, None] & (offs_dv < Dv)[None, :], other=0.0,
-        )
+        v = _keys(V, offs_n, end, offs_dv, Dv, svs, svd)
         acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, PRECISION)
         m_i = m_new
     empty = l_i == 0.0
     acc = acc / tl.where(empty, 1.0, l_i)[:, None]
-    lse = tl.where(empty, float("-inf"), m_i + tl.log2(tl.where(empty, 1.0, l_i)))
+    log2l = tl.log2(tl.where(empty, 1.0, l_i))
     tl.store(
         Out + n * son + h * soh + offs_m[:, None] * sol + offs_dv[None, :] * sod,
         acc.to(Out.dtype.element_ty),
         mask=(offs_m < L)[:, None] & (offs_dv < Dv)[None, :],
     )
-    tl.store(LSE + n * sln + h * slh + offs_m, lse, mask=offs_m < L)
+    row = n * sln + h * slh + offs_m
+    tl.store(LSE + row, tl.where(empty, float("-inf"), m_i + log2l), mask=offs_m < L)
+    tl.store(Stat + row, tl.where(empty, float("-inf"), m_i), mask=offs_m < L)
+    tl.store(Stat + s_stat + row, log2l, mask=offs_m < L)
 
 
 @triton.jit
 def _weights_kernel(
-    Q, K, LSE, W, Lens, Allowed, Bias,
-    sqn, sqh, sql, sqd, skn, skh, sks, skd, swn, swh, swl, sws,
-    san, sah, sal, sas, sbn, sbh, sbl, sbs,
-    Hq, L, S, Dk, GROUPS, qk_scale, lo, hi,
-    PER_HEAD: tl.constexpr, HAS_LENS: tl.constexpr, HAS_LO: tl.constexpr, HAS_HI: tl.constexpr,
-    HAS_ALLOWED: tl.constexpr, HAS_BIAS: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DK: tl.constexpr, PRECISION: tl.constexpr,
+    Q, K, Stat, W,
+    sqn, sqh, sql, sqd, skn, skh, sks, skd, swn, swh, swl, sws, s_stat,
+    Hq, L, S, Dk, GROUPS, qk_scale,
+    Lens, Allowed, san, sah, sal, sas, Bias, sbn, sbh, sbl, sbs, lo, hi,
+    HAS_LENS: tl.constexpr, HAS_ALLOWED: tl.constexpr, HAS_BIAS: tl.constexpr,
+    HAS_LO: tl.constexpr, HAS_HI: tl.constexpr,
+    PER_HEAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DK: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
-    """One ``(BLOCK_M, BLOCK_N)`` tile of ``p = exp(s - lse)``: for one head (``PER_HEAD``)
-    or summed over all ``Hq`` heads in registers and divided by ``Hq``."""
+    """One ``(BLOCK_M, BLOCK_N)`` tile of ``p = 2^((s - m) - log2 l)``: for one head
+    (``PER_HEAD``) or summed over all ``Hq`` heads in registers and divided by ``Hq``."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     pid_z = tl.program_id(2)
@@ -212,30 +313,23 @@ def _weights_kernel(
     offs_m = m0 + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_dk = tl.arange(0, BLOCK_DK)
-    kv_len = S
-    if HAS_LENS:
-        kv_len = tl.minimum(tl.maximum(tl.load(Lens + n), 0), S)
+    kv_len = _key_length(Lens, n, S, HAS_LENS)
     start, end = _key_range(m0, L, BLOCK_M, kv_len, lo, hi, HAS_LO, HAS_HI)
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     if (start < pid_n * BLOCK_N + BLOCK_N) & (end > pid_n * BLOCK_N):
         for h in range(h_first, h_first + heads):
-            q = tl.load(
-                Q + n * sqn + h * sqh + offs_m[:, None] * sql + offs_dk[None, :] * sqd,
-                mask=(offs_m < L)[:, None] & (offs_dk < Dk)[None, :], other=0.0,
-            )
+            q = _rows(Q, n, h, offs_m, L, offs_dk, Dk, sqn, sqh, sql, sqd)
             k = tl.load(
                 K + n * skn + (h // GROUPS) * skh + offs_n[:, None] * sks + offs_dk[None, :] * skd,
                 mask=(offs_n < end)[:, None] & (offs_dk < Dk)[None, :], other=0.0,
             )
-            s = _dot(q, tl.trans(k), PRECISION) * qk_scale
-            s = _masked_scores(
-                s, n, h, offs_m, offs_n, L, end, lo, hi,
+            s = _scores(
+                q, k, qk_scale, n, h, offs_m, offs_n, L, end, lo, hi,
                 Allowed, san, sah, sal, sas, Bias, sbn, sbh, sbl, sbs,
-                HAS_LO, HAS_HI, HAS_ALLOWED, HAS_BIAS,
+                HAS_LO, HAS_HI, HAS_ALLOWED, HAS_BIAS, PRECISION,
             )
-            lse = tl.load(LSE + (n * Hq + h) * L + offs_m, mask=offs_m < L, other=0.0)
-            lse = tl.where(lse == float("-inf"), 0.0, lse)
-            acc += tl.exp2(s - lse[:, None])
+            m, log2l = _row_stats(Stat, (n * Hq + h) * L, s_stat, offs_m, L)
+            acc += tl.exp2((s - m[:, None]) - log2l[:, None])
     if not PER_HEAD:
         acc = acc / Hq
     tl.store(
@@ -246,14 +340,82 @@ def _weights_kernel(
 
 
 @triton.jit
+def _bwd_weights_delta_kernel(
+    Q, K, Stat, DeltaW,
+    sqn, sqh, sql, sqd, skn, skh, sks, skd, s_stat,
+    Hq, L, S, Dk, GROUPS, qk_scale,
+    Lens, Allowed, san, sah, sal, sas, Bias, sbn, sbh, sbl, sbs, lo, hi,
+    DW, swn, swh, swl, sws, w_scale,
+    HAS_LENS: tl.constexpr, HAS_ALLOWED: tl.constexpr, HAS_BIAS: tl.constexpr,
+    HAS_LO: tl.constexpr, HAS_HI: tl.constexpr, HAS_DW: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DK: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """``w_scale * sum_j p_ij DW_ij`` for one block of query rows of one query head: what
+    the gradient of the weights adds to the backward's ``delta = sum_j p_ij dp_ij``."""
+    pid_m = tl.program_id(0)
+    pid_nh = tl.program_id(1)
+    n = (pid_nh // Hq).to(tl.int64)
+    h = pid_nh % Hq
+    m0 = pid_m * BLOCK_M
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    offs_dk = tl.arange(0, BLOCK_DK)
+    q = _rows(Q, n, h, offs_m, L, offs_dk, Dk, sqn, sqh, sql, sqd)
+    row = (n * Hq + h) * L
+    m, log2l = _row_stats(Stat, row, s_stat, offs_m, L)
+    kv_len = _key_length(Lens, n, S, HAS_LENS)
+    start, end = _key_range(m0, L, BLOCK_M, kv_len, lo, hi, HAS_LO, HAS_HI)
+    start = (start // BLOCK_N) * BLOCK_N
+    K += n * skn + (h // GROUPS) * skh
+    acc = tl.zeros([BLOCK_M], tl.float32)
+    for n0 in range(start, end, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        k = _keys(K, offs_n, end, offs_dk, Dk, sks, skd)
+        s = _scores(
+            q, k, qk_scale, n, h, offs_m, offs_n, L, end, lo, hi,
+            Allowed, san, sah, sal, sas, Bias, sbn, sbh, sbl, sbs,
+            HAS_LO, HAS_HI, HAS_ALLOWED, HAS_BIAS, PRECISION,
+        )
+        p = tl.exp2((s - m[:, None]) - log2l[:, None])
+        keys = (offs_m < L)[:, None] & (offs_n < end)[None, :]
+        acc += tl.sum(p * _tile(DW, n, h, offs_m, offs_n, swn, swh, swl, sws, keys, 0.0).to(tl.float32), 1)
+    tl.store(DeltaW + row + offs_m, acc * w_scale, mask=offs_m < L)
+
+
+@triton.jit
+def _probability_grads(
+    q, k, v, do, m, log2l, delta, n, h, offs_m, offs_n, L, kv_len, qk_scale, lo, hi,
+    Allowed, san, sah, sal, sas, Bias, sbn, sbh, sbl, sbs,
+    DW, swn, swh, swl, sws, w_scale,
+    HAS_LO: tl.constexpr, HAS_HI: tl.constexpr, HAS_ALLOWED: tl.constexpr, HAS_BIAS: tl.constexpr,
+    HAS_DW: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """``p`` and ``ds = p * (dp - delta)`` of one tile, ``dp = dO v^T`` plus
+    ``w_scale * DW`` where the weights receive a gradient."""
+    s = _scores(
+        q, k, qk_scale, n, h, offs_m, offs_n, L, kv_len, lo, hi,
+        Allowed, san, sah, sal, sas, Bias, sbn, sbh, sbl, sbs,
+        HAS_LO, HAS_HI, HAS_ALLOWED, HAS_BIAS, PRECISION,
+    )
+    p = tl.exp2((s - m[:, None]) - log2l[:, None])
+    dp = _dot(do, tl.trans(v), PRECISION)
+    if HAS_DW:
+        keys = (offs_m < L)[:, None] & (offs_n < kv_len)[None, :]
+        dp += _tile(DW, n, h, offs_m, offs_n, swn, swh, swl, sws, keys, 0.0).to(tl.float32) * w_scale
+    return p, p * (dp - delta[:, None])
+
+
+@triton.jit
 def _bwd_dkdv_kernel(
-    Q, K, V, DO, LSE, Delta, DK, DV, Lens, Allowed, Bias, QOff, KOff,
+    Q, K, V, DO, Stat, Delta, DK, DV,
     sqn, sqh, sql, sqd, skn, skh, sks, skd, svn, svh, svs, svd, sdon, sdoh, sdol, sdod,
-    sdkn, sdkh, sdks, sdkd, sdvn, sdvh, sdvs, sdvd, sln, slh,
-    san, sah, sal, sas, sbn, sbh, sbl, sbs,
-    Hq, Hkv, L, S, Dk, Dv, GROUPS, qk_scale, scale, lo, hi,
-    HAS_LENS: tl.constexpr, HAS_LO: tl.constexpr, HAS_HI: tl.constexpr,
-    HAS_ALLOWED: tl.constexpr, HAS_BIAS: tl.constexpr, VARLEN: tl.constexpr, BOTTOM_RIGHT: tl.constexpr,
+    sdkn, sdkh, sdks, sdkd, sdvn, sdvh, sdvs, sdvd, sln, slh, s_stat,
+    Hq, Hkv, L, S, Dk, Dv, GROUPS, qk_scale, scale,
+    Lens, Allowed, san, sah, sal, sas, Bias, sbn, sbh, sbl, sbs, lo, hi,
+    QOff, KOff,
+    DW, swn, swh, swl, sws, w_scale,
+    HAS_LENS: tl.constexpr, HAS_ALLOWED: tl.constexpr, HAS_BIAS: tl.constexpr,
+    HAS_LO: tl.constexpr, HAS_HI: tl.constexpr, VARLEN: tl.constexpr, BOTTOM_RIGHT: tl.constexpr,
+    HAS_DW: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
@@ -265,11 +427,9 @@ def _bwd_dkdv_kernel(
     n0 = pid_n * BLOCK_N
     if VARLEN:
         q0, k0, L, S, lo, hi = _sequence(QOff, KOff, n, lo, hi, BOTTOM_RIGHT)
-        if n0 >= S:
-            return
         Q += q0 * sql
         DO += q0 * sdol
-        LSE += q0
+        Stat += q0
         Delta += q0
         K += k0 * sks
         V += k0 * svs
@@ -278,9 +438,7 @@ def _bwd_dkdv_kernel(
     offs_n = n0 + tl.arange(0, BLOCK_N)
     offs_dk = tl.arange(0, BLOCK_DK)
     offs_dv = tl.arange(0, BLOCK_DV)
-    kv_len = S
-    if HAS_LENS:
-        kv_len = tl.minimum(tl.maximum(tl.load(Lens + n), 0), S)
+    kv_len = _key_length(Lens, n, S, HAS_LENS)
     k = tl.load(
         K + n * skn + hk * skh + offs_n[:, None] * sks + offs_dk[None, :] * skd,
         mask=(offs_n < kv_len)[:, None] & (offs_dk < Dk)[None, :], other=0.0,
@@ -304,27 +462,17 @@ def _bwd_dkdv_kernel(
         row = n * sln + h * slh
         for m0 in range(q_start, q_end, BLOCK_M):
             offs_m = m0 + tl.arange(0, BLOCK_M)
-            q = tl.load(
-                Q + n * sqn + h * sqh + offs_m[:, None] * sql + offs_dk[None, :] * sqd,
-                mask=(offs_m < L)[:, None] & (offs_dk < Dk)[None, :], other=0.0,
-            )
-            do = tl.load(
-                DO + n * sdon + h * sdoh + offs_m[:, None] * sdol + offs_dv[None, :] * sdod,
-                mask=(offs_m < L)[:, None] & (offs_dv < Dv)[None, :], other=0.0,
-            )
-            lse = tl.load(LSE + row + offs_m, mask=offs_m < L, other=0.0)
-            lse = tl.where(lse == float("-inf"), 0.0, lse)
+            q = _rows(Q, n, h, offs_m, L, offs_dk, Dk, sqn, sqh, sql, sqd)
+            do = _rows(DO, n, h, offs_m, L, offs_dv, Dv, sdon, sdoh, sdol, sdod)
+            m, log2l = _row_stats(Stat, row, s_stat, offs_m, L)
             delta = tl.load(Delta + row + offs_m, mask=offs_m < L, other=0.0)
-            s = _dot(q, tl.trans(k), PRECISION) * qk_scale
-            s = _masked_scores(
-                s, n, h, offs_m, offs_n, L, kv_len, lo, hi,
+            p, ds = _probability_grads(
+                q, k, v, do, m, log2l, delta, n, h, offs_m, offs_n, L, kv_len, qk_scale, lo, hi,
                 Allowed, san, sah, sal, sas, Bias, sbn, sbh, sbl, sbs,
-                HAS_LO, HAS_HI, HAS_ALLOWED, HAS_BIAS,
+                DW, swn, swh, swl, sws, w_scale,
+                HAS_LO, HAS_HI, HAS_ALLOWED, HAS_BIAS, HAS_DW, PRECISION,
             )
-            p = tl.exp2(s - lse[:, None])
             dv += _dot(tl.trans(p.to(do.dtype)), do, PRECISION)
-            dp = _dot(do, tl.trans(v), PRECISION)
-            ds = p * (dp - delta[:, None])
             dk += _dot(tl.trans(ds.to(q.dtype)), q, PRECISION)
     dk = dk * scale
     tl.store(
@@ -341,13 +489,16 @@ def _bwd_dkdv_kernel(
 
 @triton.jit
 def _bwd_dq_kernel(
-    Q, K, V, DO, LSE, Delta, DQ, Lens, Allowed, Bias, QOff, KOff,
+    Q, K, V, DO, Stat, Delta, DQ,
     sqn, sqh, sql, sqd, skn, skh, sks, skd, svn, svh, svs, svd, sdon, sdoh, sdol, sdod,
-    sdqn, sdqh, sdql, sdqd, sln, slh,
-    san, sah, sal, sas, sbn, sbh, sbl, sbs,
-    Hq, L, S, Dk, Dv, GROUPS, qk_scale, scale, lo, hi,
-    HAS_LENS: tl.constexpr, HAS_LO: tl.constexpr, HAS_HI: tl.constexpr,
-    HAS_ALLOWED: tl.constexpr, HAS_BIAS: tl.constexpr, VARLEN: tl.constexpr, BOTTOM_RIGHT: tl.constexpr,
+    sdqn, sdqh, sdql, sdqd, sln, slh, s_stat,
+    Hq, L, S, Dk, Dv, GROUPS, qk_scale, scale,
+    Lens, Allowed, san, sah, sal, sas, Bias, sbn, sbh, sbl, sbs, lo, hi,
+    QOff, KOff,
+    DW, swn, swh, swl, sws, w_scale,
+    HAS_LENS: tl.constexpr, HAS_ALLOWED: tl.constexpr, HAS_BIAS: tl.constexpr,
+    HAS_LO: tl.constexpr, HAS_HI: tl.constexpr, VARLEN: tl.constexpr, BOTTOM_RIGHT: tl.constexpr,
+    HAS_DW: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
@@ -360,12 +511,10 @@ def _bwd_dq_kernel(
     m0 = pid_m * BLOCK_M
     if VARLEN:
         q0, k0, L, S, lo, hi = _sequence(QOff, KOff, n, lo, hi, BOTTOM_RIGHT)
-        if m0 >= L:
-            return
         Q += q0 * sql
         DO += q0 * sdol
         DQ += q0 * sdql
-        LSE += q0
+        Stat += q0
         Delta += q0
         K += k0 * sks
         V += k0 * svs
@@ -373,20 +522,11 @@ def _bwd_dq_kernel(
     offs_dk = tl.arange(0, BLOCK_DK)
     offs_dv = tl.arange(0, BLOCK_DV)
     row = n * sln + h * slh
-    q = tl.load(
-        Q + n * sqn + h * sqh + offs_m[:, None] * sql + offs_dk[None, :] * sqd,
-        mask=(offs_m < L)[:, None] & (offs_dk < Dk)[None, :], other=0.0,
-    )
-    do = tl.load(
-        DO + n * sdon + h * sdoh + offs_m[:, None] * sdol + offs_dv[None, :] * sdod,
-        mask=(offs_m < L)[:, None] & (offs_dv < Dv)[None, :], other=0.0,
-    )
-    lse = tl.load(LSE + row + offs_m, mask=offs_m < L, other=0.0)
-    lse = tl.where(lse == float("-inf"), 0.0, lse)
+    q = _rows(Q, n, h, offs_m, L, offs_dk, Dk, sqn, sqh, sql, sqd)
+    do = _rows(DO, n, h, offs_m, L, offs_dv, Dv, sdon, sdoh, sdol, sdod)
+    m, log2l = _row_stats(Stat, row, s_stat, offs_m, L)
     delta = tl.load(Delta + row + offs_m, mask=offs_m < L, other=0.0)
-    kv_len = S
-    if HAS_LENS:
-        kv_len = tl.minimum(tl.maximum(tl.load(Lens + n), 0), S)
+    kv_len = _key_length(Lens, n, S, HAS_LENS)
     start, end = _key_range(m0, L, BLOCK_M, kv_len, lo, hi, HAS_LO, HAS_HI)
     start = (start // BLOCK_N) * BLOCK_N
     K += n * skn + hk * skh
@@ -394,23 +534,14 @@ def _bwd_dq_kernel(
     dq = tl.zeros([BLOCK_M, BLOCK_DK], tl.float32)
     for n0 in range(start, end, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
-        k = tl.load(
-            K + offs_n[:, None] * sks + offs_dk[None, :] * skd,
-            mask=(offs_n < end)[:, None] & (offs_dk < Dk)[None, :], other=0.0,
-        )
-        v = tl.load(
-            V + offs_n[:, None] * svs + offs_dv[None, :] * svd,
-            mask=(offs_n < end)[:, None] & (offs_dv < Dv)[None, :], other=0.0,
-        )
-        s = _dot(q, tl.trans(k), PRECISION) * qk_scale
-        s = _masked_scores(
-            s, n, h, offs_m, offs_n, L, end, lo, hi,
+        k = _keys(K, offs_n, end, offs_dk, Dk, sks, skd)
+        v = _keys(V, offs_n, end, offs_dv, Dv, svs, svd)
+        _, ds = _probability_grads(
+            q, k, v, do, m, log2l, delta, n, h, offs_m, offs_n, L, end, qk_scale, lo, hi,
             Allowed, san, sah, sal, sas, Bias, sbn, sbh, sbl, sbs,
-            HAS_LO, HAS_HI, HAS_ALLOWED, HAS_BIAS,
+            DW, swn, swh, swl, sws, w_scale,
+            HAS_LO, HAS_HI, HAS_ALLOWED, HAS_BIAS, HAS_DW, PRECISION,
         )
-        p = tl.exp2(s - lse[:, None])
-        dp = _dot(do, tl.trans(v), PRECISION)
-        ds = p * (dp - delta[:, None])
         dq += _dot(ds.to(k.dtype), k, PRECISION)
     dq = dq * scale
     tl.store(
@@ -421,6 +552,12 @@ def _bwd_dq_kernel(
 
 
 # --------------------------------------------------------------------------- launchers
+
+
+def _interpreted() -> bool:
+    """Whether the kernels were defined for Triton's interpreter (``triton.jit`` decides
+    that once, when this module is imported)."""
+    return isinstance(_fwd_kernel, InterpretedFunction)
 
 
 def _head_block(d: int) -> int:
@@ -436,7 +573,7 @@ def _blocks(dk: int, dv: int, dtype: torch.dtype, backward: bool) -> dict:
     head dim 64 with 128 x 64 tiles, 510 at 128 with 64 x 64 tiles (8 warps and
     128 x 64 gave 471); forward + backward 292 at 64 and 373 at 128 with 64 x 64
     tiles on 4 warps (8 warps gave 200 at 128)."""
-    if _INTERPRET:
+    if _interpreted():
         return {"BLOCK_M": 16, "BLOCK_N": 16}
     d = max(dk, dv)
     if dtype == torch.float32 or d > 128:
@@ -450,25 +587,35 @@ def _blocks(dk: int, dv: int, dtype: torch.dtype, backward: bool) -> dict:
 
 def _precision(dtype: torch.dtype) -> str:
     """fp32 inputs get fp32 products, as torch's matmul does by default (no TF32)."""
-    if _INTERPRET and dtype == torch.bfloat16:
+    if _interpreted() and dtype == torch.bfloat16:
         return "upcast"
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
-def _mask_args(t: Tensor | None) -> tuple:
-    """Pointer and 4 strides of a broadcast mask tensor: stride 0 where a dimension is 1."""
+def _broadcast(t: Tensor | None) -> tuple[Tensor | None, int, int, int, int]:
+    """A broadcast 4-D tensor and its 4 strides, 0 where a dimension is 1 (bool as uint8)."""
     if t is None:
         return (None, 0, 0, 0, 0)
     if t.dtype == torch.bool:
         t = t.view(torch.uint8)
-    return (t, *(0 if size == 1 else stride for size, stride in zip(t.shape, t.stride(), strict=True)))
+    sn, sh, sl, ss = (0 if size == 1 else stride for size, stride in zip(t.shape, t.stride(), strict=True))
+    return (t, sn, sh, sl, ss)
 
 
-def _band_args(lo: int | None, hi: int | None) -> dict:
-    return {"lo": 0 if lo is None else lo, "hi": 0 if hi is None else hi, "HAS_LO": lo is not None, "HAS_HI": hi is not None}
+def mask_args(
+    lengths: Tensor | None, allowed: Tensor | None, bias: Tensor | None, lo: int | None, hi: int | None
+) -> MaskArgs:
+    """The kernel arguments of key lengths (int32 ``(N,)`` within ``0..S``), an allowed
+    and a bias tensor (4-D, broadcastable to ``(N, Hq, L, S)``) and a band."""
+    return MaskArgs(
+        lengths, *_broadcast(allowed), *_broadcast(bias),
+        lo=0 if lo is None else lo, hi=0 if hi is None else hi,
+        HAS_LENS=lengths is not None, HAS_ALLOWED=allowed is not None, HAS_BIAS=bias is not None,
+        HAS_LO=lo is not None, HAS_HI=hi is not None,
+    )
 
 
-def _strides(t: Tensor) -> tuple[int, int, int, int]:
+def _strides(t: Tensor) -> tuple[int, ...]:
     """Batch, head, row and feature strides of a ``(N, H, rows, D)`` tensor, or of a
     packed ``(T, H, D)`` one read as a batch of stride 0."""
     if t.dim() == 4:
@@ -481,83 +628,63 @@ def _row_strides(lse: Tensor) -> tuple[int, int]:
     return (lse.stride(0), lse.stride(1)) if lse.dim() == 3 else (0, lse.stride(0))
 
 
-# A layout: the offset pointers (passed after the mask tensors) and the constexpr flags.
-_DENSE = ((None, None), {"VARLEN": False, "BOTTOM_RIGHT": False})
-
-
-def _packed(q_offsets: Tensor, k_offsets: Tensor, bottom_right: bool) -> tuple[tuple, dict]:
-    """The layout of a packed batch (``_DENSE`` is that of a padded one)."""
-    return (q_offsets, k_offsets), {"VARLEN": True, "BOTTOM_RIGHT": bottom_right}
-
-
-def _common(lengths, allowed, bias, lo, hi) -> tuple[tuple, dict]:
-    args = (lengths, *_mask_args(allowed), *_mask_args(bias))
-    flags = {
-        "HAS_LENS": lengths is not None,
-        "HAS_ALLOWED": allowed is not None,
-        "HAS_BIAS": bias is not None,
-        **_band_args(lo, hi),
-    }
-    return args, flags
+def _new_stats(q: Tensor, rows: tuple[int, ...]) -> tuple[Tensor, Tensor]:
+    """An fp32 lse of shape ``rows`` and the row statistics ``(2, *rows)``: ``m``, ``log2 l``."""
+    return q.new_empty(rows, dtype=torch.float32), q.new_empty((2, *rows), dtype=torch.float32)
 
 
 def _launch_forward(
-    q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, N: int, L: int, S: int,
-    masks: tuple, flags: dict, scale: float, layout: tuple[tuple, dict],
+    q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, stats: Tensor, N: int, L: int, S: int,
+    masks: MaskArgs, scale: float, layout: Layout,
 ) -> None:
-    """Fill ``out`` and ``lse``; ``L``/``S`` are the (longest) sequence lengths."""
+    """Fill ``out``, ``lse`` and ``stats``; ``L``/``S`` are the (longest) sequence lengths."""
     Hq, Dk, Hkv, Dv = q.shape[1], q.shape[-1], k.shape[1], v.shape[-1]
     cfg = _blocks(Dk, Dv, q.dtype, backward=False)
-    offsets, varlen = layout
     _fwd_kernel[(triton.cdiv(L, cfg["BLOCK_M"]), N * Hq)](
-        q, k, v, out, lse, masks[0], masks[1], masks[6], *offsets,
-        *_strides(q), *_strides(k), *_strides(v), *_strides(out), *_row_strides(lse),
-        *masks[2:6], *masks[7:11],
+        q, k, v, out, lse, stats,
+        *_strides(q), *_strides(k), *_strides(v), *_strides(out), *_row_strides(lse), stats.stride(0),
         Hq, L, S, Dk, Dv, Hq // Hkv, scale * _LOG2E,
         BLOCK_DK=_head_block(Dk), BLOCK_DV=_head_block(Dv), PRECISION=_precision(q.dtype),
-        **flags, **varlen, **cfg,
+        **masks._asdict(), **layout._asdict(), **cfg,
     )
 
 
 def forward(
-    q: Tensor, k: Tensor, v: Tensor, lengths: Tensor | None, allowed: Tensor | None, bias: Tensor | None,
-    scale: float, lo: int | None, hi: int | None,
-) -> tuple[Tensor, Tensor]:
-    """Output ``(N, Hq, L, Dv)`` in q's dtype (laid out as :func:`new_output` says) and
-    lse ``(N, Hq, L)`` in fp32, log2 units."""
+    q: Tensor, k: Tensor, v: Tensor, out: Tensor, masks: MaskArgs, scale: float, weights: str,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Fill ``out`` ``(N, Hq, L, Dv)``; return the lse ``(N, Hq, L)`` (fp32, log2 units), the
+    row statistics ``(2, N, Hq, L)`` and the weights: ``(N, L, S)`` averaged over heads
+    (``weights="mean"``), ``(N, Hq, L, S)`` (``"per_head"``), or empty (``"none"``)."""
     N, Hq, L, _ = q.shape
-    out = new_output(q, v.shape[3])
-    lse = q.new_empty(N, Hq, L, dtype=torch.float32)
+    lse, stats = _new_stats(q, (N, Hq, L))
     if lse.numel() > 0:
-        masks, flags = _common(lengths, allowed, bias, lo, hi)
-        _launch_forward(q, k, v, out, lse, N, L, k.shape[2], masks, flags, scale, _DENSE)
-    return out, lse
+        _launch_forward(q, k, v, out, lse, stats, N, L, k.shape[2], masks, scale, _DENSE)
+    if weights == "none":
+        return lse, stats, q.new_empty(0)
+    return lse, stats, _weights(q, k, stats, masks, scale, weights == "per_head")
 
 
 def varlen_forward(
     q: Tensor, k: Tensor, v: Tensor, q_offsets: Tensor, k_offsets: Tensor, max_q: int, max_k: int,
     scale: float, lo: int | None, hi: int | None, bottom_right: bool,
-) -> tuple[Tensor, Tensor]:
-    """Packed output ``(Tq, Hq, Dv)`` in q's dtype and lse ``(Hq, Tq)`` in fp32, log2 units,
-    for packed q ``(Tq, Hq, Dk)``, k ``(Tk, Hkv, Dk)``, v ``(Tk, Hkv, Dv)`` and int32
-    offsets ``(N + 1,)`` within ``0..Tq``/``0..Tk`` (rows outside every sequence are
-    left unwritten). ``max_q``/``max_k``
-    are the longest ``L_n``/``S_n``; the band is ``i + lo <= j <= i + hi``, both
-    shifted by ``S_n - L_n`` in sequence ``n`` when ``bottom_right``."""
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Packed output ``(Tq, Hq, Dv)`` in q's dtype, lse ``(Hq, Tq)`` in fp32, log2 units, and
+    the row statistics ``(2, Hq, Tq)``, for packed q ``(Tq, Hq, Dk)``, k ``(Tk, Hkv, Dk)``,
+    v ``(Tk, Hkv, Dv)`` and int32 offsets ``(N + 1,)`` within ``0..Tq``/``0..Tk`` (rows
+    outside every sequence are left unwritten). ``max_q``/``max_k`` are the longest
+    ``L_n``/``S_n``; the band is ``i + lo <= j <= i + hi``, both shifted by ``S_n - L_n``
+    in sequence ``n`` when ``bottom_right``."""
     Tq, Hq, _ = q.shape
     out = q.new_empty(Tq, Hq, v.shape[2])
-    lse = q.new_empty(Hq, Tq, dtype=torch.float32)
+    lse, stats = _new_stats(q, (Hq, Tq))
     if lse.numel() > 0:
-        masks, flags = _common(None, None, None, lo, hi)
-        layout = _packed(q_offsets, k_offsets, bottom_right)
-        _launch_forward(q, k, v, out, lse, q_offsets.shape[0] - 1, max_q, max_k, masks, flags, scale, layout)
-    return out, lse
+        layout = Layout(q_offsets, k_offsets, True, bottom_right)
+        masks = mask_args(None, None, None, lo, hi)
+        _launch_forward(q, k, v, out, lse, stats, q_offsets.shape[0] - 1, max_q, max_k, masks, scale, layout)
+    return out, lse, stats
 
 
-def weights(
-    q: Tensor, k: Tensor, lse: Tensor, lengths: Tensor | None, allowed: Tensor | None, bias: Tensor | None,
-    scale: float, lo: int | None, hi: int | None, per_head: bool,
-) -> Tensor:
+def _weights(q: Tensor, k: Tensor, stats: Tensor, masks: MaskArgs, scale: float, per_head: bool) -> Tensor:
     """``(N, L, S)`` averaged over heads, or ``(N, Hq, L, S)`` per head, in q's dtype."""
     N, Hq, L, Dk = q.shape
     Hkv, S = k.shape[1], k.shape[2]
@@ -565,80 +692,106 @@ def weights(
     if w.numel() == 0:
         return w
     w_strides = w.stride() if per_head else (w.stride(0), 0, w.stride(1), w.stride(2))
-    masks, flags = _common(lengths, allowed, bias, lo, hi)
     cfg = _blocks(Dk, 0, q.dtype, backward=False)
-    if not _INTERPRET:
+    if not _interpreted():
         cfg = {**cfg, "BLOCK_N": 64}
     grid = (triton.cdiv(L, cfg["BLOCK_M"]), triton.cdiv(S, cfg["BLOCK_N"]), N * Hq if per_head else N)
     _weights_kernel[grid](
-        q, k, lse.contiguous(), w, masks[0], masks[1], masks[6],
-        *q.stride(), *k.stride(), *w_strides,
-        *masks[2:6], *masks[7:11],
+        q, k, stats, w,
+        *q.stride(), *k.stride(), *w_strides, stats.stride(0),
         Hq, L, S, Dk, Hq // Hkv, scale * _LOG2E,
         PER_HEAD=per_head, BLOCK_DK=_head_block(Dk), PRECISION=_precision(q.dtype),
-        **flags, **cfg,
+        **masks._asdict(), **cfg,
     )
     return w
 
 
+def weights_grad(dw: Tensor | None, Hq: int) -> WeightsGrad:
+    """The kernel arguments of the gradient of the weights: ``(N, L, S)`` for averaged
+    weights, ``(N, Hq, L, S)`` per head, None when the weights receive none."""
+    if dw is None:
+        return _NO_DW
+    if dw.dim() == 3:
+        return WeightsGrad(dw, dw.stride(0), 0, dw.stride(1), dw.stride(2), 1.0 / Hq, True)
+    swn, swh, swl, sws = dw.stride()
+    return WeightsGrad(dw, swn, swh, swl, sws, 1.0, True)
+
+
+def _weights_delta(q: Tensor, k: Tensor, stats: Tensor, masks: MaskArgs, dw: WeightsGrad, scale: float) -> Tensor:
+    """``w_scale * sum_j p_ij dW_ij`` per query row, ``(N, Hq, L)`` fp32."""
+    N, Hq, L, Dk = q.shape
+    delta = q.new_empty(N, Hq, L, dtype=torch.float32)
+    cfg = _blocks(Dk, 0, q.dtype, backward=True)
+    _bwd_weights_delta_kernel[(triton.cdiv(L, cfg["BLOCK_M"]), N * Hq)](
+        q, k, stats, delta,
+        *q.stride(), *k.stride(), stats.stride(0),
+        Hq, L, k.shape[2], Dk, Hq // k.shape[1], scale * _LOG2E,
+        BLOCK_DK=_head_block(Dk), PRECISION=_precision(q.dtype),
+        **masks._asdict(), **dw._asdict(), **cfg,
+    )
+    return delta
+
+
 def _launch_backward(
-    dout: Tensor, dlse: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
-    N: int, L: int, S: int, masks: tuple, flags: dict, scale: float, layout: tuple[tuple, dict],
+    dout: Tensor, dlse: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, stats: Tensor,
+    N: int, L: int, S: int, masks: MaskArgs, scale: float, layout: Layout, dw: WeightsGrad,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """dq, dk, dv. ``dlse`` is the gradient reaching the (log2) lse output; it
-    enters through ``delta``: ``ds = p * (dp - (rowsum(dO * O) - dlse * log2(e)))``."""
+    """dq, dk, dv. ``dlse`` is the gradient reaching the (log2) lse output and ``dw`` that
+    reaching the weights; both enter through ``delta = rowsum(dp * p)``:
+    ``ds = p * (dp - delta)``, ``delta = rowsum(dO * O) - dlse * log2(e) + rowsum(p * w_scale dW)``."""
     Hq, Dk, Hkv, Dv = q.shape[1], q.shape[-1], k.shape[1], v.shape[-1]
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-    offsets, varlen = layout
     rowsum = (dout.float() * out.float()).sum(-1)
-    if varlen["VARLEN"]:
+    if layout.VARLEN:
         rowsum = rowsum.transpose(0, 1)
-    delta = (rowsum - dlse.float() * _LOG2E).contiguous()
-    lse = lse.contiguous()
+    delta = rowsum - dlse.float() * _LOG2E
+    if dw.HAS_DW and delta.numel() > 0:
+        delta = delta + _weights_delta(q, k, stats, masks, dw, scale)
+    delta = delta.contiguous()
+    stats = stats.contiguous()
     cfg = _blocks(Dk, Dv, q.dtype, backward=True)
     common = {
         "BLOCK_DK": _head_block(Dk), "BLOCK_DV": _head_block(Dv), "PRECISION": _precision(q.dtype),
-        **flags, **varlen, **cfg,
+        **masks._asdict(), **layout._asdict(), **dw._asdict(), **cfg,
     }
+    row_strides = (*_row_strides(stats[0]), stats.stride(0))
     if dk.numel() + dv.numel() > 0:
         _bwd_dkdv_kernel[(triton.cdiv(S, cfg["BLOCK_N"]), N * Hkv)](
-            q, k, v, dout, lse, delta, dk, dv, masks[0], masks[1], masks[6], *offsets,
+            q, k, v, dout, stats, delta, dk, dv,
             *_strides(q), *_strides(k), *_strides(v), *_strides(dout), *_strides(dk), *_strides(dv),
-            *_row_strides(lse), *masks[2:6], *masks[7:11],
-            Hq, Hkv, L, S, Dk, Dv, Hq // Hkv, scale * _LOG2E, scale,
+            *row_strides, Hq, Hkv, L, S, Dk, Dv, Hq // Hkv, scale * _LOG2E, scale,
             **common,
         )
     if dq.numel() > 0:
         _bwd_dq_kernel[(triton.cdiv(L, cfg["BLOCK_M"]), N * Hq)](
-            q, k, v, dout, lse, delta, dq, masks[0], masks[1], masks[6], *offsets,
+            q, k, v, dout, stats, delta, dq,
             *_strides(q), *_strides(k), *_strides(v), *_strides(dout), *_strides(dq),
-            *_row_strides(lse), *masks[2:6], *masks[7:11],
-            Hq, L, S, Dk, Dv, Hq // Hkv, scale * _LOG2E, scale,
+            *row_strides, Hq, L, S, Dk, Dv, Hq // Hkv, scale * _LOG2E, scale,
             **common,
         )
     return dq, dk, dv
 
 
 def backward(
-    dout: Tensor, dlse: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
-    lengths: Tensor | None, allowed: Tensor | None, bias: Tensor | None,
-    scale: float, lo: int | None, hi: int | None,
+    dout: Tensor, dlse: Tensor, dw: Tensor | None, q: Tensor, k: Tensor, v: Tensor, out: Tensor, stats: Tensor,
+    masks: MaskArgs, scale: float,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """dq, dk, dv of :func:`forward`, shaped like q, k, v."""
-    N, _, L, _ = q.shape
-    masks, flags = _common(lengths, allowed, bias, lo, hi)
-    return _launch_backward(dout, dlse, q, k, v, out, lse, N, L, k.shape[2], masks, flags, scale, _DENSE)
+    """dq, dk, dv of :func:`forward`, shaped like q, k, v, given the gradients of its
+    output, lse and weights (``dw`` None when the weights receive none)."""
+    N, Hq, L, _ = q.shape
+    return _launch_backward(
+        dout, dlse, q, k, v, out, stats, N, L, k.shape[2], masks, scale, _DENSE, weights_grad(dw, Hq)
+    )
 
 
 def varlen_backward(
-    dout: Tensor, dlse: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
+    dout: Tensor, dlse: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, stats: Tensor,
     q_offsets: Tensor, k_offsets: Tensor, max_q: int, max_k: int,
     scale: float, lo: int | None, hi: int | None, bottom_right: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """dq ``(Tq, Hq, Dk)``, dk ``(Tk, Hkv, Dk)``, dv ``(Tk, Hkv, Dv)`` of :func:`varlen_forward`;
     ``dout`` is packed like its output, ``dlse`` like its lse ``(Hq, Tq)``."""
-    masks, flags = _common(None, None, None, lo, hi)
-    layout = _packed(q_offsets, k_offsets, bottom_right)
-    return _launch_backward(
-        dout, dlse, q, k, v, out, lse, q_offsets.shape[0] - 1, max_q, max_k, masks, flags, scale, layout
-    )
+    layout = Layout(q_offsets, k_offsets, True, bottom_right)
+    masks = mask_args(None, None, None, lo, hi)
+    N = q_offsets.shape[0] - 1
+    return _launch_backward(dout, dlse, q, k, v, out, stats, N, max_q, max_k, masks, scale, layout, _NO_DW)

@@ -7,20 +7,24 @@ through their broadcast strides), attention weights and the log-sum-exp.
 * forward: online softmax over key blocks, fp32 accumulation, key blocks
   outside the band or past a row's length skipped; lse in natural log, ``-inf``
   and output 0 on fully masked rows; deterministic.
-* weights: a second kernel recomputes ``p = exp(s - lse)`` tile by tile and sums
-  the heads in registers, so ``weights="mean"`` costs ``N * L * S`` elements,
-  never ``N * Hq * L * S``; ``"per_head"`` writes each head's tile.
+* weights: a second kernel recomputes ``p`` tile by tile from the forward's row
+  statistics and sums the heads in registers, so ``weights="mean"`` costs
+  ``N * L * S`` elements, never ``N * Hq * L * S``; ``"per_head"`` writes each
+  head's tile.
 * backward: flash-attention-2 style, dk/dv per key block (summed over the query
-  heads of a GQA group) and dq per query block, no atomics.
+  heads of a GQA group) and dq per query block, no atomics. The gradient of the
+  weights (averaged or per head) enters the same ``ds = p * (dp - delta)``:
+  ``dp`` gains ``dW / Hq`` (``dW`` per head), and ``delta`` its row sums with
+  ``p``, which one more kernel recomputes per head; no per-head weights are
+  ever held in memory.
 * variable-length batches: the same forward and backward kernels read packed
   q/k/v and int32 cu_seqlens-style offsets, so a jagged batch costs one launch
   (per kernel), whatever its lengths; bands align per sequence.
 
 The kernels are wrapped as ``torch.library.custom_op`` (``mha::triton_attention_fwd``,
-``mha::triton_attention_bwd``, ``mha::triton_attention_weights``,
-``mha::triton_varlen_fwd``, ``mha::triton_varlen_bwd``) with fake and autograd
-registrations, so ``torch.compile`` traces through them. Triton itself is
-imported only when a kernel runs.
+``mha::triton_attention_bwd``, ``mha::triton_varlen_fwd``, ``mha::triton_varlen_bwd``)
+with fake and autograd registrations, so ``torch.compile`` traces through them.
+Triton itself is imported only when a kernel runs.
 
 On CPU the kernels run only in Triton's interpreter (``TRITON_INTERPRET=1``,
 set before the kernels are first used), which is how the tests run them.
@@ -71,30 +75,43 @@ def attention_fwd(
     scale: float,
     lo: int | None,
     hi: int | None,
-) -> tuple[Tensor, Tensor]:
-    """Output ``(N, Hq, L, Dv)`` (q's dtype) and lse ``(N, Hq, L)`` (fp32, in log2
-    units: ``log2 sum_j 2^(s_ij log2(e))``) for
-    q ``(N, Hq, L, Dk)``, k ``(N, Hkv, S, Dk)``, v ``(N, Hkv, S, Dv)``; keys
-    allowed where ``i + lo <= j <= i + hi``, ``j < lengths[n]`` and ``allowed``,
-    scores plus ``bias`` (both broadcastable to ``(N, Hq, L, S)``)."""
-    return _kernels().forward(q, k, v, lengths, allowed, bias, scale, lo, hi)
+    weights: str = "none",
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Attention of q ``(N, Hq, L, Dk)``, k ``(N, Hkv, S, Dk)``, v ``(N, Hkv, S, Dv)``; keys
+    allowed where ``i + lo <= j <= i + hi``, ``j < lengths[n]`` (int32 ``(N,)`` within
+    ``0..S``) and ``allowed``, scores plus ``bias`` (both broadcastable to ``(N, Hq, L, S)``).
+
+    Returns the output ``(N, Hq, L, Dv)`` (q's dtype), the lse ``(N, Hq, L)`` (fp32, in log2
+    units: ``log2 sum_j 2^(s_ij log2(e))``), the row statistics ``(2, N, Hq, L)`` the
+    backward recomputes the probabilities from (the row maximum and ``log2 l``; no
+    gradient), and the weights ``p`` in q's dtype: ``(N, L, S)`` averaged over heads
+    (``weights="mean"``), ``(N, Hq, L, S)`` (``"per_head"``) or empty (``"none"``). The
+    weights are differentiable: their gradient enters the fused backward."""
+    kernels = _kernels()
+    out = new_output(q, v.shape[-1])
+    lse, stats, w = kernels.forward(q, k, v, out, kernels.mask_args(lengths, allowed, bias, lo, hi), scale, weights)
+    return out, lse, stats, w
 
 
 @attention_fwd.register_fake
-def _(q, k, v, lengths, allowed, bias, scale, lo, hi):
+def _(q, k, v, lengths, allowed, bias, scale, lo, hi, weights="none"):
     N, Hq, L, _ = q.shape
-    return new_output(q, v.shape[-1]), q.new_empty(N, Hq, L, dtype=torch.float32)
+    S = k.shape[2]
+    w_shape = {"none": (0,), "mean": (N, L, S), "per_head": (N, Hq, L, S)}[weights]
+    lse = q.new_empty(N, Hq, L, dtype=torch.float32)
+    return new_output(q, v.shape[-1]), lse, q.new_empty(2, N, Hq, L, dtype=torch.float32), q.new_empty(w_shape)
 
 
 @torch.library.custom_op("mha::triton_attention_bwd", mutates_args=())
 def attention_bwd(
     dout: Tensor,
     dlse: Tensor,
+    dw: Tensor | None,
     q: Tensor,
     k: Tensor,
     v: Tensor,
     out: Tensor,
-    lse: Tensor,
+    stats: Tensor,
     lengths: Tensor | None,
     allowed: Tensor | None,
     bias: Tensor | None,
@@ -102,54 +119,37 @@ def attention_bwd(
     lo: int | None,
     hi: int | None,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """``(dq, dk, dv)`` of :func:`attention_fwd` given the gradients of its two outputs."""
-    return _kernels().backward(dout, dlse, q, k, v, out, lse, lengths, allowed, bias, scale, lo, hi)
+    """``(dq, dk, dv)`` of :func:`attention_fwd` given the gradients of its output, lse and
+    weights (``dw`` None when the weights receive no gradient)."""
+    kernels = _kernels()
+    masks = kernels.mask_args(lengths, allowed, bias, lo, hi)
+    return kernels.backward(dout, dlse, dw, q, k, v, out, stats, masks, scale)
 
 
 @attention_bwd.register_fake
-def _(dout, dlse, q, k, v, out, lse, lengths, allowed, bias, scale, lo, hi):
+def _(dout, dlse, dw, q, k, v, out, stats, lengths, allowed, bias, scale, lo, hi):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, lengths, allowed, bias, scale, lo, hi = inputs
-    out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, lengths, allowed, bias)
+    q, k, v, lengths, allowed, bias, scale, lo, hi, _ = inputs
+    out, _, stats, _ = output
+    ctx.mark_non_differentiable(stats)
+    ctx.set_materialize_grads(False)
+    ctx.save_for_backward(q, k, v, out, stats, lengths, allowed, bias)
     ctx.args = (scale, lo, hi)
 
 
-def _backward(ctx, dout, dlse):
-    q, k, v, out, lse, lengths, allowed, bias = ctx.saved_tensors
-    dq, dk, dv = attention_bwd(dout, dlse, q, k, v, out, lse, lengths, allowed, bias, *ctx.args)
-    return dq, dk, dv, None, None, None, None, None, None
+def _backward(ctx, dout, dlse, dstats, dw):
+    q, k, v, out, stats, lengths, allowed, bias = ctx.saved_tensors
+    dout = torch.zeros_like(out) if dout is None else dout
+    dlse = stats.new_zeros(stats.shape[1:]) if dlse is None else dlse
+    dw = None if dw is None or dw.numel() == 0 else dw
+    dq, dk, dv = attention_bwd(dout, dlse, dw, q, k, v, out, stats, lengths, allowed, bias, *ctx.args)
+    return dq, dk, dv, None, None, None, None, None, None, None
 
 
 attention_fwd.register_autograd(_backward, setup_context=_setup_context)
-
-
-@torch.library.custom_op("mha::triton_attention_weights", mutates_args=())
-def attention_weights(
-    q: Tensor,
-    k: Tensor,
-    lse: Tensor,
-    lengths: Tensor | None,
-    allowed: Tensor | None,
-    bias: Tensor | None,
-    scale: float,
-    lo: int | None,
-    hi: int | None,
-    per_head: bool,
-) -> Tensor:
-    """Attention probabilities recomputed from the log2 ``lse``: ``(N, L, S)`` averaged over
-    the Hq heads, or ``(N, Hq, L, S)`` when ``per_head``; q's dtype."""
-    return _kernels().weights(q, k, lse, lengths, allowed, bias, scale, lo, hi, per_head)
-
-
-@attention_weights.register_fake
-def _(q, k, lse, lengths, allowed, bias, scale, lo, hi, per_head):
-    N, Hq, L, _ = q.shape
-    S = k.shape[2]
-    return q.new_empty((N, Hq, L, S) if per_head else (N, L, S))
 
 
 @torch.library.custom_op("mha::triton_varlen_fwd", mutates_args=())
@@ -165,7 +165,7 @@ def varlen_fwd(
     lo: int | None,
     hi: int | None,
     bottom_right: bool,
-) -> tuple[Tensor, Tensor]:
+) -> tuple[Tensor, Tensor, Tensor]:
     """Attention over a packed batch in one launch.
 
     q ``(Tq, Hq, Dk)``, k ``(Tk, Hkv, Dk)``, v ``(Tk, Hkv, Dv)``; sequence ``n`` owns
@@ -176,15 +176,17 @@ def varlen_fwd(
     of sequence ``n`` attends its keys ``j`` with ``i + lo <= j <= i + hi``, both
     offsets shifted by ``S_n - L_n`` when ``bottom_right`` (None: unbounded side).
 
-    Returns the packed output ``(Tq, Hq, Dv)`` (q's dtype) and the lse packed
-    ``(Hq, Tq)`` (fp32, log2 units; sequence ``n``'s lse is ``lse[:, q_offsets[n]:q_offsets[n + 1]]``)."""
+    Returns the packed output ``(Tq, Hq, Dv)`` (q's dtype), the lse packed
+    ``(Hq, Tq)`` (fp32, log2 units; sequence ``n``'s lse is ``lse[:, q_offsets[n]:q_offsets[n + 1]]``)
+    and the row statistics ``(2, Hq, Tq)`` of the backward (no gradient)."""
     return _kernels().varlen_forward(q, k, v, q_offsets, k_offsets, max_q, max_k, scale, lo, hi, bottom_right)
 
 
 @varlen_fwd.register_fake
 def _(q, k, v, q_offsets, k_offsets, max_q, max_k, scale, lo, hi, bottom_right):
     Tq, Hq, _ = q.shape
-    return q.new_empty(Tq, Hq, v.shape[-1]), q.new_empty(Hq, Tq, dtype=torch.float32)
+    stats = q.new_empty(2, Hq, Tq, dtype=torch.float32)
+    return q.new_empty(Tq, Hq, v.shape[-1]), q.new_empty(Hq, Tq, dtype=torch.float32), stats
 
 
 @torch.library.custom_op("mha::triton_varlen_bwd", mutates_args=())
@@ -195,7 +197,7 @@ def varlen_bwd(
     k: Tensor,
     v: Tensor,
     out: Tensor,
-    lse: Tensor,
+    stats: Tensor,
     q_offsets: Tensor,
     k_offsets: Tensor,
     max_q: int,
@@ -208,25 +210,26 @@ def varlen_bwd(
     """``(dq, dk, dv)``, packed like q, k, v, of :func:`varlen_fwd` given the gradients
     of its output ``(Tq, Hq, Dv)`` and lse ``(Hq, Tq)``."""
     return _kernels().varlen_backward(
-        dout, dlse, q, k, v, out, lse, q_offsets, k_offsets, max_q, max_k, scale, lo, hi, bottom_right
+        dout, dlse, q, k, v, out, stats, q_offsets, k_offsets, max_q, max_k, scale, lo, hi, bottom_right
     )
 
 
 @varlen_bwd.register_fake
-def _(dout, dlse, q, k, v, out, lse, q_offsets, k_offsets, max_q, max_k, scale, lo, hi, bottom_right):
+def _(dout, dlse, q, k, v, out, stats, q_offsets, k_offsets, max_q, max_k, scale, lo, hi, bottom_right):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
 def _varlen_setup_context(ctx, inputs, output):
     q, k, v, q_offsets, k_offsets, *args = inputs
-    out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, q_offsets, k_offsets)
+    out, _, stats = output
+    ctx.mark_non_differentiable(stats)
+    ctx.save_for_backward(q, k, v, out, stats, q_offsets, k_offsets)
     ctx.args = args
 
 
-def _varlen_backward(ctx, dout, dlse):
-    q, k, v, out, lse, q_offsets, k_offsets = ctx.saved_tensors
-    dq, dk, dv = varlen_bwd(dout, dlse, q, k, v, out, lse, q_offsets, k_offsets, *ctx.args)
+def _varlen_backward(ctx, dout, dlse, dstats):
+    q, k, v, out, stats, q_offsets, k_offsets = ctx.saved_tensors
+    dq, dk, dv = varlen_bwd(dout, dlse, q, k, v, out, stats, q_offsets, k_offsets, *ctx.args)
     return dq, dk, dv, None, None, None, None, None, None, None, None
 
 
@@ -269,27 +272,22 @@ class _Triton:
             reasons.append(f"the triton backend has no dropout (dropout_p={call.dropout_p}); pass 0.0 in eval")
         if _needs_grad(*call.plan.bias):
             reasons.append("the triton backend computes no gradient for a Bias tensor that requires grad")
-        if call.weights is not None and _needs_grad(call.query, call.key, call.value):
-            reasons.append(
-                f"the triton backend's weights={call.weights!r} are not differentiable "
-                "and the inputs require grad"
-            )
         return reasons
 
     def forward(self, call: Call) -> AttentionOutput:
         q, k, v = call.query, call.key, call.value
         plan = call.plan
-        lengths = None if plan.lengths is None else plan.lengths.to(device=q.device, dtype=torch.int32)
+        lengths = None
+        if plan.lengths is not None:  # clamped before the cast: int32 would wrap lengths of 2**31 or more
+            lengths = plan.lengths.to(q.device).clamp(0, k.shape[2]).to(torch.int32)
         allowed = functools.reduce(operator.and_, plan.allowed).to(q.device) if plan.allowed else None
         bias = functools.reduce(operator.add, plan.bias).to(q.device) if plan.bias else None
         lo = None if plan.band is None else plan.band.lo
         hi = None if plan.band is None else plan.band.hi
-        masks = (lengths, allowed, bias, call.scale, lo, hi)
-        out, lse = attention_fwd(q, k, v, *masks)
-        w = None
-        if call.weights is not None:
-            w = attention_weights(q.detach(), k.detach(), lse.detach(), *masks, call.weights == "per_head")
-        return AttentionOutput(out, w, (lse * _LN2).to(q.dtype) if call.return_lse else None)
+        out, lse, _, w = attention_fwd(q, k, v, lengths, allowed, bias, call.scale, lo, hi, call.weights or "none")
+        return AttentionOutput(
+            out, None if call.weights is None else w, (lse * _LN2).to(q.dtype) if call.return_lse else None
+        )
 
 
 BACKEND = _Triton()
@@ -347,5 +345,5 @@ def varlen_attention(
     lo = None if band is None else band.lo
     hi = None if band is None else band.hi
     bottom_right = _alignments(mask) == {"bottom_right"}
-    out, lse = varlen_fwd(query, key, value, q_offsets, k_offsets, max_q, max_k, scale, lo, hi, bottom_right)
+    out, lse, _ = varlen_fwd(query, key, value, q_offsets, k_offsets, max_q, max_k, scale, lo, hi, bottom_right)
     return out, (lse * _LN2).to(query.dtype) if return_lse else None

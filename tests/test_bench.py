@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 
 import pytest
 import torch
@@ -59,14 +58,31 @@ def test_unsupported_side_is_reported_not_raised(tmp_path, monkeypatch):
     assert case["reason"] == "mha: NotImplementedError: no nested input yet"
 
 
-def test_plain_text_without_rich(tmp_path, monkeypatch, capsys):
-    for name in ("rich", "rich.box", "rich.console", "rich.progress", "rich.table"):
-        monkeypatch.setitem(sys.modules, name, None)
-    report = _run(tmp_path, "--cases", "dense,causal")
-    assert [case["name"] for case in report["cases"]] == ["dense", "causal"]
+def test_quick_says_indicative_and_no_file_without_json(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    parser = argparse.ArgumentParser()
+    _bench.add_arguments(parser)
+    args = parser.parse_args(["--quick", "--threads", "1", "--repeats", "1", "--warmup", "0", "--cases", "dense"])
+    assert _bench.run(args) == 0
+    assert list(tmp_path.iterdir()) == []
     out = capsys.readouterr().out
-    assert "torch min" in out
-    assert "causal" in out
+    assert "indicative only" in " ".join(out.split())
+    assert "wrote" not in out
+    (row,) = [line for line in out.splitlines() if line.strip().startswith("dense")]
+    assert " 0.0 " not in f"{row} "
+
+
+def test_json_is_written_where_asked_and_said(tmp_path, capsys):
+    _run(tmp_path, "--cases", "dense")
+    assert str(tmp_path / "bench.json") in capsys.readouterr().out.replace("\n", "")
+
+
+def test_small_rates_keep_their_digits():
+    assert _bench._fmt_rate(0.0421) == "0.0421"
+    assert _bench._fmt_rate(7.514) == "7.51"
+    assert _bench._fmt_rate(180.4) == "180"
+    assert _bench._fmt_percent(0.00635) == "0.64%"
+    assert _bench._fmt_percent(0.82) == "82%"
 
 
 def test_unknown_case_is_a_usage_error(capsys):

@@ -12,7 +12,7 @@ import torch
 import mha
 from mha.__main__ import main
 
-SEED_EXPLAIN = [
+EXPLAIN = [
     "explain", "--embed-dim", "64", "--num-heads", "8", "--query", "10,32,64",
     "--key", "15,32,64", "--value", "15,32,64", "--key-padding-mask", "32,15",
 ]
@@ -25,7 +25,7 @@ def _wide_console(monkeypatch):
 
 def test_python_dash_m_entry_point_and_lazy_imports():
     explain = subprocess.run(
-        [sys.executable, "-m", "mha", *SEED_EXPLAIN, "--attn-mask", "10,15:bool"],
+        [sys.executable, "-m", "mha", *EXPLAIN, "--attn-mask", "10,15:bool"],
         capture_output=True, text=True, timeout=120,
     )
     assert explain.returncode == 0, explain.stderr
@@ -60,8 +60,8 @@ def test_bench_is_wired_and_missing_bench_exits_2(monkeypatch, capsys):
     assert "mha bench is not available" in capsys.readouterr().err
 
 
-def test_explain_seed_example_2(capsys):
-    assert main([*SEED_EXPLAIN, "--attn-mask", "10,15:bool", "--need-weights"]) == 0
+def test_explain_cross_attention_with_padding(capsys):
+    assert main([*EXPLAIN, "--attn-mask", "10,15:bool", "--need-weights"]) == 0
     out = capsys.readouterr().out
     for line in ("L=10  N=32  E=64", "S=15  N=32  D=64", "key_padding_mask", "(32, 15) bool", "(32, 10, 15)",
                  "blocked", "picked", "SDPA returns no attention weights", "torch.nn.MultiheadAttention weights"):
@@ -69,7 +69,7 @@ def test_explain_seed_example_2(capsys):
 
 
 def test_explain_without_weights_picks_sdpa(capsys):
-    assert main([*SEED_EXPLAIN, "--no-need-weights", "--batch-first", "--query", "32,10,64",
+    assert main([*EXPLAIN, "--no-need-weights", "--batch-first", "--query", "32,10,64",
                  "--key", "32,15,64", "--value", "32,15,64"]) == 0
     out = capsys.readouterr().out
     assert "N=32  L=10  E=64" in out
@@ -90,7 +90,7 @@ def test_explain_invalid_call_prints_the_module_error(extra, kwargs, capsys):
             "key_padding_mask": torch.zeros(32, 15, dtype=torch.bool), **kwargs}
     with pytest.raises(ValueError, match=r"key_padding_mask|value|attn_mask") as expected:
         module(**call)
-    assert main([*SEED_EXPLAIN, *extra]) == 2
+    assert main([*EXPLAIN, *extra]) == 2
     assert capsys.readouterr().err.strip() == f"ValueError: {expected.value}"
 
 
@@ -103,18 +103,56 @@ def _png(path) -> bool:
     return path.exists() and path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_demo_walks_the_seed_and_writes_the_heatmap(tmp_path, capsys):
-    out = tmp_path / "example3.png"
+def test_demo_walks_the_examples_and_writes_the_heatmap(tmp_path, capsys):
+    out = tmp_path / "demo.png"
     assert main(["demo", "--out", str(out)]) == 0
     text = capsys.readouterr().out
-    for line in ("Example 1", "Example 2", "Example 3", "(10, 32, 64)", "(32, 15) bool", "L=10  N=32  E=64",
-                 "S=15  N=32  D=64", "True = key j of batch row n is",
+    for line in ("1. Shapes", "2. Padding", "3. An inverted boolean mask", "4. Errors", "(10, 32, 64)",
+                 "(32, 15) bool", "L=10  N=32  E=64", "S=15  N=32  D=64", "True = key j of batch row n is",
                  "query row(s) [9] of all 32 batch rows",  # torch's NaN row
-                 "all 10 query rows of batch row(s) [5]",  # Example 2 with a blank row
+                 "all 10 query rows of batch row(s) [5]",  # a fully padded sequence
                  "is torch.tril(torch.ones(10, 10)).bool()",  # mha's warning
-                 "torch.triu(torch.ones(10, 10, dtype=torch.bool), 1)", "Causal('top_left')", str(out)):
+                 "torch.triu(torch.ones(10, 10, dtype=torch.bool), 1)", "Causal('top_left')",
+                 "AssertionError: Expected key_padded_mask.shape[0] to be 32",  # torch's error
+                 "key_padding_mask has shape (15, 32) = (S, N), expected (N, S) = (32, 15)",  # mha's
+                 str(out)):
         assert line in text, line
+    assert "seed" not in text.lower()
     assert _png(out)
+
+
+def test_demo_without_matplotlib_skips_the_picture_and_says_so(tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib.figure", None)
+    out = tmp_path / "demo.png"
+    assert main(["demo", "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "heatmap skipped" in text
+    assert "pip install 'mha[plot]'" in text
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("command", [["demo", "--out"], ["plot", "--out"], ["bench", "--quick", "--json"]])
+@pytest.mark.parametrize("where", ["missing-folder/x.png", "."])
+def test_unwritable_output_exits_2_before_any_work(command, where, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main([*command, where]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    message = captured.err.strip()
+    assert message.startswith(f"mha {command[0]}: cannot write {command[-1]} {where}: ")
+    assert ("does not exist" in message) if where != "." else ("is a folder" in message)
+    assert sorted(tmp_path.iterdir()) == []
+
+
+def test_write_error_at_save_time_exits_2(tmp_path, capsys, monkeypatch):
+    def refuse(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr("matplotlib.figure.Figure.savefig", refuse)
+    assert main(["plot", "--out", str(tmp_path / "x.png")]) == 2
+    assert "mha plot: cannot write --out" in capsys.readouterr().err
+    assert main(["demo", "--out", str(tmp_path / "y.png")]) == 2
+    assert "mha demo: cannot write the heatmap to --out" in capsys.readouterr().err
 
 
 def test_plot_default_and_saved_weights(tmp_path, capsys):

@@ -10,8 +10,7 @@ caches, other load). Each case reports the min and the median of both sides, the
 
 Every module is built with ``batch_first=True``, torch's fast-path layout (torch's eval
 cases then run its native fast path wherever it accepts the call). Results are printed as a
-table (rich, from the ``cli`` extra, when installed; plain text otherwise) and written to a
-JSON file.
+table and, with ``--json PATH``, written to that file with every timing.
 """
 
 from __future__ import annotations
@@ -27,8 +26,13 @@ import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import torch
+from rich import box
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
 from torch import Tensor, nn
 
 from ._module import MultiheadAttention
@@ -43,7 +47,7 @@ DTYPES = {
 
 @dataclass(frozen=True)
 class Sizes:
-    """Problem sizes of the cases; ``FULL`` is issue 4's table, ``QUICK`` a smoke test."""
+    """Problem sizes of the cases; ``FULL`` is the README's table, ``QUICK`` a smoke test."""
 
     batch: int
     length: int
@@ -162,9 +166,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", choices=list(DTYPES), default="float32", help="default float32")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="default cpu")
     parser.add_argument(
-        "--json", default="mha-bench.json", metavar="PATH", help="results file (default mha-bench.json)"
+        "--json", type=Path, default=None, metavar="PATH",
+        help="also write every timing and the machine's description to this JSON file (default: none)",
     )
-    parser.add_argument("--quick", action="store_true", help="tiny sizes, for smoke tests")
+    parser.add_argument(
+        "--quick", action="store_true",
+        help="tiny sizes, a smoke test in seconds; its numbers are indicative only",
+    )
 
 
 def _module_pair(
@@ -223,7 +231,7 @@ def build_case(name: str, sizes: Sizes, dtype: torch.dtype, device: torch.device
             x.requires_grad_(True)
             flops = useful_flops(full, full, e, backward=True)
             return Case(name, description, flops, _train_call(theirs, x), _train_call(ours, x), grad=True)
-        kwargs = {"need_weights": name == "weights"}
+        kwargs: dict[str, object] = {"need_weights": name == "weights"}
         flops = useful_flops(full, full, e)
         return Case(name, description, flops, _self_call(theirs, x, **kwargs), _self_call(ours, x, **kwargs))
     if name in ("padded", "jagged"):
@@ -275,7 +283,10 @@ def _timed(call: Callable[[], object], device: torch.device) -> float:
 
 def _output(result: object) -> Tensor:
     """The attention output of a module call's result (a tuple) or of a training step."""
-    return result[0] if isinstance(result, tuple) else result
+    output = result[0] if isinstance(result, tuple) else result
+    if not isinstance(output, Tensor):
+        raise TypeError(f"a benchmark call returned {type(output).__name__}, expected a tensor")
+    return output
 
 
 def _max_abs_diff(a: Tensor, b: Tensor) -> float:
@@ -313,43 +324,29 @@ class Roofline:
 
 
 class _Progress:
-    """A rich progress bar when rich is installed, else a line per case on stderr."""
+    """A transient progress bar on stderr, one step per warm-up or timed call."""
 
     def __init__(self, total: int) -> None:
-        self.total = total
-        self._bar = None
-        self._task = None
+        self._bar = Progress(
+            TextColumn("{task.description:<24}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            transient=True,
+            console=Console(stderr=True),
+        )
+        self._task = self._bar.add_task("bench", total=total)
 
     @contextmanager
     def running(self) -> Iterator[_Progress]:
-        try:
-            from rich.progress import (
-                BarColumn,
-                MofNCompleteColumn,
-                Progress,
-                TextColumn,
-                TimeElapsedColumn,
-            )
-        except ImportError:
+        with self._bar:
             yield self
-            return
-        bar = Progress(
-            TextColumn("{task.description:<24}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), transient=True
-        )
-        with bar:
-            self._bar, self._task = bar, bar.add_task("bench", total=self.total)
-            yield self
-        self._bar = None
 
     def stage(self, text: str) -> None:
-        if self._bar is None:
-            print(f"mha bench: {text} ...", file=sys.stderr, flush=True)
-        else:
-            self._bar.update(self._task, description=text)
+        self._bar.update(self._task, description=text)
 
     def advance(self) -> None:
-        if self._bar is not None:
-            self._bar.advance(self._task)
+        self._bar.advance(self._task)
 
 
 def run_case(case: Case, repeats: int, warmup: int, device: torch.device, progress: _Progress) -> dict:
@@ -417,6 +414,16 @@ def _fmt_ms(seconds: float) -> str:
     return f"{ms:.0f}" if ms >= 100 else f"{ms:.1f}" if ms >= 10 else f"{ms:.2f}"
 
 
+def _fmt_rate(value: float) -> str:
+    """Three significant digits, so that a small rate never prints as 0.0."""
+    return f"{value:.0f}" if value >= 100 else f"{value:.3g}"
+
+
+def _fmt_percent(fraction: float) -> str:
+    percent = 100 * fraction
+    return f"{percent:.0f}%" if percent >= 10 else f"{percent:.2g}%"
+
+
 TABLE_COLUMNS = (
     "case",
     "torch\nmin",
@@ -426,7 +433,7 @@ TABLE_COLUMNS = (
     "speed-up\nmed",
     "speed-up\nmin",
     "GFLOP/s",
-    "% of\nroofline",
+    "% of\nmatmul",
 )
 
 
@@ -446,42 +453,34 @@ def _table_rows(report: dict) -> list[list[str]]:
             _fmt_ms(mha_s["median_s"]),
             f"{case['speedup_median']:.2f}",
             f"{case['speedup_min']:.2f}",
-            f"{mha_s['gflops']:.1f}",
-            f"{100 * mha_s['gflops'] / roofline:.0f}%",
+            _fmt_rate(mha_s["gflops"]),
+            _fmt_percent(mha_s["gflops"] / roofline),
         ])
     return rows
+
+
+QUICK_CAUTION = (
+    "--quick: tiny sizes, where per-call overhead dominates and times vary from run to run; "
+    "these numbers are indicative only. Run without --quick to measure."
+)
 
 
 def _print_report(report: dict) -> None:
     machine, roofline = report["machine"], report["roofline"]
     title = (
         f"mha {machine['mha']} vs torch {machine['torch']}: {machine['cpu']}, {machine['device']}, "
-        f"threads={machine['threads']}, {machine['dtype']}; fp32 matmul roofline "
+        f"threads={machine['threads']}, {machine['dtype']}; fp32 matmul "
         f"{roofline['gflops']:.1f} GFLOP/s"
     )
     legend = (
         "times in ms; speed-up = torch time / mha time, on medians and on mins; "
-        "GFLOP/s: mha's useful work (padding excluded) at its min time; roofline: its share "
-        "of the matmul roofline"
+        "GFLOP/s: mha's useful work (padding excluded) at its min time; % of matmul: that rate "
+        "as a share of a plain fp32 matmul's in the same run, about the most this machine reaches"
     )
     rows = _table_rows(report)
     notes = [
         f"{case['name']}: {case['reason']}" for case in report["cases"] if case["status"] != "ok"
     ]
-    try:
-        from rich import box
-        from rich.console import Console
-        from rich.table import Table
-    except ImportError:
-        print(title)
-        print(legend)
-        header = [column.replace("\n", " ") for column in TABLE_COLUMNS]
-        widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
-        for row in [header, *rows]:
-            print("  ".join(cell.rjust(width) for cell, width in zip(row, widths, strict=True)))
-        for note in notes:
-            print(note)
-        return
     table = Table(title=title, caption=legend, box=box.SIMPLE_HEAD, padding=(0, 0, 0, 1))
     for i, column in enumerate(TABLE_COLUMNS):
         table.add_column(column, justify="left" if i == 0 else "right", no_wrap=True)
@@ -491,10 +490,14 @@ def _print_report(report: dict) -> None:
     console.print(table)
     for note in notes:
         console.print(note, markup=False)
+    if report["config"]["quick"]:
+        console.print(QUICK_CAUTION, markup=False, style="yellow")
 
 
 def run(args: argparse.Namespace) -> int:
-    """Run ``mha bench`` with parsed ``args``; print a table, write the JSON; exit status."""
+    """Run ``mha bench`` with parsed ``args``: print a table, write ``--json`` if given.
+
+    Returns the exit status: 0, or 2 when the JSON file cannot be written."""
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         print("mha bench: --device cuda given but torch sees no CUDA device", file=sys.stderr)
@@ -506,9 +509,14 @@ def run(args: argparse.Namespace) -> int:
         report = _run_cases(args, device)
     finally:
         torch.set_num_threads(previous_threads)
-    with open(args.json, "w") as out:
-        json.dump(report, out, indent=2)
     _print_report(report)
+    if args.json is not None:
+        try:
+            args.json.write_text(json.dumps(report, indent=2))
+        except OSError as err:
+            print(f"mha bench: cannot write --json {args.json}: {err}", file=sys.stderr)
+            return 2
+        print(f"wrote every timing to {args.json.resolve()}")
     return 0
 
 
@@ -526,13 +534,13 @@ def _run_cases(args: argparse.Namespace, device: torch.device) -> dict:
             progress.stage(name)
             case = build_case(name, sizes, dtype, device)
             results.append(run_case(case, args.repeats, args.warmup, device, progress))
-            del case
+            del case  # free its modules and inputs before the next roofline sample
             roofline.sample()
     roofline_report = roofline.report()
-    for case in results:
-        if case["status"] == "ok":
+    for result in results:
+        if result["status"] == "ok":
             for side in ("torch", "mha"):
-                case[side]["roofline_fraction"] = case[side]["gflops"] / roofline_report["gflops"]
+                result[side]["roofline_fraction"] = result[side]["gflops"] / roofline_report["gflops"]
     return {
         "machine": _machine_info(device, args.dtype),
         "config": {

@@ -1,8 +1,10 @@
 """The ``mha`` command: ``demo``, ``explain``, ``plot`` and ``bench``.
 
 Exit status: 0 on success, 2 on bad usage (argparse errors, an invalid
-``explain`` call, an unreadable ``--weights`` file, an unavailable subcommand),
-1 when an optional dependency is missing.
+``explain`` call, an unreadable ``--weights`` file, an output path that cannot be
+written, an unavailable subcommand), 1 when ``plot`` lacks matplotlib (the
+``plot`` extra). Files are written only where ``--out`` or ``--json`` says, and
+each command prints the path it wrote.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import sys
 from pathlib import Path
 
 import torch
+from rich.console import Console
 
 from . import __version__
 
@@ -52,14 +55,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser(
         "demo",
-        help="walk through the seed's three examples: inputs, shapes, torch vs mha, a heatmap",
-        description="The three examples of 'What are the inputs to nn.MultiheadAttention?' run "
-        "through mha.MultiheadAttention: a table of every input, where torch and mha differ, "
-        "the inverted causal mask and its fix, and a heatmap PNG of Example 3's weights.",
+        help="walk through four calls: shapes, padding that gives NaN, an inverted mask, errors",
+        description="Four calls to mha.MultiheadAttention beside torch.nn.MultiheadAttention: "
+        "a table of every input and output, a fully padded sequence (NaN in torch, zeros in mha), "
+        "an inverted boolean 'causal' mask and its fix, malformed calls and their errors, and a "
+        "heatmap PNG of the inverted and the causal mask's weights (needs matplotlib: "
+        "pip install 'mha[plot]'; skipped without it).",
     )
     demo.add_argument(
-        "--out", type=Path, default=Path("mha-demo-example3.png"), metavar="FILE.png",
-        help="where to write Example 3's heatmap (default ./mha-demo-example3.png)",
+        "--out", type=Path, default=Path("mha-demo.png"), metavar="FILE.png",
+        help="where to write the heatmap (default ./mha-demo.png)",
     )
     demo.add_argument("--no-plot", action="store_true", help="skip the heatmap")
 
@@ -114,8 +119,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Heatmaps of attention weights (needs matplotlib: pip install 'mha[plot]'). "
         "Input: a tensor saved with torch.save: (N, L, S) averaged over heads (the module's "
         "default), (N, H, L, S) per head, or (L, S); --layout HLS for an unbatched call's per-head "
-        "(H, L, S). By default the weights of a demo call (the seed's Example 3 with a correct "
-        "causal mask).",
+        "(H, L, S). By default the weights of a demo call (causal self-attention, L=S=10, N=32, "
+        "E=64, H=8).",
     )
     plot.add_argument("--weights", type=Path, default=None, metavar="FILE.pt", help="saved weights tensor")
     plot.add_argument(
@@ -155,18 +160,33 @@ def main(argv: list[str] | None = None) -> int:
         return _code(exit_)
     if args.command == "explain":
         return _explain(args)
-    console = _console()
-    if console is None:
-        return 1
     if args.command == "demo":
         from ._demo import run
 
-        return run(console, None if args.no_plot else args.out)
-    return _plot(args, console)
+        out = None if args.no_plot else args.out
+        if out is not None and (problem := _unwritable(out)):
+            return _usage_error("demo", "--out", out, problem)
+        return run(_console(), out)
+    return _plot(args, _console())
 
 
 def _code(exit_: SystemExit) -> int:
     return exit_.code if isinstance(exit_.code, int) else 0 if exit_.code is None else 2
+
+
+def _unwritable(path: Path) -> str | None:
+    """Why a file cannot be created at ``path``, or None when it can (as far as a look tells)."""
+    if path.is_dir():
+        return "it is a folder; give a file name inside it"
+    folder = path.absolute().parent
+    if not folder.is_dir():
+        return f"the folder {folder} does not exist; create it or choose another path"
+    return None
+
+
+def _usage_error(command: str, option: str, path: Path, problem: str) -> int:
+    print(f"mha {command}: cannot write {option} {path}: {problem}", file=sys.stderr)
+    return 2
 
 
 def _bench(parser: argparse.ArgumentParser, argv: list[str]) -> int:
@@ -184,15 +204,12 @@ def _bench(parser: argparse.ArgumentParser, argv: list[str]) -> int:
         args = bench_parser.parse_args(argv[index + 1 :])
     except SystemExit as exit_:
         return _code(exit_)
+    if args.json is not None and (problem := _unwritable(args.json)):
+        return _usage_error("bench", "--json", args.json, problem)
     return bench.run(args)
 
 
-def _console():
-    try:
-        from rich.console import Console
-    except ImportError:
-        print("the mha command prints with rich: pip install 'mha[cli]'", file=sys.stderr)
-        return None
+def _console() -> Console:
     console = Console(highlight=False, markup=False)
     if not console.is_terminal and "COLUMNS" not in os.environ:
         console.width = 100
@@ -229,11 +246,7 @@ def _explain(args: argparse.Namespace) -> int:
     except (ValueError, TypeError, NotImplementedError) as err:
         print(f"{type(err).__name__}: {err}", file=sys.stderr)
         return 2
-    console = _console()
-    if console is None:
-        print(report)
-    else:
-        console.print(report)
+    _console().print(report)
     return 0
 
 
@@ -245,11 +258,13 @@ def _mask(spec: tuple[tuple[int, ...], str] | None, dtype: torch.dtype) -> torch
     return torch.empty(shape, dtype=torch.bool if kind == "bool" else dtype, device="meta")
 
 
-def _plot(args: argparse.Namespace, console) -> int:
+def _plot(args: argparse.Namespace, console: Console) -> int:
     from . import plot
 
+    if problem := _unwritable(args.out):
+        return _usage_error("plot", "--out", args.out, problem)
     if args.weights is None:
-        weights, title = plot.demo_weights(), "Example 3 with a causal mask: weights of batch row 0"
+        weights, title = plot.demo_weights(), "causal self-attention, weights of batch row 0"
     else:
         try:
             weights = torch.load(args.weights, map_location="cpu", weights_only=True)
@@ -268,7 +283,10 @@ def _plot(args: argparse.Namespace, console) -> int:
     except ValueError as err:
         console.print(f"mha plot: {err}")
         return 2
-    figure.savefig(args.out, dpi=110)
+    try:
+        figure.savefig(args.out, dpi=110)
+    except OSError as err:
+        return _usage_error("plot", "--out", args.out, str(err))
     console.print(f"wrote {args.out.resolve()} ({_describe(weights)})")
     return 0
 

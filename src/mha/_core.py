@@ -18,11 +18,12 @@ WeightsMode = Literal["mean", "per_head"]
 class AttentionOutput(NamedTuple):
     """What :func:`attention` returns.
 
-    output:  ``(N, Hq, L, Dv)``
-    weights: ``(N, L, S)`` for ``weights="mean"``, ``(N, Hq, L, S)`` for
-             ``"per_head"``, else None
-    lse:     ``(N, Hq, L)`` natural log-sum-exp of the scaled, masked scores
-             (``-inf`` for a fully masked row) when ``return_lse=True``, else None
+    Attributes:
+        output: ``(N, Hq, L, Dv)``
+        weights: ``(N, L, S)`` for ``weights="mean"``, ``(N, Hq, L, S)`` for
+            ``"per_head"``, else None
+        lse: ``(N, Hq, L)`` natural log-sum-exp of the scaled, masked scores
+            (``-inf`` for a fully masked row) when ``return_lse=True``, else None
     """
 
     output: Tensor

@@ -1,14 +1,21 @@
-"""``mha demo``: the seed's three examples through :class:`mha.MultiheadAttention`.
+"""``mha demo``: four short examples of :class:`mha.MultiheadAttention` beside torch's module.
+
+1. shapes: what goes in and what comes out of a fixed-length call;
+2. padding: a sequence whose keys are all padding gives NaN in torch, zeros in mha;
+3. an inverted boolean mask: ``torch.tril(...)`` passed as a "causal" ``attn_mask``;
+4. errors: a transposed ``key_padding_mask`` and a per-batch ``attn_mask``, torch's
+   message beside mha's.
 
 For each call: a table of every input (shape, what each dim means, what each
 mask does) and of the outputs; then the same call on ``torch.nn.MultiheadAttention``
-with the same weights, and where the two differ. Example 3's inverted ``tril``
-mask is shown beside the causal mask it was meant to be, and a heatmap of both
-is written to a PNG. Runs offline in a few seconds.
+with the same weights, and where the two differ. The inverted mask is shown beside
+the causal mask it was meant to be, and a heatmap of both is written to a PNG when
+matplotlib is installed. Runs offline in a few seconds.
 """
 
 from __future__ import annotations
 
+import sys
 import warnings
 from pathlib import Path
 
@@ -25,7 +32,7 @@ _TRIU = "torch.triu(torch.ones(10, 10, dtype=torch.bool), 1)"
 
 
 def _pair() -> tuple[nn.MultiheadAttention, MultiheadAttention]:
-    """torch's module and mha's with the same weights, as in the seed: embed_dim=64, num_heads=8."""
+    """torch's module and mha's with the same weights: embed_dim=64, num_heads=8."""
     theirs = nn.MultiheadAttention(embed_dim=64, num_heads=8)
     ours = MultiheadAttention(embed_dim=64, num_heads=8)
     ours.load_state_dict(theirs.state_dict())
@@ -88,13 +95,42 @@ def _grid(mask: Tensor) -> str:
     return "\n".join(" ".join("x" if v else "." for v in row.tolist()) for row in mask)
 
 
+def _error(module: nn.Module, args: tuple[Tensor, ...], kwargs: dict) -> str:
+    """The error ``module(*args, **kwargs)`` raises, as ``Type: message``."""
+    try:
+        module(*args, **kwargs)
+    except (AssertionError, RuntimeError, ValueError, TypeError) as err:
+        return f"{type(err).__name__}: {err}"
+    return "no error"
+
+
+def _errors(console: Console) -> None:
+    """Two malformed calls: torch's error, then mha's."""
+    theirs, ours = _pair()
+    query, key = torch.randn(10, 32, 64), torch.randn(15, 32, 64)
+    calls = [
+        ("key_padding_mask=torch.zeros(15, 32, dtype=torch.bool)", "(S, N), not (N, S)",
+         {"key_padding_mask": torch.zeros(15, 32, dtype=torch.bool)}),
+        ("attn_mask=torch.zeros(32, 10, 15, dtype=torch.bool)", "one mask per batch row",
+         {"attn_mask": torch.zeros(32, 10, 15, dtype=torch.bool)}),
+    ]
+    for code, note, kwargs in calls:
+        args = (query, key, key)
+        console.print(Text(f"attention(query, key, value, {code})  # {note}", style="green"))
+        console.print(Text("  torch: ", style="bold").append(_error(theirs, args, kwargs), style=""))
+        console.print(Text("  mha:   ", style="bold").append(_error(ours, args, kwargs), style=""))
+
+
 def run(console: Console, out: Path | None) -> int:
-    """Print the walk-through; write Example 3's heatmap to ``out`` (None: skip). Exit status."""
+    """Print the walk-through; write the heatmap of example 3 to ``out`` (None: skip).
+
+    Returns the exit status: 0, or 2 when ``out`` cannot be written."""
     torch.manual_seed(0)
     console.rule("mha demo: the inputs to nn.MultiheadAttention, checked")
     console.print(
-        "The seed's three examples, run through mha.MultiheadAttention. Notation: L queries (target "
-        "length), S keys (source length), N batch, E embed_dim, D value features (vdim), H heads."
+        "Four calls to mha.MultiheadAttention beside torch.nn.MultiheadAttention with the same "
+        "weights. Notation: L queries (target length), S keys (source length), N batch, "
+        "E embed_dim, D value features (vdim), H heads."
     )
     console.print(
         Text(
@@ -103,14 +139,14 @@ def run(console: Console, out: Path | None) -> int:
         )
     )
 
-    console.rule("Example 1: fixed-length sequences")
+    console.rule("1. Shapes: what goes in, what comes out")
     theirs, ours = _pair()
     query, key, value = torch.randn(10, 32, 64), torch.randn(10, 32, 64), torch.randn(10, 32, 64)
     args1 = (query, key, value)
     _describe(console, ours, "attn_output, attn_output_weights = attention(query, key, value)", args1, {})
     _compare(console, theirs, ours, args1, {})
 
-    console.rule("Example 2: variable lengths with a random key_padding_mask")
+    console.rule("2. Padding: a sequence with no key left gives NaN in torch, zeros in mha")
     theirs, ours = _pair()
     query, key, value = torch.randn(10, 32, 64), torch.randn(15, 32, 64), torch.randn(15, 32, 64)
     key_padding_mask = torch.randint(0, 2, (32, 15)).bool()
@@ -128,24 +164,24 @@ def run(console: Console, out: Path | None) -> int:
     blank[5] = True
     _compare(console, theirs, ours, args2, {"key_padding_mask": blank})
 
-    console.rule("Example 3: the seed's 'causal' mask is inverted")
+    console.rule("3. An inverted boolean mask: torch.tril(...) is not causal here")
     theirs, ours = _pair()
     query, key, value = torch.randn(10, 32, 64), torch.randn(10, 32, 64), torch.randn(10, 32, 64)
     args3 = (query, key, value)
-    seed_mask = torch.tril(torch.ones(10, 10)).bool()
+    inverted = torch.tril(torch.ones(10, 10)).bool()
     causal = torch.triu(torch.ones(10, 10, dtype=torch.bool), 1)
     code = "attention(query, key, value, attn_mask=torch.tril(torch.ones(10, 10)).bool())"
-    _describe(console, ours, code, args3, {"attn_mask": seed_mask})
-    w_seed = _compare(console, theirs, ours, args3, {"attn_mask": seed_mask})
+    _describe(console, ours, code, args3, {"attn_mask": inverted})
+    w_inverted = _compare(console, theirs, ours, args3, {"attn_mask": inverted})
     masks = Table(
         title="attn_mask: x = True = blocked (row i = query, column j = key)",
         title_justify="left",
         title_style="bold cyan",
     )
-    masks.add_column("seed: torch.tril(torch.ones(10, 10)).bool()")
+    masks.add_column("inverted: torch.tril(torch.ones(10, 10)).bool()")
     masks.add_column(f"causal: {_TRIU}")
     masks.add_row(
-        Text(_grid(seed_mask) + "\nquery i sees only keys j > i;\nrow 9 sees nothing"),
+        Text(_grid(inverted) + "\nquery i sees only keys j > i;\nrow 9 sees nothing"),
         Text(_grid(causal) + "\nquery i sees keys j <= i\n(or pass is_causal=True)"),
     )
     console.print(masks)
@@ -154,7 +190,10 @@ def run(console: Console, out: Path | None) -> int:
     console.print(Text(f"mha runs it as {report.path}; backend {report.backend}", style="dim"))
     w_causal = _compare(console, theirs, ours, args3, {"attn_mask": causal})
 
-    console.rule("Example 3 as a picture")
+    console.rule("4. Errors that name the argument, the shapes and the fix")
+    _errors(console)
+
+    console.rule("The inverted mask as a picture")
     if out is None:
         console.print("heatmap skipped (--no-plot)")
         return 0
@@ -163,14 +202,18 @@ def run(console: Console, out: Path | None) -> int:
 
         figure = compare(
             {
-                "seed mask tril(...), inverted: row 9 is 0 (torch: NaN)": w_seed[0],
+                "inverted tril(...): row 9 is 0 (torch: NaN)": w_inverted[0],
                 "causal mask triu(..., 1)": w_causal[0],
             },
-            title="Example 3: attention weights of batch row 0, averaged over heads",
+            title="the inverted mask and the causal one: attention weights of batch row 0, averaged over heads",
         )
     except ImportError as err:
         console.print(f"heatmap skipped: {err}")
         return 0
-    figure.savefig(out, dpi=110)
-    console.print(f"wrote the heatmap of Example 3's weights (seed mask | causal mask) to {out.resolve()}")
+    try:
+        figure.savefig(out, dpi=110)
+    except OSError as err:
+        print(f"mha demo: cannot write the heatmap to --out {out}: {err}", file=sys.stderr)
+        return 2
+    console.print(f"wrote the heatmap (inverted mask | causal mask) to {out.resolve()}")
     return 0

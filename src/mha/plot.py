@@ -150,8 +150,8 @@ def compare(panels: Mapping[str, Tensor], *, title: str | None = None) -> Figure
 
 
 def demo_weights(seed: int = 0) -> Tensor:
-    """Per-head weights ``(N, H, L, S) = (32, 8, 10, 10)`` of the seed's Example 3 with a
-    correct causal mask: what ``mha plot`` draws by default."""
+    """Per-head weights ``(N, H, L, S) = (32, 8, 10, 10)`` of causal self-attention with
+    ``embed_dim=64``: what ``mha plot`` draws by default."""
     from ._module import MultiheadAttention
 
     generator = torch.Generator().manual_seed(seed)

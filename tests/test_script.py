@@ -138,8 +138,9 @@ def test_scripted_self_attention_with_one_query_and_one_key():
     _assert_same(scripted(x, x, x), theirs(x, x, x))
 
 
+@pytest.mark.parametrize("need_weights", [True, False])
 @pytest.mark.parametrize("config", ["plain", "extra_keys"])
-def test_scripted_fully_masked_rows_give_zero_attention(config):
+def test_scripted_fully_masked_rows_give_zero_attention(config, need_weights):
     """Batch row 0 pads every key, query row 2 blocks every key: those rows get zero
     attention (output = out_proj.bias, weights 0), no NaN, and finite gradients."""
     _, ours, scripted = _modules(config)
@@ -148,16 +149,18 @@ def test_scripted_fully_masked_rows_give_zero_attention(config):
     kpm[0] = True
     attn = torch.zeros(L, S, dtype=torch.bool)
     attn[2] = True
-    out, weights = scripted(q, k, v, key_padding_mask=kpm, attn_mask=attn, average_attn_weights=False)
-    _assert_same((out, weights), _quiet(ours, q, k, v, key_padding_mask=kpm, attn_mask=attn, average_attn_weights=False))
+    kwargs = {"key_padding_mask": kpm, "attn_mask": attn, "need_weights": need_weights, "average_attn_weights": False}
+    out, weights = scripted(q, k, v, **kwargs)
+    _assert_same((out, weights), _quiet(ours, q, k, v, **kwargs))
     out.sum().backward()
     assert all(t.grad.isfinite().all() for t in (q, k, v))
     if config == "plain":  # with extra keys, every row keeps the appended keys
         bias = ours.out_proj.bias.detach()
         torch.testing.assert_close(out[:, 0], bias.expand(L, E))
         torch.testing.assert_close(out[2], bias.expand(N, E))
-        assert (weights[0] == 0).all()
-        assert (weights[:, :, 2] == 0).all()
+        if need_weights:
+            assert (weights[0] == 0).all()
+            assert (weights[:, :, 2] == 0).all()
 
 
 @pytest.mark.parametrize("config", ["plain", "kdim_vdim", "extra_keys"])

@@ -12,19 +12,12 @@ instead, with the module's semantics:
   need, never expanded to ``(N*h, L, S)``;
 * ``is_causal=True`` means top-left causal, with or without ``attn_mask`` (both apply);
 * ``add_bias_kv`` and ``add_zero_attn`` append keys open to every query;
-* a query row with every key blocked gets zero attention, never NaN:
+* a query row with every key blocked gets zero attention (``p = 0``, output
+  ``out_proj.bias``), never NaN, and finite gradients.
 
-  .. math::
-
-      p_{ij} = \\frac{\\exp(s_{ij} - m_i)}{\\max\\!\\big(\\sum_{j'} \\exp(s_{ij'} - m_i),\\ \\epsilon\\big)},
-      \\qquad m_i = \\operatorname{logsumexp}_j s_{ij} \\text{ (0 for a row of } -\\infty)
-
-  with :math:`m_i` a constant shift (no gradient, softmax does not depend on
-  it), so a fully blocked row gives :math:`p = 0` and finite gradients.
-
-Scripted and traced calls materialise the ``(N, h, L, S)`` scores when a mask or
-the weights are involved; without either they go to
-``torch.nn.functional.scaled_dot_product_attention``.
+Without weights, attention runs in
+``torch.nn.functional.scaled_dot_product_attention`` (fully masked rows opened for the
+kernel and zeroed after it); with weights, the ``(N, h, L, S)`` scores are materialised.
 """
 
 from __future__ import annotations
@@ -113,16 +106,22 @@ class ScriptableAttention(nn.Module):
 
         dropout_p = self.dropout if self.training else 0.0
         weights: Tensor | None = None
-        if not need_weights and key_padding_mask is None and attn_mask is None and extra == 0:
-            # No mask but causality, which leaves every row a key: SDPA's fused kernels.
-            out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=is_causal)
+        if not need_weights and is_causal and key_padding_mask is None and attn_mask is None and extra == 0:
+            # Causality alone leaves every row a key: SDPA's own causal kernels.
+            out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
         else:
             mask = _additive_mask(key_padding_mask, attn_mask, is_causal, N, H, L, S, extra, q)
-            out, probs = _attend(q, k, v, mask, dropout_p)
             if need_weights:
+                out, probs = _attend(q, k, v, mask, dropout_p)
                 weights = probs.mean(dim=1) if average_attn_weights else probs
                 if not batched:
                     weights = weights.squeeze(0)
+            elif mask is None:
+                out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)
+            else:
+                opened, empty = _open_empty_rows(mask)
+                out = F.scaled_dot_product_attention(q, k, v, attn_mask=opened.to(q.dtype), dropout_p=dropout_p)
+                out = out.masked_fill(empty, 0.0)
         # (N, H, L, Dh) -> (N, L, E)
         out = self.out_proj(out.transpose(1, 2).reshape(N, L, self.embed_dim))
         if not batched:
@@ -336,22 +335,34 @@ def _additive_mask(
     return mask
 
 
+def _open_empty_rows(mask: Tensor) -> tuple[Tensor, Tensor]:
+    """``(opened, empty)``: the rows of an additive mask that block every key (all ``-inf``),
+    found at the mask's own broadcast shape, as ``empty`` (``(..., L, 1)``, True = no key),
+    and the mask with those rows opened (0). Attention under ``opened`` stays finite, its
+    gradient too, on every kernel; zeroing the ``empty`` rows after it gives them zero
+    attention."""
+    empty = (mask == float("-inf")).all(dim=-1, keepdim=True)
+    return mask.masked_fill(empty, 0.0), empty
+
+
 def _attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, dropout_p: float) -> tuple[Tensor, Tensor]:
     """``softmax(q k^T / sqrt(Dk) + mask) v`` on ``(N, H, L, D)`` heads; returns the output
     ``(N, H, L, Dv)`` and the probabilities ``(N, H, L, S)`` after dropout. Softmax runs in
-    fp32 for half inputs; a row with every key blocked gets probabilities 0."""
-    scores = torch.matmul(q, k.transpose(-2, -1))
+    fp32 for half inputs.
+
+    A row whose mask blocks every key gets probabilities 0 (:func:`_open_empty_rows`)."""
+    # A power, not math.sqrt: under torch.jit.trace the head dim is a tensor and stays one.
+    scores = torch.matmul(q * (q.shape[-1] ** -0.5), k.transpose(-2, -1))
     if scores.dtype == torch.float16 or scores.dtype == torch.bfloat16:
         scores = scores.float()
-    # A power, not math.sqrt: under torch.jit.trace the head dim is a tensor and stays one.
-    scores = scores * (q.shape[-1] ** -0.5)
+    empty: Tensor | None = None
     if mask is not None:
-        scores = scores + mask
-    shift = torch.logsumexp(scores.detach(), dim=-1, keepdim=True)
-    shift = shift.masked_fill(shift == float("-inf"), 0.0)
-    e = torch.exp(scores - shift)
-    total = e.sum(dim=-1, keepdim=True)
-    probs = (e / torch.where(total > 0, total, torch.ones_like(total))).to(q.dtype)
+        opened, empty = _open_empty_rows(mask)
+        scores = scores + opened
+    probs = torch.softmax(scores, dim=-1)
+    if empty is not None:
+        probs = probs.masked_fill(empty, 0.0)
+    probs = probs.to(q.dtype)
     if dropout_p > 0.0:
         probs = F.dropout(probs, dropout_p)
     return torch.matmul(probs, v), probs

@@ -163,6 +163,30 @@ def test_scripted_fully_masked_rows_give_zero_attention(config, need_weights):
             assert (weights[:, :, 2] == 0).all()
 
 
+@pytest.mark.parametrize("need_weights", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_scripted_low_precision_error_is_eager_mha_error(dtype, need_weights):
+    """Against an fp64 run of the same module: the scripted module's error in ``dtype`` is at
+    most twice eager mha's in the same dtype, plus one ulp of the output's scale."""
+    _, ours = build_pair(E, H, dtype=F64)
+    low = copy.deepcopy(ours).to(dtype)
+    scripted = torch.jit.script(low)
+    q, k, v = _inputs("plain")
+    masks = _masks("both")
+    reference = _quiet(ours, q, k, v, **masks, need_weights=need_weights)
+    low_inputs = (q.to(dtype), k.to(dtype), v.to(dtype))
+    low_masks = {"key_padding_mask": masks["key_padding_mask"], "attn_mask": masks["attn_mask"].to(dtype)}
+    got = scripted(*low_inputs, **low_masks, need_weights=need_weights)
+    eager = _quiet(low, *low_inputs, **low_masks, need_weights=need_weights)
+    for g, e, r in zip(got, eager, reference, strict=True):
+        if r is None:
+            assert g is None
+            continue
+        assert g.dtype == dtype
+        ulp = torch.finfo(dtype).eps * r.abs().max().item()
+        assert (g.double() - r).abs().max() <= 2 * (e.double() - r).abs().max() + ulp
+
+
 @pytest.mark.parametrize("config", ["plain", "kdim_vdim", "extra_keys"])
 def test_scripted_gradients_match_eager(config):
     _, ours = build_pair(E, H, dtype=F64, **CONFIGS[config])

@@ -377,3 +377,12 @@ def test_traced_call_with_a_bad_shape_raises_the_eager_error():
     q, k, v = _inputs("plain")
     with pytest.raises(ValueError, match=r"kdim = 12"):
         torch.jit.trace(ours, (q, k[..., :-1], v))
+
+
+def test_trace_of_self_attention_serves_distinct_query_key_value():
+    """Traced with one tensor as query, key and value, the trace still reads all three."""
+    _, ours, _ = _modules("batch_first")
+    x = _inputs("batch_first")[0]
+    traced = torch.jit.trace(ours, (x, x, x))
+    q, k, v = _inputs("batch_first", seed=5, length=S)
+    _assert_same(traced(q, k, v), ours(q, k, v))

@@ -80,6 +80,9 @@ class ScriptableAttention(nn.Module):
                 warnings.simplefilter("ignore", torch.jit.TracerWarning)
                 self._check_call(query, key, value, key_padding_mask, attn_mask)
         batched = query.dim() == 3
+        # One tensor for all three takes one matmul. torch.jit.trace hands each input in as
+        # its own tensor, so a trace packs only what is one tensor in every call.
+        packed = query is key and key is value
         # Work batch-first, (N, L, E).
         if not batched:
             query, key, value = query.unsqueeze(0), key.unsqueeze(0), value.unsqueeze(0)
@@ -91,7 +94,7 @@ class ScriptableAttention(nn.Module):
             query, key, value = query.transpose(0, 1), key.transpose(0, 1), value.transpose(0, 1)
         N, L, S, H = query.shape[0], query.shape[1], key.shape[1], self.num_heads
 
-        q, k, v = self._project(query, key, value)
+        q, k, v = self._project(query, key, value, packed)
         extra = 0
         bias_k, bias_v = self.bias_k, self.bias_v
         if bias_k is not None and bias_v is not None:
@@ -130,8 +133,11 @@ class ScriptableAttention(nn.Module):
             out = out.transpose(0, 1)
         return out, weights
 
-    def _project(self, query: Tensor, key: Tensor, value: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """Input projections to ``E`` features each: ``(N, L, E)``, ``(N, S, E)``, ``(N, S, E)``."""
+    def _project(
+        self, query: Tensor, key: Tensor, value: Tensor, packed: bool
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """Input projections to ``E`` features each: ``(N, L, E)``, ``(N, S, E)``, ``(N, S, E)``;
+        ``packed``: query, key and value are one tensor, projected in one matmul."""
         E = self.embed_dim
         b = self.in_proj_bias
         bq: Tensor | None = None
@@ -141,6 +147,9 @@ class ScriptableAttention(nn.Module):
             bq, bk, bv = b[:E], b[E : 2 * E], b[2 * E :]
         w = self.in_proj_weight
         if w is not None:
+            if packed:
+                q, k, v = F.linear(query, w, b).chunk(3, dim=-1)
+                return q, k, v
             return F.linear(query, w[:E], bq), F.linear(key, w[E : 2 * E], bk), F.linear(value, w[2 * E :], bv)
         return (
             F.linear(query, self.q_proj_weight, bq),

@@ -18,6 +18,7 @@ from ._mask_analysis import (
     summarize_attn_mask,
     summarize_key_padding_mask,
 )
+from ._script import ScriptableAttention
 from ._torch_masks import masks_from_torch, reads_values, warn_pitfalls
 from ._validate import ForwardShapes, validate_constructor, validate_forward
 from ._varlen import (
@@ -31,7 +32,7 @@ from ._varlen import (
 from .masks import Causal
 
 
-class MultiheadAttention(nn.Module):
+class MultiheadAttention(ScriptableAttention):
     r"""Multi-head attention, a drop-in for :class:`torch.nn.MultiheadAttention`.
 
     .. math::
@@ -73,8 +74,6 @@ class MultiheadAttention(nn.Module):
     """
 
     __constants__: ClassVar[list[str]] = ["batch_first"]
-    bias_k: Tensor | None
-    bias_v: Tensor | None
 
     def __init__(
         self,
@@ -196,6 +195,10 @@ class MultiheadAttention(nn.Module):
             or None when ``need_weights=False``. With ``add_bias_kv`` or
             ``add_zero_attn`` the weights have one more column per added key.
         """
+        if torch.jit.is_scripting() or torch.jit.is_tracing():
+            return self._forward_scripted(
+                query, key, value, key_padding_mask, need_weights, attn_mask, average_attn_weights, is_causal
+            )
         if isinstance(query, Tensor) and query.is_nested:
             return self._forward_nested(
                 query, key, value, key_padding_mask, need_weights, attn_mask, average_attn_weights, is_causal

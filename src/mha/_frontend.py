@@ -12,15 +12,16 @@ Routes:
 * ``"dense"``: heads ``(N, H, L, S + extra)`` through :func:`mha.attention` with
   the plan's mask;
 * ``"key_lengths"``: right-padded keys, where dropping them before the key and
-  value projections pays (see :func:`key_lengths_pay`); sequences are packed and
+  value projections pays (see :func:`key_lengths_may_pay`, :func:`key_lengths_pay`); sequences are packed and
   attended at their own lengths, with the plan's band mask;
 * ``"nested"``: nested (variable-length) inputs, attended per sequence.
 
 Dropout: the dense route draws the same random numbers as
 ``torch.nn.MultiheadAttention`` (the same ``F.dropout`` on the same
-``(N, H, L, S)`` probabilities, or the same SDPA call); key padding there is kept
-as a boolean mask, never sliced, when dropout is on. The key-lengths and nested
-routes attend sequences separately and draw differently (with the same rate).
+``(N, H, L, S)`` probabilities, or the same SDPA call), except with
+``is_causal=True`` and no ``attn_mask`` (torch raises there). The key-lengths and
+nested routes attend sequences separately and draw differently (with the same
+rate).
 """
 
 from __future__ import annotations
@@ -155,8 +156,11 @@ def plan_forward(
     padding: KeyPaddingSummary | None = None
     attn: AttnMaskSummary | None = None
     if values_read:
-        padding = None if key_padding_mask is None else summarize_key_padding_mask(key_padding_mask)
         attn = None if attn_mask is None else summarize_attn_mask(attn_mask)
+        if key_padding_mask is not None:
+            only_causal = attn_mask is None or (attn is not None and attn.standard_causal)
+            lengths_wanted = only_causal and not extra_keys and key_lengths_may_pay(N, L, S)
+            padding = summarize_key_padding_mask(key_padding_mask, lengths_wanted)
     messages = tuple(pitfall_messages(key_padding_mask, attn_mask, is_causal, padding, attn, extra_keys > 0))
 
     def plan(route: Route, mask: Mask | None, key_lengths: KeyLengths | None = None) -> ForwardPlan:
@@ -168,19 +172,19 @@ def plan_forward(
     if extra_keys:
         mask = _mask_with_extra_keys(key_padding_mask, attn_mask, is_causal, extra_keys, N, H, L, S, query.device)
         return plan("dense", mask)
-    causal = is_causal or (attn is not None and attn.standard_causal)
-    only_causal = attn_mask is None or (attn is not None and attn.standard_causal)
-    if padding is not None and padding.lengths is not None and padding.lengths_list is not None and only_causal:
-        if key_lengths_pay(L, S, padding.lengths_list):
-            return plan(
-                "key_lengths",
-                Causal("top_left") if causal else None,
-                KeyLengths(padding.lengths, padding.lengths_list),
-            )
-        if dropout_p > 0:
-            # Sliced keys would draw other random numbers than torch: keep the boolean mask.
-            padding = None
-    return plan("dense", masks_from_torch(key_padding_mask, attn_mask, is_causal, N, H, padding, attn))
+    if (
+        padding is not None
+        and padding.lengths is not None
+        and padding.lengths_list is not None
+        and key_lengths_pay(S, padding.lengths_list)
+    ):
+        causal = is_causal or attn_mask is not None  # only a standard causal attn_mask gets here
+        mask = Causal("top_left") if causal else None
+        return plan("key_lengths", mask, KeyLengths(padding.lengths, padding.lengths_list))
+    # Weights with dropout: a causal attn_mask stays a tensor so that the probabilities are
+    # drawn over the same (N, H, L, S) as torch's.
+    same_draws = dropout_p > 0 and weights is not None
+    return plan("dense", masks_from_torch(key_padding_mask, attn_mask, is_causal, N, H, attn, same_draws))
 
 
 # Measured by benchmarks/overhead.py (CPU, E=256): below these sizes the packing, index
@@ -189,15 +193,17 @@ _KEY_LENGTHS_MIN_SCORES = 1 << 16
 _KEY_LENGTHS_MIN_PADDED = 0.25
 
 
-def key_lengths_pay(L: int, S: int, lengths: tuple[int, ...]) -> bool:
-    """Whether dropping the padded keys before projection pays: at least a quarter of the
-    keys are padding and the real work, ``L * S`` scores per sequence, is large enough for
-    the saving to exceed the route's fixed cost. ``L = 0`` has nothing to save."""
-    N = len(lengths)
-    if L == 0 or N == 0:
-        return False
-    padded = 1.0 - sum(lengths) / (N * S)
-    return padded >= _KEY_LENGTHS_MIN_PADDED and N * L * S >= _KEY_LENGTHS_MIN_SCORES
+def key_lengths_may_pay(N: int, L: int, S: int) -> bool:
+    """Whether the call is large enough, ``N * L * S`` scores, for dropping right padding
+    before projection to pay back the key-lengths route's fixed cost (decided before
+    reading the mask). ``L = 0`` has nothing to save."""
+    return L > 0 and N * L * S >= _KEY_LENGTHS_MIN_SCORES
+
+
+def key_lengths_pay(S: int, lengths: tuple[int, ...]) -> bool:
+    """Whether enough of the ``S`` keys per sequence are padding, at least a quarter, for
+    the key-lengths route to pay (given :func:`key_lengths_may_pay`)."""
+    return bool(lengths) and sum(lengths) <= (1.0 - _KEY_LENGTHS_MIN_PADDED) * len(lengths) * S
 
 
 def _mask_with_extra_keys(

@@ -9,11 +9,11 @@ Each mask is read when a call is planned, once per call, and never remembered
 across calls: a mask's memory can change without torch's version counter
 moving (a ``torch.from_numpy`` buffer refilled per batch, ``mask.data[...] =
 ...``, ``mask.data = ...``, a storage alias), so a summary kept from an earlier
-call could be stale. Host reads per call: 2 for a boolean ``key_padding_mask``
-(open keys per row, whether it is right padding), 3 for a float one (and
-whether its values are exactly 0 and ``-inf``); for an ``(L, S)`` ``attn_mask``,
-2 to 4 to recognise the standard causal mask by its corners and then in full,
-and 1 for the rows it leaves without a key.
+call could be stale. Host reads per call: for a ``key_padding_mask``, 1 (whether some sequence has no key), or,
+where dropping right padding could pay, 2 (whether it is right padding, its
+lengths; 3 for a float mask: whether its values are exactly 0 and ``-inf``); 1 for the standard causal
+``attn_mask``, 1 more for the inverted one, 1 to 2 more for the rows any other
+leaves without a key.
 
 Values are read only from plain tensors on a real device, outside
 ``torch.compile`` (:func:`values_readable`): never from ``meta`` tensors, fake
@@ -23,6 +23,7 @@ summarised as a causal mask or as padding lengths, so its gradient is kept.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -76,10 +77,11 @@ def causal_blocked(L: int, S: int, device: torch.device) -> Tensor:
     return ~Causal("top_left").allowed(L, S, device)
 
 
-def summarize_key_padding_mask(mask: Tensor) -> KeyPaddingSummary:
-    """Summary of a bool (True = padding) or float (additive) ``(N, S)`` ``key_padding_mask``."""
+def summarize_key_padding_mask(mask: Tensor, lengths_wanted: bool = True) -> KeyPaddingSummary:
+    """Summary of a bool (True = padding) or float (additive) ``(N, S)`` ``key_padding_mask``.
+    ``lengths_wanted=False`` skips the right-padding test (one host read instead of two)."""
     is_blocked = blocked(mask)
-    lengths = None if mask.requires_grad else right_padding_lengths(is_blocked)
+    lengths = right_padding_lengths(is_blocked) if lengths_wanted and not mask.requires_grad else None
     if (
         lengths is not None
         and mask.dtype != torch.bool
@@ -87,35 +89,33 @@ def summarize_key_padding_mask(mask: Tensor) -> KeyPaddingSummary:
     ):
         lengths = None
     if lengths is None:
-        counts = (~is_blocked).sum(dim=-1)
-        return KeyPaddingSummary(tuple((counts == 0).nonzero().flatten().tolist()), None, None)
+        empty = is_blocked.all(dim=-1)
+        rows = tuple(empty.nonzero().flatten().tolist()) if bool(empty.any()) else ()
+        return KeyPaddingSummary(rows, None, None)
     host = tuple(lengths.tolist())
     return KeyPaddingSummary(tuple(n for n, count in enumerate(host) if count == 0), lengths, host)
 
 
-def _corner(mask: Tensor, i: int, j: int) -> bool:
-    value = mask[i, j]
-    return bool(value) if mask.dtype == torch.bool else bool(torch.isneginf(value))
+@functools.lru_cache(maxsize=16)
+def _standard_causal(L: int, S: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """The standard causal ``attn_mask`` to compare with: boolean, True above the diagonal,
+    or float, ``-inf`` there and 0 elsewhere. Built once per size; never handed out."""
+    with torch.inference_mode(False):
+        above = causal_blocked(L, S, device)
+        return above if dtype == torch.bool else torch.zeros(L, S, dtype=dtype, device=device).masked_fill(above, float("-inf"))
 
 
 def summarize_attn_mask(mask: Tensor) -> AttnMaskSummary:
-    """Summary of a bool (True = blocked) or float (additive) ``attn_mask`` of any rank."""
+    """Summary of a bool (True = blocked) or float (additive) ``attn_mask`` of any rank.
+    One host read for the standard causal mask, one more for an inverted one, one more
+    for the rows of any other mask."""
     if mask.numel() == 0:
         return AttnMaskSummary(False, False, ())
     if mask.dim() == 2 and not mask.requires_grad:
         L, S = mask.shape
-        # Corners first: most masks are told apart without a full pass.
-        top_right_blocked = S > 1 and _corner(mask, 0, S - 1)
-        if not _corner(mask, 0, 0) and not _corner(mask, L - 1, 0) and (S == 1 or top_right_blocked):
-            triu = causal_blocked(L, S, mask.device)
-            if mask.dtype == torch.bool:
-                causal = torch.equal(mask, triu)
-            else:
-                causal = torch.equal(mask, torch.zeros_like(mask).masked_fill(triu, float("-inf")))
-            if causal:
-                return AttnMaskSummary(True, False, ())
-        inverted = mask.dtype == torch.bool and L == S and L > 1 and _corner(mask, 0, 0) and not top_right_blocked
-        if inverted and torch.equal(mask, ~causal_blocked(L, L, mask.device)):
+        if torch.equal(mask, _standard_causal(L, S, mask.dtype, mask.device)):
+            return AttnMaskSummary(True, False, ())
+        if mask.dtype == torch.bool and L == S and L > 1 and torch.equal(mask, ~_standard_causal(L, L, mask.dtype, mask.device)):
             return AttnMaskSummary(False, True, (L - 1,))
     empty = blocked(mask).all(dim=-1)
     rows = empty.reshape(-1, empty.shape[-1]).any(dim=0).nonzero().flatten().tolist()

@@ -36,8 +36,15 @@ class MultiheadAttention(nn.Module):
     * an inverted ``tril`` causal mask and masks that empty rows warn;
     * ``is_causal=True`` works without ``attn_mask``; ``attn_mask`` may also be
       ``(N, num_heads, L, S)``; boolean and float masks mix freely;
-    * right padding costs nothing, the standard causal mask runs as causal, and
-      averaged weights never materialise per-head weights.
+    * right padding is dropped before the key/value projections where that pays,
+      the standard causal mask runs as causal, and averaged weights never
+      materialise per-head weights.
+
+    Dropout (``dropout > 0`` in training) draws the same random numbers as torch
+    for the same random state on dense inputs, except where right padding is
+    dropped (large right-padded batches: see :func:`mha._frontend.key_lengths_pay`)
+    and with ``is_causal=True`` and no ``attn_mask`` (which torch rejects); nested
+    inputs attend each sequence on its own and draw differently.
 
     Args:
         embed_dim: ``E``, width of query and of the output.
@@ -88,7 +95,7 @@ class MultiheadAttention(nn.Module):
         self.dropout = dropout
         self.batch_first = batch_first
         self.head_dim = embed_dim // num_heads
-        # Registration order and initialisation follow torch, so that the same seed gives
+        # Registration order and initialisation follow torch, so that the same random state gives
         # the same parameters.
         if not self._qkv_same_embed_dim:
             self.q_proj_weight = nn.Parameter(torch.empty((embed_dim, embed_dim), **factory_kwargs))

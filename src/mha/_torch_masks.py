@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from ._mask_analysis import AttnMaskSummary, KeyPaddingSummary, blocked, causal_blocked
-from .masks import Bias, Blocked, Causal, KeyPadding, Mask
+from .masks import Bias, Blocked, Causal, Mask
 
 
 def _attn_mask_4d(attn_mask: Tensor, N: int, H: int) -> Tensor:
@@ -33,27 +33,31 @@ def masks_from_torch(
     is_causal: bool,
     N: int,
     H: int,
-    padding: KeyPaddingSummary | None = None,
     attn: AttnMaskSummary | None = None,
+    keep_causal_tensor: bool = False,
 ) -> Mask | None:
     """Mask objects for batched torch-style masks: ``key_padding_mask (N, S)``,
     ``attn_mask (L, S)``, ``(N*H, L, S)`` or ``(N, H, L, S)``. True means blocked.
 
     ``is_causal=True`` means top-left causal; with an ``attn_mask`` too, both apply.
-    With the masks' summaries a standard causal ``attn_mask`` becomes ``Causal`` and
-    right padding ``KeyPadding``; without them each mask blocks or adds at its own
-    broadcast shape.
+    With its summary a standard causal ``attn_mask`` becomes ``Causal``, unless
+    ``keep_causal_tensor`` (then it stays a tensor, even with ``is_causal``); otherwise
+    each mask blocks or adds at its own broadcast shape. Key padding stays a boolean or float
+    ``(N, 1, 1, S)`` mask: one fused call, where ``KeyPadding`` lengths would make SDPA
+    attend each length separately (the module drops right padding before projection
+    instead, where that pays).
     """
     parts: list[Mask] = []
-    if is_causal or (attn is not None and attn.standard_causal):
+    standard = attn is not None and attn.standard_causal
+    if standard and keep_causal_tensor:
+        is_causal = standard = False  # the tensor alone is the causal mask
+    if is_causal or standard:
         parts.append(Causal("top_left"))
-    if attn_mask is not None and not (attn is not None and attn.standard_causal):
+    if attn_mask is not None and not standard:
         kind = Blocked if attn_mask.dtype == torch.bool else Bias
         parts.append(kind(_attn_mask_4d(attn_mask, N, H)))
     if key_padding_mask is not None:
-        if padding is not None and padding.lengths is not None:
-            parts.append(KeyPadding(padding.lengths))
-        elif key_padding_mask.dtype == torch.bool:
+        if key_padding_mask.dtype == torch.bool:
             parts.append(Blocked(key_padding_mask[:, None, None, :]))
         else:
             parts.append(Bias(key_padding_mask[:, None, None, :]))

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -72,7 +73,7 @@ class Explanation:
         lines += [f"Note: {note}" for note in self.notes]
         return "\n".join(lines)
 
-    def __rich__(self):
+    def __rich__(self) -> Any:
         from rich.console import Group
         from rich.text import Text
 
@@ -83,7 +84,7 @@ class Explanation:
         return Group(*parts)
 
 
-def rich_table(section: Section):
+def rich_table(section: Section) -> Any:
     """A :class:`rich.table.Table` of ``section``; its first two columns do not wrap."""
     from rich.table import Table
     from rich.text import Text

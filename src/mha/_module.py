@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import itertools
 import warnings
-from typing import ClassVar, cast
+from typing import Any, ClassVar, cast
 
 import torch
 import torch.nn.functional as F
@@ -85,7 +85,7 @@ class MultiheadAttention(nn.Module):
         dtype: torch.dtype | None = None,
     ) -> None:
         validate_constructor(embed_dim, num_heads, dropout, kdim, vdim)
-        factory_kwargs = {"device": device, "dtype": dtype}
+        factory_kwargs: dict[str, Any] = {"device": device, "dtype": dtype}
         super().__init__()
         self.embed_dim = embed_dim
         self.kdim = kdim if kdim is not None else embed_dim
@@ -242,7 +242,7 @@ class MultiheadAttention(nn.Module):
         k, v = (t.unflatten(-1, (H, E // H)) for t in (k, v))
         q_offsets = Offsets(range(0, (N + 1) * L, L), torch.arange(0, (N + 1) * L, L, device=dev), L)
         k_offsets = Offsets(
-            itertools.accumulate(lengths_host, initial=0),
+            list(itertools.accumulate(lengths_host, initial=0)),
             torch.cat([ends.new_zeros(1), ends]),
             max(lengths_host, default=0),
         )
@@ -285,7 +285,7 @@ class MultiheadAttention(nn.Module):
         """Project to ``E`` features each, in the inputs' own layout. One matmul for
         self-attention (query is key is value), two when key is value."""
         E = self.embed_dim
-        b = self.in_proj_bias
+        b: Tensor | None = self.in_proj_bias
         if b is not None and b.dtype != query.dtype:
             # A bias of another dtype promotes to the inputs' dtype, as in torch.
             b = b.to(query.dtype)
@@ -298,7 +298,8 @@ class MultiheadAttention(nn.Module):
             )
         w = self.in_proj_weight
         if query is key and key is value:
-            return F.linear(query, w, b).chunk(3, dim=-1)
+            q, k, v = F.linear(query, w, b).chunk(3, dim=-1)
+            return q, k, v
         if key is value:
             q = F.linear(query, w[:E], bq)
             k, v = F.linear(key, w[E:], None if b is None else b[E:]).chunk(2, dim=-1)

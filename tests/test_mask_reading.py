@@ -44,9 +44,9 @@ def _count_reads(monkeypatch) -> dict[str, int]:
     counts = {"key_padding_mask": 0, "attn_mask": 0}
 
     def counting(kind, summarize):
-        def wrapped(mask):
+        def wrapped(mask, *args):
             counts[kind] += 1
-            return summarize(mask)
+            return summarize(mask, *args)
 
         return wrapped
 

@@ -386,8 +386,8 @@ def test_matches_torch_on_the_key_lengths_route(cfg):
 @pytest.mark.parametrize(
     ("N", "L", "S", "lengths", "route"),
     [
-        (4, 64, 257, [257, 97, 40, 1], "key_lengths"),  # large, 63% padding
-        (4, 64, 257, [257, 257, 250, 240], "dense"),  # large, 2% padding
+        (4, 263, 1031, [1031, 97, 40, 1], "key_lengths"),  # large, 72% padding
+        (4, 263, 1031, [1031, 1031, 1000, 990], "dense"),  # large, 2% padding
         (3, 7, 11, [11, 5, 1], "dense"),  # small: the route costs more than it saves
         (4, 0, 257, [257, 97, 40, 1], "dense"),  # no query: nothing to save
     ],

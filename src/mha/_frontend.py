@@ -42,9 +42,9 @@ from ._mask_analysis import (
     summarize_key_padding_mask,
     values_readable,
 )
-from ._torch_masks import masks_from_torch, pitfall_messages
+from ._torch_masks import CAUSAL, masks_from_torch, pitfall_messages
 from ._validate import validate_forward, validate_nested_forward
-from .masks import Causal, Mask
+from .masks import Mask
 
 Route = Literal["dense", "key_lengths", "nested"]
 
@@ -139,7 +139,7 @@ def plan_forward(
         validate_nested_forward(config, query, key, value, key_padding_mask, attn_mask)
         return ForwardPlan(
             "nested", query, key, value, True, True, query.size(0), 0, 0, 0,
-            Causal("top_left") if is_causal else None, None, weights, dropout_p, (), False,
+            CAUSAL if is_causal else None, None, weights, dropout_p, (), False,
         )
     shapes = validate_forward(config, query, key, value, key_padding_mask, attn_mask)
     N, L, S, H = shapes.N, shapes.L, shapes.S, config.num_heads
@@ -179,7 +179,7 @@ def plan_forward(
         and key_lengths_pay(S, padding.lengths_list)
     ):
         causal = is_causal or attn_mask is not None  # only a standard causal attn_mask gets here
-        mask = Causal("top_left") if causal else None
+        mask = CAUSAL if causal else None
         return plan("key_lengths", mask, KeyLengths(padding.lengths, padding.lengths_list))
     # Weights with dropout: a causal attn_mask stays a tensor so that the probabilities are
     # drawn over the same (N, H, L, S) as torch's.
@@ -189,7 +189,7 @@ def plan_forward(
 
 # Measured by benchmarks/overhead.py (CPU, E=256): below these sizes the packing, index
 # lists and per-length calls of the key-lengths route cost more than the padded keys.
-_KEY_LENGTHS_MIN_SCORES = 1 << 16
+_KEY_LENGTHS_MIN_SCORES = 1 << 20
 _KEY_LENGTHS_MIN_PADDED = 0.25
 
 

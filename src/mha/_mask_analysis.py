@@ -96,13 +96,25 @@ def summarize_key_padding_mask(mask: Tensor, lengths_wanted: bool = True) -> Key
     return KeyPaddingSummary(tuple(n for n, count in enumerate(host) if count == 0), lengths, host)
 
 
-@functools.lru_cache(maxsize=16)
 def _standard_causal(L: int, S: int, dtype: torch.dtype, device: torch.device) -> Tensor:
     """The standard causal ``attn_mask`` to compare with: boolean, True above the diagonal,
-    or float, ``-inf`` there and 0 elsewhere. Built once per size; never handed out."""
+    or float, ``-inf`` there and 0 elsewhere. Small ones (decoding builds one mask per
+    length) are built once; never handed out."""
+    if L * S <= _CACHED_REFERENCE_ELEMENTS:
+        return _cached_standard_causal(L, S, dtype, device)
+    return _build_standard_causal(L, S, dtype, device)
+
+
+_CACHED_REFERENCE_ELEMENTS = 1 << 14  # with 64 sizes at most 4 MiB in fp32
+
+
+def _build_standard_causal(L: int, S: int, dtype: torch.dtype, device: torch.device) -> Tensor:
     with torch.inference_mode(False):
         above = causal_blocked(L, S, device)
         return above if dtype == torch.bool else torch.zeros(L, S, dtype=dtype, device=device).masked_fill(above, float("-inf"))
+
+
+_cached_standard_causal = functools.lru_cache(maxsize=64)(_build_standard_causal)
 
 
 def summarize_attn_mask(mask: Tensor) -> AttnMaskSummary:

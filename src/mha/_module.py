@@ -289,6 +289,14 @@ class MultiheadAttention(nn.Module):
         if b is not None and b.dtype != query.dtype:
             # A bias of another dtype promotes to the inputs' dtype, as in torch.
             b = b.to(query.dtype)
+        w = self.in_proj_weight
+        if self._qkv_same_embed_dim and query is key and key is value:
+            q, k, v = F.linear(query, w, b).chunk(3, dim=-1)
+            return q, k, v
+        if self._qkv_same_embed_dim and key is value:
+            q = F.linear(query, w[:E], None if b is None else b[:E])
+            k, v = F.linear(key, w[E:], None if b is None else b[E:]).chunk(2, dim=-1)
+            return q, k, v
         bq, bk, bv = (None, None, None) if b is None else b.chunk(3)
         if not self._qkv_same_embed_dim:
             return (
@@ -296,14 +304,6 @@ class MultiheadAttention(nn.Module):
                 F.linear(key, self.k_proj_weight, bk),
                 F.linear(value, self.v_proj_weight, bv),
             )
-        w = self.in_proj_weight
-        if query is key and key is value:
-            q, k, v = F.linear(query, w, b).chunk(3, dim=-1)
-            return q, k, v
-        if key is value:
-            q = F.linear(query, w[:E], bq)
-            k, v = F.linear(key, w[E:], None if b is None else b[E:]).chunk(2, dim=-1)
-            return q, k, v
         wq, wk, wv = w.chunk(3)
         return F.linear(query, wq, bq), F.linear(key, wk, bk), F.linear(value, wv, bv)
 

@@ -17,6 +17,8 @@ from torch import Tensor
 from ._mask_analysis import AttnMaskSummary, KeyPaddingSummary, blocked, causal_blocked
 from .masks import Bias, Blocked, Causal, Mask
 
+CAUSAL = Causal("top_left")  # immutable: one for every call
+
 
 def _attn_mask_4d(attn_mask: Tensor, N: int, H: int) -> Tensor:
     """``(L, S)``, ``(N*H, L, S)`` or ``(N|1, H|1, L, S)`` as a 4-D view, no copy."""
@@ -52,7 +54,7 @@ def masks_from_torch(
     if standard and keep_causal_tensor:
         is_causal = standard = False  # the tensor alone is the causal mask
     if is_causal or standard:
-        parts.append(Causal("top_left"))
+        parts.append(CAUSAL)
     if attn_mask is not None and not standard:
         kind = Blocked if attn_mask.dtype == torch.bool else Bias
         parts.append(kind(_attn_mask_4d(attn_mask, N, H)))

@@ -69,6 +69,13 @@ def _few(values: list[int], limit: int = 8) -> str:
     return f"[{shown}{', ...' if len(values) > limit else ''}]"
 
 
+_BATCHED_NOTATION = {
+    False: {"query": "(L, N, E)", "key": "(S, N, E)", "value": "(S, N, D)"},
+    True: {"query": "(N, L, E)", "key": "(N, S, E)", "value": "(N, S, D)"},
+}
+_UNBATCHED_NOTATION = {"query": "(L, E)", "key": "(S, E)", "value": "(S, D)"}
+
+
 def validate_forward(
     module: Any,
     query: Any,
@@ -79,14 +86,9 @@ def validate_forward(
 ) -> ForwardShapes:
     """Check a forward call's inputs; return its sizes. Raises TypeError or ValueError."""
     bf = module.batch_first
-    names = {
-        "query": "(N, L, E)" if bf else "(L, N, E)",
-        "key": "(N, S, E)" if bf else "(S, N, E)",
-        "value": "(N, S, D)" if bf else "(S, N, D)",
-    }
-    unbatched = {"query": "(L, E)", "key": "(S, E)", "value": "(S, D)"}
+    names, unbatched = _BATCHED_NOTATION[bool(bf)], _UNBATCHED_NOTATION
     tensors = {"query": query, "key": key, "value": value}
-    _validate_not_nested({"key": key, "value": value, "key_padding_mask": key_padding_mask, "attn_mask": attn_mask})
+    _validate_not_nested(key=key, value=value, key_padding_mask=key_padding_mask, attn_mask=attn_mask)
     for name, t in tensors.items():
         if not isinstance(t, Tensor):
             raise TypeError(
@@ -401,7 +403,7 @@ def _validate_regular_features(name: str, t: Tensor) -> None:
         )
 
 
-def _validate_not_nested(tensors: dict[str, Any]) -> None:
+def _validate_not_nested(**tensors: Any) -> None:
     """A dense query takes dense keys, values and masks."""
     for name, t in tensors.items():
         if isinstance(t, Tensor) and t.is_nested:

@@ -14,6 +14,7 @@ Cases:
                 need_weights=False (as nn.TransformerDecoderLayer calls it)
   route ...     a right-padded call at larger sizes, the key-lengths route against the
                 dense one inside mha (the rule of mha._frontend.key_lengths_may_pay / key_lengths_pay)
+  reads ...     the time to read the masks' values, done on every call, against the call
   transformer   nn.Transformer(d_model=256, nhead=8, 3+3 layers, batch 8, batch_first),
                 after mha.swap: a train step (forward, backward, SGD step) with a
                 right-padded source, and greedy decoding of 24 tokens without a cache.
@@ -43,8 +44,15 @@ def _timed(fn: Callable[[], object], inner: int) -> float:
     return (time.perf_counter() - start) / inner
 
 
-def compare(name: str, theirs: Callable[[], object], ours: Callable[[], object], repeats: int, inner: int) -> None:
-    """Print the median of torch/mha time ratios over interleaved repeats, and both medians."""
+def compare(
+    name: str,
+    theirs: Callable[[], object],
+    ours: Callable[[], object],
+    repeats: int,
+    inner: int,
+    labels: tuple[str, str] = ("torch", "mha"),
+) -> None:
+    """Print the median of time ratios (first / second) over interleaved repeats, and both medians."""
     for fn in (theirs, ours):
         fn()  # warm-up
     ratios, t_theirs, t_ours = [], [], []
@@ -53,9 +61,10 @@ def compare(name: str, theirs: Callable[[], object], ours: Callable[[], object],
         for fn, times in order if r % 2 == 0 else order[::-1]:
             times.append(_timed(fn, inner))
         ratios.append(t_theirs[-1] / t_ours[-1])
+    a, b = labels
     print(
-        f"{name:<34} torch {statistics.median(t_theirs) * 1e6:9.1f} us   mha {statistics.median(t_ours) * 1e6:9.1f} us"
-        f"   torch/mha {statistics.median(ratios):5.2f}x  (min {min(ratios):.2f}, max {max(ratios):.2f})"
+        f"{name:<34} {a} {statistics.median(t_theirs) * 1e6:9.1f} us   {b} {statistics.median(t_ours) * 1e6:9.1f} us"
+        f"   {a}/{b} {statistics.median(ratios):5.2f}x  (min {min(ratios):.2f}, max {max(ratios):.2f})"
     )
 
 
@@ -110,14 +119,48 @@ def route_rule(repeats: int, inner: int) -> None:
             saved = _frontend._KEY_LENGTHS_MIN_SCORES, _frontend._KEY_LENGTHS_MIN_PADDED
             try:
                 compare(
-                    f"route N={n} L={L} S={s} (dense/lengths)",
+                    f"route N={n} L={L} S={s}",
                     lambda: run("dense"),
                     lambda: run("key_lengths"),
                     repeats,
                     max(1, inner // (1 + L * s // 4096)),
+                    ("dense", "lengths"),
                 )
             finally:
                 _frontend._KEY_LENGTHS_MIN_SCORES, _frontend._KEY_LENGTHS_MIN_PADDED = saved
+
+
+def _reads_case(ours: mha.MultiheadAttention, n: int, L: int, s: int, repeats: int, inner: int) -> None:
+    q, kv = torch.randn(n, L, E), torch.randn(n, s, E)
+    padding = _right_padding(n, s)
+    float_padding = torch.zeros(n, s).masked_fill(padding, float("-inf"))
+    causal = nn.Transformer.generate_square_subsequent_mask(L) if s == L else None
+    lengths_wanted = _frontend.key_lengths_may_pay(n, L, s)
+
+    def call() -> object:
+        return ours(q, kv, kv, key_padding_mask=padding, attn_mask=causal, need_weights=False)
+
+    def read() -> object:
+        _frontend.summarize_key_padding_mask(padding, lengths_wanted)
+        return None if causal is None else _frontend.summarize_attn_mask(causal)
+
+    def read_float() -> object:
+        return _frontend.summarize_key_padding_mask(float_padding, lengths_wanted)
+
+    inner = max(1, inner // (1 + L * s // 4096))
+    what = "bool padding" + (" + float causal" if causal is not None else "")
+    compare(f"reads N={n} L={L} S={s} {what}", call, read, repeats, inner, ("call", "reads"))
+    compare(f"reads N={n} L={L} S={s} float padding", call, read_float, repeats, inner, ("call", "reads"))
+
+
+def mask_reads(repeats: int, inner: int) -> None:
+    """What reading the masks costs per call (every call reads them: nothing is kept across
+    calls), against a module call with those masks."""
+    _, ours = _pair(batch_first=True)
+    ours.eval()
+    with torch.no_grad():
+        for n, L, s in ((8, 1, 30), (8, 32, 32), (8, 512, 512)):
+            _reads_case(ours, n, L, s, repeats, inner)
 
 
 def transformer(repeats: int, inner: int) -> None:
@@ -157,11 +200,11 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--inner", type=int, default=50)
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--sections", default="single,route,transformer")
+    parser.add_argument("--sections", default="single,route,reads,transformer")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {args.threads} thread(s), medians of {args.repeats} interleaved repeats")
-    sections = {"single": single_calls, "route": route_rule, "transformer": transformer}
+    sections = {"single": single_calls, "route": route_rule, "reads": mask_reads, "transformer": transformer}
     for name in args.sections.split(","):
         sections[name](args.repeats, args.inner)
 

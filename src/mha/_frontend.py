@@ -59,7 +59,6 @@ class ModuleConfig(Protocol):
     batch_first: bool
     dropout: float
     add_zero_attn: bool
-    training: bool
     bias_k: Tensor | None
 
     @property

@@ -239,7 +239,7 @@ class MultiheadAttention(nn.Module):
         v_tokens = k_tokens if value is key else value.reshape(-1, value.shape[-1]).index_select(0, rows)
         q, k, v = self._in_projection(plan.query, k_tokens, v_tokens)
         q = (q if plan.batch_first else q.transpose(0, 1)).reshape(N * L, H, E // H)
-        k, v = (t.unflatten(-1, (H, E // H)) for t in (k, v))
+        k, v = (t.view(t.shape[0], H, E // H) for t in (k, v))
         q_offsets = Offsets(range(0, (N + 1) * L, L), torch.arange(0, (N + 1) * L, L, device=dev), L)
         k_offsets = Offsets(
             list(itertools.accumulate(lengths_host, initial=0)),
@@ -310,7 +310,7 @@ class MultiheadAttention(nn.Module):
 
 def _split_heads(x: Tensor, heads: int, batch_first: bool) -> Tensor:
     """``(L, N, E)`` or ``(N, L, E)`` -> ``(N, heads, L, E // heads)``, a view."""
-    x = x.unflatten(-1, (heads, x.shape[-1] // heads))
+    x = x.view(x.shape[0], x.shape[1], heads, x.shape[2] // heads)  # Tensor.unflatten costs Python
     return x.permute((0, 2, 1, 3) if batch_first else (1, 2, 0, 3))
 
 

@@ -376,7 +376,7 @@ def _key_lengths_route_always():
         _frontend._KEY_LENGTHS_MIN_SCORES, _frontend._KEY_LENGTHS_MIN_PADDED = saved
 
 
-@settings(max_examples=100, **SETTINGS)
+@settings(max_examples=60, **SETTINGS)
 @given(configs().filter(lambda cfg: cfg.kpm == "right"))
 def test_matches_torch_on_the_key_lengths_route(cfg):
     with _key_lengths_route_always():

@@ -392,7 +392,8 @@ def test_matches_torch_on_the_key_lengths_route(cfg):
         (4, 0, 257, [257, 97, 40, 1], "dense"),  # no query: nothing to save
     ],
 )
-def test_right_padding_is_dropped_where_it_pays(monkeypatch, N, L, S, lengths, route):
+@pytest.mark.parametrize("kind", ["bool", "float"])  # float: 0 / -inf, as nn.TransformerEncoder passes it
+def test_right_padding_is_dropped_where_it_pays(monkeypatch, N, L, S, lengths, route, kind):
     taken = []
     for name in ("_dense", "_key_lengths"):
         method = getattr(mha.MultiheadAttention, name)
@@ -405,6 +406,8 @@ def test_right_padding_is_dropped_where_it_pays(monkeypatch, N, L, S, lengths, r
     theirs, ours = build_pair(16, 2, batch_first=True)
     q, kv = torch.randn(N, L, 16), torch.randn(N, S, 16)
     kpm = torch.arange(S)[None, :] >= torch.tensor(lengths)[:, None]
+    if kind == "float":
+        kpm = torch.zeros(N, S).masked_fill(kpm, float("-inf"))
     got, want = ours(q, kv, kv, key_padding_mask=kpm), theirs(q, kv, kv, key_padding_mask=kpm)
     assert taken == ["_" + route]
     torch.testing.assert_close(got[0], want[0], **TOL[torch.float32])

@@ -52,7 +52,7 @@ def test_unsupported_side_is_reported_not_raised(tmp_path, monkeypatch):
     def refuse(*args, **kwargs):
         raise NotImplementedError("no nested input yet")
 
-    monkeypatch.setattr(_bench.MultiheadAttention, "_forward_nested", refuse)
+    monkeypatch.setattr(_bench.MultiheadAttention, "_nested", refuse)
     (case,) = _run(tmp_path, "--cases", "jagged")["cases"]
     assert case["status"] == "unsupported"
     assert case["reason"] == "mha: NotImplementedError: no nested input yet"

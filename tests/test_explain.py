@@ -29,7 +29,7 @@ def _right_padding(N: int, S: int) -> torch.Tensor:
 
 
 CASES = {
-    "seed_example_2": ({}, (_t(7, 3, E), _t(11, 3, E), _t(11, 3, E)), {"key_padding_mask": torch.rand(3, 11) < 0.4}),
+    "random_key_padding_mask": ({}, (_t(7, 3, E), _t(11, 3, E), _t(11, 3, E)), {"key_padding_mask": torch.rand(3, 11) < 0.4}),
     "batch_first": ({"batch_first": True}, (_t(3, 7, E), _t(3, 11, E), _t(3, 11, E)), {"need_weights": False}),
     "unbatched": ({}, (_t(7, E), _t(11, E), _t(11, E)), {"attn_mask": torch.rand(H, 7, 11) < 0.3}),
     "kdim_vdim_per_head": ({"kdim": 5, "vdim": 9}, (_t(7, 3, E), _t(11, 3, 5), _t(11, 3, 9)), {"average_attn_weights": False}),
@@ -114,7 +114,7 @@ def test_report_text_and_rich_rendering():
     assert "Dispatch" in rendered
 
 
-def test_seed_inverted_mask_is_reported():
+def test_inverted_tril_mask_is_reported():
     module = _module()
     x = _t(10, 2, E)
     report = mha.explain(module, x, x, x, attn_mask=torch.tril(torch.ones(10, 10)).bool())

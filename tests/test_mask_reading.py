@@ -1,7 +1,7 @@
 """The module reads torch-style masks' values (causal and right-padding recognition,
-pitfall warnings): once per mask tensor, since on a GPU each read waits for the
-queue to drain; again after an in-place change; on every call for inference
-tensors, which keep no version counter."""
+pitfall warnings) once per call, since on a GPU each read waits for the queue to
+drain, and never keeps what it read across calls: a mask's memory can change
+without torch's version counter moving."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import torch
 
 import mha
 from conftest import TOL, build_pair
-from mha import _mask_analysis
+from mha import _frontend
 
 N, L, E, H = 3, 7, 8, 2
 
@@ -44,25 +44,27 @@ def _count_reads(monkeypatch) -> dict[str, int]:
     counts = {"key_padding_mask": 0, "attn_mask": 0}
 
     def counting(kind, summarize):
-        def wrapped(mask):
+        def wrapped(mask, *args):
             counts[kind] += 1
-            return summarize(mask)
+            return summarize(mask, *args)
 
         return wrapped
 
-    monkeypatch.setattr(_mask_analysis, "_summarize_key_padding", counting("key_padding_mask", _mask_analysis._summarize_key_padding))
-    monkeypatch.setattr(_mask_analysis, "_summarize", counting("attn_mask", _mask_analysis._summarize))
+    monkeypatch.setattr(
+        _frontend, "summarize_key_padding_mask", counting("key_padding_mask", _frontend.summarize_key_padding_mask)
+    )
+    monkeypatch.setattr(_frontend, "summarize_attn_mask", counting("attn_mask", _frontend.summarize_attn_mask))
     return counts
 
 
-def test_masks_passed_to_every_layer_are_read_once(monkeypatch):
+def test_masks_are_read_once_per_call(monkeypatch):
     counts = _count_reads(monkeypatch)
     layers = [mha.MultiheadAttention(E, H, batch_first=True) for _ in range(4)]
     x = torch.randn(N, L, E)
     kwargs = _masks()["right padding and causal"]
     for layer in layers:
         x = layer(x, x, x, **kwargs)[0]
-    assert counts == {"key_padding_mask": 1, "attn_mask": 1}
+    assert counts == {"key_padding_mask": 4, "attn_mask": 4}
 
 
 def test_a_mask_changed_in_place_is_read_again(monkeypatch):
@@ -88,3 +90,48 @@ def test_inference_tensors_are_read_on_every_call(monkeypatch):
         for _ in range(3):
             m(x, x, x, **kwargs)
     assert counts == {"key_padding_mask": 3, "attn_mask": 3}
+
+
+def _refill_numpy(mask, new):
+    mask.numpy()[...] = new.numpy()  # a from_numpy buffer refilled: torch's version counter stays
+
+
+def _assign_data_items(mask, new):
+    mask.data[...] = new
+
+
+def _assign_data(mask, new):
+    mask.data = new.clone()
+
+
+def _through_alias(mask, new):
+    alias = torch.empty(0, dtype=mask.dtype).set_(mask.untyped_storage(), 0, mask.shape, mask.stride())
+    alias.copy_(new)
+
+
+@pytest.mark.parametrize("change", [_refill_numpy, _assign_data_items, _assign_data, _through_alias])
+@pytest.mark.parametrize("kind", ["key_padding_mask", "attn_mask"])
+def test_masks_changed_behind_the_version_counter_are_never_stale(change, kind):
+    """Memory that changes without torch's version counter moving: every call reads the
+    mask it is given."""
+    theirs, ours = build_pair(E, H, batch_first=True)
+    x = torch.randn(N, L, E)
+    if kind == "key_padding_mask":
+        first = _masks()["right padding"]["key_padding_mask"]
+        second = first.clone()
+        second[0, 2] = True  # a hole: no longer right padding
+    else:
+        first = torch.ones(L, L, dtype=torch.bool).triu(1)  # standard causal
+        second = first.clone()
+        second[3, 0] = True
+    mask = torch.from_numpy(first.numpy().copy())
+    ours(x, x, x, **{kind: mask})
+    version = mask._version
+    change(mask, second)
+    assert torch.equal(mask, second)
+    got = ours(x, x, x, **{kind: mask})
+    want = theirs(x, x, x, **{kind: second})
+    if change is not _assign_data:
+        assert mask._version == version  # the change is invisible to the version counter
+    torch.testing.assert_close(got[0], want[0], **TOL[torch.float32])
+    torch.testing.assert_close(got[1], want[1], **TOL[torch.float32])

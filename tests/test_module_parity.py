@@ -11,6 +11,7 @@ are opened and left out of the loss.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import warnings
 from dataclasses import dataclass
@@ -23,6 +24,7 @@ from torch import Tensor, nn
 
 import mha
 from conftest import TOL, build_pair
+from mha import _frontend
 
 SETTINGS = {"deadline": None, "suppress_health_check": [HealthCheck.too_slow]}
 SIZES = [1, 2, 3, 7]
@@ -361,6 +363,55 @@ def test_matches_torch(cfg):
 @given(configs())
 def test_matches_torch_thousands(cfg):
     check_parity(cfg)
+
+
+@contextlib.contextmanager
+def _key_lengths_route_always():
+    """Take the key-lengths route for every right-padded call, however small."""
+    saved = _frontend._KEY_LENGTHS_MIN_SCORES, _frontend._KEY_LENGTHS_MIN_PADDED
+    _frontend._KEY_LENGTHS_MIN_SCORES, _frontend._KEY_LENGTHS_MIN_PADDED = 0, 0.0
+    try:
+        yield
+    finally:
+        _frontend._KEY_LENGTHS_MIN_SCORES, _frontend._KEY_LENGTHS_MIN_PADDED = saved
+
+
+@settings(max_examples=60, **SETTINGS)
+@given(configs().filter(lambda cfg: cfg.kpm == "right"))
+def test_matches_torch_on_the_key_lengths_route(cfg):
+    with _key_lengths_route_always():
+        check_parity(cfg)
+
+
+@pytest.mark.parametrize(
+    ("N", "L", "S", "lengths", "route"),
+    [
+        (4, 263, 1031, [1031, 97, 40, 1], "key_lengths"),  # large, 72% padding
+        (4, 263, 1031, [1031, 1031, 1000, 990], "dense"),  # large, 2% padding
+        (3, 7, 11, [11, 5, 1], "dense"),  # small: the route costs more than it saves
+        (4, 0, 257, [257, 97, 40, 1], "dense"),  # no query: nothing to save
+    ],
+)
+@pytest.mark.parametrize("kind", ["bool", "float"])  # float: 0 / -inf, as nn.TransformerEncoder passes it
+def test_right_padding_is_dropped_where_it_pays(monkeypatch, N, L, S, lengths, route, kind):
+    taken = []
+    for name in ("_dense", "_key_lengths"):
+        method = getattr(mha.MultiheadAttention, name)
+
+        def spy(self, plan, method=method, name=name):
+            taken.append(name)
+            return method(self, plan)
+
+        monkeypatch.setattr(mha.MultiheadAttention, name, spy)
+    theirs, ours = build_pair(16, 2, batch_first=True)
+    q, kv = torch.randn(N, L, 16), torch.randn(N, S, 16)
+    kpm = torch.arange(S)[None, :] >= torch.tensor(lengths)[:, None]
+    if kind == "float":
+        kpm = torch.zeros(N, S).masked_fill(kpm, float("-inf"))
+    got, want = ours(q, kv, kv, key_padding_mask=kpm), theirs(q, kv, kv, key_padding_mask=kpm)
+    assert taken == ["_" + route]
+    torch.testing.assert_close(got[0], want[0], **TOL[torch.float32])
+    torch.testing.assert_close(got[1], want[1], **TOL[torch.float32])
 
 
 CONSTRUCTIONS = [

@@ -1,33 +1,31 @@
 """``mha.explain``: what a forward call of :class:`mha.MultiheadAttention` will do, without running it.
 
-The report names every input's role and dimensions in the seed's notation
+The report names every input's role and dimensions in the notation of the docs
 (``L``, ``N``, ``E``, ``S``, ``D``), the output shapes, the path and backend the
 module would take (and why the other backends were passed over), and an
 estimate of the memory the call needs.
 
-Checks are the module's own (:func:`mha._validate.validate_forward`), so a call
-that the module would reject raises the same exception with the same message.
-Only shapes, dtypes and devices are read, except from masks with real values:
-those are read as the module reads them (causal and right-padding recognition,
-the seed's pitfall warnings). A module and inputs on the ``meta`` device stand
+The report is the module's own plan (:func:`mha._frontend.plan_forward`), so a
+call that the module would reject raises the same exception with the same
+message. Only shapes, dtypes and devices are read, except from masks with real
+values: those are read as the module reads them (causal and right-padding
+recognition, the pitfall warnings). A module and inputs on the ``meta`` device stand
 for a call whose mask values are unknown (what ``mha explain`` builds).
 """
 
 from __future__ import annotations
 
 import math
-import warnings
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from ._core import _validate_call
 from ._dispatch import explain_dispatch
-from ._module import MultiheadAttention, _open_extra_key, _with_causal
-from ._torch_masks import masks_from_torch, warn_pitfalls
-from ._validate import validate_forward
-from .masks import Causal, Mask
+from ._frontend import plan_forward
+from ._module import MultiheadAttention
 
 # Elements of one block of scores in the blocked backend (mirrors its _BLOCK_ELEMENTS).
 _BLOCKED_SCORES = 1 << 20
@@ -75,7 +73,7 @@ class Explanation:
         lines += [f"Note: {note}" for note in self.notes]
         return "\n".join(lines)
 
-    def __rich__(self):
+    def __rich__(self) -> Any:
         from rich.console import Group
         from rich.text import Text
 
@@ -86,7 +84,7 @@ class Explanation:
         return Group(*parts)
 
 
-def rich_table(section: Section):
+def rich_table(section: Section) -> Any:
     """A :class:`rich.table.Table` of ``section``; its first two columns do not wrap."""
     from rich.table import Table
     from rich.text import Text
@@ -159,83 +157,63 @@ def explain(
             "explain takes dense tensors; for nested (variable-length) inputs every sequence is "
             "attended at its own length with no padding"
         )
-    shapes = validate_forward(module, query, key, value, key_padding_mask, attn_mask)
+    plan = plan_forward(
+        module, query, key, value, key_padding_mask, attn_mask, is_causal,
+        need_weights, average_attn_weights, module.training,
+    )
     H, E = module.num_heads, module.embed_dim
     Dh = E // H
-    N, L, S = shapes.N, shapes.L, shapes.S
-    kpm, am = key_padding_mask, attn_mask
-    if not shapes.batched:
-        kpm = None if kpm is None else kpm.unsqueeze(0)
-        am = am.unsqueeze(0) if am is not None and am.dim() == 3 else am
-    masks_known = query.device.type != "meta"
-    extra = int(module.bias_k is not None) + int(module.add_zero_attn)
+    N, L, S, extra = plan.N, plan.L, plan.S, plan.extra_keys
     device = query.device
     if device.type == "meta":
         device = torch.device("cpu" if dispatch_device is None else dispatch_device)
 
-    notes: list[str] = []
-    if masks_known:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            warn_pitfalls(kpm, am, is_causal, extra > 0)
-        notes += [f"mha warns: {w.message}" for w in caught]
-    else:
+    notes = [f"mha warns: {message}" for message in plan.warnings]
+    if not plan.values_read:
         notes.append(
             "explained by shapes alone: with real masks, a standard causal attn_mask "
             "(torch.triu(torch.ones(L, S, dtype=torch.bool), 1)) would run as Causal, a right-padded "
-            "bool key_padding_mask would have its padded keys dropped before projection, and masks "
-            "that leave a query with no key would warn"
+            "key_padding_mask would have its padded keys dropped before projection where that pays, and "
+            "masks that leave a query with no key would warn"
         )
-
-    if is_causal and extra:
-        am = _with_causal(am, L, S, query.device)
-        is_causal = False
-    weights_mode = ("mean" if average_attn_weights else "per_head") if need_weights else None
-    dropout = module.dropout if module.training else 0.0
     requires_grad = torch.is_grad_enabled() and any(p.requires_grad for p in module.parameters())
 
     def heads(n: int, length: int) -> Tensor:
         base = torch.empty((), dtype=query.dtype, device=device).requires_grad_(requires_grad)
         return base.expand(n, H, length, Dh)
 
-    padding = module._right_padding(kpm, am, is_causal) if masks_known else None
-    if padding is not None:
-        causal = is_causal or am is not None
-        keys = list(padding.lengths_list)
+    if plan.key_lengths is not None:
+        keys = list(plan.key_lengths.host)
         groups = len(set(keys))
         path = (
             f"right-padded keys: the padded keys are dropped before projection and each sequence "
             f"attends its own keys (lengths {min(keys)}..{max(keys)} of S={S}, {groups} group(s) of "
-            f"equal length){', causal' if causal else ''}"
+            f"equal length){', causal' if plan.mask is not None else ''}"
         )
-        mask: Mask | None = Causal("top_left") if causal else None
-        call = _validate_call(heads(N, L), heads(N, max(keys)), heads(N, max(keys)), mask, None, dropout, weights_mode, False)
+        key_heads = heads(N, max(keys))
         projected_keys = sum(keys)
     else:
-        if extra:
-            for _ in range(extra):
-                kpm, am = _open_extra_key(kpm, am)
-        mask = masks_from_torch(kpm, am, is_causal, N, H, read_values=masks_known)
         path = f"dense: mha.attention on heads (N, H, L, Dh) = ({N}, {H}, {L}, {Dh})" + (
             f", {extra} learned/zero key(s) appended (S={S + extra})" if extra else ""
         )
-        call = _validate_call(heads(N, L), heads(N, S + extra), heads(N, S + extra), mask, None, dropout, weights_mode, False)
+        key_heads = heads(N, S + extra)
         projected_keys = N * S
-    if mask is not None:
-        path += f"; mask {mask!r}"
+    if plan.mask is not None:
+        path += f"; mask {plan.mask!r}"
+    call = _validate_call(heads(N, L), key_heads, key_heads, plan.mask, None, plan.dropout_p, plan.weights, False)
     dispatch = explain_dispatch(call)
     backend = next(name for name, reasons in dispatch.items() if not reasons)
 
     S_w = S + extra
-    out_shape = ((N, L, E) if module.batch_first else (L, N, E)) if shapes.batched else (L, E)
+    out_shape = ((N, L, E) if module.batch_first else (L, N, E)) if plan.batched else (L, E)
     w_shape: tuple[int, ...] | None = None
     if need_weights:
         w_shape = (N, L, S_w) if average_attn_weights else (N, H, L, S_w)
-        if not shapes.batched:
+        if not plan.batched:
             w_shape = w_shape[1:]
 
-    inputs = _input_rows(module, query, key, value, key_padding_mask, attn_mask, shapes.batched, is_causal)
-    outputs = _output_rows(module, out_shape, w_shape, shapes.batched, average_attn_weights)
+    inputs = _input_rows(module, query, key, value, key_padding_mask, attn_mask, plan.batched, is_causal)
+    outputs = _output_rows(module, out_shape, w_shape, plan.batched, average_attn_weights)
     dispatch_rows = tuple(
         (name, "picked" if name == backend else "passed over" if reasons else "could serve", "; ".join(reasons) or "-")
         for name, reasons in dispatch.items()
@@ -247,7 +225,7 @@ def explain(
     layout = "batch-first (N, L, E)" if module.batch_first else "sequence-first (L, N, E)"
     summary = (
         f"mha.MultiheadAttention({module.extra_repr()}): {H} heads of Dh = E / H = {Dh} features; "
-        f"inputs {layout if shapes.batched else 'unbatched (L, E)'}; "
+        f"inputs {layout if plan.batched else 'unbatched (L, E)'}; "
         f"{'training' if module.training else 'eval'} mode, {query.dtype} on {device}"
     )
     sections = (

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import itertools
-from typing import ClassVar
+import warnings
+from typing import Any, ClassVar, cast
 
 import torch
 import torch.nn.functional as F
@@ -12,24 +13,10 @@ from torch.nn.init import constant_, xavier_normal_, xavier_uniform_
 from torch.nn.modules.linear import NonDynamicallyQuantizableLinear
 
 from ._core import attention
-from ._mask_analysis import (
-    KeyPaddingSummary,
-    reading_once,
-    summarize_attn_mask,
-    summarize_key_padding_mask,
-)
+from ._frontend import ForwardPlan, KeyLengths, plan_forward
 from ._script import ScriptableAttention
-from ._torch_masks import masks_from_torch, reads_values, warn_pitfalls
-from ._validate import ForwardShapes, validate_constructor, validate_forward
-from ._varlen import (
-    Offsets,
-    jagged_from_packed,
-    nested_packed,
-    nested_weights,
-    packed_attention,
-    validate_nested_forward,
-)
-from .masks import Causal
+from ._validate import validate_constructor
+from ._varlen import Offsets, jagged_from_packed, nested_packed, nested_weights, packed_attention
 
 
 class MultiheadAttention(ScriptableAttention):
@@ -50,8 +37,15 @@ class MultiheadAttention(ScriptableAttention):
     * an inverted ``tril`` causal mask and masks that empty rows warn;
     * ``is_causal=True`` works without ``attn_mask``; ``attn_mask`` may also be
       ``(N, num_heads, L, S)``; boolean and float masks mix freely;
-    * right padding costs nothing, the standard causal mask runs as causal, and
-      averaged weights never materialise per-head weights.
+    * right padding is dropped before the key/value projections where that pays,
+      the standard causal mask runs as causal, and averaged weights never
+      materialise per-head weights.
+
+    Dropout (``dropout > 0`` in training) draws the same random numbers as torch
+    for the same random state on dense inputs, except where right padding is
+    dropped (large right-padded batches: see :func:`mha._frontend.key_lengths_pay`)
+    and with ``is_causal=True`` and no ``attn_mask`` (which torch rejects); nested
+    inputs attend each sequence on its own and draw differently.
 
     Args:
         embed_dim: ``E``, width of query and of the output.
@@ -90,7 +84,7 @@ class MultiheadAttention(ScriptableAttention):
         dtype: torch.dtype | None = None,
     ) -> None:
         validate_constructor(embed_dim, num_heads, dropout, kdim, vdim)
-        factory_kwargs = {"device": device, "dtype": dtype}
+        factory_kwargs: dict[str, Any] = {"device": device, "dtype": dtype}
         super().__init__()
         self.embed_dim = embed_dim
         self.kdim = kdim if kdim is not None else embed_dim
@@ -100,7 +94,7 @@ class MultiheadAttention(ScriptableAttention):
         self.dropout = dropout
         self.batch_first = batch_first
         self.head_dim = embed_dim // num_heads
-        # Registration order and initialisation follow torch, so that the same seed gives
+        # Registration order and initialisation follow torch, so that the same random state gives
         # the same parameters.
         if not self._qkv_same_embed_dim:
             self.q_proj_weight = nn.Parameter(torch.empty((embed_dim, embed_dim), **factory_kwargs))
@@ -199,188 +193,80 @@ class MultiheadAttention(ScriptableAttention):
             return self._forward_scripted(
                 query, key, value, key_padding_mask, need_weights, attn_mask, average_attn_weights, is_causal
             )
-        if isinstance(query, Tensor) and query.is_nested:
-            return self._forward_nested(
-                query, key, value, key_padding_mask, need_weights, attn_mask, average_attn_weights, is_causal
-            )
-        shapes = validate_forward(self, query, key, value, key_padding_mask, attn_mask)
-        if not shapes.batched:
-            query, key, value = query.unsqueeze(1), key.unsqueeze(1), value.unsqueeze(1)
-            if key_padding_mask is not None:
-                key_padding_mask = key_padding_mask.unsqueeze(0)
-            if attn_mask is not None and attn_mask.dim() == 3:
-                attn_mask = attn_mask.unsqueeze(0)
-        with reading_once():
-            out, weights = self._forward_batched(
-                query, key, value, key_padding_mask, attn_mask, is_causal, need_weights, average_attn_weights, shapes
-            )
-        if not shapes.batched:
+        plan = plan_forward(
+            self, query, key, value, key_padding_mask, attn_mask, is_causal,
+            need_weights, average_attn_weights, self.training,
+        )
+        for message in plan.warnings:
+            warnings.warn(message, UserWarning, stacklevel=4)  # forward, Module call (2), caller
+        out, weights = getattr(self, self._ROUTES[plan.route])(plan)
+        if not plan.batched:
             out = out.squeeze(1)
             if weights is not None:
                 weights = weights.squeeze(0)
         return out, weights
 
-    def _forward_batched(
-        self,
-        query: Tensor,
-        key: Tensor,
-        value: Tensor,
-        key_padding_mask: Tensor | None,
-        attn_mask: Tensor | None,
-        is_causal: bool,
-        need_weights: bool,
-        average_attn_weights: bool,
-        shapes: ForwardShapes,
-    ) -> tuple[Tensor, Tensor | None]:
-        """Batched dense inputs: warnings, then the right-padding path or the dense one."""
-        batch_first = self.batch_first and shapes.batched
-        warn_pitfalls(key_padding_mask, attn_mask, is_causal, self.bias_k is not None or self.add_zero_attn)
-
-        if is_causal and (self.bias_k is not None or self.add_zero_attn):
-            # The appended keys are open to every query (as torch pads its attn_mask),
-            # so causality must cover the first S keys only: make it an explicit mask.
-            attn_mask = _with_causal(attn_mask, shapes.L, shapes.S, query.device)
-            is_causal = False
-
-        weights_mode = ("mean" if average_attn_weights else "per_head") if need_weights else None
-        padding = self._right_padding(key_padding_mask, attn_mask, is_causal)
-        if padding is not None:
-            causal = is_causal or attn_mask is not None
-            return self._forward_key_lengths(
-                query, key, value, padding, causal, weights_mode, batch_first, shapes.L, shapes.S
-            )
-        return self._forward_dense(
-            query, key, value, key_padding_mask, attn_mask, is_causal, weights_mode, batch_first, shapes.N
-        )
-
-    def _forward_dense(
-        self,
-        query: Tensor,
-        key: Tensor,
-        value: Tensor,
-        key_padding_mask: Tensor | None,
-        attn_mask: Tensor | None,
-        is_causal: bool,
-        weights_mode: str | None,
-        batch_first: bool,
-        N: int,
-    ) -> tuple[Tensor, Tensor | None]:
-        """Batched inputs in their own layout, torch-style masks turned into mask objects."""
-        H = self.num_heads
-        q, k, v = self._in_projection(query, key, value)
+    def _dense(self, plan: ForwardPlan) -> tuple[Tensor, Tensor | None]:
+        """Heads ``(N, H, L, S)`` through :func:`mha.attention`, with the appended keys of
+        ``add_bias_kv`` and ``add_zero_attn``, in the inputs' own layout."""
+        N, H, batch_first = plan.N, self.num_heads, plan.batch_first
+        q, k, v = self._in_projection(plan.query, plan.key, plan.value)
         if self.bias_k is not None and self.bias_v is not None:
             k = torch.cat([k, _batched_token(self.bias_k, N, batch_first)], dim=1 if batch_first else 0)
             v = torch.cat([v, _batched_token(self.bias_v, N, batch_first)], dim=1 if batch_first else 0)
-            key_padding_mask, attn_mask = _open_extra_key(key_padding_mask, attn_mask)
         q, k, v = (_split_heads(t, H, batch_first) for t in (q, k, v))
         if self.add_zero_attn:
             k = torch.cat([k, k.new_zeros(N, H, 1, k.shape[-1])], dim=2)
             v = torch.cat([v, v.new_zeros(N, H, 1, v.shape[-1])], dim=2)
-            key_padding_mask, attn_mask = _open_extra_key(key_padding_mask, attn_mask)
-
-        mask = masks_from_torch(key_padding_mask, attn_mask, is_causal, N, H)
-        result = attention(
-            q,
-            k,
-            v,
-            mask,
-            dropout_p=self.dropout if self.training else 0.0,
-            weights=weights_mode,
-        )
+        result = attention(q, k, v, plan.mask, dropout_p=plan.dropout_p, weights=plan.weights)
         # (N, H, L, Dh) -> (L, N, E) or (N, L, E)
         out = result.output.permute((0, 2, 1, 3) if batch_first else (2, 0, 1, 3))
-        out = out.reshape(*out.shape[:2], self.embed_dim)
-        out = self.out_proj(out)
-        return out, result.weights
+        return self.out_proj(out.reshape(*out.shape[:2], self.embed_dim)), result.weights
 
-    def _right_padding(
-        self, key_padding_mask: Tensor | None, attn_mask: Tensor | None, is_causal: bool
-    ) -> KeyPaddingSummary | None:
-        """The key padding mask's summary when it is right padding and the only other
-        mask is causality, so that the padded keys can be dropped before projection;
-        else None."""
-        if key_padding_mask is None or key_padding_mask.dtype != torch.bool:
-            return None
-        if self.bias_k is not None or self.add_zero_attn or not reads_values():
-            return None
-        if attn_mask is not None and not (
-            attn_mask.dim() == 2 and summarize_attn_mask(attn_mask).standard_causal
-        ):
-            return None
-        summary = summarize_key_padding_mask(key_padding_mask)
-        return summary if summary.lengths is not None else None
-
-    def _forward_key_lengths(
-        self,
-        query: Tensor,
-        key: Tensor,
-        value: Tensor,
-        padding: KeyPaddingSummary,
-        causal: bool,
-        weights_mode: str | None,
-        batch_first: bool,
-        L: int,
-        S: int,
-    ) -> tuple[Tensor, Tensor | None]:
+    def _key_lengths(self, plan: ForwardPlan) -> tuple[Tensor, Tensor | None]:
         """Right-padded keys: only the real keys are projected and attended, every query row
         is computed (as torch does). Sequences are packed batch-major. The key lengths are
         at hand on the host and the device, so nothing here waits for the GPU."""
-        lengths, lengths_host = padding.lengths, padding.lengths_list
-        N, H, E = lengths.shape[0], self.num_heads, self.embed_dim
+        key_lengths = cast(KeyLengths, plan.key_lengths)  # set on this route
+        lengths, lengths_host = key_lengths.lengths, key_lengths.host
+        N, L, S, H, E = plan.N, plan.L, plan.S, self.num_heads, self.embed_dim
         dev = lengths.device
         T = sum(lengths_host)
         # Row of each real key in the flattened input: key s of sequence n, batch-major.
         ends = torch.cumsum(lengths, 0)
         batch = torch.repeat_interleave(torch.arange(N, device=dev), lengths, output_size=T)
         within = torch.arange(T, device=dev) - (ends - lengths)[batch]
-        rows = batch * S + within if batch_first else within * N + batch
+        rows = batch * S + within if plan.batch_first else within * N + batch
+        key, value = plan.key, plan.value
         k_tokens = key.reshape(-1, key.shape[-1]).index_select(0, rows)
         v_tokens = k_tokens if value is key else value.reshape(-1, value.shape[-1]).index_select(0, rows)
-        q, k, v = self._in_projection(query, k_tokens, v_tokens)
-        q = (q if batch_first else q.transpose(0, 1)).reshape(N * L, H, E // H)
-        k, v = (t.unflatten(-1, (H, E // H)) for t in (k, v))
+        q, k, v = self._in_projection(plan.query, k_tokens, v_tokens)
+        q = (q if plan.batch_first else q.transpose(0, 1)).reshape(N * L, H, E // H)
+        k, v = (t.view(t.shape[0], H, E // H) for t in (k, v))
         q_offsets = Offsets(range(0, (N + 1) * L, L), torch.arange(0, (N + 1) * L, L, device=dev), L)
         k_offsets = Offsets(
-            itertools.accumulate(lengths_host, initial=0),
+            list(itertools.accumulate(lengths_host, initial=0)),
             torch.cat([ends.new_zeros(1), ends]),
             max(lengths_host, default=0),
         )
         result = packed_attention(
-            q,
-            k,
-            v,
-            q_offsets,
-            k_offsets,
-            Causal("top_left") if causal else None,
-            dropout_p=self.dropout if self.training else 0.0,
-            weights=weights_mode,
+            q, k, v, q_offsets, k_offsets, plan.mask, dropout_p=plan.dropout_p, weights=plan.weights
         )
         out = self.out_proj(result.output.reshape(N, L, E))
-        if not batch_first:
+        if not plan.batch_first:
             out = out.transpose(0, 1)
         weights = None
         if result.weights is not None:
-            shape = (N, L, S) if weights_mode == "mean" else (N, H, L, S)
-            weights = out.new_zeros(shape)
+            weights = out.new_zeros((N, L, S) if plan.weights == "mean" else (N, H, L, S))
             for n, w in enumerate(result.weights):
                 weights[n, ..., : w.shape[-1]] = w
         return out, weights
 
-    def _forward_nested(
-        self,
-        query: Tensor,
-        key: Tensor,
-        value: Tensor,
-        key_padding_mask: Tensor | None,
-        need_weights: bool,
-        attn_mask: Tensor | None,
-        average_attn_weights: bool,
-        is_causal: bool,
-    ) -> tuple[Tensor, Tensor | None]:
+    def _nested(self, plan: ForwardPlan) -> tuple[Tensor, Tensor | None]:
         """Nested (variable-length) batch: projections on the packed tokens, attention per
         sequence; nothing is spent on padding. Returns a nested output of the query's layout
-        and, with ``need_weights``, a strided nested tensor of per-sequence weights."""
-        validate_nested_forward(self, query, key, value, key_padding_mask, attn_mask)
+        and, with weights, a strided nested tensor of per-sequence weights."""
+        query, key, value = plan.query, plan.key, plan.value
         q_in, q_offsets = nested_packed(query)
         k_in, k_offsets = (q_in, q_offsets) if key is query else nested_packed(key)
         v_in = k_in if value is key else q_in if value is query else nested_packed(value)[0]
@@ -388,24 +274,32 @@ class MultiheadAttention(ScriptableAttention):
         H = self.num_heads
         q, k, v = (t.unflatten(-1, (H, t.shape[-1] // H)) for t in (q, k, v))
         result = packed_attention(
-            q,
-            k,
-            v,
-            q_offsets,
-            k_offsets,
-            Causal("top_left") if is_causal else None,
-            dropout_p=self.dropout if self.training else 0.0,
-            weights=("mean" if average_attn_weights else "per_head") if need_weights else None,
+            q, k, v, q_offsets, k_offsets, plan.mask, dropout_p=plan.dropout_p, weights=plan.weights
         )
         out = self.out_proj(result.output.flatten(-2))
         weights = nested_weights(result.weights) if result.weights is not None else None
         return jagged_from_packed(out, q_offsets, query), weights
 
+    # The method that runs each route of a plan: a new route (a KV cache, context
+    # parallelism) is a method taking the plan, and one entry here.
+    _ROUTES: ClassVar[dict[str, str]] = {"dense": "_dense", "key_lengths": "_key_lengths", "nested": "_nested"}
+
     def _in_projection(self, query: Tensor, key: Tensor, value: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Project to ``E`` features each, in the inputs' own layout. One matmul for
         self-attention (query is key is value), two when key is value."""
         E = self.embed_dim
-        b = self.in_proj_bias
+        b: Tensor | None = self.in_proj_bias
+        if b is not None and b.dtype != query.dtype:
+            # A bias of another dtype promotes to the inputs' dtype, as in torch.
+            b = b.to(query.dtype)
+        w = self.in_proj_weight
+        if self._qkv_same_embed_dim and query is key and key is value:
+            q, k, v = F.linear(query, w, b).chunk(3, dim=-1)
+            return q, k, v
+        if self._qkv_same_embed_dim and key is value:
+            q = F.linear(query, w[:E], None if b is None else b[:E])
+            k, v = F.linear(key, w[E:], None if b is None else b[E:]).chunk(2, dim=-1)
+            return q, k, v
         bq, bk, bv = (None, None, None) if b is None else b.chunk(3)
         if not self._qkv_same_embed_dim:
             return (
@@ -413,44 +307,16 @@ class MultiheadAttention(ScriptableAttention):
                 F.linear(key, self.k_proj_weight, bk),
                 F.linear(value, self.v_proj_weight, bv),
             )
-        w = self.in_proj_weight
-        if query is key and key is value:
-            return F.linear(query, w, b).chunk(3, dim=-1)
-        if key is value:
-            q = F.linear(query, w[:E], bq)
-            k, v = F.linear(key, w[E:], None if b is None else b[E:]).chunk(2, dim=-1)
-            return q, k, v
         wq, wk, wv = w.chunk(3)
         return F.linear(query, wq, bq), F.linear(key, wk, bk), F.linear(value, wv, bv)
 
 
 def _split_heads(x: Tensor, heads: int, batch_first: bool) -> Tensor:
     """``(L, N, E)`` or ``(N, L, E)`` -> ``(N, heads, L, E // heads)``, a view."""
-    x = x.unflatten(-1, (heads, x.shape[-1] // heads))
+    x = x.view(x.shape[0], x.shape[1], heads, x.shape[2] // heads)  # Tensor.unflatten costs Python
     return x.permute((0, 2, 1, 3) if batch_first else (1, 2, 0, 3))
 
 
 def _batched_token(token: Tensor, N: int, batch_first: bool) -> Tensor:
     """A learned ``(1, 1, E)`` key or value repeated over the batch, in the inputs' layout."""
     return token.expand(N, 1, -1) if batch_first else token.expand(1, N, -1)
-
-
-def _open_extra_key(
-    key_padding_mask: Tensor | None, attn_mask: Tensor | None
-) -> tuple[Tensor | None, Tensor | None]:
-    """Masks for one more key appended at the end, open to every query."""
-    if key_padding_mask is not None:
-        key_padding_mask = F.pad(key_padding_mask, (0, 1))
-    if attn_mask is not None:
-        attn_mask = F.pad(attn_mask, (0, 1))
-    return key_padding_mask, attn_mask
-
-
-def _with_causal(attn_mask: Tensor | None, L: int, S: int, device: torch.device) -> Tensor:
-    """``attn_mask`` with the top-left causal mask merged in (True = blocked)."""
-    causal = torch.ones(L, S, dtype=torch.bool, device=device).triu(1)
-    if attn_mask is None:
-        return causal
-    if attn_mask.dtype == torch.bool:
-        return attn_mask | causal
-    return attn_mask.masked_fill(causal, float("-inf"))

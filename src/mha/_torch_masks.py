@@ -1,25 +1,23 @@
-"""torch-style ``key_padding_mask`` / ``attn_mask`` turned into mask objects, once.
+"""torch-style ``key_padding_mask`` / ``attn_mask`` turned into mask objects, and the
+messages for their pitfalls: the inverted ``tril`` causal mask and masks that leave
+query rows with no key.
 
-Also the pitfall warnings of the seed: the inverted ``tril`` causal mask and
-masks that leave query rows with no key. These read mask values (never the
-activations), at most ``O(N*S + L*S)`` work plus one ``(L, S) x (S, N)``
-product when both masks are present; they are skipped under ``torch.compile``.
+Both work from the summaries of :mod:`mha._mask_analysis` (``None`` where values
+are not read); the pitfall messages read mask values beyond them (never the
+activations) only for masks that are neither causal nor right padding: at most
+``O(N*S + L*S)`` work plus one ``(L, S) x (S, N)`` product when both masks are
+present.
 """
 
 from __future__ import annotations
 
-import warnings
-
 import torch
 from torch import Tensor
 
-from ._mask_analysis import _blocked, summarize_attn_mask, summarize_key_padding_mask
-from .masks import Bias, Blocked, Causal, KeyPadding, Mask
+from ._mask_analysis import AttnMaskSummary, KeyPaddingSummary, blocked, causal_blocked
+from .masks import Bias, Blocked, Causal, Mask
 
-
-def reads_values() -> bool:
-    """Value-reading shortcuts and warnings run in eager mode only (they would break graphs)."""
-    return not torch.compiler.is_compiling()
+CAUSAL = Causal("top_left")  # immutable: one for every call
 
 
 def _attn_mask_4d(attn_mask: Tensor, N: int, H: int) -> Tensor:
@@ -37,37 +35,32 @@ def masks_from_torch(
     is_causal: bool,
     N: int,
     H: int,
-    *,
-    read_values: bool | None = None,
+    attn: AttnMaskSummary | None = None,
+    keep_causal_tensor: bool = False,
 ) -> Mask | None:
     """Mask objects for batched torch-style masks: ``key_padding_mask (N, S)``,
     ``attn_mask (L, S)``, ``(N*H, L, S)`` or ``(N, H, L, S)``. True means blocked.
 
     ``is_causal=True`` means top-left causal; with an ``attn_mask`` too, both apply.
-    ``read_values`` (default: outside ``torch.compile``) lets it recognise a
-    standard causal ``attn_mask`` and right padding; without it each mask blocks or
-    adds at its own broadcast shape.
+    With its summary a standard causal ``attn_mask`` becomes ``Causal``, unless
+    ``keep_causal_tensor`` (then it stays a tensor, even with ``is_causal``); otherwise
+    each mask blocks or adds at its own broadcast shape. Key padding stays a boolean or float
+    ``(N, 1, 1, S)`` mask: one fused call, where ``KeyPadding`` lengths would make SDPA
+    attend each length separately (the module drops right padding before projection
+    instead, where that pays).
     """
-    if read_values is None:
-        read_values = reads_values()
     parts: list[Mask] = []
-    if is_causal:
-        parts.append(Causal("top_left"))
-    if attn_mask is not None:
-        if read_values and summarize_attn_mask(attn_mask).standard_causal:
-            if not is_causal:
-                parts.append(Causal("top_left"))
-        elif attn_mask.dtype == torch.bool:
-            parts.append(Blocked(_attn_mask_4d(attn_mask, N, H)))
-        else:
-            parts.append(Bias(_attn_mask_4d(attn_mask, N, H)))
+    standard = attn is not None and attn.standard_causal
+    if standard and keep_causal_tensor:
+        is_causal = standard = False  # the tensor alone is the causal mask
+    if is_causal or standard:
+        parts.append(CAUSAL)
+    if attn_mask is not None and not standard:
+        kind = Blocked if attn_mask.dtype == torch.bool else Bias
+        parts.append(kind(_attn_mask_4d(attn_mask, N, H)))
     if key_padding_mask is not None:
         if key_padding_mask.dtype == torch.bool:
-            lengths = summarize_key_padding_mask(key_padding_mask).lengths if read_values else None
-            if lengths is not None:
-                parts.append(KeyPadding(lengths))
-            else:
-                parts.append(Blocked(key_padding_mask[:, None, None, :]))
+            parts.append(Blocked(key_padding_mask[:, None, None, :]))
         else:
             parts.append(Bias(key_padding_mask[:, None, None, :]))
     if not parts:
@@ -78,79 +71,85 @@ def masks_from_torch(
     return mask
 
 
-def warn_pitfalls(
-    key_padding_mask: Tensor | None, attn_mask: Tensor | None, is_causal: bool, extra_key: bool = False
-) -> None:
-    """Warn about the seed's pitfalls. Masks are batched torch-style, True = blocked.
+def pitfall_messages(
+    key_padding_mask: Tensor | None,
+    attn_mask: Tensor | None,
+    is_causal: bool,
+    padding: KeyPaddingSummary | None,
+    attn: AttnMaskSummary | None,
+    extra_key: bool = False,
+) -> list[str]:
+    """The warnings a call deserves. Masks are batched torch-style, True = blocked, with
+    their summaries (given for every mask present).
 
     ``extra_key``: the module appends a key open to every query (``add_bias_kv`` or
     ``add_zero_attn``), so no row is ever left without a key."""
-    if not reads_values():
-        return
-    inverted = attn_mask is not None and _warn_inverted_causal(attn_mask, extra_key)
-    if not extra_key:
-        # The inverted-causal warning already names the row it empties.
-        _warn_empty_rows(key_padding_mask, None if inverted else attn_mask, is_causal)
-
-
-def _warn_inverted_causal(attn_mask: Tensor, extra_key: bool) -> bool:
-    """Warn if ``attn_mask`` is the seed's ``tril`` mask; return whether it is."""
-    if summarize_attn_mask(attn_mask).inverted_causal:
-        L = attn_mask.shape[0]
-        warnings.warn(
-            f"attn_mask (L, S) = ({L}, {L}) is torch.tril(torch.ones({L}, {L})).bool(). In "
-            "nn.MultiheadAttention and mha, True means *blocked*, so this mask blocks each query's own "
-            f"and earlier keys and lets it see only later ones; the last query (row {L - 1}) sees "
-            + ("only the key that add_bias_kv/add_zero_attn appends. " if extra_key else
-               "no key and gets zero attention. ")
-            + f"For a causal mask pass torch.triu(torch.ones({L}, {L}, dtype=torch.bool), diagonal=1), "
-            "or is_causal=True with no attn_mask.",
-            UserWarning,
-            stacklevel=7,  # here, warn_pitfalls, _forward_batched, forward, Module call (2), caller
-        )
-        return True
-    return False
-
-
-def _warn_empty_rows(kpm: Tensor | None, attn_mask: Tensor | None, is_causal: bool) -> None:
-    """Warn when some query row has every key blocked. Such rows get zero attention."""
     messages: list[str] = []
-    if kpm is not None:
-        empty_batches = list(summarize_key_padding_mask(kpm).empty_batches)
-        if empty_batches:
-            messages.append(
-                f"key_padding_mask blocks every key of batch element(s) {_listing(empty_batches)}"
-            )
+    inverted = attn_mask is not None and attn is not None and attn.inverted_causal
+    if inverted and attn_mask is not None:
+        messages.append(_inverted_causal_message(attn_mask.shape[0], extra_key))
+    if not extra_key:
+        # The inverted-causal message already names the row it empties.
+        empty = _empty_rows_message(key_padding_mask, None if inverted else attn_mask, is_causal, padding, attn)
+        if empty:
+            messages.append(empty)
+    return messages
+
+
+def _inverted_causal_message(L: int, extra_key: bool) -> str:
+    return (
+        f"attn_mask (L, S) = ({L}, {L}) is torch.tril(torch.ones({L}, {L})).bool(). In "
+        "nn.MultiheadAttention and mha, True means *blocked*, so this mask blocks each query's own "
+        f"and earlier keys and lets it see only later ones; the last query (row {L - 1}) sees "
+        + ("only the key that add_bias_kv/add_zero_attn appends. " if extra_key else
+           "no key and gets zero attention. ")
+        + f"For a causal mask pass torch.triu(torch.ones({L}, {L}, dtype=torch.bool), diagonal=1), "
+        "or is_causal=True with no attn_mask."
+    )
+
+
+def _empty_rows_message(
+    kpm: Tensor | None,
+    attn_mask: Tensor | None,
+    is_causal: bool,
+    padding: KeyPaddingSummary | None,
+    attn: AttnMaskSummary | None,
+) -> str | None:
+    """The message for query rows that have every key blocked (they get zero attention)."""
+    messages: list[str] = []
+    if kpm is not None and padding is not None and padding.empty_batches:
+        messages.append(
+            f"key_padding_mask blocks every key of batch element(s) {_listing(list(padding.empty_batches))}"
+        )
     causal_rule = is_causal
     ab: Tensor | None = None
-    if attn_mask is not None:
-        summary = summarize_attn_mask(attn_mask)
-        causal_rule = causal_rule or summary.standard_causal
-        if is_causal and not summary.standard_causal:
+    if attn_mask is not None and attn is not None:
+        causal_rule = causal_rule or attn.standard_causal
+        if is_causal and not attn.standard_causal:
             L, S = attn_mask.shape[-2:]
-            ab = _blocked(attn_mask) | torch.ones(L, S, dtype=torch.bool, device=attn_mask.device).triu(1)
+            ab = blocked(attn_mask) | causal_blocked(L, S, attn_mask.device)
             empty = ab.all(dim=-1)
             rows = empty.reshape(-1, empty.shape[-1]).any(dim=0).nonzero().flatten().tolist()
         else:
-            rows = list(summary.empty_rows)
+            rows = list(attn.empty_rows)
         if rows:
             messages.append(f"attn_mask blocks every key of query row(s) {_listing(rows)}")
-            return _warn(messages)
-        if not summary.standard_causal and attn_mask.dim() == 2:
-            ab = _blocked(attn_mask) if ab is None else ab
-    if kpm is not None and (ab is not None or causal_rule):
-        if ab is None and summarize_key_padding_mask(kpm).lengths is not None:
-            return _warn(messages)  # causal & right padding: only empty sequences, reported above
+            return _joined(messages)
+        if not attn.standard_causal and attn_mask.dim() == 2:
+            ab = blocked(attn_mask) if ab is None else ab
+    if kpm is not None and padding is not None and (ab is not None or causal_rule):
+        if ab is None and padding.lengths is not None:
+            return _joined(messages)  # causal & right padding: only empty sequences, reported above
         if ab is None:
             S = kpm.shape[-1]
-            ab = torch.ones(S, S, dtype=torch.bool, device=kpm.device).triu(1)
-        both = _rows_empty_through_both(ab, _blocked(kpm))
+            ab = causal_blocked(S, S, kpm.device)
+        both = _rows_empty_through_both(ab, blocked(kpm))
         if both:
             what = "attn_mask" if attn_mask is not None else "is_causal"
             messages.append(
                 f"{what} and key_padding_mask together block every key of query row(s) {_listing(both)}"
             )
-    _warn(messages)
+    return _joined(messages)
 
 
 def _rows_empty_through_both(attn_blocked: Tensor, kpm_blocked: Tensor, block: int = 1024) -> list[int]:
@@ -164,16 +163,15 @@ def _rows_empty_through_both(attn_blocked: Tensor, kpm_blocked: Tensor, block: i
     return rows
 
 
-def _warn(messages: list[str]) -> None:
-    if messages:
-        warnings.warn(
-            "; ".join(messages)
-            + ". Those rows get zero attention: their output is out_proj's bias and their weights are 0 "
-            "(torch.nn.MultiheadAttention returns NaN there on some paths). If that is unintended, check "
-            "the mask's polarity: True means masked out.",
-            UserWarning,
-            stacklevel=8,  # _warn, _warn_empty_rows, warn_pitfalls, _forward_batched, forward, Module call (2), caller
-        )
+def _joined(messages: list[str]) -> str | None:
+    if not messages:
+        return None
+    return (
+        "; ".join(messages)
+        + ". Those rows get zero attention: their output is out_proj's bias and their weights are 0 "
+        "(torch.nn.MultiheadAttention returns NaN there on some paths). If that is unintended, check "
+        "the mask's polarity: True means masked out."
+    )
 
 
 def _listing(values: list[int], limit: int = 10) -> str:

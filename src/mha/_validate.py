@@ -1,7 +1,7 @@
 """Checks on what users pass to :class:`mha.MultiheadAttention`.
 
 Every check reads shapes, dtypes and devices only; none reads tensor values.
-Messages use the seed's notation: query ``(L, N, E)``, key ``(S, N, E)``,
+Messages use the notation of the docs: query ``(L, N, E)``, key ``(S, N, E)``,
 value ``(S, N, D)`` (``(N, L, E)`` ... with ``batch_first=True``), and each
 says what was expected, what came, and how to fix it.
 """
@@ -69,6 +69,13 @@ def _few(values: list[int], limit: int = 8) -> str:
     return f"[{shown}{', ...' if len(values) > limit else ''}]"
 
 
+_BATCHED_NOTATION = {
+    False: {"query": "(L, N, E)", "key": "(S, N, E)", "value": "(S, N, D)"},
+    True: {"query": "(N, L, E)", "key": "(N, S, E)", "value": "(N, S, D)"},
+}
+_UNBATCHED_NOTATION = {"query": "(L, E)", "key": "(S, E)", "value": "(S, D)"}
+
+
 def validate_forward(
     module: Any,
     query: Any,
@@ -79,13 +86,9 @@ def validate_forward(
 ) -> ForwardShapes:
     """Check a forward call's inputs; return its sizes. Raises TypeError or ValueError."""
     bf = module.batch_first
-    names = {
-        "query": "(N, L, E)" if bf else "(L, N, E)",
-        "key": "(N, S, E)" if bf else "(S, N, E)",
-        "value": "(N, S, D)" if bf else "(S, N, D)",
-    }
-    unbatched = {"query": "(L, E)", "key": "(S, E)", "value": "(S, D)"}
+    names, unbatched = _BATCHED_NOTATION[bool(bf)], _UNBATCHED_NOTATION
     tensors = {"query": query, "key": key, "value": value}
+    _validate_not_nested(key=key, value=value, key_padding_mask=key_padding_mask, attn_mask=attn_mask)
     for name, t in tensors.items():
         if not isinstance(t, Tensor):
             raise TypeError(
@@ -330,3 +333,82 @@ def _validate_attn_mask(
         )
         + f", got {mask.dim()}-D {shape}"
     )
+
+
+def validate_nested_forward(
+    module: Any, query: Tensor, key: Any, value: Any, key_padding_mask: Any, attn_mask: Any
+) -> None:
+    """Checks for nested-tensor inputs to ``MultiheadAttention.forward``."""
+    if not module.batch_first:
+        raise ValueError(
+            "nested (variable-length) inputs need a module built with batch_first=True: "
+            "a nested query is (N, j, E), batch first"
+        )
+    widths = {"query": module.embed_dim, "key": module.kdim, "value": module.vdim}
+    for name, t in (("query", query), ("key", key), ("value", value)):
+        if not isinstance(t, Tensor) or not t.is_nested:
+            raise TypeError(
+                f"query is a nested tensor, so {name} must be one too (N, j, {'E' if name == 'query' else 'kdim' if name == 'key' else 'D'}), "
+                f"got {type(t).__name__ if not isinstance(t, Tensor) else 'a dense tensor of shape ' + str(tuple(t.shape))}"
+            )
+        if t.dim() != 3:
+            raise ValueError(f"nested {name} must be 3-D (N, j, features), got {t.dim()}-D")
+        _validate_regular_features(name, t)
+        if t.size(-1) != widths[name]:
+            raise ValueError(
+                f"nested {name} has {t.size(-1)} features, expected {widths[name]} "
+                f"({'embed_dim' if name == 'query' else 'kdim' if name == 'key' else 'vdim'} of the module)"
+            )
+        if not t.is_floating_point():
+            raise TypeError(f"nested {name} must be floating point, got dtype {t.dtype}")
+        if t.dtype != module.out_proj.weight.dtype:
+            raise TypeError(
+                f"nested {name} is {t.dtype} but the module's parameters are {module.out_proj.weight.dtype}; "
+                f"cast the module with module.to({t.dtype})"
+            )
+    if query.size(0) != key.size(0) or key.size(0) != value.size(0):
+        raise ValueError(
+            f"nested query, key and value must hold the same number of sequences N, got "
+            f"{query.size(0)}, {key.size(0)}, {value.size(0)}"
+        )
+    if key is not value:
+        k_len = [t.shape[0] for t in key.unbind()] if key.layout != torch.jagged else key.offsets().diff().tolist()
+        v_len = [t.shape[0] for t in value.unbind()] if value.layout != torch.jagged else value.offsets().diff().tolist()
+        if k_len != v_len:
+            raise ValueError(f"nested key and value must have the same lengths S_n, got {k_len} and {v_len}")
+    if key_padding_mask is not None:
+        raise ValueError(
+            "key_padding_mask must be None with nested inputs: each sequence has its own length, "
+            "so there is no padding to mask"
+        )
+    if attn_mask is not None:
+        raise ValueError(
+            "attn_mask is not supported with nested inputs (sequences differ in length); "
+            "for causal attention pass is_causal=True"
+        )
+    if module.bias_k is not None or module.add_zero_attn:
+        raise NotImplementedError("add_bias_kv and add_zero_attn are not supported with nested inputs yet")
+
+
+def _validate_regular_features(name: str, t: Tensor) -> None:
+    """A nested tensor may be ragged in its sequence dimension only: every sequence needs
+    the same number of features."""
+    if t.layout == torch.jagged:
+        return
+    widths = sorted(set(t._nested_tensor_size()[:, -1].tolist()))
+    if len(widths) > 1:
+        raise ValueError(
+            f"nested {name} (N, j, features) must have the same number of features in every sequence, "
+            f"got {_few(widths)}; only the sequence length may vary"
+        )
+
+
+def _validate_not_nested(**tensors: Any) -> None:
+    """A dense query takes dense keys, values and masks."""
+    for name, t in tensors.items():
+        if isinstance(t, Tensor) and t.is_nested:
+            raise TypeError(
+                f"query is a dense tensor, so {name} must be dense too, got a nested tensor; pass query as a "
+                f"nested tensor (N, j, E) as well for variable-length sequences, or {name}.to_padded_tensor(0.0) "
+                "with a key_padding_mask"
+            )

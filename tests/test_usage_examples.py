@@ -1,4 +1,5 @@
-"""The seed's three examples, verbatim, with mha in place of nn.MultiheadAttention."""
+"""Three usage examples: fixed-length self-attention, a random key padding mask, and
+the inverted `tril` "causal" mask, with mha in place of nn.MultiheadAttention."""
 
 from __future__ import annotations
 

@@ -1,0 +1,239 @@
+"""The torch-compatible front end: ``nn.MultiheadAttention``'s arguments -> one :class:`ForwardPlan`.
+
+:func:`plan_forward` is the one place where torch-style arguments are read:
+validation, the unbatched reshape, the masks' values (read once, here), the
+pitfall warnings (returned as text, not warned), right-padding and causal
+recognition, the keys appended by ``add_bias_kv`` / ``add_zero_attn``, and the
+conversion to mask objects. The module runs the plan's route; ``mha.explain``
+reports it.
+
+Routes:
+
+* ``"dense"``: heads ``(N, H, L, S + extra)`` through :func:`mha.attention` with
+  the plan's mask;
+* ``"key_lengths"``: right-padded keys, where dropping them before the key and
+  value projections pays (:func:`key_lengths_may_pay`, :func:`key_lengths_pay`);
+  sequences are packed and attended at their own lengths, with the plan's band mask;
+* ``"nested"``: nested (variable-length) inputs, attended per sequence.
+
+Dropout: the dense route draws the same random numbers as
+``torch.nn.MultiheadAttention`` (the same ``F.dropout`` on the same
+``(N, H, L, S)`` probabilities, or the same SDPA call), except with
+``is_causal=True`` and no ``attn_mask`` (torch raises there). The key-lengths and
+nested routes attend sequences separately and draw differently (with the same
+rate).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ._core import WeightsMode
+from ._mask_analysis import (
+    AttnMaskSummary,
+    KeyPaddingSummary,
+    causal_blocked,
+    summarize_attn_mask,
+    summarize_key_padding_mask,
+    values_readable,
+)
+from ._torch_masks import CAUSAL, masks_from_torch, pitfall_messages
+from ._validate import validate_forward, validate_nested_forward
+from .masks import Mask
+
+Route = Literal["dense", "key_lengths", "nested"]
+
+
+class ModuleConfig(Protocol):
+    """What the front end reads from a module: its sizes, options and parameters."""
+
+    embed_dim: int
+    kdim: int
+    vdim: int
+    num_heads: int
+    batch_first: bool
+    dropout: float
+    add_zero_attn: bool
+    bias_k: Tensor | None
+
+    @property
+    def out_proj(self) -> torch.nn.Linear: ...
+
+
+@dataclass(frozen=True)
+class KeyLengths:
+    """Right padding: sequence ``n`` has ``lengths[n]`` real keys, then padding. ``lengths``
+    ``(N,)`` on the mask's device and ``host``, the same as a tuple."""
+
+    lengths: Tensor
+    host: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class ForwardPlan:
+    """One planned forward call.
+
+    Attributes:
+        route: ``"dense"``, ``"key_lengths"`` or ``"nested"`` (see the module docstring).
+        query, key, value: the inputs, batched: ``(L, N, E)``, ``(S, N, kdim)``,
+            ``(S, N, D)`` (or ``(N, L, E)``... when ``batch_first``); nested ``(N, j, E)``.
+        batched: False when the inputs came unbatched (``(L, E)``); outputs lose N again.
+        batch_first: the layout of ``query``, ``key``, ``value`` here.
+        N, L, S: batch, queries, keys (before any appended key; 0 for nested inputs).
+        extra_keys: keys appended after projection: ``bias_k``/``bias_v`` then a zero key.
+        mask: for ``"dense"``, over ``(N, H, L, S + extra_keys)``; for ``"key_lengths"``
+            and ``"nested"``, a band mask aligned per sequence, or None.
+        key_lengths: the right padding, for ``"key_lengths"``.
+        weights: ``"mean"``, ``"per_head"`` or None (``need_weights=False``).
+        dropout_p: dropout on the attention weights (0 in eval).
+        warnings: messages the call deserves (the module warns them).
+        values_read: whether mask values were read (not under ``torch.compile``, nor on
+            meta or fake tensors); without, masks apply at their broadcast shapes.
+    """
+
+    route: Route
+    query: Tensor
+    key: Tensor
+    value: Tensor
+    batched: bool
+    batch_first: bool
+    N: int
+    L: int
+    S: int
+    extra_keys: int
+    mask: Mask | None
+    key_lengths: KeyLengths | None
+    weights: WeightsMode | None
+    dropout_p: float
+    warnings: tuple[str, ...]
+    values_read: bool
+
+
+def plan_forward(
+    config: ModuleConfig,
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    key_padding_mask: Tensor | None,
+    attn_mask: Tensor | None,
+    is_causal: bool,
+    need_weights: bool,
+    average_attn_weights: bool,
+    training: bool,
+) -> ForwardPlan:
+    """Validate a call of ``nn.MultiheadAttention.forward``'s arguments and plan it.
+
+    Raises ``TypeError``/``ValueError`` for invalid calls and ``NotImplementedError``
+    for valid ones that are not supported. Reads mask values once (see
+    :mod:`mha._mask_analysis`), never activations.
+    """
+    weights: WeightsMode | None = ("mean" if average_attn_weights else "per_head") if need_weights else None
+    dropout_p = config.dropout if training else 0.0
+    if isinstance(query, Tensor) and query.is_nested:
+        validate_nested_forward(config, query, key, value, key_padding_mask, attn_mask)
+        return ForwardPlan(
+            "nested", query, key, value, True, True, query.size(0), 0, 0, 0,
+            CAUSAL if is_causal else None, None, weights, dropout_p, (), False,
+        )
+    shapes = validate_forward(config, query, key, value, key_padding_mask, attn_mask)
+    N, L, S, H = shapes.N, shapes.L, shapes.S, config.num_heads
+    if not shapes.batched:
+        query, key, value = query.unsqueeze(1), key.unsqueeze(1), value.unsqueeze(1)
+        if key_padding_mask is not None:
+            key_padding_mask = key_padding_mask.unsqueeze(0)
+        if attn_mask is not None and attn_mask.dim() == 3:
+            attn_mask = attn_mask.unsqueeze(0)
+    batch_first = config.batch_first and shapes.batched
+    extra_keys = int(config.bias_k is not None) + int(config.add_zero_attn)
+
+    values_read = values_readable(key_padding_mask, attn_mask)
+    padding: KeyPaddingSummary | None = None
+    attn: AttnMaskSummary | None = None
+    if values_read:
+        attn = None if attn_mask is None else summarize_attn_mask(attn_mask)
+        if key_padding_mask is not None:
+            only_causal = attn_mask is None or (attn is not None and attn.standard_causal)
+            lengths_wanted = only_causal and not extra_keys and key_lengths_may_pay(N, L, S)
+            padding = summarize_key_padding_mask(key_padding_mask, lengths_wanted)
+    messages = tuple(pitfall_messages(key_padding_mask, attn_mask, is_causal, padding, attn, extra_keys > 0))
+
+    def plan(route: Route, mask: Mask | None, key_lengths: KeyLengths | None = None) -> ForwardPlan:
+        return ForwardPlan(
+            route, query, key, value, shapes.batched, batch_first, N, L, S, extra_keys,
+            mask, key_lengths, weights, dropout_p, messages, values_read,
+        )
+
+    if extra_keys:
+        mask = _mask_with_extra_keys(key_padding_mask, attn_mask, is_causal, extra_keys, N, H, L, S, query.device)
+        return plan("dense", mask)
+    if (
+        padding is not None
+        and padding.lengths is not None
+        and padding.lengths_list is not None
+        and key_lengths_pay(S, padding.lengths_list)
+    ):
+        causal = is_causal or attn_mask is not None  # only a standard causal attn_mask gets here
+        mask = CAUSAL if causal else None
+        return plan("key_lengths", mask, KeyLengths(padding.lengths, padding.lengths_list))
+    # Weights with dropout: a causal attn_mask stays a tensor so that the probabilities are
+    # drawn over the same (N, H, L, S) as torch's.
+    same_draws = dropout_p > 0 and weights is not None
+    return plan("dense", masks_from_torch(key_padding_mask, attn_mask, is_causal, N, H, attn, same_draws))
+
+
+# benchmarks/overhead.py --sections route (CPU, E=256, a third of the keys padded): the
+# key-lengths route ran 1.12-1.26x faster than the dense one at N=8, L=S=512 (2M scores),
+# 0.89-0.99x at L=S=128..256 and 0.68-0.84x at S=30: below about a million scores its
+# packing, index lists and per-length calls cost more than the padded keys. The
+# quarter of padding is a floor chosen, not swept.
+_KEY_LENGTHS_MIN_SCORES = 1 << 20
+_KEY_LENGTHS_MIN_PADDED = 0.25
+
+
+def key_lengths_may_pay(N: int, L: int, S: int) -> bool:
+    """Whether the call is large enough, ``N * L * S`` scores, for dropping right padding
+    before projection to pay back the key-lengths route's fixed cost (decided before
+    reading the mask). ``L = 0`` has nothing to save."""
+    return L > 0 and N * L * S >= _KEY_LENGTHS_MIN_SCORES
+
+
+def key_lengths_pay(S: int, lengths: tuple[int, ...]) -> bool:
+    """Whether enough of the ``S`` keys per sequence are padding, at least a quarter, for
+    the key-lengths route to pay (given :func:`key_lengths_may_pay`)."""
+    return bool(lengths) and sum(lengths) <= (1.0 - _KEY_LENGTHS_MIN_PADDED) * len(lengths) * S
+
+
+def _mask_with_extra_keys(
+    key_padding_mask: Tensor | None,
+    attn_mask: Tensor | None,
+    is_causal: bool,
+    extra_keys: int,
+    N: int,
+    H: int,
+    L: int,
+    S: int,
+    device: torch.device,
+) -> Mask | None:
+    """The dense mask over ``S + extra_keys`` keys: the appended keys are open to every
+    query (as torch pads its masks), so causality covers the first ``S`` keys only."""
+    if is_causal:
+        causal = causal_blocked(L, S, device)
+        if attn_mask is None:
+            attn_mask = causal
+        elif attn_mask.dtype == torch.bool:
+            attn_mask = attn_mask | causal
+        else:
+            attn_mask = attn_mask.masked_fill(causal, float("-inf"))
+    pad = (0, extra_keys)
+    return masks_from_torch(
+        None if key_padding_mask is None else F.pad(key_padding_mask, pad),
+        None if attn_mask is None else F.pad(attn_mask, pad),
+        False,
+        N,
+        H,
+    )

@@ -1,0 +1,171 @@
+"""The module on inputs that are valid but unusual, compared with torch: mixed parameter
+dtypes, masks that require grad, meta and fake tensors, empty queries, nested tensors
+where dense ones belong, and which paths draw the same dropout as torch."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+import mha
+from conftest import TOL, build_pair
+
+N, L, S, E, H = 3, 5, 7, 8, 2
+
+
+def _right_padding(lengths: list[int], s: int = S) -> torch.Tensor:
+    return torch.arange(s)[None, :] >= torch.tensor(lengths)[:, None]
+
+
+@pytest.mark.parametrize("batch_first", [False, True])
+@pytest.mark.parametrize("training", [False, True])
+def test_in_proj_bias_of_another_dtype_gives_the_inputs_dtype_like_torch(batch_first, training):
+    """torch promotes the half bias to the float64 inputs (on its batch-first path; its
+    sequence-first path raises): compare with torch holding the promoted bias."""
+    theirs, ours = build_pair(E, H, batch_first=batch_first, dtype=torch.float64)
+    half = theirs.in_proj_bias.detach().to(torch.half)
+    theirs.in_proj_bias = nn.Parameter(half.to(torch.float64))
+    ours.in_proj_bias = nn.Parameter(half)
+    theirs.train(training), ours.train(training)
+    x = torch.randn(N, L, E, dtype=torch.float64)
+    want = theirs(x, x, x)
+    got = ours(x, x, x)
+    assert got[0].dtype == got[1].dtype == torch.float64
+    torch.testing.assert_close(got[0], want[0], **TOL[torch.float64])
+    torch.testing.assert_close(got[1], want[1], **TOL[torch.float64])
+    if batch_first:
+        theirs.in_proj_bias = nn.Parameter(half)
+        torch.testing.assert_close(got[0], theirs(x, x, x)[0], **TOL[torch.float64])
+
+
+@pytest.mark.parametrize("need_weights", [False, True])
+def test_a_causal_float_mask_that_requires_grad_keeps_its_gradient(need_weights):
+    theirs, ours = build_pair(E, H, dtype=torch.float64)
+    x = torch.randn(L, N, E, dtype=torch.float64)
+    grads = []
+    for m in (theirs, ours):
+        mask = nn.Transformer.generate_square_subsequent_mask(L, dtype=torch.float64).requires_grad_()
+        out, w = m(x, x, x, attn_mask=mask, need_weights=need_weights)
+        (out.sum() + (0 if w is None else w.sum())).backward()
+        grads.append(mask.grad)
+    assert grads[1] is not None
+    torch.testing.assert_close(grads[1], grads[0], **TOL[torch.float64])
+
+
+def test_a_float_padding_mask_that_requires_grad_keeps_its_gradient():
+    theirs, ours = build_pair(E, H, dtype=torch.float64)
+    x = torch.randn(L, N, E, dtype=torch.float64)
+    padding = _right_padding([7, 4, 2])
+    grads = []
+    for m in (theirs, ours):
+        kpm = torch.zeros(N, S, dtype=torch.float64).masked_fill(padding, float("-inf")).requires_grad_()
+        m(x, torch.randn(S, N, E, dtype=torch.float64, generator=torch.Generator().manual_seed(1)),
+          torch.randn(S, N, E, dtype=torch.float64, generator=torch.Generator().manual_seed(2)),
+          key_padding_mask=kpm, need_weights=False)[0].sum().backward()
+        grads.append(kpm.grad)
+    assert grads[1] is not None
+    torch.testing.assert_close(grads[1], grads[0], **TOL[torch.float64])
+
+
+def _masks(device: str | None = None) -> list[dict[str, torch.Tensor]]:
+    kpm = _right_padding([7, 4, 2]).to(device)
+    causal = torch.ones(L, S, dtype=torch.bool).triu(1).to(device)
+    return [
+        {"key_padding_mask": kpm},
+        {"attn_mask": causal},
+        {"key_padding_mask": kpm, "attn_mask": causal},
+        {"key_padding_mask": torch.zeros(N, S, device=device).masked_fill(kpm, float("-inf"))},
+        {"attn_mask": torch.zeros(L, S, device=device).masked_fill(causal, float("-inf"))},
+    ]
+
+
+@pytest.mark.parametrize("case", range(len(_masks())))
+@pytest.mark.parametrize("need_weights", [False, True])
+def test_meta_module_and_inputs_with_masks_give_torch_shapes(case, need_weights):
+    theirs = nn.MultiheadAttention(E, H, device="meta")
+    ours = mha.MultiheadAttention(E, H, device="meta")
+    q, kv = torch.empty(L, N, E, device="meta"), torch.empty(S, N, E, device="meta")
+    kwargs = _masks("meta")[case]
+    want = theirs(q, kv, kv, need_weights=need_weights, **kwargs)
+    got = ours(q, kv, kv, need_weights=need_weights, **kwargs)
+    assert got[0].device.type == "meta"
+    assert got[0].shape == want[0].shape
+    assert (got[1] is None) == (want[1] is None)
+    if want[1] is not None:
+        assert got[1].shape == want[1].shape
+
+
+@pytest.mark.parametrize("case", range(len(_masks())))
+def test_fake_tensors_with_masks_give_torch_shapes(case):
+    with FakeTensorMode():
+        theirs, ours = nn.MultiheadAttention(E, H), mha.MultiheadAttention(E, H)
+        q, kv = torch.empty(L, N, E), torch.empty(S, N, E)
+        kwargs = _masks()[case]
+        want = theirs(q, kv, kv, **kwargs)
+        got = ours(q, kv, kv, **kwargs)
+    assert got[0].shape == want[0].shape
+    assert got[1].shape == want[1].shape
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"key_padding_mask": _right_padding([7, 4, 2])},
+        {"key_padding_mask": _right_padding([7, 4, 2]), "attn_mask": torch.zeros(0, S, dtype=torch.bool)},
+        {"attn_mask": torch.zeros(0, S, dtype=torch.bool)},
+        {"attn_mask": torch.zeros(0, S)},
+    ],
+)
+@pytest.mark.parametrize("average", [True, False])
+def test_empty_query_with_masks_gives_empty_outputs_like_torch(kwargs, average):
+    theirs, ours = build_pair(E, H)
+    q, kv = torch.randn(0, N, E), torch.randn(S, N, E)
+    want = theirs(q, kv, kv, average_attn_weights=average, **kwargs)
+    got = ours(q, kv, kv, average_attn_weights=average, **kwargs)
+    for g, w in zip(got, want, strict=True):
+        assert g.shape == w.shape
+
+
+@pytest.mark.parametrize("which", ["key", "value", "both"])
+def test_a_dense_query_with_a_nested_key_or_value_is_a_type_error(which):
+    m = mha.MultiheadAttention(E, H, batch_first=True)
+    q = torch.randn(2, L, E)
+    nested = torch.nested.nested_tensor([torch.randn(3, E), torch.randn(6, E)], layout=torch.jagged)
+    dense = torch.randn(2, S, E)
+    key = nested if which in ("key", "both") else dense
+    value = nested if which in ("value", "both") else dense
+    with pytest.raises(TypeError, match=r"query is a dense tensor, so (key|value) must be dense too.*nested"):
+        m(q, key, value)
+
+
+def test_a_strided_nested_tensor_ragged_in_its_features_is_a_value_error():
+    m = mha.MultiheadAttention(E, H, batch_first=True)
+    with pytest.warns(UserWarning, match="prototype"):
+        x = torch.nested.nested_tensor([torch.randn(3, E), torch.randn(4, E + 2)])
+    with pytest.raises(ValueError, match=r"nested query \(N, j, features\) must have the same number of features.*\[8, 10\]"):
+        m(x, x, x, need_weights=False)
+
+
+@pytest.mark.parametrize("need_weights", [False, True])
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {},
+        {"key_padding_mask": _right_padding([7, 4, 2])},
+        {"key_padding_mask": _right_padding([7, 4, 2]), "attn_mask": torch.ones(L, S, dtype=torch.bool).triu(1)},
+        {"attn_mask": torch.zeros(L, S).masked_fill(torch.ones(L, S, dtype=torch.bool).triu(1), float("-inf"))},
+    ],
+)
+def test_the_dense_route_draws_the_same_dropout_as_torch(kwargs, need_weights):
+    theirs, ours = build_pair(E, H, dropout=0.5)
+    q, kv = torch.randn(L, N, E), torch.randn(S, N, E)
+    results = []
+    for m in (theirs, ours):
+        torch.manual_seed(1234)
+        results.append(m(q, kv, kv, need_weights=need_weights, **kwargs))
+    (want_out, want_w), (got_out, got_w) = results
+    torch.testing.assert_close(got_out, want_out, **TOL[torch.float32])
+    if need_weights:
+        torch.testing.assert_close(got_w, want_w, **TOL[torch.float32])

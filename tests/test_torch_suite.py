@@ -169,11 +169,6 @@ def test_output_has_the_inputs_dtype_and_shape(dtype, mode):
     assert (out.dtype, out.shape, weights) == (dtype, q.shape, None)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=RuntimeError,
-    reason="a half in_proj_bias on a float64 module reaches F.linear uncast; torch returns float64",
-)
 @pytest.mark.parametrize("mode", MODES)
 def test_half_in_proj_bias_on_a_float64_module_returns_float64_like_torch(mode):
     theirs, ours = build_pair(4, 4, batch_first=True, dtype=F64)

@@ -28,6 +28,7 @@ from ._varlen import (
     packed_attention,
     validate_nested_forward,
 )
+from .distributed._context import ContextParallel, active_context, context_parallel_attention
 from .masks import Causal
 
 
@@ -231,6 +232,11 @@ class MultiheadAttention(nn.Module):
     ) -> tuple[Tensor, Tensor | None]:
         """Batched dense inputs: warnings, then the right-padding path or the dense one."""
         batch_first = self.batch_first and shapes.batched
+        context = active_context()
+        if context is not None:
+            return self._forward_context_parallel(
+                context, query, key, value, key_padding_mask, attn_mask, is_causal, need_weights, batch_first
+            ), None
         warn_pitfalls(key_padding_mask, attn_mask, is_causal, self.bias_k is not None or self.add_zero_attn)
 
         if is_causal and (self.bias_k is not None or self.add_zero_attn):
@@ -289,6 +295,28 @@ class MultiheadAttention(nn.Module):
         out = out.reshape(*out.shape[:2], self.embed_dim)
         out = self.out_proj(out)
         return out, result.weights
+
+    def _forward_context_parallel(
+        self,
+        context: ContextParallel,
+        query: Tensor,
+        key: Tensor,
+        value: Tensor,
+        key_padding_mask: Tensor | None,
+        attn_mask: Tensor | None,
+        is_causal: bool,
+        need_weights: bool,
+        batch_first: bool,
+    ) -> Tensor:
+        """Inputs are this rank's shards of the sequence: project here, attend by ring."""
+        q, k, v = (_split_heads(t, self.num_heads, batch_first) for t in self._in_projection(query, key, value))
+        out = context_parallel_attention(
+            context, q, k, v, key_padding_mask=key_padding_mask, attn_mask=attn_mask, is_causal=is_causal,
+            need_weights=need_weights, dropout_p=self.dropout if self.training else 0.0,
+            appended_keys=self.bias_k is not None or self.add_zero_attn,
+        )
+        out = out.permute((0, 2, 1, 3) if batch_first else (2, 0, 1, 3))
+        return self.out_proj(out.reshape(*out.shape[:2], self.embed_dim))
 
     def _right_padding(
         self, key_padding_mask: Tensor | None, attn_mask: Tensor | None, is_causal: bool

@@ -44,11 +44,12 @@ _KV, _GRADS, _RETURN = 0, 1, 2  # message tags
 
 @dataclass
 class StepTime:
-    """Seconds one ring step of one rank spent computing and then waiting for its messages."""
+    """One ring step of one rank: seconds computing, then waiting for its messages; blocks computed, bytes sent."""
 
     compute: float
     wait: float
     blocks: int
+    sent: int
 
 
 @dataclass
@@ -89,6 +90,20 @@ def _hops(needed: list[list[bool]], world: int) -> list[int]:
         users = [t for t in range(1, world) if needed[(s + t) % world][s]]
         hops.append(max(users, default=0))
     return hops
+
+
+def schedule(
+    rule: Rule, L: int, S: int, world: int, layout: Layout
+) -> tuple[list[tuple[Piece, ...]], list[tuple[Piece, ...]], list[list[bool]], list[int]]:
+    """What every rank holds and computes, known to all without talking:
+    ``(query pieces per rank, key pieces per rank, needed[x][s], hops[s])``."""
+    q_pieces = [pieces(L, world, r, layout) for r in range(world)]
+    k_pieces = [pieces(S, world, r, layout) for r in range(world)]
+    needed = [
+        [any(rule.is_open(q, k) for q in q_pieces[x] for k in k_pieces[s]) for s in range(world)]
+        for x in range(world)
+    ]
+    return q_pieces, k_pieces, needed, _hops(needed, world)
 
 
 def _shape(t: Tensor) -> tuple[int, ...]:
@@ -207,7 +222,7 @@ def _validate_offsets(offsets: Tensor | None, L: int, S: int) -> None:
         )
 
 
-def _plan(query: Tensor, key: Tensor, value: Tensor, mask: Mask | None, offsets: Tensor | None,
+def plan_ring(query: Tensor, key: Tensor, value: Tensor, mask: Mask | None, offsets: Tensor | None,
           group: Any, layout: Layout, scale: float | None) -> Ring:
     if not dist.is_available() or not dist.is_initialized():
         raise RuntimeError(
@@ -219,10 +234,7 @@ def _plan(query: Tensor, key: Tensor, value: Tensor, mask: Mask | None, offsets:
     L, S = _check_agreement(table, layout)
     _validate_offsets(offsets, L, S)
     rule = rule_from_mask(mask, L, S, offsets)
-    q_pieces = [pieces(L, world, r, layout) for r in range(world)]
-    k_pieces = [pieces(S, world, r, layout) for r in range(world)]
-    needed = [[any(rule.is_open(q, k) for q in q_pieces[x] for k in k_pieces[s]) for s in range(world)]
-              for x in range(world)]
+    q_pieces, k_pieces, needed, hops = schedule(rule, L, S, world, layout)
     N, Hkv, _, Dk = key.shape
     Dv = value.shape[-1]
     shapes: list[tuple[tuple[int, ...], tuple[int, ...]]] = [
@@ -241,7 +253,7 @@ def _plan(query: Tensor, key: Tensor, value: Tensor, mask: Mask | None, offsets:
         rule=rule,
         scale=1.0 / math.sqrt(Dk) if scale is None else float(scale),
         needed=needed,
-        hops=_hops(needed, world),
+        hops=hops,
     )
 
 
@@ -337,7 +349,8 @@ def ring_forward(ring: Ring, query: Tensor, key: Tensor, value: Tensor) -> tuple
         computed = time.perf_counter()
         _wait(works)
         if ring.trace is not None:
-            ring.trace.append(StepTime(computed - began, time.perf_counter() - computed, len(blocks)))
+            sent = held.numel() * held.element_size() if held is not None and ring.forwards(x, t) else 0
+            ring.trace.append(StepTime(computed - began, time.perf_counter() - computed, len(blocks), sent))
         held = incoming
     return out, lse
 
@@ -390,18 +403,24 @@ def ring_backward(
     held: Tensor | None = _pack(key, value)
     grads_in: Tensor | None = None
     own: Tensor | None = None
+    pending: list[Any] = []  # last step's gradient messages, waited for after this step's compute
     for t in range(P):
         src = ring.holds(x, t)
         kv_works, incoming = _pass_keys(ring, t, held, query)
         prev, prev_src = (x - 1) % P, (x - 1 - t) % P
-        ex = _Exchange(ring)
+        grads = None
         if src is not None and held is not None:
-            grads = grads_in if grads_in is not None else dq.new_zeros(sum(ring.kv_numel[src]))
+            grads = dq.new_zeros(sum(ring.kv_numel[src]))
             if ring.needed[x][src]:
                 k_b, v_b = _unpack(ring, held, src)
                 dk_b, dv_b = _unpack(ring, grads, src)
                 for qp, kp in ring.open_blocks(x, src):
                     _block_backward(ring, qp, kp, query, k_b, v_b, dout, lse, delta, dq, dk_b, dv_b)
+        _wait(pending)
+        ex = _Exchange(ring)
+        if src is not None and grads is not None:
+            if grads_in is not None:
+                grads += grads_in
             if ring.forwards(x, t):
                 ex.send(grads, (x + 1) % P, _GRADS)
             elif t > 0:
@@ -411,9 +430,10 @@ def ring_backward(
         grads_in = ex.recv(sum(ring.kv_numel[prev_src]), dq, prev, _GRADS) if ring.forwards(prev, t) else None
         if ring.hops[x] > 0 and t == ring.hops[x]:
             own = ex.recv(sum(ring.kv_numel[x]), dq, (x + t) % P, _RETURN)
-        _wait(ex.start())
+        pending = ex.start()
         _wait(kv_works)
         held = incoming
+    _wait(pending)
     assert own is not None
     dk, dv = _unpack(ring, own, x)
     return dq.to(query.dtype), dk.to(key.dtype), dv.to(value.dtype)
@@ -506,6 +526,6 @@ def ring_attention(
             f"ring_attention: mask must be an mha.masks object (Causal, Window, KeyPadding or an & of them), "
             f"got {type(mask).__name__}"
         )
-    ring = _plan(query, key, value, mask, offsets, group, validate_layout(layout), scale)
+    ring = plan_ring(query, key, value, mask, offsets, group, validate_layout(layout), scale)
     out, lse = _RingFunction.apply(query, key, value, ring)
     return AttentionOutput(out, None, lse if return_lse else None)

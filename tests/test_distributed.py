@@ -32,6 +32,7 @@ from torch import nn
 
 import mha
 from mha.distributed import context_parallel, ring_attention, shard, unshard
+from mha.distributed._ring import plan_ring
 from mha.masks import Causal, KeyPadding, Mask, Window
 
 RTOL = ATOL = 1e-10
@@ -265,10 +266,15 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
             fn(world)
         except (Exception, pytest.fail.Exception):
             failures[name] = traceback.format_exc()
+    def report() -> None:
+        Path(out_dir, f"rank{rank}.json").write_text(json.dumps(failures))
+
     if world == 2:
-        failures["silent_peer"] = _silent_peer(rank)
-    Path(out_dir, f"rank{rank}.json").write_text(json.dumps(failures))
-    # The silent peer left the group's gloo pairs mid-message; leave without tearing it down.
+        failures["faults"] = _silent_peer(rank)
+    else:
+        failures["faults"] = _dead_peer(rank, report)
+    report()
+    # A fault left the group's gloo pairs mid-message; leave without tearing it down.
     os._exit(0)
 
 
@@ -282,13 +288,33 @@ def _silent_peer(rank: int) -> str | None:
     if rank == 1:
         time.sleep(1.5 * TIMEOUT_S)
         return None
+    return _ring_must_fail(group)
+
+
+def _dead_peer(rank: int, report: Callable[[], None]) -> str | None:
+    """Rank 2 agrees to the ring, then its process dies: rank 0, waiting for its
+    block, must raise within the timeout."""
+    group = dist.new_group([0, 2], timeout=timedelta(seconds=TIMEOUT_S))
+    if rank == 1:
+        return None
+    if rank == 2:
+        q = torch.randn(1, 1, 4, 2, dtype=F64)
+        plan_ring(q, q, q, None, None, group, "contiguous", None)  # the ring's first collective
+        report()
+        os._exit(0)
+    return _ring_must_fail(group)
+
+
+def _ring_must_fail(group: object) -> str | None:
     q = torch.randn(1, 1, 4, 2, dtype=F64)
     began = time.perf_counter()
     try:
         ring_attention(q, q, q, group=group)
-    except Exception as e:
+    except RuntimeError as e:
         seconds = time.perf_counter() - began
-        return None if seconds < 1.5 * TIMEOUT_S else f"raised after {seconds:.1f} s: {type(e).__name__}: {e}"
+        if seconds > 1.5 * TIMEOUT_S or not str(e).startswith("ring_attention: rank 0 of 2"):
+            return f"raised after {seconds:.1f} s: {type(e).__name__}: {e}"
+        return None
     return "ring_attention returned although its peer never answered"
 
 
@@ -318,8 +344,7 @@ def test_ring(ring_results, case: str) -> None:
 
 
 
-def test_silent_peer_raises_within_timeout(ring_results) -> None:
-    world, per_rank = ring_results
-    if world != 2:
-        pytest.skip("checked once, with 2 ranks")
-    assert per_rank[0]["silent_peer"] is None, per_rank[0]["silent_peer"]
+def test_faults_raise_within_timeout(ring_results) -> None:
+    """World 2: a peer that never answers; world 3: a peer that dies inside the ring."""
+    _, per_rank = ring_results
+    assert per_rank[0]["faults"] is None, per_rank[0]["faults"]

@@ -159,7 +159,14 @@ def _agree(query: Tensor, key: Tensor, value: Tensor, mask: Mask | None, offsets
            _crc(mask_text)]
     mine = torch.tensor(row, dtype=torch.int64, device=query.device)
     table = [torch.empty_like(mine) for _ in range(world)]
-    dist.all_gather(table, mine, group=group)
+    try:
+        dist.all_gather(table, mine, group=group)
+    except RuntimeError as e:
+        raise RuntimeError(
+            f"ring_attention: rank {dist.get_rank(group)} of {world} could not compare shapes with the other "
+            f"ranks: some rank died or did not call ring_attention within the group's timeout. "
+            f"From torch.distributed: {e}"
+        ) from e
     return torch.stack(table).cpu()
 
 
@@ -280,9 +287,18 @@ class _Exchange:
         return dist.batch_isend_irecv(self.ops) if self.ops else []
 
 
-def _wait(works: list[Any]) -> None:
-    for w in works:
-        w.wait()
+def _wait(works: list[Any], ring: Ring, t: int) -> None:
+    """Wait for a step's messages (each within the process group's timeout)."""
+    try:
+        for w in works:
+            w.wait()
+    except RuntimeError as e:
+        x, P = ring.rank, ring.world
+        raise RuntimeError(
+            f"ring_attention: rank {x} of {P}, step {t}: a message to or from another rank (neighbours "
+            f"{(x - 1) % P} and {(x + 1) % P}) failed; that rank died, hangs or stopped calling "
+            f"ring_attention. From torch.distributed: {e}"
+        ) from e
 
 
 def _pass_keys(ring: Ring, t: int, held: Tensor | None, like: Tensor) -> tuple[list[Any], Tensor | None]:
@@ -347,7 +363,7 @@ def ring_forward(ring: Ring, query: Tensor, key: Tensor, value: Tensor) -> tuple
                 assert res.lse is not None
                 _merge(out, lse, _rows(qp), res.output.to(acc), res.lse.to(acc))
         computed = time.perf_counter()
-        _wait(works)
+        _wait(works, ring, t)
         if ring.trace is not None:
             sent = held.numel() * held.element_size() if held is not None and ring.forwards(x, t) else 0
             ring.trace.append(StepTime(computed - began, time.perf_counter() - computed, len(blocks), sent))
@@ -416,7 +432,7 @@ def ring_backward(
                 dk_b, dv_b = _unpack(ring, grads, src)
                 for qp, kp in ring.open_blocks(x, src):
                     _block_backward(ring, qp, kp, query, k_b, v_b, dout, lse, delta, dq, dk_b, dv_b)
-        _wait(pending)
+        _wait(pending, ring, t)
         ex = _Exchange(ring)
         if src is not None and grads is not None:
             if grads_in is not None:
@@ -431,9 +447,9 @@ def ring_backward(
         if ring.hops[x] > 0 and t == ring.hops[x]:
             own = ex.recv(sum(ring.kv_numel[x]), dq, (x + t) % P, _RETURN)
         pending = ex.start()
-        _wait(kv_works)
+        _wait(kv_works, ring, t)
         held = incoming
-    _wait(pending)
+    _wait(pending, ring, P)
     assert own is not None
     dk, dv = _unpack(ring, own, x)
     return dq.to(query.dtype), dk.to(key.dtype), dv.to(value.dtype)

@@ -15,6 +15,7 @@ mask entry, which moves results by far more.
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import socket
@@ -224,6 +225,27 @@ def case_module(world: int) -> None:
     _check_module(19, "contiguous", 7, True, "none", [3, 7])
 
 
+def case_encoder_layer(world: int) -> None:
+    """A one-device torch encoder layer, swapped to mha, runs on shards under context_parallel:
+    causal mask built at the shard's size, boolean padding (torch turns it into floats);
+    in training and in eval under no_grad (where torch's fused fast path must stay off)."""
+    torch.manual_seed(20)
+    E, N, L, layout = 10, 2, 4 * world, "zigzag"
+    theirs = nn.TransformerEncoderLayer(E, 2, dim_feedforward=16, dropout=0.0, batch_first=True, dtype=F64)
+    ours = mha.swap(copy.deepcopy(theirs))
+    x = torch.randn(N, L, E, dtype=F64)
+    pad = torch.arange(L)[None, :] >= torch.tensor([L, L - 3])[:, None]
+    ref = theirs(x, src_mask=nn.Transformer.generate_square_subsequent_mask(L, dtype=F64), src_key_padding_mask=pad)
+    x_r, pad_r = shard(x, 1, layout=layout), shard(pad, 1, layout=layout)
+    local = nn.Transformer.generate_square_subsequent_mask(x_r.shape[1], dtype=F64)
+    for train in (True, False):
+        ours.train(train)
+        with context_parallel(layout=layout), torch.set_grad_enabled(train):
+            out_r = ours(x_r, src_mask=local, src_key_padding_mask=pad_r, is_causal=True)
+        _close(out_r, shard(ref, 1, layout=layout), f"encoder layer, train={train}")
+    assert torch.backends.mha.get_fastpath_enabled()
+
+
 def _raises(exc: type[Exception], match: str, fn: Callable[[], object]) -> None:
     with pytest.raises(exc, match=match):
         fn()
@@ -329,8 +351,10 @@ def ring_results(request, tmp_path_factory) -> tuple[int, list[dict[str, str]]]:
     # Import what the first calls import here once, not in every forked rank.
     x = torch.zeros(1, 1, 1, 1, dtype=F64)
     mha.attention(x, x, x, Causal(), return_lse=True)
-    y = torch.zeros(2, 1, 6, dtype=F64)
-    nn.MultiheadAttention(6, 2, dtype=F64)(y, y, y, attn_mask=torch.ones(2, 2, dtype=torch.bool).triu(1))
+    y = torch.zeros(1, 2, 6, dtype=F64)
+    layer = nn.TransformerEncoderLayer(6, 2, dim_feedforward=4, dropout=0.0, batch_first=True, dtype=F64)
+    layer(y, src_mask=nn.Transformer.generate_square_subsequent_mask(2, dtype=F64))
+    mha.swap(layer)(y, is_causal=True, src_mask=nn.Transformer.generate_square_subsequent_mask(2, dtype=F64))
     _spawn(_worker, world, out)
     return world, [json.loads((out / f"rank{r}.json").read_text()) for r in range(world)]
 

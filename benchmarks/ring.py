@@ -1,7 +1,7 @@
 """Ring attention on gloo ranks (CPU): speed, hidden communication, skipped work,
 and a model of where communication hides on GPU interconnects.
 
-    python benchmarks/ring.py [--length 8192] [--heads 4] [--dim 64] [--repeats 5]
+    PYTHONPATH=src python benchmarks/ring.py [--length 8192] [--heads 4] [--dim 64] [--repeats 5]
 
 Sections:
 
@@ -22,24 +22,21 @@ Sections:
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import socket
 import statistics
-import sys
 import time
 from datetime import timedelta
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-
-import mha  # noqa: E402
-from mha.distributed import _ring  # noqa: E402
-from mha.distributed._rules import rule_from_mask  # noqa: E402
-from mha.masks import Causal, KeyPadding  # noqa: E402
+import mha
+from mha.distributed import _ring
+from mha.distributed._rules import rule_from_mask
+from mha.masks import Causal, KeyPadding
 
 
 def work_table(L: int) -> None:
@@ -123,7 +120,7 @@ def _worker(rank: int, world: int, port: int, args: argparse.Namespace, out: dic
         tr = _timed(transfer)
         dist.barrier()
         trace: list = []
-        rt = _timed(lambda: ring(None, "contiguous", shards, trace))
+        rt = _timed(functools.partial(ring, None, "contiguous", shards, trace))
         dist.barrier()
         cc = _timed(lambda: ring(Causal(), "contiguous", shards, None))
         dist.barrier()

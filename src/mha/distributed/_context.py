@@ -13,7 +13,6 @@ import functools
 import operator
 from collections.abc import Iterator
 from contextlib import contextmanager
-from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,7 +33,9 @@ class ContextParallel:
     layout: Layout
 
 
-_ACTIVE: ContextVar[ContextParallel | None] = ContextVar("mha_context_parallel", default=None)
+# The active context managers, innermost last. A plain list rather than a ContextVar:
+# torch.compile traces a list lookup, not ContextVar.get.
+_ACTIVE: list[ContextParallel] = []
 
 
 @contextmanager
@@ -49,6 +50,8 @@ def context_parallel(group: Any = None, layout: Layout = "contiguous") -> Iterat
     shard as a one-device model builds it) and a right-padding
     ``key_padding_mask`` (this rank's ``(N, S_r)`` columns) keep their meaning on
     the whole sequence. ``need_weights=True`` raises: pass ``need_weights=False``.
+    Inside, torch's fused transformer fast path is off (it would skip
+    ``self_attn``); it is restored on exit.
 
     Example::
 
@@ -57,16 +60,21 @@ def context_parallel(group: Any = None, layout: Layout = "contiguous") -> Iterat
             y_r, _ = attn(x_r, x_r, x_r, is_causal=True, need_weights=False)
     """
     state = ContextParallel(group, validate_layout(layout))
-    token = _ACTIVE.set(state)
+    _ACTIVE.append(state)
+    # torch's encoder layers, in eval under no_grad, run a fused kernel instead of
+    # calling self_attn; that kernel would attend within the local shard only.
+    fastpath = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
     try:
         yield state
     finally:
-        _ACTIVE.reset(token)
+        torch.backends.mha.set_fastpath_enabled(fastpath)
+        _ACTIVE.remove(state)
 
 
 def active_context() -> ContextParallel | None:
     """The innermost active :func:`context_parallel`, or None."""
-    return _ACTIVE.get()
+    return _ACTIVE[-1] if _ACTIVE else None
 
 
 def _is_standard_causal(attn_mask: Tensor) -> bool:
@@ -94,10 +102,14 @@ def _global_mask(
         parts.append(Causal())
     if key_padding_mask is not None:
         if key_padding_mask.dtype != torch.bool:
-            raise NotImplementedError(
-                f"context_parallel: key_padding_mask must be boolean (True = padding) under context "
-                f"parallelism, got dtype {key_padding_mask.dtype}; convert with key_padding_mask.bool()"
-            )
+            # torch's transformer layers turn a boolean padding mask into 0 / -inf floats.
+            padding = torch.isneginf(key_padding_mask)
+            if not torch.equal(key_padding_mask.masked_fill(padding, 0.0), torch.zeros_like(key_padding_mask)):
+                raise NotImplementedError(
+                    "context_parallel: a float key_padding_mask must hold only 0 (key) and -inf (padding) "
+                    "under context parallelism: other values are biases, which ring attention does not take"
+                )
+            key_padding_mask = padding
         whole = unshard(key_padding_mask, 1, group=state.group, layout=state.layout)
         try:
             parts.append(KeyPadding.from_padding_mask(whole))
@@ -130,8 +142,8 @@ def context_parallel_attention(
         query: projected heads of this rank's shard, ``(N, H, L_r, Dh)``.
         key: ``(N, H, S_r, Dh)``.
         value: ``(N, H, S_r, Dh)``.
-        key_padding_mask: this rank's columns ``(N, S_r)`` of a boolean right-padding
-            mask of the whole ``(N, S)`` (True = padding), or None.
+        key_padding_mask: this rank's columns ``(N, S_r)`` of a right-padding mask of
+            the whole ``(N, S)``: boolean (True = padding) or float (-inf = padding, else 0).
         attn_mask: None or the standard causal mask (``(L_r, L_r)``, True or ``-inf``
             above the diagonal); it means causal over the whole sequence.
         is_causal: causal over the whole sequence.

@@ -175,6 +175,22 @@ def case_varlen(world: int) -> None:
             _close(mine.grad, shard(theirs.grad, 2, layout=layout), f"grad {name}")
 
 
+def case_subgroups(world: int) -> None:
+    """``group=``: each rank alone in its own group (no messages), then the ring on a group
+    of the last two ranks, whose group ranks differ from their global ranks when world is 3."""
+    rank = dist.get_rank()
+    alone = [dist.new_group([r]) for r in range(world)][rank]
+    pair = dist.new_group([world - 2, world - 1])
+    q, k, v, _, _ = _heads(22, 2, 3, 3, 12, 12, 5, 7)
+    ref = mha.attention(q, k, v, Causal(), return_lse=True, backend="reference")
+    res = ring_attention(q, k, v, Causal(), group=alone, return_lse=True)
+    _close(res.output, ref.output, "output, group of one")
+    if rank >= world - 2:
+        local = [shard(t, 2, group=pair, layout="zigzag") for t in (q, k, v)]
+        res = ring_attention(*local, Causal(), group=pair, layout="zigzag", return_lse=True)
+        _close(res.lse, shard(ref.lse, 2, group=pair, layout="zigzag"), "lse, group of two")
+
+
 def _module_pair(seed: int, E: int, H: int, batch_first: bool) -> tuple[nn.MultiheadAttention, mha.MultiheadAttention]:
     torch.manual_seed(seed)
     theirs = nn.MultiheadAttention(E, H, batch_first=batch_first, dtype=F64)
@@ -372,3 +388,25 @@ def test_faults_raise_within_timeout(ring_results) -> None:
     """World 2: a peer that never answers; world 3: a peer that dies inside the ring."""
     _, per_rank = ring_results
     assert per_rank[0]["faults"] is None, per_rank[0]["faults"]
+
+
+@pytest.mark.parametrize("shift", [-9, -2, 0, 3, 11])
+@pytest.mark.parametrize(("before", "after"), [(None, 0), (0, None), (2, 3), (0, 0)])
+def test_window_shift(shift: int, before: int | None, after: int | None) -> None:
+    """``Window(shift=)``, how a block keeps the band of the whole sequence: the rule
+    ``i + shift - before <= j <= i + shift + after``, on the tiled backend as on the reference."""
+    L, S = 7, 11
+    mask = Window(before, after, shift=shift)
+    i, j = torch.arange(L)[:, None], torch.arange(S)[None, :]
+    want = torch.ones(L, S, dtype=torch.bool)
+    if before is not None:
+        want &= j >= i + shift - before
+    if after is not None:
+        want &= j <= i + shift + after
+    assert torch.equal(mask.allowed(L, S), want)
+    q, k, v, _, _ = _heads(21, 2, 3, 3, L, S, 5, 4)
+    ref = mha.attention(q, k, v, mask, return_lse=True, backend="reference")
+    for backend in ("blocked", None):
+        got = mha.attention(q, k, v, mask, return_lse=True, backend=backend)
+        _close(got.output, ref.output, f"output, backend {backend}")
+        _close(got.lse, ref.lse, f"lse, backend {backend}")

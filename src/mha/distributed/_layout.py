@@ -73,12 +73,6 @@ def local_length(length: int, world: int, rank: int, layout: Layout) -> int:
     return sum(p.length for p in pieces(length, world, rank, layout))
 
 
-def positions(length: int, world: int, rank: int, layout: Layout, device: torch.device | None = None) -> Tensor:
-    """Global positions ``(local length,)`` of rank ``rank``'s shard."""
-    parts = [torch.arange(p.start, p.stop, device=device) for p in pieces(length, world, rank, layout)]
-    return torch.cat(parts)
-
-
 def take_shard(x: Tensor, dim: int, world: int, rank: int, layout: Layout) -> Tensor:
     """Rank ``rank``'s shard of the whole ``x`` along ``dim`` (a view for one piece)."""
     parts = [x.narrow(dim, p.start, p.length) for p in pieces(x.shape[dim], world, rank, layout)]

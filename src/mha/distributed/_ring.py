@@ -44,11 +44,10 @@ _KV, _GRADS, _RETURN = 0, 1, 2  # message tags
 
 @dataclass
 class StepTime:
-    """One ring step of one rank: seconds computing, then waiting for its messages; blocks computed, bytes sent."""
+    """One ring step of one rank: seconds computing, then waiting for its messages; bytes sent."""
 
     compute: float
     wait: float
-    blocks: int
     sent: int
 
 
@@ -351,11 +350,9 @@ def ring_forward(ring: Ring, query: Tensor, key: Tensor, value: Tensor) -> tuple
         src = ring.holds(x, t)
         works, incoming = _pass_keys(ring, t, held, query)
         began = time.perf_counter()
-        blocks = []
         if src is not None and held is not None and ring.needed[x][src]:
-            blocks = ring.open_blocks(x, src)
             k_b, v_b = _unpack(ring, held, src)
-            for qp, kp in blocks:
+            for qp, kp in ring.open_blocks(x, src):
                 res = attention(
                     query[:, :, _rows(qp)], k_b[:, :, _rows(kp)], v_b[:, :, _rows(kp)],
                     ring.rule.block_mask(qp, kp, query.device), scale=ring.scale, return_lse=True,
@@ -366,7 +363,7 @@ def ring_forward(ring: Ring, query: Tensor, key: Tensor, value: Tensor) -> tuple
         _wait(works, ring, t)
         if ring.trace is not None:
             sent = held.numel() * held.element_size() if held is not None and ring.forwards(x, t) else 0
-            ring.trace.append(StepTime(computed - began, time.perf_counter() - computed, len(blocks), sent))
+            ring.trace.append(StepTime(computed - began, time.perf_counter() - computed, sent))
         held = incoming
     return out, lse
 
@@ -409,6 +406,8 @@ def ring_backward(
     ring: Ring, query: Tensor, key: Tensor, value: Tensor, out: Tensor, lse: Tensor, dout: Tensor,
     dlse: Tensor | None,
 ) -> tuple[Tensor, Tensor, Tensor]:
+    """Gradients of query, key and value (this rank's shards) from those of the output
+    ``dout`` and lse ``dlse``, with the forward's ``out`` and ``lse`` (accumulator dtype)."""
     acc = lse.dtype
     dout = dout.to(acc)
     delta = (dout * out.to(acc)).sum(-1)

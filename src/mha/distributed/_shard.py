@@ -8,7 +8,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from ._layout import Layout, join_shards, take_shard, validate_layout
+from ._layout import Layout, check_divisible, join_shards, take_shard, validate_layout
 
 
 def _group_rank(group: Any) -> tuple[int, int]:
@@ -36,7 +36,9 @@ def shard(x: Tensor, dim: int, *, group: Any = None, layout: Layout = "contiguou
     Example: heads ``(N, H, L, D)`` are split with ``shard(q, 2)``. Differentiable."""
     dim = _validate_dim(x, dim, "shard")
     world, rank = _group_rank(group)
-    return take_shard(x, dim, world, rank, validate_layout(layout))
+    layout = validate_layout(layout)
+    check_divisible(x.shape[dim], world, layout, f"size of dim {dim} of x {tuple(x.shape)}")
+    return take_shard(x, dim, world, rank, layout)
 
 
 def unshard(x: Tensor, dim: int, *, group: Any = None, layout: Layout = "contiguous") -> Tensor:

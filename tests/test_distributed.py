@@ -281,7 +281,14 @@ def case_errors(world: int) -> None:
     pad = KeyPadding(torch.tensor([rank + 1]))
     _raises(ValueError, "same mask", lambda: ring_attention(q, q, q, pad))
     _raises(NotImplementedError, "need_weights=True", lambda: _module_weights())
+    _raises(NotImplementedError, "nested", lambda: _module_nested())
     _raises(ValueError, "layout must be", lambda: context_parallel(layout="ring").__enter__())
+
+
+def _module_nested() -> None:
+    x = torch.nested.nested_tensor([torch.randn(3, 6, dtype=F64), torch.randn(2, 6, dtype=F64)], layout=torch.jagged)
+    with context_parallel():
+        mha.MultiheadAttention(6, 2, batch_first=True, dtype=F64)(x, x, x, need_weights=False)
 
 
 def _module_weights() -> None:

@@ -28,7 +28,12 @@ from ._varlen import (
     packed_attention,
     validate_nested_forward,
 )
-from .distributed._context import ContextParallel, active_context, context_parallel_attention
+from .distributed._context import (
+    ContextParallel,
+    active_context,
+    context_parallel_attention,
+    refuse_nested,
+)
 from .masks import Causal
 
 
@@ -405,6 +410,7 @@ class MultiheadAttention(nn.Module):
         """Nested (variable-length) batch: projections on the packed tokens, attention per
         sequence; nothing is spent on padding. Returns a nested output of the query's layout
         and, with ``need_weights``, a strided nested tensor of per-sequence weights."""
+        refuse_nested()
         validate_nested_forward(self, query, key, value, key_padding_mask, attn_mask)
         q_in, q_offsets = nested_packed(query)
         k_in, k_offsets = (q_in, q_offsets) if key is query else nested_packed(key)

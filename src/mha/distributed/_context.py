@@ -77,6 +77,17 @@ def active_context() -> ContextParallel | None:
     return _ACTIVE[-1] if _ACTIVE else None
 
 
+def refuse_nested() -> None:
+    """Raise NotImplementedError when a nested (jagged) batch reaches a module under
+    :func:`context_parallel`: its sequences are not split as shards of one sequence."""
+    if active_context() is not None:
+        raise NotImplementedError(
+            "context_parallel: nested (jagged) inputs are not supported by mha.MultiheadAttention under "
+            "context parallelism; pack the sequences along the sequence dim and call "
+            "mha.distributed.ring_attention(q, k, v, offsets=...) on the projected heads"
+        )
+
+
 def _is_standard_causal(attn_mask: Tensor) -> bool:
     if attn_mask.dim() != 2 or attn_mask.shape[0] != attn_mask.shape[1]:
         return False

@@ -14,7 +14,10 @@ Routes:
 * ``"key_lengths"``: right-padded keys, where dropping them before the key and
   value projections pays (:func:`key_lengths_may_pay`, :func:`key_lengths_pay`);
   sequences are packed and attended at their own lengths, with the plan's band mask;
-* ``"nested"``: nested (variable-length) inputs, attended per sequence.
+* ``"nested"``: nested (variable-length) inputs, attended per sequence;
+* ``"context_parallel"``: inside :func:`mha.distributed.context_parallel`, the
+  inputs are this rank's shards of the sequence and the torch-style masks keep
+  their meaning on the whole sequence; :mod:`mha.distributed` reads them.
 
 Dropout: the dense route draws the same random numbers as
 ``torch.nn.MultiheadAttention`` (the same ``F.dropout`` on the same
@@ -44,9 +47,10 @@ from ._mask_analysis import (
 )
 from ._torch_masks import CAUSAL, masks_from_torch, pitfall_messages
 from ._validate import validate_forward, validate_nested_forward
+from .distributed._context import ContextParallel, active_context, refuse_nested
 from .masks import Mask
 
-Route = Literal["dense", "key_lengths", "nested"]
+Route = Literal["dense", "key_lengths", "nested", "context_parallel"]
 
 
 class ModuleConfig(Protocol):
@@ -75,6 +79,18 @@ class KeyLengths:
 
 
 @dataclass(frozen=True)
+class ShardedMasks:
+    """The ``"context_parallel"`` route's masks, as torch-style arguments at this rank's
+    shard sizes (``key_padding_mask`` ``(N, S_r)``, ``attn_mask`` ``(L_r, S_r)``): their
+    meaning on the whole sequence is :mod:`mha.distributed`'s to read."""
+
+    context: ContextParallel
+    key_padding_mask: Tensor | None
+    attn_mask: Tensor | None
+    is_causal: bool
+
+
+@dataclass(frozen=True)
 class ForwardPlan:
     """One planned forward call.
 
@@ -94,6 +110,7 @@ class ForwardPlan:
         warnings: messages the call deserves (the module warns them).
         values_read: whether mask values were read (not under ``torch.compile``, nor on
             meta or fake tensors); without, masks apply at their broadcast shapes.
+        sharded: for ``"context_parallel"``, the context and the torch-style masks.
     """
 
     route: Route
@@ -112,6 +129,7 @@ class ForwardPlan:
     dropout_p: float
     warnings: tuple[str, ...]
     values_read: bool
+    sharded: ShardedMasks | None = None
 
 
 def plan_forward(
@@ -135,6 +153,7 @@ def plan_forward(
     weights: WeightsMode | None = ("mean" if average_attn_weights else "per_head") if need_weights else None
     dropout_p = config.dropout if training else 0.0
     if isinstance(query, Tensor) and query.is_nested:
+        refuse_nested()
         validate_nested_forward(config, query, key, value, key_padding_mask, attn_mask)
         return ForwardPlan(
             "nested", query, key, value, True, True, query.size(0), 0, 0, 0,
@@ -150,6 +169,13 @@ def plan_forward(
             attn_mask = attn_mask.unsqueeze(0)
     batch_first = config.batch_first and shapes.batched
     extra_keys = int(config.bias_k is not None) + int(config.add_zero_attn)
+    context = active_context()
+    if context is not None:
+        return ForwardPlan(
+            "context_parallel", query, key, value, shapes.batched, batch_first, N, L, S, extra_keys,
+            None, None, weights, dropout_p, (), False,
+            ShardedMasks(context, key_padding_mask, attn_mask, is_causal),
+        )
 
     values_read = values_readable(key_padding_mask, attn_mask)
     padding: KeyPaddingSummary | None = None

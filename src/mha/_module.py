@@ -13,10 +13,11 @@ from torch.nn.init import constant_, xavier_normal_, xavier_uniform_
 from torch.nn.modules.linear import NonDynamicallyQuantizableLinear
 
 from ._core import attention
-from ._frontend import ForwardPlan, KeyLengths, plan_forward
+from ._frontend import ForwardPlan, KeyLengths, ShardedMasks, plan_forward
 from ._script import ScriptableAttention
 from ._validate import validate_constructor
 from ._varlen import Offsets, jagged_from_packed, nested_packed, nested_weights, packed_attention
+from .distributed._context import context_parallel_attention
 
 
 class MultiheadAttention(ScriptableAttention):
@@ -280,9 +281,30 @@ class MultiheadAttention(ScriptableAttention):
         weights = nested_weights(result.weights) if result.weights is not None else None
         return jagged_from_packed(out, q_offsets, query), weights
 
+    def _context_parallel(self, plan: ForwardPlan) -> tuple[Tensor, None]:
+        """Inputs are this rank's shards of the sequence: project here, attend by ring
+        (:mod:`mha.distributed`); the output is this rank's shard. No weights."""
+        sharded = cast(ShardedMasks, plan.sharded)  # set on this route
+        q, k, v = (
+            _split_heads(t, self.num_heads, plan.batch_first)
+            for t in self._in_projection(plan.query, plan.key, plan.value)
+        )
+        out = context_parallel_attention(
+            sharded.context, q, k, v, key_padding_mask=sharded.key_padding_mask,
+            attn_mask=sharded.attn_mask, is_causal=sharded.is_causal, need_weights=plan.weights is not None,
+            dropout_p=plan.dropout_p, appended_keys=plan.extra_keys > 0,
+        )
+        out = out.permute((0, 2, 1, 3) if plan.batch_first else (2, 0, 1, 3))
+        return self.out_proj(out.reshape(*out.shape[:2], self.embed_dim)), None
+
     # The method that runs each route of a plan: a new route (a KV cache, context
     # parallelism) is a method taking the plan, and one entry here.
-    _ROUTES: ClassVar[dict[str, str]] = {"dense": "_dense", "key_lengths": "_key_lengths", "nested": "_nested"}
+    _ROUTES: ClassVar[dict[str, str]] = {
+        "dense": "_dense",
+        "key_lengths": "_key_lengths",
+        "nested": "_nested",
+        "context_parallel": "_context_parallel",
+    }
 
     def _in_projection(self, query: Tensor, key: Tensor, value: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Project to ``E`` features each, in the inputs' own layout. One matmul for

@@ -7,6 +7,7 @@ and "may attend" in :func:`torch.nn.functional.scaled_dot_product_attention`.
     Causal("top_left")          key j allowed for query i  iff  j <= i
     Causal("bottom_right")      key j allowed for query i  iff  j <= i + S - L
     Window(before, after)       i + off - before <= j <= i + off + after
+                                (off from the alignment, plus ``shift``)
     KeyPadding(lengths)         key j of batch n allowed   iff  j < lengths[n]
     Allowed(t)                  allowed iff t (True = may attend)
     Blocked(t)                  allowed iff not t (True = masked out)
@@ -99,13 +100,17 @@ def _validate_align(align: str) -> None:
 @dataclass(frozen=True, repr=False)
 class Window(Mask):
     """Local band: query ``i`` may attend key ``j`` iff
-    ``i + off - before <= j <= i + off + after`` where ``off = 0`` for
-    ``align="top_left"`` and ``off = S - L`` for ``align="bottom_right"``.
-    ``before``/``after`` of ``None`` mean unlimited on that side."""
+    ``i + off - before <= j <= i + off + after`` where ``off = shift`` for
+    ``align="top_left"`` and ``off = S - L + shift`` for ``align="bottom_right"``.
+    ``before``/``after`` of ``None`` mean unlimited on that side. ``shift`` (any
+    int, default 0) moves the band right by that many keys: a block of a longer
+    sequence, queries from global row ``q0`` and keys from ``k0``, keeps the
+    band of the whole with ``shift = q0 - k0``."""
 
     before: int | None = None
     after: int | None = None
     align: Align = "top_left"
+    shift: int = 0
 
     def __post_init__(self) -> None:
         _validate_align(self.align)
@@ -113,9 +118,11 @@ class Window(Mask):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
                 raise ValueError(f"Window {name} must be a non-negative int or None, got {value!r}")
+        if not isinstance(self.shift, int) or isinstance(self.shift, bool):
+            raise TypeError(f"Window shift must be an int, got {type(self.shift).__name__}")
 
     def offset(self, L: int, S: int) -> int:
-        return 0 if self.align == "top_left" else S - L
+        return self.shift + (0 if self.align == "top_left" else S - L)
 
     def allowed(self, L: int, S: int, device=None) -> Tensor:
         """Boolean ``(L, S)`` band."""
@@ -132,7 +139,8 @@ class Window(Mask):
         return _blocked_to_additive(self.allowed(L, S, device), dtype)
 
     def __repr__(self) -> str:
-        return f"Window(before={self.before}, after={self.after}, align={self.align!r})"
+        shift = f", shift={self.shift}" if self.shift else ""
+        return f"Window(before={self.before}, after={self.after}, align={self.align!r}{shift})"
 
 
 class Causal(Window):

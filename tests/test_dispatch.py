@@ -38,7 +38,7 @@ def test_reference_is_last_and_every_backend_is_named():
     names = backend_names()
     assert names[0] == "sdpa"
     assert names[-1] == "reference"
-    assert {"sdpa", "blocked", "reference"} <= set(names)
+    assert {"sdpa", "tiled", "reference"} <= set(names)
 
 
 @pytest.mark.parametrize("mask", MASKS, ids=repr)
@@ -52,11 +52,11 @@ def test_cpu_without_weights_or_lse_picks_sdpa(mask, dtype):
 @pytest.mark.parametrize(
     "kwargs", [{"weights": "mean"}, {"weights": "per_head"}, {"return_lse": True}, {"weights": "mean", "return_lse": True}]
 )
-def test_cpu_with_weights_or_lse_picks_blocked(mask, kwargs):
+def test_cpu_with_weights_or_lse_picks_tiled(mask, kwargs):
     c = call(mask, **kwargs)
-    assert select_backend(c).name == "blocked"
+    assert select_backend(c).name == "tiled"
     reasons = explain_dispatch(c)
-    assert reasons["blocked"] == []
+    assert reasons["tiled"] == []
     assert reasons["reference"] == []
     assert reasons["sdpa"], "sdpa must say why it cannot serve"
 
@@ -73,9 +73,9 @@ def test_explain_dispatch_gives_readable_reasons():
 
 
 def test_select_forced_backend():
-    for name in ("sdpa", "blocked", "reference"):
+    for name in ("sdpa", "tiled", "reference"):
         assert select_backend(call(), name).name == name
-    with pytest.raises(ValueError, match=r"unknown backend 'cpu'; choose one of \['blocked', 'reference', 'sdpa'"):
+    with pytest.raises(ValueError, match=r"unknown backend 'cpu'; choose one of \['reference', 'sdpa', 'tiled'"):
         select_backend(call(), "cpu")
 
 
@@ -109,4 +109,4 @@ def test_attention_default_dispatch_gives_the_forced_results():
 def test_masked_sdpa_declines_on_gpu_until_checked():
     q = torch.randn(1, 1, 3, 4, device="cuda")
     c = _validate_call(q, q, q, M.Causal("bottom_right"), None, 0.0, None, False)
-    assert any("only checked for fully masked rows on CPU" in r for r in explain_dispatch(c)["sdpa"])
+    assert any("SDPA takes masks only on cpu" in r for r in explain_dispatch(c)["sdpa"])

@@ -4,7 +4,7 @@
 (same constructor, forward, parameter names and results) that checks its
 inputs, never returns NaN for fully masked rows, and does not pay for padding.
 ``mha.attention`` is the functional core on heads, with mask objects from
-``mha.masks``. ``mha.explain`` says what a call will do without running it,
+``mha.masks``; ``mha.use_backend`` forces the backend of every call inside a block. ``mha.explain`` says what a call will do without running it,
 ``mha.swap`` puts mha into an existing model, and ``mha.plot`` (matplotlib,
 imported on first use) draws attention weights.
 """
@@ -12,10 +12,12 @@ imported on first use) draws attention weights.
 from typing import Any
 
 from . import masks
-from ._core import AttentionOutput, attention
+from ._core import attention
+from ._dispatch import use_backend
 from ._explain import Explanation, explain
 from ._module import MultiheadAttention
 from ._swap import swap
+from ._types import AttentionOutput
 
 __all__ = [
     "AttentionOutput",
@@ -26,6 +28,7 @@ __all__ = [
     "masks",
     "plot",
     "swap",
+    "use_backend",
 ]
 __version__ = "0.1.0"
 

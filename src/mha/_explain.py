@@ -372,7 +372,7 @@ def _memory_rows(
     score_bytes = 4 if itemsize < 4 else itemsize
     if backend == "sdpa":
         rows.append(("scores workspace", "fused SDPA kernel", 0))
-    elif backend == "blocked":
+    elif backend == "tiled":
         block = min(N * H * L * S, max(_BLOCKED_SCORES, H * S))
         rows.append(("scores workspace", f"one block of ~{block} scores (x2)", 2 * block * score_bytes))
     elif backend == "reference":

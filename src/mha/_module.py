@@ -11,7 +11,7 @@ from torch import Tensor, nn
 from torch.nn.init import constant_, xavier_normal_, xavier_uniform_
 from torch.nn.modules.linear import NonDynamicallyQuantizableLinear
 
-from ._core import attention
+from ._core import attention, packed_attention
 from ._mask_analysis import (
     KeyPaddingSummary,
     reading_once,
@@ -25,7 +25,6 @@ from ._varlen import (
     jagged_from_packed,
     nested_packed,
     nested_weights,
-    packed_attention,
     validate_nested_forward,
 )
 from .masks import Causal

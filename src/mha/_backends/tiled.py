@@ -1,4 +1,4 @@
-"""The blocked backend: attention in query-row blocks, in plain PyTorch ops.
+"""The tiled backend: attention in tiles of query rows, in plain PyTorch ops.
 
 It serves every call, and is the path for what SDPA cannot give: attention
 weights (averaged over heads without keeping per-head weights beyond one
@@ -15,8 +15,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .._core import AttentionOutput, Call
 from .._plan import Band
+from .._types import AttentionOutput, Call, Capabilities
+from ._grouped import by_groups
+from ._ops import masked_logsumexp, masked_softmax
 
 # Elements of one block of scores (fp32: 4 MiB). Small enough to stay in cache
 # between the matmul, the softmax and the second matmul; large enough that the
@@ -30,21 +32,6 @@ def _expand_kv(t: Tensor, groups: int) -> Tensor:
         return t
     N, Hkv, S, D = t.shape
     return t[:, :, None].expand(N, Hkv, groups, S, D).reshape(N, Hkv * groups, S, D)
-
-
-def masked_softmax(scores: Tensor) -> Tensor:
-    """Softmax over the last dim that gives 0, not NaN, on rows that are all ``-inf``.
-
-    torch's own ``_safe_softmax`` (what SDPA's math path uses), called through
-    ``torch.ops.aten`` so that dynamo traces it."""
-    return torch.ops.aten._safe_softmax(scores, -1)
-
-
-def _masked_logsumexp(scores: Tensor) -> Tensor:
-    """``logsumexp`` over the last dim, ``-inf`` on all ``-inf`` rows, with a zero (not NaN)
-    gradient there: such rows are filled with 0 first and set back after."""
-    empty = torch.isneginf(scores).all(dim=-1, keepdim=True)
-    return torch.logsumexp(scores.masked_fill(empty, 0.0), dim=-1).masked_fill(empty[..., 0], float("-inf"))
 
 
 def _may_empty_rows(call: Call) -> bool:
@@ -64,13 +51,14 @@ def _may_empty_rows(call: Call) -> bool:
     return S == 0
 
 
-class _Blocked:
-    name = "blocked"
-
-    def not_supported_reasons(self, call: Call) -> list[str]:
-        return []
+class _Tiled:
+    name = "tiled"
+    caps = Capabilities(label="the tiled backend")
 
     def forward(self, call: Call) -> AttentionOutput:
+        return by_groups(call, self._dense) if call.is_varlen else self._dense(call)
+
+    def _dense(self, call: Call) -> AttentionOutput:
         N, Hq, Hkv, L, S, _, _ = call.shape
         in_dtype = call.query.dtype
         dtype = in_dtype if in_dtype in (torch.float32, torch.float64) else torch.float32
@@ -82,7 +70,7 @@ class _Blocked:
         v = _expand_kv(call.value.to(dtype), Hq // Hkv)
         may_empty = _may_empty_rows(call)
         softmax = masked_softmax if may_empty else _softmax
-        logsumexp = _masked_logsumexp if may_empty else _logsumexp
+        logsumexp = masked_logsumexp if may_empty else _logsumexp
         per_row = max(1, Hq * S)
         rows = max(1, min(L, _BLOCK_ELEMENTS // per_row))
         batches = max(1, _BLOCK_ELEMENTS // (per_row * L)) if rows == L else 1
@@ -169,4 +157,4 @@ def _empty(call: Call, device: torch.device) -> AttentionOutput:
     return AttentionOutput(out, w, lse)
 
 
-BACKEND = _Blocked()
+BACKEND = _Tiled()

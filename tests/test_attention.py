@@ -8,6 +8,7 @@ per head) and the gradients of q, k, v and of any Bias tensor that requires grad
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable
 
 import pytest
@@ -713,3 +714,42 @@ def test_random_combinations(**call):
 @given(**CALLS)
 def test_random_combinations_many(**call):
     check_random_call(**call)
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: M.KeyPadding(torch.tensor([3, 1], device="meta")),
+        lambda: M.Bias(torch.zeros(5, 7, device="meta")),
+        lambda: M.Blocked(torch.zeros(2, 1, 1, 7, dtype=torch.bool, device="meta")),
+        lambda: M.Causal() & M.Allowed(torch.ones(7, dtype=torch.bool, device="meta")),
+    ],
+    ids=["keypad", "bias", "blocked", "causal&allowed"],
+)
+def test_mask_on_another_device_than_the_query(make):
+    mask = make()
+    q, k, v = make_qkv(2, 4, 2, 5, 7, 3, 2)
+    with pytest.raises(ValueError, match=r"holds a tensor on meta but the query is on cpu; build the mask on the query's device"):
+        mha.attention(q, k, v, mask)
+    assert "meta" in repr(mask) or "shape=" in repr(mask)
+
+
+def test_repr_of_masks_never_reads_meta_values():
+    assert repr(M.KeyPadding(torch.tensor([3, 1], device="meta"))) == "KeyPadding(lengths of shape (2,) on meta)"
+    assert repr(M.KeyPadding(torch.tensor([3, 1]))) == "KeyPadding(lengths=[3, 1])"
+
+
+def test_jit_trace_through_sdpa_with_gqa():
+    """Under torch.jit.trace sizes are traced tensors; SDPA's enable_gqa must still get a bool."""
+    q, k, v = (t.detach().float() for t in make_qkv(2, 6, 3, 5, 7, 4, 4))
+
+    def f(q, k, v):
+        return mha.attention(q, k, v, M.Causal(), backend="sdpa").output
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        traced = torch.jit.trace(f, (q, k, v), check_trace=False)
+    assert not [w for w in caught if issubclass(w.category, torch.jit.TracerWarning)]
+    torch.testing.assert_close(traced(q, k, v), f(q, k, v))
+    q2, k2, v2 = (t + 1 for t in (q, k, v))
+    torch.testing.assert_close(traced(q2, k2, v2), f(q2, k2, v2))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import warnings
 from collections.abc import Sequence
 from typing import NamedTuple
 
@@ -238,6 +239,17 @@ def _shape(t: Tensor) -> str:
     return str(tuple(t.shape))
 
 
+def _sizes(t: Tensor) -> tuple[int, ...]:
+    """``t.shape`` as ints. Under ``torch.jit.trace`` sizes are traced tensors; the checks
+    and the default scale specialise the trace to the traced shapes (as the head split
+    before them does), so they are read as constants, without a TracerWarning each."""
+    if torch.jit.is_tracing():
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", torch.jit.TracerWarning)
+            return tuple(int(s) for s in t.shape)
+    return tuple(t.shape)
+
+
 def _validate_mask_devices(mask: _masks.Mask, device: torch.device) -> None:
     for part in mask.parts():
         for t in part.tensors():
@@ -277,9 +289,9 @@ def _validate_call(
         raise ValueError(
             f"attention: query, key and value must be on one device, got {query.device}, {key.device}, {value.device}"
         )
-    N, Hq, L, Dk = query.shape
-    Nk, Hkv, S, Dk2 = key.shape
-    Nv, Hv, Sv, _ = value.shape
+    N, Hq, L, Dk = _sizes(query)
+    Nk, Hkv, S, Dk2 = _sizes(key)
+    Nv, Hv, Sv, _ = _sizes(value)
     if Nk != N or Nv != N:
         raise ValueError(
             f"attention: batch sizes differ: query (N, Hq, L, Dk) = {_shape(query)}, "

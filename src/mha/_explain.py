@@ -29,7 +29,7 @@ from ._torch_masks import masks_from_torch, warn_pitfalls
 from ._validate import validate_forward
 from .masks import Causal, Mask
 
-# Elements of one block of scores in the blocked backend (mirrors its _BLOCK_ELEMENTS).
+# Elements of one block of scores in the tiled backend (mirrors its _BLOCK_ELEMENTS).
 _BLOCKED_SCORES = 1 << 20
 
 

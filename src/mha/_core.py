@@ -20,7 +20,7 @@ from torch import Tensor
 from . import _dispatch, _varlen
 from . import masks as _masks
 from ._plan import plan_mask, plan_varlen_mask
-from ._types import AttentionOutput, Call, Offsets, WeightsMode
+from ._types import AttentionOutput, Call, Offsets, WeightsMode, split_weights
 
 __all__ = ["AttentionOutput", "Call", "PackedOutput", "WeightsMode", "attention", "packed_attention"]
 
@@ -155,7 +155,7 @@ def packed_attention(
         query, key, value, q_offsets, k_offsets, mask, scale, dropout_p, weights, return_lse
     )
     result = _dispatch.select_backend(call, backend).forward(call)
-    ws = None if result.weights is None else list(result.weights.unbind())
+    ws = None if result.weights is None else split_weights(result.weights, call)
     lses = None
     if result.lse is not None:
         lses = [result.lse[:, a:b] for a, b in itertools.pairwise(q_offsets.host())]
@@ -191,7 +191,8 @@ def _attention_jagged(
             first, last = q_offsets.host()[0], q_offsets.host()[-1]
             packed_lse = packed_lse[:, first:last]
         lse = _varlen.jagged_like(packed_lse.transpose(0, 1), query)
-    return AttentionOutput(output, result.weights, lse)
+    weights = None if result.weights is None else _varlen.nested_weights(split_weights(result.weights, call))
+    return AttentionOutput(output, weights, lse)
 
 
 def _validate_varlen_call(

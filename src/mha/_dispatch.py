@@ -41,6 +41,13 @@ REGISTRY: dict[str, Backend] = {
 _forced: ContextVar[str | None] = ContextVar("mha_backend", default=None)
 
 
+@torch.compiler.assume_constant_result
+def _forced_backend() -> str | None:
+    """The backend forced by :func:`use_backend` here; under ``torch.compile`` read once,
+    when the graph is traced (dynamo cannot trace a ContextVar), like ``sdpa_kernel``."""
+    return _forced.get()
+
+
 def backend_names() -> list[str]:
     """Every backend, in the order dispatch tries them."""
     return list(REGISTRY)
@@ -144,7 +151,7 @@ def select_backend(call: Call, backend: str | None = None) -> Backend:
     """The backend for ``call``: ``backend`` if given, else the one forced by
     :func:`use_backend`, else the first in :data:`REGISTRY` that can serve it."""
     if backend is None:
-        backend = _forced.get()
+        backend = _forced_backend()
     if backend is not None:
         _check_name(backend)
         chosen = REGISTRY[backend]

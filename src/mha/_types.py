@@ -11,6 +11,7 @@ variable-length ("varlen") call, Tq and Tk are the packed query and key tokens.
 from __future__ import annotations
 
 import itertools
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal, NamedTuple
@@ -34,9 +35,10 @@ class AttentionOutput(NamedTuple):
     lse:     ``(N, Hq, L)`` natural log-sum-exp of the scaled, masked scores
              (``-inf`` for a fully masked row) when ``return_lse=True``, else None
 
-    A backend serving a varlen call returns the packed output ``(Tq, Hq, Dv)``,
-    per-sequence weights as a strided nested tensor ``(N, L_n, S_n)`` or
-    ``(N, Hq, L_n, S_n)``, and the packed lse ``(Hq, Tq)``.
+    A backend serving a varlen call returns the packed output ``(Tq, Hq, Dv)``, the
+    packed lse ``(Hq, Tq)``, and the weights packed flat: each sequence's ``(L_n, S_n)``
+    (mean) or ``(Hq, L_n, S_n)`` (per head) weights, row-major, one after the other
+    (:func:`split_weights` cuts them apart).
     """
 
     output: Tensor
@@ -227,6 +229,16 @@ class Capabilities:
     bias_grad: bool = True
     masked_devices: frozenset[str] | None = None
     extra: Callable[[Call], list[str]] | None = None
+
+
+def split_weights(flat: Tensor, call: Call) -> list[Tensor]:
+    """A varlen call's weights, packed flat by its backend, as per-sequence views
+    ``(L_n, S_n)`` (mean) or ``(Hq, L_n, S_n)`` (per head)."""
+    q_offsets, k_offsets = call.offsets()
+    heads = () if call.weights == "mean" else (call.query.shape[1],)
+    shapes = [(*heads, L, S) for L, S in zip(q_offsets.lengths(), k_offsets.lengths(), strict=True)]
+    sizes = [math.prod(shape) for shape in shapes]
+    return [part.view(shape) for part, shape in zip(flat.split(sizes), shapes, strict=True)]
 
 
 def zeros_in_graph(shape: tuple[int, ...], *inputs: Tensor) -> Tensor:

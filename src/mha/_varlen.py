@@ -18,6 +18,7 @@ autograd-aware public paths are used.
 from __future__ import annotations
 
 import itertools
+import warnings
 from typing import cast
 
 import torch
@@ -27,7 +28,6 @@ from torch.nested._internal.nested_tensor import (
     nested_view_from_values_offsets_lengths,
 )
 
-from ._backends._grouped import nested_weights
 from ._types import Offsets
 
 __all__ = [
@@ -147,6 +147,16 @@ def jagged_like(values: Tensor, like: Tensor) -> Tensor:
         )
     cache = like._metadata_cache
     return NestedTensor(values, offsets, _ragged_idx=like._ragged_idx, _metadata_cache=dict(cache) if cache else {})
+
+
+def nested_weights(weights: list[Tensor]) -> Tensor:
+    """Per-sequence weights ``(L_n, S_n)`` or ``(H, L_n, S_n)`` as one strided nested tensor.
+
+    Two ragged dims need torch's strided layout; its "prototype stage, use
+    layout=torch.jagged" warning is silenced here, as the jagged layout cannot hold them."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The PyTorch API of nested tensors is in prototype stage")
+        return torch.nested.as_nested_tensor(weights)
 
 
 def jagged_from_packed(values: Tensor, offsets: Offsets, like: Tensor) -> Tensor:

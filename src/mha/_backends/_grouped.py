@@ -8,7 +8,6 @@ dense calls.
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable
 
 import torch
@@ -18,23 +17,13 @@ from .._plan import plan_mask
 from .._types import AttentionOutput, Call, zeros_in_graph
 
 
-def nested_weights(weights: list[Tensor]) -> Tensor:
-    """Per-sequence weights ``(L_n, S_n)`` or ``(H, L_n, S_n)`` as one strided nested tensor.
-
-    Two ragged dims need torch's strided layout; its "prototype stage, use
-    layout=torch.jagged" warning is silenced here, as the jagged layout cannot hold them."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="The PyTorch API of nested tensors is in prototype stage")
-        return torch.nested.as_nested_tensor(weights)
-
-
 def by_groups(call: Call, dense: Callable[[Call], AttentionOutput]) -> AttentionOutput:
     """Serve the varlen ``call`` with ``dense`` (a backend's dense forward), one dense
     call per distinct ``(L_n, S_n)``.
 
     Returns the output ``(T, Hq, Dv)`` of the sequences' rows in order (``T`` the sum of
-    the ``L_n``; rows outside every sequence are left out), per-sequence weights as a
-    strided nested tensor, and the lse packed ``(Hq, T)``."""
+    the ``L_n``; rows outside every sequence are left out), the per-sequence weights
+    packed flat (see :class:`~mha._types.AttentionOutput`), and the lse packed ``(Hq, T)``."""
     query, key, value = call.query, call.key, call.value
     q_offsets, k_offsets = call.offsets()
     q_off, k_off = q_offsets.host(), k_offsets.host()
@@ -82,8 +71,7 @@ def by_groups(call: Call, dense: Callable[[Call], AttentionOutput]) -> Attention
     else:
         output = outs[0] if n_seq == 1 else torch.cat(outs, dim=0)
         lse = lses[0] if n_seq == 1 else torch.cat(lses, dim=1)
-    return AttentionOutput(
-        output,
-        nested_weights(ws) if call.weights is not None and n_seq > 0 else None,
-        lse if call.return_lse else None,
-    )
+    weights = None
+    if call.weights is not None:
+        weights = torch.cat([w.flatten() for w in ws]) if n_seq > 0 else query.new_zeros(0)
+    return AttentionOutput(output, weights, lse if call.return_lse else None)

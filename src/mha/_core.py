@@ -191,8 +191,8 @@ def _attention_jagged(
             first, last = q_offsets.host()[0], q_offsets.host()[-1]
             packed_lse = packed_lse[:, first:last]
         lse = _varlen.jagged_like(packed_lse.transpose(0, 1), query)
-    weights = None if result.weights is None else _varlen.nested_weights(split_weights(result.weights, call))
-    return AttentionOutput(output, weights, lse)
+    nested = None if result.weights is None else _varlen.nested_weights(split_weights(result.weights, call))
+    return AttentionOutput(output, nested, lse)
 
 
 def _validate_varlen_call(

@@ -41,10 +41,11 @@ REGISTRY: dict[str, Backend] = {
 _forced: ContextVar[str | None] = ContextVar("mha_backend", default=None)
 
 
-@torch.compiler.assume_constant_result
 def _forced_backend() -> str | None:
-    """The backend forced by :func:`use_backend` here; under ``torch.compile`` read once,
-    when the graph is traced (dynamo cannot trace a ContextVar), like ``sdpa_kernel``."""
+    """The backend forced by :func:`use_backend` here. Inside a graph that ``torch.compile``
+    traces, none: dynamo cannot trace a ContextVar (pass ``backend=`` there instead)."""
+    if torch.compiler.is_compiling():
+        return None
     return _forced.get()
 
 
@@ -67,7 +68,8 @@ def use_backend(name: str) -> Iterator[None]:
     previous choice comes back on exit, even on an exception, and the choice is
     per thread and per asyncio task (a :class:`contextvars.ContextVar`). An explicit
     ``backend=`` on a call wins over it. A forced backend that cannot serve a call
-    raises ``NotImplementedError`` listing why.
+    raises ``NotImplementedError`` listing why. Graphs traced by ``torch.compile`` do
+    not see it (dynamo cannot trace a ContextVar): pass ``backend=`` there.
 
     Example::
 

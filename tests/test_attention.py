@@ -8,6 +8,7 @@ per head) and the gradients of q, k, v and of any Bias tensor that requires grad
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable
 
 import pytest
@@ -22,7 +23,7 @@ from mha._plan import MaskPlan
 NEG_INF = float("-inf")
 FP64 = {"rtol": 1e-9, "atol": 1e-10}
 FP32 = {"rtol": 2e-4, "atol": 2e-5}
-FAST = ["blocked", "sdpa"]
+FAST = ["tiled", "sdpa"]
 
 MaskFactory = Callable[[int, int, int, int, torch.Generator], "M.Mask | None"]
 
@@ -165,7 +166,7 @@ def test_every_mask_against_reference(mask_name, sizes):
             torch.testing.assert_close(
                 want["weights"].sum(-1)[~empty], torch.ones_like(want["weights"].sum(-1)[~empty]), **FP64
             )
-        got = run("blocked", q, k, v, mask, weights=weights, return_lse=True)
+        got = run("tiled", q, k, v, mask, weights=weights, return_lse=True)
         assert_matches(got, want, FP64)
     want = run("reference", q, k, v, mask)
     for backend in FAST:
@@ -191,28 +192,33 @@ BLOCKING_MASKS = [
 
 @pytest.mark.parametrize("rows_per_block", [1, 3, "batch"])
 @pytest.mark.parametrize("mask_name", BLOCKING_MASKS)
-def test_blocked_in_small_blocks(mask_name, rows_per_block, monkeypatch):
-    """The blocked backend cut into many row and batch blocks (skipping key blocks that
+def test_tiled_in_small_blocks(mask_name, rows_per_block, monkeypatch):
+    """The tiled backend cut into many row and batch blocks (skipping key blocks that
     the band or the lengths close) still gives the reference's results."""
-    from mha._backends import blocked
+    from mha._backends import tiled
 
     N, Hq, Hkv, L, S, Dk, Dv = 3, 4, 2, 7, 9, 3, 2
     per_row = Hq * S
     elements = per_row * L if rows_per_block == "batch" else per_row * rows_per_block
-    monkeypatch.setattr(blocked, "_BLOCK_ELEMENTS", elements)
+    monkeypatch.setattr(tiled, "_BLOCK_ELEMENTS", elements)
     mask = MASKS[mask_name](N, Hq, L, S, torch.Generator().manual_seed(11))
     q, k, v = make_qkv(N, Hq, Hkv, L, S, Dk, Dv)
     for weights in ("per_head", "mean"):
         want = run("reference", q, k, v, mask, weights=weights, return_lse=True)
-        assert_matches(run("blocked", q, k, v, mask, weights=weights, return_lse=True), want, FP64)
+        assert_matches(run("tiled", q, k, v, mask, weights=weights, return_lse=True), want, FP64)
+        # Without gradients the blocks are written into results allocated once.
+        with torch.no_grad():
+            got = mha.attention(q, k, v, mask, weights=weights, return_lse=True, backend="tiled")
+        for name in ("output", "weights", "lse"):
+            torch.testing.assert_close(getattr(got, name), want[name], **FP64)
 
 
 def test_mean_weights_are_the_mean_of_per_head():
     N, Hq, L, S = 2, 6, 5, 7
     mask = MASKS["causal&allowed&bias"](N, Hq, L, S, torch.Generator().manual_seed(0))
     q, k, v = make_qkv(N, Hq, 3, L, S, 4, 4)
-    per_head = mha.attention(q, k, v, mask, weights="per_head", backend="blocked").weights
-    mean = mha.attention(q, k, v, mask, weights="mean", backend="blocked").weights
+    per_head = mha.attention(q, k, v, mask, weights="per_head", backend="tiled").weights
+    mean = mha.attention(q, k, v, mask, weights="mean", backend="tiled").weights
     assert per_head.shape == (N, Hq, L, S)
     assert mean.shape == (N, L, S)
     torch.testing.assert_close(mean, per_head.mean(1), **FP64)
@@ -225,7 +231,7 @@ def test_lse_is_the_log_sum_exp_of_scaled_masked_scores():
     scale = 0.37
     scores = (q @ k.transpose(-1, -2)) * scale + mask.materialize(N, H, L, S, dtype=torch.float64)
     want = torch.logsumexp(scores, dim=-1)
-    for backend in ("reference", "blocked"):
+    for backend in ("reference", "tiled"):
         lse = mha.attention(q, k, v, mask, scale=scale, return_lse=True, backend=backend).lse
         assert torch.equal(torch.isneginf(lse), torch.isneginf(want))
         torch.testing.assert_close(lse[torch.isfinite(want)], want[torch.isfinite(want)], **FP64)
@@ -243,11 +249,11 @@ def test_formula_and_default_scale():
             m = max(s)
             p = [math.exp(x - m) for x in s]
             out[0, h, i] = sum(p[j] / sum(p) * vh[j] for j in range(S))
-    for backend in ("reference", "blocked", "sdpa"):
+    for backend in ("reference", "tiled", "sdpa"):
         torch.testing.assert_close(mha.attention(q, k, v, backend=backend).output, out, **FP64)
     twice = mha.attention(q, k, v, scale=2 / math.sqrt(Dk), backend="reference").output
     assert_matches(
-        {"o": mha.attention(q * 2, k, v, backend="blocked").output}, {"o": twice}, FP64
+        {"o": mha.attention(q * 2, k, v, backend="tiled").output}, {"o": twice}, FP64
     )
 
 
@@ -289,7 +295,7 @@ def test_fully_masked_rows_are_zero_never_nan(backend, mask_name):
 def test_everything_masked():
     q, k, v = make_qkv(2, 2, 1, 3, 4, 5, 6)
     mask = M.KeyPadding(torch.tensor([0, 0]))
-    for backend in ("reference", "blocked"):
+    for backend in ("reference", "tiled"):
         res = mha.attention(q, k, v, mask, weights="mean", return_lse=True, backend=backend)
         assert torch.equal(res.output, torch.zeros(2, 2, 3, 6, dtype=torch.float64))
         assert torch.equal(res.weights, torch.zeros(2, 3, 4, dtype=torch.float64))
@@ -297,10 +303,10 @@ def test_everything_masked():
     assert torch.equal(mha.attention(q, k, v, mask, backend="sdpa").output, torch.zeros(2, 2, 3, 6, dtype=torch.float64))
 
 
-def test_blocked_lse_gradient_on_rows_a_bias_masks_fully():
+def test_tiled_lse_gradient_on_rows_a_bias_masks_fully():
     q, k, v = make_qkv(1, 1, 1, 2, 3, 2, 2)
     bias = torch.tensor([[NEG_INF] * 3, [0.0] * 3], dtype=torch.float64)
-    lse = mha.attention(q, k, v, M.Bias(bias), return_lse=True, backend="blocked").lse
+    lse = mha.attention(q, k, v, M.Bias(bias), return_lse=True, backend="tiled").lse
     (gq,) = torch.autograd.grad(lse.masked_fill(torch.isneginf(lse), 0.0).sum(), (q,))
     assert not torch.isnan(gq).any()
 
@@ -325,7 +331,7 @@ def test_sdpa_output_keeps_the_graph():
 
 def test_output_keeps_the_graph_when_everything_is_masked():
     q, k, v = make_qkv(2, 1, 1, 3, 4, 2, 2)
-    for backend in ("reference", "blocked", "sdpa"):
+    for backend in ("reference", "tiled", "sdpa"):
         out = mha.attention(q, k, v, M.KeyPadding(torch.tensor([0, 0])), backend=backend).output
         grads = torch.autograd.grad(out.sum(), (q, k, v))
         assert all(torch.equal(g, torch.zeros_like(g)) for g in grads)
@@ -339,8 +345,8 @@ def test_output_keeps_the_graph_when_everything_is_masked():
     [
         ("reference", 0, 4),
         ("reference", 3, 0),
-        ("blocked", 0, 4),
-        ("blocked", 3, 0),
+        ("tiled", 0, 4),
+        ("tiled", 3, 0),
         ("sdpa", 0, 4),
         ("sdpa", 3, 0),
     ],
@@ -362,7 +368,7 @@ def test_gqa_and_mqa(Hkv):
     mask = MASKS["causal_br&keypad"](N, Hq, L, S, torch.Generator())
     q, k, v = make_qkv(N, Hq, Hkv, L, S, 4, 3)
     want = run("reference", q, k, v, mask, weights="per_head", return_lse=True)
-    assert_matches(run("blocked", q, k, v, mask, weights="per_head", return_lse=True), want, FP64)
+    assert_matches(run("tiled", q, k, v, mask, weights="per_head", return_lse=True), want, FP64)
     want = run("reference", q, k, v, mask)
     assert_matches(run("sdpa", q, k, v, mask), want, FP64)
     # GQA equals plain attention with k and v repeated per group.
@@ -382,7 +388,7 @@ def test_odd_sizes(sizes, mask_name):
     mask = MASKS[mask_name](N, Hq, L, S, torch.Generator().manual_seed(5)) if N <= 3 else None
     q, k, v = make_qkv(N, Hq, Hkv, L, S, Dk, Dv)
     want = run("reference", q, k, v, mask, weights="per_head", return_lse=True)
-    assert_matches(run("blocked", q, k, v, mask, weights="per_head", return_lse=True), want, FP64)
+    assert_matches(run("tiled", q, k, v, mask, weights="per_head", return_lse=True), want, FP64)
     want = run("reference", q, k, v, mask)
     assert_matches(run("sdpa", q, k, v, mask), want, FP64)
 
@@ -414,7 +420,7 @@ def test_bias_in_another_dtype_than_the_inputs():
     q, k, v = make_qkv(2, 2, 2, 4, 5, 3, 3, dtype=torch.float32)
     bias = torch.randn(4, 5, dtype=torch.float64, requires_grad=True)
     want = run("reference", q, k, v, M.Bias(bias), weights="mean", return_lse=True)
-    assert_matches(run("blocked", q, k, v, M.Bias(bias), weights="mean", return_lse=True), want, FP32)
+    assert_matches(run("tiled", q, k, v, M.Bias(bias), weights="mean", return_lse=True), want, FP32)
     assert_matches(run("sdpa", q, k, v, M.Bias(bias)), run("reference", q, k, v, M.Bias(bias)), FP32)
 
 
@@ -429,7 +435,7 @@ def test_fp32_against_reference(mask_name):
         mask = mask_to(mask, torch.float32)
     q, k, v = make_qkv(N, Hq, Hkv, L, S, 8, 16, dtype=torch.float32)
     want = run("reference", q, k, v, mask, weights="per_head", return_lse=True)
-    assert_matches(run("blocked", q, k, v, mask, weights="per_head", return_lse=True), want, FP32)
+    assert_matches(run("tiled", q, k, v, mask, weights="per_head", return_lse=True), want, FP32)
     want = run("reference", q, k, v, mask)
     assert_matches(run("sdpa", q, k, v, mask), want, FP32)
 
@@ -458,7 +464,7 @@ def plain_torch(q, k, v, mask, scale):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("backend", ["reference", "blocked", "sdpa"])
+@pytest.mark.parametrize("backend", ["reference", "tiled", "sdpa"])
 def test_half_precision_within_twice_plain_torch_error(dtype, backend):
     """Error against an fp64 reference at most about twice that of plain torch math in
     the same dtype (flash-attention's rule), for the output and every gradient."""
@@ -489,7 +495,7 @@ def test_half_precision_weights_and_lse():
     mask = M.Window(3, 1, "bottom_right") & M.KeyPadding(torch.tensor([11, 6]))
     q, k, v = make_qkv(N, H, H, L, S, D, D, dtype=torch.bfloat16)
     want = mha.attention(q, k, v, mask, weights="per_head", return_lse=True, backend="reference")
-    got = mha.attention(q, k, v, mask, weights="per_head", return_lse=True, backend="blocked")
+    got = mha.attention(q, k, v, mask, weights="per_head", return_lse=True, backend="tiled")
     assert got.weights.dtype == got.lse.dtype == got.output.dtype == torch.bfloat16
     # Both compute in fp32 and round once: at most one bf16 ulp apart.
     torch.testing.assert_close(got.weights, want.weights, rtol=2**-7, atol=1e-6)
@@ -539,7 +545,7 @@ def test_fast_backends_never_materialize_or_expand_masks(backend, monkeypatch):
 # ---------------------------------------------------------------- dropout
 
 
-@pytest.mark.parametrize("backend", ["reference", "blocked"])
+@pytest.mark.parametrize("backend", ["reference", "tiled"])
 def test_dropout_zeroes_a_fraction_and_rescales(backend):
     N, H, L, S, p = 2, 4, 16, 16, 0.3
     q, k, v = (t.detach() for t in make_qkv(N, H, H, L, S, 4, 4))
@@ -556,7 +562,7 @@ def test_dropout_zeroes_a_fraction_and_rescales(backend):
     assert (tr[~live] == 0).all()
 
 
-@pytest.mark.parametrize("backend", ["reference", "blocked", "sdpa"])
+@pytest.mark.parametrize("backend", ["reference", "tiled", "sdpa"])
 def test_dropout_is_unbiased(backend):
     """The mean over many draws approaches the eval output (error shrinks like 1/sqrt(draws))."""
     N, H, L, S, p = 1, 2, 8, 8, 0.25
@@ -573,7 +579,7 @@ def test_dropout_is_unbiased(backend):
 
 def test_dropout_keeps_fully_masked_rows_zero():
     q, k, v = make_qkv(1, 2, 2, 6, 3, 4, 4)
-    for backend in ("reference", "blocked", "sdpa"):
+    for backend in ("reference", "tiled", "sdpa"):
         out = mha.attention(q, k, v, M.Causal("bottom_right"), dropout_p=0.5, backend=backend).output
         assert (out[:, :, :3] == 0).all()
         assert not torch.isnan(out).any()
@@ -683,7 +689,7 @@ def check_random_call(kinds, N, group, Hkv, L, S, Dk, Dv, weights, seed):
     mask = random_mask(kinds, N, Hq, L, S, g)
     q, k, v = make_qkv(N, Hq, Hkv, L, S, Dk, Dv, seed=seed)
     want = run("reference", q, k, v, mask, weights=weights, return_lse=True)
-    assert_matches(run("blocked", q, k, v, mask, weights=weights, return_lse=True), want, FP64)
+    assert_matches(run("tiled", q, k, v, mask, weights=weights, return_lse=True), want, FP64)
     want = run("reference", q, k, v, mask)
     assert_matches(run("sdpa", q, k, v, mask), want, FP64)
 
@@ -713,3 +719,42 @@ def test_random_combinations(**call):
 @given(**CALLS)
 def test_random_combinations_many(**call):
     check_random_call(**call)
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: M.KeyPadding(torch.tensor([3, 1], device="meta")),
+        lambda: M.Bias(torch.zeros(5, 7, device="meta")),
+        lambda: M.Blocked(torch.zeros(2, 1, 1, 7, dtype=torch.bool, device="meta")),
+        lambda: M.Causal() & M.Allowed(torch.ones(7, dtype=torch.bool, device="meta")),
+    ],
+    ids=["keypad", "bias", "blocked", "causal&allowed"],
+)
+def test_mask_on_another_device_than_the_query(make):
+    mask = make()
+    q, k, v = make_qkv(2, 4, 2, 5, 7, 3, 2)
+    with pytest.raises(ValueError, match=r"holds a tensor on meta but the query is on cpu; build the mask on the query's device"):
+        mha.attention(q, k, v, mask)
+    assert "meta" in repr(mask) or "shape=" in repr(mask)
+
+
+def test_repr_of_masks_never_reads_meta_values():
+    assert repr(M.KeyPadding(torch.tensor([3, 1], device="meta"))) == "KeyPadding(lengths of shape (2,) on meta)"
+    assert repr(M.KeyPadding(torch.tensor([3, 1]))) == "KeyPadding(lengths=[3, 1])"
+
+
+def test_jit_trace_through_sdpa_with_gqa():
+    """Under torch.jit.trace sizes are traced tensors; SDPA's enable_gqa must still get a bool."""
+    q, k, v = (t.detach().float() for t in make_qkv(2, 6, 3, 5, 7, 4, 4))
+
+    def f(q, k, v):
+        return mha.attention(q, k, v, M.Causal(), backend="sdpa").output
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        traced = torch.jit.trace(f, (q, k, v), check_trace=False)
+    assert not [w for w in caught if issubclass(w.category, torch.jit.TracerWarning)]
+    torch.testing.assert_close(traced(q, k, v), f(q, k, v))
+    q2, k2, v2 = (t + 1 for t in (q, k, v))
+    torch.testing.assert_close(traced(q2, k2, v2), f(q2, k2, v2))

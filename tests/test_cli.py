@@ -64,7 +64,7 @@ def test_explain_cross_attention_with_padding(capsys):
     assert main([*EXPLAIN, "--attn-mask", "10,15:bool", "--need-weights"]) == 0
     out = capsys.readouterr().out
     for line in ("L=10  N=32  E=64", "S=15  N=32  D=64", "key_padding_mask", "(32, 15) bool", "(32, 10, 15)",
-                 "blocked", "picked", "SDPA returns no attention weights", "torch.nn.MultiheadAttention weights"):
+                 "tiled", "picked", "SDPA returns no attention weights", "torch.nn.MultiheadAttention weights"):
         assert line in out
 
 

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import dataclasses
+import threading
+
 import pytest
 import torch
 
 import mha
+from mha import _dispatch
 from mha import masks as M
 from mha._core import _validate_call
 from mha._dispatch import backend_names, explain_dispatch, select_backend
+from mha._types import Capabilities
 
 
 @pytest.fixture(autouse=True)
@@ -38,7 +43,7 @@ def test_reference_is_last_and_every_backend_is_named():
     names = backend_names()
     assert names[0] == "sdpa"
     assert names[-1] == "reference"
-    assert {"sdpa", "blocked", "reference"} <= set(names)
+    assert {"sdpa", "tiled", "reference"} <= set(names)
 
 
 @pytest.mark.parametrize("mask", MASKS, ids=repr)
@@ -52,11 +57,11 @@ def test_cpu_without_weights_or_lse_picks_sdpa(mask, dtype):
 @pytest.mark.parametrize(
     "kwargs", [{"weights": "mean"}, {"weights": "per_head"}, {"return_lse": True}, {"weights": "mean", "return_lse": True}]
 )
-def test_cpu_with_weights_or_lse_picks_blocked(mask, kwargs):
+def test_cpu_with_weights_or_lse_picks_tiled(mask, kwargs):
     c = call(mask, **kwargs)
-    assert select_backend(c).name == "blocked"
+    assert select_backend(c).name == "tiled"
     reasons = explain_dispatch(c)
-    assert reasons["blocked"] == []
+    assert reasons["tiled"] == []
     assert reasons["reference"] == []
     assert reasons["sdpa"], "sdpa must say why it cannot serve"
 
@@ -73,9 +78,9 @@ def test_explain_dispatch_gives_readable_reasons():
 
 
 def test_select_forced_backend():
-    for name in ("sdpa", "blocked", "reference"):
+    for name in ("sdpa", "tiled", "reference"):
         assert select_backend(call(), name).name == name
-    with pytest.raises(ValueError, match=r"unknown backend 'cpu'; choose one of \['blocked', 'reference', 'sdpa'"):
+    with pytest.raises(ValueError, match=r"unknown backend 'cpu'; choose one of \['reference', 'sdpa', 'tiled'"):
         select_backend(call(), "cpu")
 
 
@@ -109,4 +114,100 @@ def test_attention_default_dispatch_gives_the_forced_results():
 def test_masked_sdpa_declines_on_gpu_until_checked():
     q = torch.randn(1, 1, 3, 4, device="cuda")
     c = _validate_call(q, q, q, M.Causal("bottom_right"), None, 0.0, None, False)
-    assert any("only checked for fully masked rows on CPU" in r for r in explain_dispatch(c)["sdpa"])
+    assert any("SDPA takes masks only on cpu" in r for r in explain_dispatch(c)["sdpa"])
+
+
+def _picked(monkeypatch) -> list[str]:
+    """The names of the backends dispatch picks from now on."""
+    picked: list[str] = []
+    select = _dispatch.select_backend
+
+    def spy(call, backend=None):
+        chosen = select(call, backend)
+        picked.append(chosen.name)
+        return chosen
+
+    monkeypatch.setattr(_dispatch, "select_backend", spy)
+    return picked
+
+
+def test_use_backend_forces_nests_and_restores(monkeypatch):
+    picked = _picked(monkeypatch)
+    q = torch.randn(2, 3, 5, 7)
+    mha.attention(q, q, q)
+    with mha.use_backend("tiled"):
+        mha.attention(q, q, q)
+        with mha.use_backend("reference"):
+            mha.attention(q, q, q)
+        mha.attention(q, q, q)
+        mha.attention(q, q, q, backend="sdpa")  # an explicit backend= wins
+    mha.attention(q, q, q)
+    assert picked == ["sdpa", "tiled", "reference", "tiled", "sdpa", "sdpa"]
+
+
+def test_use_backend_restores_after_an_exception(monkeypatch):
+    picked = _picked(monkeypatch)
+    q = torch.randn(1, 1, 2, 3)
+    with pytest.raises(RuntimeError, match="inside"), mha.use_backend("reference"):
+        raise RuntimeError("inside")
+    mha.attention(q, q, q)
+    assert picked == ["sdpa"]
+
+
+def test_use_backend_reaches_modules_deep_in_a_model(monkeypatch):
+    picked = _picked(monkeypatch)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), mha.swap(torch.nn.TransformerEncoderLayer(8, 2, 16)))
+    model.eval()
+    x = torch.randn(5, 3, 8)
+    with torch.no_grad(), mha.use_backend("reference"):
+        want = model(x)
+    assert picked
+    assert set(picked) == {"reference"}
+    picked.clear()
+    with torch.no_grad():
+        got = model(x)
+    assert "reference" not in picked
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_use_backend_is_per_thread():
+    seen: dict[str, str] = {}
+
+    def other_thread():
+        seen["other"] = select_backend(call()).name
+
+    with mha.use_backend("reference"):
+        thread = threading.Thread(target=other_thread)
+        thread.start()
+        thread.join()
+        seen["here"] = select_backend(call()).name
+    assert seen == {"other": "sdpa", "here": "reference"}
+
+
+def test_use_backend_checks_its_name_and_forced_reasons():
+    with pytest.raises(ValueError, match=r"unknown backend 'blocked'; choose one of \['reference', 'sdpa', 'tiled'"):
+        mha.use_backend("blocked").__enter__()
+    with mha.use_backend("sdpa"), pytest.raises(NotImplementedError, match="SDPA returns no attention weights"):
+        mha.attention(torch.randn(1, 1, 2, 3), torch.randn(1, 1, 2, 3), torch.randn(1, 1, 2, 3), weights="mean")
+
+
+def test_registry_is_built_once_and_capabilities_are_frozen_records():
+    assert _dispatch.REGISTRY is _dispatch.REGISTRY
+    assert list(_dispatch.REGISTRY) == backend_names()
+    for backend in _dispatch.REGISTRY.values():
+        assert isinstance(backend.caps, Capabilities)
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            backend.caps.lse = not backend.caps.lse  # type: ignore[misc]
+
+
+def test_no_backend_error_lists_every_backends_reasons(monkeypatch):
+    blocked_all = {name: dataclasses.replace(b.caps, lse=False) for name, b in _dispatch.REGISTRY.items()}
+    for name, b in _dispatch.REGISTRY.items():
+        monkeypatch.setattr(b, "caps", blocked_all[name], raising=False)
+    with pytest.raises(NotImplementedError) as info:
+        select_backend(call(return_lse=True))
+    text = str(info.value)
+    assert text.startswith("no backend can serve this call:")
+    for name in backend_names():
+        assert f"  {name}:" in text
+    assert "the reference backend returns no log-sum-exp" in text

@@ -413,7 +413,7 @@ def test_window_shift(shift: int, before: int | None, after: int | None) -> None
     assert torch.equal(mask.allowed(L, S), want)
     q, k, v, _, _ = _heads(21, 2, 3, 3, L, S, 5, 4)
     ref = mha.attention(q, k, v, mask, return_lse=True, backend="reference")
-    for backend in ("blocked", None):
+    for backend in ("tiled", None):
         got = mha.attention(q, k, v, mask, return_lse=True, backend=backend)
         _close(got.output, ref.output, f"output, backend {backend}")
         _close(got.lse, ref.lse, f"lse, backend {backend}")

@@ -101,7 +101,7 @@ def test_report_text_and_rich_rendering():
     assert "S=15  N=3  D=24" in text
     assert "key_padding_mask  (3, 15) bool" in text
     assert "attn_output_weights  (3, 10, 15)" in text
-    assert report.backend == "blocked"
+    assert report.backend == "tiled"
     assert "SDPA returns no attention weights" in text
     assert "torch.nn.MultiheadAttention weights  (12, 10, 15)" in text
 

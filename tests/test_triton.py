@@ -14,7 +14,6 @@ at 1.0, for results plain torch gets exactly).
 from __future__ import annotations
 
 import collections
-import importlib.util
 import itertools
 import math
 import os
@@ -35,9 +34,9 @@ finally:
 
 import mha  # noqa: E402
 from mha._backends import triton as triton_backend  # noqa: E402
-from mha._core import _validate_call  # noqa: E402
-from mha._dispatch import explain_dispatch, select_backend  # noqa: E402
-from mha._varlen import packed_attention  # noqa: E402
+from mha._core import _validate_call, _validate_varlen_call, packed_attention  # noqa: E402
+from mha._dispatch import explain_dispatch, not_supported_reasons, select_backend  # noqa: E402
+from mha._types import Offsets  # noqa: E402
 from mha.masks import Allowed, Bias, Blocked, Causal, KeyPadding, Window  # noqa: E402
 
 
@@ -358,7 +357,9 @@ def _call(mask=None, dtype=torch.float32, **kwargs):
 
 
 def test_declines_with_reasons(monkeypatch):
-    reasons = triton_backend.BACKEND.not_supported_reasons
+    def reasons(call):
+        return not_supported_reasons(triton_backend.BACKEND.caps, call)
+
     assert reasons(_call()) == []
     assert any("float16, bfloat16 or float32" in r for r in reasons(_call(dtype=torch.float64)))
     assert any("no dropout" in r for r in reasons(_call(dropout_p=0.1)))
@@ -372,7 +373,7 @@ def test_declines_with_reasons(monkeypatch):
     assert any("Bias tensor" in r for r in reasons(_validate_call(q, k, v, Bias(bias), None, 0.0, None, False)))
     monkeypatch.delenv("TRITON_INTERPRET")
     assert any("need CUDA tensors" in r for r in explain_dispatch(_call())["triton"])
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    monkeypatch.setattr(triton_backend, "_installed", lambda: False)
     assert reasons(_call()) == ["triton is not installed: pip install 'mha[triton]'"]
 
 
@@ -384,8 +385,10 @@ def test_dispatch_picks_triton_on_cpu_only_when_forced():
     why = explain_dispatch(call)
     assert why["sdpa"]
     # The interpreter can serve it, but only a forced call runs CPU tensors through it.
-    assert why["triton"] == ["picked automatically only on cuda, not cpu (force it with backend='triton')"]
-    assert select_backend(call).name == "blocked"
+    assert why["triton"] == [
+        "picked automatically only on cuda, not cpu (force it with backend='triton' or mha.use_backend('triton'))"
+    ]
+    assert select_backend(call).name == "tiled"
     assert select_backend(call, "triton").name == "triton"
 
 
@@ -631,15 +634,19 @@ def test_forced_triton_on_jagged_input_declines_with_reasons():
         mha.attention(q, k, v, dropout_p=0.5, backend="triton")
     with pytest.raises(NotImplementedError, match="bands of one alignment"):
         mha.attention(q, k, v, Causal() & Window(2, None, align="bottom_right"), backend="triton")
-    reasons = triton_backend.varlen_not_supported_reasons
-    packed = (t.values()[None] for t in (q, k, v))  # values() of (N, H, j, D) is (H, T, D)
-    call = _validate_call(*packed, Causal("bottom_right"), None, 0.0, None, False)
-    assert reasons(call, 4) == []
-    assert any("at most 65535, got 20000 sequences * 4 heads" in r for r in reasons(call, 20_000))
-    huge = call.query[..., :1, :].expand(1, HQ, 2**31, 16)  # stride 0: nothing allocated
-    assert any("int32 offsets" in r for r in reasons(_validate_call(huge, call.key, call.value, None, None, 0.0, None, False), 4))
-    call = _validate_call(call.query, call.key, call.value, None, None, 0.0, "per_head", False)
-    assert any("no attention weights" in r for r in reasons(call, 4))
+
+    def reasons(q, k, v, n_seq, mask=None, weights=None):
+        offsets = Offsets(device=torch.zeros(n_seq + 1, dtype=torch.int32))
+        call = _validate_varlen_call(q, k, v, offsets, offsets, mask, None, 0.0, weights, False)
+        return not_supported_reasons(triton_backend.BACKEND.caps, call)
+
+    packed = [t.values().transpose(0, 1) for t in (q, k, v)]  # values() of (N, H, j, D) is (H, T, D)
+    assert reasons(*packed, 4, Causal("bottom_right")) == []
+    assert any("at most 65535, got N=20000 * Hq=4" in r for r in reasons(*packed, 20_000))
+    huge = packed[0][:1].expand(2**31, HQ, 16)  # stride 0: nothing allocated
+    assert any("int32 offsets" in r for r in reasons(huge, *packed[1:], 4))
+    # Weights run per group of equal lengths through the dense kernels: no varlen limit applies.
+    assert reasons(*packed, 4, Causal() & Window(2, None, align="bottom_right"), "per_head") == []
 
 
 def test_torch_compile_traces_the_varlen_path():

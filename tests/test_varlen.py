@@ -10,6 +10,8 @@ import torch
 from torch import nn
 
 import mha
+import mha._core
+import mha._dispatch
 from mha.masks import Causal, KeyPadding, Window
 
 pytestmark = pytest.mark.filterwarnings("ignore:The PyTorch API of nested tensors:UserWarning")
@@ -155,3 +157,66 @@ def test_jagged_weights_raise_no_prototype_warning():
     )
     result = subprocess.run([sys.executable, "-W", "error", "-c", script], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
+
+
+def _jagged_heads(lengths, H=2, D=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    seqs = [torch.randn(n, H, D, generator=g) for n in lengths]
+    return torch.nested.nested_tensor(seqs, layout=torch.jagged).transpose(1, 2)  # (N, H, j, D)
+
+
+@pytest.mark.parametrize("backend", mha._dispatch.backend_names())
+def test_jagged_key_and_value_with_different_lengths_are_rejected(backend):
+    q = _jagged_heads([3, 4])
+    k = _jagged_heads([2, 5], seed=1)
+    v = _jagged_heads([5, 2], seed=2)  # the same total, other lengths
+    with pytest.raises(ValueError, match=r"key and value must have the same sequence lengths S_n, got key \[2, 5\] and value \[5, 2\]"):
+        mha.attention(q, k, v, backend=backend)
+
+
+@pytest.mark.parametrize("backend", mha._dispatch.backend_names())
+def test_jagged_query_and_key_with_different_numbers_of_sequences_are_rejected(backend):
+    q = _jagged_heads([3, 4, 2])
+    k = _jagged_heads([2, 7], seed=1)
+    with pytest.raises(ValueError, match=r"same number of sequences N, got query 3 \(lengths \[3, 4, 2\]\), key 2 \(lengths \[2, 7\]\)"):
+        mha.attention(q, k, k, backend=backend)
+    with pytest.raises(ValueError, match=r"query holds 3 sequences \(lengths \[3, 4, 2\]\) but key holds 2"):
+        mha._core.packed_attention(q.values().transpose(0, 1), k.values().transpose(0, 1), k.values().transpose(0, 1),
+                                   [0, 3, 7, 9], [0, 2, 9], backend=backend)
+
+
+def test_jagged_tensors_with_holes_are_rejected():
+    dense = torch.randn(2, 6, 2, 3)
+    holes = torch.nested.narrow(dense, 1, torch.tensor([0, 1]), torch.tensor([2, 4]), layout=torch.jagged)
+    x = holes.transpose(1, 2)  # (N, H, j, D) with offsets and lengths
+    with pytest.raises(ValueError, match=r"query is a jagged tensor with holes .*lengths \[2, 4\].*query.contiguous\(\)"):
+        mha.attention(x, x, x)
+    # What the message says to do works, and gives each sequence its own attention.
+    c = holes.contiguous().transpose(1, 2)
+    out = mha.attention(c, c, c).output
+    for n, (start, length) in enumerate(((0, 2), (1, 4))):
+        seq = dense[n, start : start + length].transpose(0, 1)[None]
+        torch.testing.assert_close(out.unbind()[n], mha.attention(seq, seq, seq).output[0])
+    module = mha.MultiheadAttention(3 * 2, 2, batch_first=True)
+    packed = torch.nested.narrow(torch.randn(2, 6, 6), 1, torch.tensor([0, 1]), torch.tensor([2, 4]), layout=torch.jagged)
+    with pytest.raises(ValueError, match="jagged tensor with holes"):
+        module(packed, packed, packed)
+
+
+def test_a_jagged_call_prints_nothing():
+    """torch.nested.nested_tensor_from_jagged logs an 'is_fx_tracing' line on its first
+    call in a process; mha's jagged calls, with and without gradients, print nothing."""
+    code = (
+        "import torch, mha\n"
+        "x = torch.nested.nested_tensor([torch.randn(n, 2, 3) for n in (3, 5)], layout=torch.jagged)\n"
+        "x = x.transpose(1, 2)\n"
+        "with torch.no_grad():\n"
+        "    mha.attention(x, x, x)\n"
+        "y = torch.nested.nested_tensor([torch.randn(n, 2, 3) for n in (3, 5)], layout=torch.jagged,\n"
+        "                               requires_grad=True).transpose(1, 2)\n"
+        "mha.attention(y, y, y, return_lse=True).output.values().sum().backward()\n"
+    )
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout == ""
+    assert run.stderr == ""

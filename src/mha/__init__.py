@@ -4,28 +4,34 @@
 (same constructor, forward, parameter names and results) that checks its
 inputs, never returns NaN for fully masked rows, and does not pay for padding.
 ``mha.attention`` is the functional core on heads, with mask objects from
-``mha.masks``. ``mha.explain`` says what a call will do without running it,
-``mha.swap`` puts mha into an existing model, and ``mha.plot`` (matplotlib,
-imported on first use) draws attention weights.
+``mha.masks``; ``mha.use_backend`` forces the backend of every call inside a
+block. ``mha.explain`` says what a call will do without running it, ``mha.swap``
+puts mha into an existing model, ``mha.distributed`` runs attention over
+sequences split across devices (ring attention on ``torch.distributed``), and
+``mha.plot`` (matplotlib, imported on first use) draws attention weights.
 """
 
 from typing import Any
 
-from . import masks
-from ._core import AttentionOutput, attention
+from . import distributed, masks
+from ._core import attention
+from ._dispatch import use_backend
 from ._explain import Explanation, explain
 from ._module import MultiheadAttention
 from ._swap import swap
+from ._types import AttentionOutput
 
 __all__ = [
     "AttentionOutput",
     "Explanation",
     "MultiheadAttention",
     "attention",
+    "distributed",
     "explain",
     "masks",
     "plot",
     "swap",
+    "use_backend",
 ]
 __version__ = "0.1.0"
 

@@ -1,56 +1,28 @@
-"""The functional core: :func:`attention` on tensors already split into heads."""
+"""The functional core: :func:`attention` on tensors already split into heads, and
+:func:`packed_attention` on packed variable-length batches.
+
+Both validate their inputs into one frozen :class:`~mha._types.Call` and hand it to
+dispatch; a variable-length ("varlen") call is an ordinary dispatch case whose
+offsets travel in the call.
+"""
 
 from __future__ import annotations
 
+import itertools
 import math
-from dataclasses import dataclass
-from typing import Literal, NamedTuple
+import warnings
+from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
+from . import _dispatch, _varlen
 from . import masks as _masks
-from ._plan import MaskPlan, plan_mask
+from ._plan import plan_mask, plan_varlen_mask
+from ._types import AttentionOutput, Call, Offsets, WeightsMode, split_weights
 
-WeightsMode = Literal["mean", "per_head"]
-
-
-class AttentionOutput(NamedTuple):
-    """What :func:`attention` returns.
-
-    Attributes:
-        output: ``(N, Hq, L, Dv)``
-        weights: ``(N, L, S)`` for ``weights="mean"``, ``(N, Hq, L, S)`` for
-            ``"per_head"``, else None
-        lse: ``(N, Hq, L)`` natural log-sum-exp of the scaled, masked scores
-            (``-inf`` for a fully masked row) when ``return_lse=True``, else None
-    """
-
-    output: Tensor
-    weights: Tensor | None
-    lse: Tensor | None
-
-
-@dataclass(frozen=True)
-class Call:
-    """One validated call of :func:`attention`, as backends see it."""
-
-    query: Tensor
-    key: Tensor
-    value: Tensor
-    mask: _masks.Mask | None
-    plan: MaskPlan
-    scale: float
-    dropout_p: float
-    weights: WeightsMode | None
-    return_lse: bool
-
-    @property
-    def shape(self) -> tuple[int, int, int, int, int, int, int]:
-        """``(N, Hq, Hkv, L, S, Dk, Dv)``."""
-        N, Hq, L, Dk = self.query.shape
-        Hkv, S, Dv = self.key.shape[1], self.key.shape[2], self.value.shape[-1]
-        return N, Hq, Hkv, L, S, Dk, Dv
+__all__ = ["AttentionOutput", "Call", "PackedOutput", "WeightsMode", "attention", "packed_attention"]
 
 
 def attention(
@@ -86,6 +58,9 @@ def attention(
             ``(N, H, j, D)`` (``nested_tensor(list_of_(L_n, H, D), layout=torch.jagged)
             .transpose(1, 2)``); then only ``Causal``/``Window`` masks apply, per
             sequence, and weights come back as a nested tensor of per-sequence weights.
+            Query and key must hold the same number of sequences, key and value the
+            same lengths, and none may have holes (offsets and lengths, as
+            ``torch.nested.narrow`` makes; call ``.contiguous()`` first).
             On CUDA their offsets should span their values (start at 0, end at the
             last row), as torch's constructors make them: rows outside every
             sequence are not read back to the host to be dropped, so their output
@@ -99,9 +74,10 @@ def attention(
             (never materialising per-head weights), or ``"per_head"`` for
             ``(N, Hq, L, S)``.
         return_lse: also return the log-sum-exp ``(N, Hq, L)``.
-        backend: force ``"sdpa"``, ``"blocked"`` or ``"reference"``; default picks
-            the first that supports the call. A forced backend that cannot serve
-            the call raises ``NotImplementedError`` listing every reason.
+        backend: force ``"sdpa"``, ``"triton"``, ``"tiled"`` or ``"reference"``;
+            default: the one forced by :func:`mha.use_backend`, else the first that
+            supports the call. A forced backend that cannot serve the call raises
+            ``NotImplementedError`` listing every reason.
 
     Shape legend: N batch, Hq query heads, Hkv key/value heads, L queries,
     S keys, Dk query/key head dim, Dv value head dim.
@@ -116,35 +92,186 @@ def attention(
     Returns:
         :class:`AttentionOutput` ``(output (N, Hq, L, Dv), weights, lse)``.
     """
-    if isinstance(query, Tensor) and query.is_nested:
-        from ._varlen import core_jagged
-
-        return core_jagged(
-            query, key, value, mask, scale=scale, dropout_p=dropout_p, weights=weights,
-            return_lse=return_lse, backend=backend,
-        )
+    if _varlen.is_jagged(query) or (isinstance(query, Tensor) and query.is_nested):
+        return _attention_jagged(query, key, value, mask, scale, dropout_p, weights, return_lse, backend)
     call = _validate_call(query, key, value, mask, scale, dropout_p, weights, return_lse)
-    from ._dispatch import select_backend
+    if mask is not None:
+        _validate_mask_devices(mask, query.device)
+    return _dispatch.select_backend(call, backend).forward(call)
 
-    return select_backend(call, backend).forward(call)
+
+class PackedOutput(NamedTuple):
+    """What :func:`packed_attention` returns: output ``(Tq, Hq, Dv)`` packed like the
+    queries; per-sequence weights ``(L_n, S_n)`` (mean) or ``(Hq, L_n, S_n)`` (per
+    head), or None; per-sequence lse ``(Hq, L_n)``, or None."""
+
+    output: Tensor
+    weights: list[Tensor] | None
+    lse: list[Tensor] | None
 
 
-def zeros_in_graph(shape: tuple[int, ...], *inputs: Tensor) -> Tensor:
-    """Zeros of ``shape`` whose gradient to each input is zero, not missing.
+def packed_attention(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    q_offsets: Sequence[int] | Offsets,
+    k_offsets: Sequence[int] | Offsets,
+    mask: _masks.Mask | None = None,
+    *,
+    scale: float | None = None,
+    dropout_p: float = 0.0,
+    weights: WeightsMode | None = None,
+    return_lse: bool = False,
+    backend: str | None = None,
+) -> PackedOutput:
+    """Attention over a packed variable-length batch, each sequence on its own.
 
-    For outputs that no key contributes to (every key masked or padded): a plain
-    ``new_zeros`` would cut the graph, and ``backward()`` would then raise or leave
-    ``.grad`` unset where torch's users expect zeros."""
-    first = inputs[0]
-    zero = sum(t.flatten()[:0].sum() for t in inputs)
-    return torch.zeros(shape, dtype=first.dtype, device=first.device) + zero
+    Offsets may start past row 0 and end before the last row. Where the host list is
+    at hand, the rows outside every sequence are dropped from the output; where only a
+    device tensor is (no offsets are read back from the GPU), the output may keep
+    one row per query row, and those rows of the output and of the input gradients
+    are unspecified.
+
+    Args:
+        query: ``(Tq, Hq, Dk)``, sequence ``n`` at rows ``q_offsets[n]:q_offsets[n+1]``.
+        key: ``(Tk, Hkv, Dk)``, sequence ``n`` at rows ``k_offsets[n]:k_offsets[n+1]``.
+        value: ``(Tk, Hkv, Dv)``.
+        q_offsets, k_offsets: ``(N + 1,)`` offsets (a list or :class:`~mha._types.Offsets`).
+        mask: None or a band mask (``Causal``/``Window``, aligned per sequence).
+        scale, dropout_p, weights, return_lse, backend: as for :func:`attention`;
+            the backend is chosen by dispatch like any call's.
+    """
+    q_offsets = q_offsets if isinstance(q_offsets, Offsets) else Offsets(q_offsets)
+    k_offsets = k_offsets if isinstance(k_offsets, Offsets) else Offsets(k_offsets)
+    if q_offsets.on_host:  # keep only the sequences' rows
+        q0, q1 = q_offsets.host()[0], q_offsets.host()[-1]
+        if q0 != 0 or q1 != query.shape[0]:
+            query, q_offsets = query[q0:q1], q_offsets.shifted(q0)
+    if k_offsets.on_host:
+        k0, k1 = k_offsets.host()[0], k_offsets.host()[-1]
+        if k0 != 0 or k1 != key.shape[0]:
+            key, value, k_offsets = key[k0:k1], value[k0:k1], k_offsets.shifted(k0)
+    call = _validate_varlen_call(
+        query, key, value, q_offsets, k_offsets, mask, scale, dropout_p, weights, return_lse
+    )
+    result = _dispatch.select_backend(call, backend).forward(call)
+    ws = None if result.weights is None else split_weights(result.weights, call)
+    lses = None
+    if result.lse is not None:
+        lses = [result.lse[:, a:b] for a, b in itertools.pairwise(q_offsets.host())]
+    return PackedOutput(result.output, ws, lses)
+
+
+def _attention_jagged(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    mask: _masks.Mask | None,
+    scale: float | None,
+    dropout_p: float,
+    weights: WeightsMode | None,
+    return_lse: bool,
+    backend: str | None,
+) -> AttentionOutput:
+    """:func:`attention` for jagged ``(N, H, j, D)`` nested tensors: the packed values
+    ``(T, H, D)`` and the offsets go to dispatch as one varlen call."""
+    q, q_offsets = _varlen.unpack_heads(query, "query")
+    k, k_offsets = (q, q_offsets) if key is query else _varlen.unpack_heads(key, "key")
+    v, v_offsets = (k, k_offsets) if value is key else (q, q_offsets) if value is query else _varlen.unpack_heads(
+        value, "value"
+    )
+    _varlen.check_same_sequences(q_offsets, k_offsets, v_offsets)
+    call = _validate_varlen_call(q, k, v, q_offsets, k_offsets, mask, scale, dropout_p, weights, return_lse)
+    result = _dispatch.select_backend(call, backend).forward(call)
+    output = _varlen.jagged_like(result.output, query)
+    lse = None
+    if result.lse is not None:
+        packed_lse = result.lse
+        if packed_lse.shape[1] == q.shape[0]:  # a row per query row: keep the sequences' rows
+            first, last = q_offsets.host()[0], q_offsets.host()[-1]
+            packed_lse = packed_lse[:, first:last]
+        lse = _varlen.jagged_like(packed_lse.transpose(0, 1), query)
+    nested = None if result.weights is None else _varlen.nested_weights(split_weights(result.weights, call))
+    return AttentionOutput(output, nested, lse)
+
+
+def _validate_varlen_call(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    q_offsets: Offsets,
+    k_offsets: Offsets,
+    mask: _masks.Mask | None,
+    scale: float | None,
+    dropout_p: float,
+    weights: WeightsMode | None,
+    return_lse: bool,
+) -> Call:
+    """Checks packed ``(T, H, D)`` tensors as :func:`attention` checks ``(1, H, T, D)`` ones."""
+    for name, t in (("query", query), ("key", key), ("value", value)):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"attention: {name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 3:
+            raise ValueError(
+                f"attention: packed {name} must be 3-D (T, H, D), tokens first, got {t.dim()}-D {_shape(t)}"
+            )
+    if key.shape[0] != value.shape[0]:
+        raise ValueError(
+            f"attention: packed key (Tk, Hkv, Dk) = {_shape(key)} and value (Tk, Hkv, Dv) = {_shape(value)} "
+            "must hold the same tokens Tk"
+        )
+    if q_offsets.count != k_offsets.count:
+        raise ValueError(
+            f"attention: query holds {q_offsets.count} sequences (lengths {q_offsets.lengths()}) but key "
+            f"holds {k_offsets.count} (lengths {k_offsets.lengths()}); each query sequence attends the "
+            "key sequence of the same index"
+        )
+    dense = _validate_call(
+        query.transpose(0, 1)[None], key.transpose(0, 1)[None], value.transpose(0, 1)[None],
+        None, scale, dropout_p, weights, return_lse,
+    )
+    return Call(
+        query, key, value, mask, plan_varlen_mask(mask), dense.scale, dense.dropout_p, dense.weights,
+        dense.return_lse, q_offsets, k_offsets,
+    )
 
 
 def _shape(t: Tensor) -> str:
     return str(tuple(t.shape))
 
 
-def _validate_call(query, key, value, mask, scale, dropout_p, weights, return_lse) -> Call:
+def _sizes(t: Tensor) -> tuple[int, ...]:
+    """``t.shape`` as ints. Under ``torch.jit.trace`` sizes are traced tensors; the checks
+    and the default scale specialise the trace to the traced shapes (as the head split
+    before them does), so they are read as constants, without a TracerWarning each."""
+    if torch.jit.is_tracing():
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", torch.jit.TracerWarning)
+            return tuple(int(s) for s in t.shape)
+    return tuple(t.shape)
+
+
+def _validate_mask_devices(mask: _masks.Mask, device: torch.device) -> None:
+    for part in mask.parts():
+        for t in part.tensors():
+            if t.device != device:
+                raise ValueError(
+                    f"attention: mask {part!r} holds a tensor on {t.device} but the query is on {device}; "
+                    f"build the mask on the query's device (e.g. tensor.to(query.device))"
+                )
+
+
+def _validate_call(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    mask: _masks.Mask | None,
+    scale: float | None,
+    dropout_p: float,
+    weights: WeightsMode | None,
+    return_lse: bool,
+) -> Call:
+    """Checks the arguments of :func:`attention` and returns them as one :class:`Call`."""
     for name, t in (("query", query), ("key", key), ("value", value)):
         if not isinstance(t, Tensor):
             raise TypeError(f"attention: {name} must be a torch.Tensor, got {type(t).__name__}")
@@ -163,9 +290,9 @@ def _validate_call(query, key, value, mask, scale, dropout_p, weights, return_ls
         raise ValueError(
             f"attention: query, key and value must be on one device, got {query.device}, {key.device}, {value.device}"
         )
-    N, Hq, L, Dk = query.shape
-    Nk, Hkv, S, Dk2 = key.shape
-    Nv, Hv, Sv, _ = value.shape
+    N, Hq, L, Dk = _sizes(query)
+    Nk, Hkv, S, Dk2 = _sizes(key)
+    Nv, Hv, Sv, _ = _sizes(value)
     if Nk != N or Nv != N:
         raise ValueError(
             f"attention: batch sizes differ: query (N, Hq, L, Dk) = {_shape(query)}, "

@@ -1,76 +1,175 @@
-"""Capability-based dispatch: each backend says why it cannot serve a call."""
+"""Capability-based dispatch: each backend declares what it serves, as data.
+
+Every backend is an object with a ``name``, a :class:`~mha._types.Capabilities`
+record ``caps`` and a ``forward(call)``. One function,
+:func:`not_supported_reasons`, turns a record and a call into the human-readable
+reasons the backend cannot serve the call; dispatch picks the first backend with
+none, or the one forced by ``backend=`` or :func:`use_backend`, and a forced
+backend that cannot serve raises ``NotImplementedError`` listing its reasons.
+"""
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+from contextvars import ContextVar
 from typing import Protocol
 
-from ._core import AttentionOutput, Call
+import torch
+
+from ._backends import reference, sdpa, tiled, triton
+from ._types import AttentionOutput, Call, Capabilities
 
 
 class Backend(Protocol):
-    """A backend names itself, says why it cannot serve a call, and serves it.
+    """A backend names itself, declares its capabilities and serves a call."""
 
-    A backend may also set ``auto_devices``, the device types on which dispatch
-    picks it by itself; elsewhere it runs only when forced with ``backend=...``
-    (the Triton kernels on CPU run in Triton's interpreter, for tests only)."""
+    @property
+    def name(self) -> str: ...
 
-    name: str
-
-    def not_supported_reasons(self, call: Call) -> list[str]:
-        """Human-readable reasons this backend cannot serve ``call``; empty if it can."""
-        ...
+    @property
+    def caps(self) -> Capabilities: ...
 
     def forward(self, call: Call) -> AttentionOutput: ...
 
 
-def _registry() -> dict[str, Backend]:
-    from ._backends import blocked, reference, sdpa, triton
+# The order dispatch tries them in: built once, here.
+REGISTRY: dict[str, Backend] = {
+    b.name: b for b in (sdpa.BACKEND, triton.BACKEND, tiled.BACKEND, reference.BACKEND)
+}
 
-    backends: dict[str, Backend] = {
-        "sdpa": sdpa.BACKEND,
-        "triton": triton.BACKEND,
-        "blocked": blocked.BACKEND,
-        "reference": reference.BACKEND,
-    }
-    return backends
+_forced: ContextVar[str | None] = ContextVar("mha_backend", default=None)
+
+
+def _forced_backend() -> str | None:
+    """The backend forced by :func:`use_backend` here. Inside a graph that ``torch.compile``
+    traces, none: dynamo cannot trace a ContextVar (pass ``backend=`` there instead)."""
+    if torch.compiler.is_compiling():
+        return None
+    return _forced.get()
 
 
 def backend_names() -> list[str]:
     """Every backend, in the order dispatch tries them."""
-    return list(_registry())
+    return list(REGISTRY)
+
+
+def _check_name(name: str) -> None:
+    if not isinstance(name, str) or name not in REGISTRY:
+        raise ValueError(f"unknown backend {name!r}; choose one of {sorted(REGISTRY)}")
+
+
+@contextlib.contextmanager
+def use_backend(name: str) -> Iterator[None]:
+    """Force the backend of every :func:`mha.attention` call inside the ``with`` block,
+    including calls made deep inside a model by :class:`mha.MultiheadAttention`.
+
+    Like :func:`torch.nn.attention.sdpa_kernel`: blocks nest (the innermost wins), the
+    previous choice comes back on exit, even on an exception, and the choice is
+    per thread and per asyncio task (a :class:`contextvars.ContextVar`). An explicit
+    ``backend=`` on a call wins over it. A forced backend that cannot serve a call
+    raises ``NotImplementedError`` listing why. Graphs traced by ``torch.compile`` do
+    not see it (dynamo cannot trace a ContextVar): pass ``backend=`` there.
+
+    Example::
+
+        with mha.use_backend("tiled"):
+            out, weights = model(x)
+    """
+    _check_name(name)
+    token = _forced.set(name)
+    try:
+        yield
+    finally:
+        _forced.reset(token)
+
+
+def not_supported_reasons(caps: Capabilities, call: Call) -> list[str]:
+    """Human-readable reasons a backend with capabilities ``caps`` cannot serve ``call``;
+    empty if it can."""
+    reasons: list[str] = []
+    device = call.query.device.type
+    if caps.devices is not None and device not in caps.devices:
+        reasons.append(f"{caps.label} runs on {', '.join(sorted(caps.devices))} tensors, got {device}")
+    if caps.dtypes is not None and call.query.dtype not in caps.dtypes:
+        names = [str(d).removeprefix("torch.") for d in caps.dtypes]
+        listed = names[0] if len(names) == 1 else ", ".join(names[:-1]) + " or " + names[-1]
+        reasons.append(f"{caps.label} takes {listed}, got {call.query.dtype}")
+    _, _, _, _, _, Dk, Dv = call.shape
+    if caps.max_head_dim is not None and max(Dk, Dv) > caps.max_head_dim:
+        reasons.append(f"{caps.label} takes head dims up to {caps.max_head_dim}, got Dk={Dk}, Dv={Dv}")
+    if call.weights is not None and call.weights not in caps.weights:
+        reasons.append(f"{caps.label} returns no attention weights (weights={call.weights!r} requested)")
+    if call.return_lse and not caps.lse:
+        reasons.append(f"{caps.label} returns no log-sum-exp (return_lse=True requested)")
+    if call.dropout_p > 0 and not caps.dropout:
+        reasons.append(f"{caps.label} has no dropout (dropout_p={call.dropout_p}); pass 0.0 in eval")
+    if call.is_varlen and not caps.varlen:
+        reasons.append(f"{caps.label} takes no variable-length (varlen) calls")
+    if call.is_varlen and call.weights is not None and not caps.varlen_weights:
+        reasons.append(f"{caps.label} returns no weights on variable-length calls (weights={call.weights!r} requested)")
+    missing = sorted(call.mask_kinds() - caps.mask_kinds)
+    if missing:
+        reasons.append(f"{caps.label} reads no {', '.join(missing)} mask pieces (mask {call.mask!r})")
+    if caps.masked_devices is not None and not call.plan.is_empty and device not in caps.masked_devices:
+        reasons.append(
+            f"{caps.label} takes masks only on {', '.join(sorted(caps.masked_devices))}, where fully masked rows "
+            f"are checked to give zeros, not on {device}"
+        )
+    grad = torch.is_grad_enabled()
+    if (
+        call.weights is not None
+        and not caps.weights_grad
+        and grad
+        and any(t.requires_grad for t in (call.query, call.key, call.value))
+    ):
+        reasons.append(f"{caps.label}'s weights={call.weights!r} are not differentiable and the inputs require grad")
+    if not caps.bias_grad and grad and any(t.requires_grad for t in call.plan.bias):
+        reasons.append(f"{caps.label} computes no gradient for a Bias tensor that requires grad")
+    if caps.extra is not None:
+        reasons.extend(caps.extra(call))
+    return reasons
 
 
 def _auto_reasons(b: Backend, call: Call) -> list[str]:
     """Why dispatch, left to itself, does not pick ``b`` for ``call``."""
-    reasons = b.not_supported_reasons(call)
-    devices = getattr(b, "auto_devices", None)
+    reasons = not_supported_reasons(b.caps, call)
+    devices = b.caps.auto_devices
     device = call.query.device.type
     if not reasons and devices is not None and device not in devices:
-        reasons.append(f"picked automatically only on {', '.join(sorted(devices))}, not {device} (force it with backend={b.name!r})")
+        reasons.append(
+            f"picked automatically only on {', '.join(sorted(devices))}, not {device} "
+            f"(force it with backend={b.name!r} or mha.use_backend({b.name!r}))"
+        )
     return reasons
 
 
 def explain_dispatch(call: Call) -> dict[str, list[str]]:
     """For each backend, the reasons dispatch does not pick it for ``call`` (empty list = it may)."""
-    return {name: _auto_reasons(b, call) for name, b in _registry().items()}
+    return {name: _auto_reasons(b, call) for name, b in REGISTRY.items()}
 
 
 def select_backend(call: Call, backend: str | None = None) -> Backend:
-    """The forced ``backend``, or the first that supports ``call``."""
-    registry = _registry()
+    """The backend for ``call``: ``backend`` if given, else the one forced by
+    :func:`use_backend`, else the first in :data:`REGISTRY` that can serve it."""
+    if backend is None:
+        backend = _forced_backend()
     if backend is not None:
-        if backend not in registry:
-            raise ValueError(f"unknown backend {backend!r}; choose one of {sorted(registry)}")
-        chosen = registry[backend]
-        reasons = chosen.not_supported_reasons(call)
+        _check_name(backend)
+        chosen = REGISTRY[backend]
+        reasons = not_supported_reasons(chosen.caps, call)
         if reasons:
+            kind = "variable-length (varlen) call" if call.is_varlen else "call"
             raise NotImplementedError(
-                f"backend {backend!r} cannot serve this call:\n" + "\n".join(f"  - {r}" for r in reasons)
+                f"backend {backend!r} cannot serve this {kind}:\n" + "\n".join(f"  - {r}" for r in reasons)
             )
         return chosen
-    for b in registry.values():
-        if not _auto_reasons(b, call):
+    why: dict[str, list[str]] = {}
+    for name, b in REGISTRY.items():
+        why[name] = _auto_reasons(b, call)
+        if not why[name]:
             return b
-    raise NotImplementedError(  # pragma: no cover - the reference backend serves every call
-        "no backend can serve this call"
+    raise NotImplementedError(
+        "no backend can serve this call:\n"
+        + "\n".join(f"  {name}:\n" + "\n".join(f"    - {r}" for r in rs) for name, rs in why.items())
     )

@@ -27,7 +27,7 @@ from ._dispatch import explain_dispatch
 from ._frontend import plan_forward
 from ._module import MultiheadAttention
 
-# Elements of one block of scores in the blocked backend (mirrors its _BLOCK_ELEMENTS).
+# Elements of one block of scores in the tiled backend (mirrors its _BLOCK_ELEMENTS).
 _BLOCKED_SCORES = 1 << 20
 
 
@@ -350,7 +350,7 @@ def _memory_rows(
     score_bytes = 4 if itemsize < 4 else itemsize
     if backend == "sdpa":
         rows.append(("scores workspace", "fused SDPA kernel", 0))
-    elif backend == "blocked":
+    elif backend == "tiled":
         block = min(N * H * L * S, max(_BLOCKED_SCORES, H * S))
         rows.append(("scores workspace", f"one block of ~{block} scores (x2)", 2 * block * score_bytes))
     elif backend == "reference":

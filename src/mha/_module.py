@@ -12,11 +12,11 @@ from torch import Tensor, nn
 from torch.nn.init import constant_, xavier_normal_, xavier_uniform_
 from torch.nn.modules.linear import NonDynamicallyQuantizableLinear
 
-from ._core import attention
+from ._core import attention, packed_attention
 from ._frontend import ForwardPlan, KeyLengths, ShardedMasks, plan_forward
 from ._script import ScriptableAttention
 from ._validate import validate_constructor
-from ._varlen import Offsets, jagged_from_packed, nested_packed, nested_weights, packed_attention
+from ._varlen import Offsets, jagged_from_packed, nested_packed, nested_weights
 from .distributed._context import context_parallel_attention
 
 

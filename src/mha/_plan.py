@@ -37,14 +37,7 @@ class Band:
 
     def allowed(self, rows: Tensor, S: int) -> Tensor:
         """Boolean ``(len(rows), S)`` for the given query row indices."""
-        i = rows[:, None]
-        j = torch.arange(S, device=rows.device)[None, :]
-        ok = torch.ones(rows.shape[0], S, dtype=torch.bool, device=rows.device)
-        if self.lo is not None:
-            ok &= j >= i + self.lo
-        if self.hi is not None:
-            ok &= j <= i + self.hi
-        return ok
+        return m.band_allowed(rows[:, None], torch.arange(S, device=rows.device)[None, :], self.lo, self.hi)
 
     def rows_with_keys(self, L: int, S: int) -> tuple[int, int]:
         """Half-open range of query rows that have at least one key in ``[0, S)``."""
@@ -61,12 +54,18 @@ class MaskPlan:
 
     ``allowed`` tensors are boolean (True = may attend) and ``bias`` tensors are
     additive, each 4-D and broadcastable to ``(N, H, L, S)``.
+
+    ``align`` is set for a variable-length plan only (:func:`plan_varlen_mask`):
+    its band is that of a square sequence (``L_n == S_n``), and ``align`` says how
+    it moves per sequence: ``"top_left"`` not at all, ``"bottom_right"`` by
+    ``S_n - L_n``, ``"mixed"`` when the mask intersects bands of both alignments.
     """
 
     band: Band | None = None
     lengths: Tensor | None = None
     allowed: tuple[Tensor, ...] = field(default=())
     bias: tuple[Tensor, ...] = field(default=())
+    align: str | None = None
 
     @property
     def is_empty(self) -> bool:
@@ -149,6 +148,39 @@ def _rows(t: Tensor, start: int, stop: int) -> Tensor:
     return t if t.shape[2] == 1 else t[:, :, start:stop]
 
 
+def plan_varlen_mask(mask: m.Mask | None) -> MaskPlan:
+    """The plan of a band mask (``Causal``/``Window``) aligned per sequence of a
+    variable-length batch: the band of a square sequence, with its ``align``."""
+    if mask is None:
+        return MaskPlan()
+    parts = mask.parts()
+    validate_band_only(parts)
+    band: Band | None = None
+    aligns = set()
+    for part in parts:
+        if not isinstance(part, m.Window):
+            continue  # validate_band_only let nothing else through
+        aligns.add(part.align)
+        b = _window_band(part, 0, 0)
+        band = b if band is None else band.intersect(b)
+    return MaskPlan(band, align=aligns.pop() if len(aligns) == 1 else "mixed")
+
+
+def validate_band_only(parts: tuple[m.Mask, ...]) -> None:
+    """Variable-length calls take only band masks (``Causal``/``Window``), aligned per sequence."""
+    for part in parts:
+        if not isinstance(part, m.Window):
+            raise ValueError(
+                f"variable-length (jagged) inputs take only Causal or Window masks, got {part!r}; "
+                "jagged sequences carry their own lengths, so no padding mask is needed"
+            )
+
+
+def _window_band(part: m.Window, L: int, S: int) -> Band:
+    off = part.offset(L, S)
+    return Band(None if part.before is None else off - part.before, None if part.after is None else off + part.after)
+
+
 def plan_mask(mask: m.Mask | None, L: int, S: int) -> MaskPlan:
     """Reduce a mask object to a :class:`MaskPlan` for a call with ``L`` queries and ``S`` keys."""
     if mask is None:
@@ -159,11 +191,7 @@ def plan_mask(mask: m.Mask | None, L: int, S: int) -> MaskPlan:
     bias: list[Tensor] = []
     for part in mask.parts():
         if isinstance(part, m.Window):
-            off = part.offset(L, S)
-            b = Band(
-                None if part.before is None else off - part.before,
-                None if part.after is None else off + part.after,
-            )
+            b = _window_band(part, L, S)
             band = b if band is None else band.intersect(b)
         elif isinstance(part, m.KeyPadding):
             lengths = part.lengths if lengths is None else torch.minimum(lengths, part.lengths)

@@ -45,6 +45,9 @@ __all__ = [
     "KeyPadding",
     "Mask",
     "Window",
+    "band_allowed",
+    "causal_blocked",
+    "right_padding_lengths",
 ]
 
 Align = Literal["top_left", "bottom_right"]
@@ -85,6 +88,27 @@ class Mask:
 
     def _check_shape(self, N: int, H: int, L: int, S: int) -> None:
         """Raise ValueError if this mask cannot apply to ``(N, H, L, S)``."""
+
+    def tensors(self) -> tuple[Tensor, ...]:
+        """The tensors this mask reads (to check their device against the query's)."""
+        return tuple(t for part in self.parts() if part is not self for t in part.tensors())
+
+
+def band_allowed(i: Tensor, j: Tensor, lo: int | None, hi: int | None) -> Tensor:
+    """The band predicate ``i + lo <= j <= i + hi`` (None: unbounded side), broadcast
+    over query indices ``i`` and key indices ``j``; the single home of this test."""
+    ok = torch.ones(torch.broadcast_shapes(i.shape, j.shape), dtype=torch.bool, device=i.device)
+    if lo is not None:
+        ok &= j >= i + lo
+    if hi is not None:
+        ok &= j <= i + hi
+    return ok
+
+
+def causal_blocked(L: int, S: int, device: torch.device | str | None = None) -> Tensor:
+    """The standard causal mask as torch writes it for ``nn.MultiheadAttention``: boolean
+    ``(L, S)``, True (blocked) where ``j > i``, i.e. ``torch.ones(L, S).triu(1)``."""
+    return torch.ones(L, S, dtype=torch.bool, device=device).triu(1)
 
 
 def _blocked_to_additive(allowed: Tensor, dtype: torch.dtype) -> Tensor:
@@ -128,12 +152,7 @@ class Window(Mask):
         """Boolean ``(L, S)`` band."""
         i = torch.arange(L, device=device)[:, None] + self.offset(L, S)
         j = torch.arange(S, device=device)[None, :]
-        ok = torch.ones(L, S, dtype=torch.bool, device=device)
-        if self.before is not None:
-            ok &= j >= i - self.before
-        if self.after is not None:
-            ok &= j <= i + self.after
-        return ok
+        return band_allowed(i, j, None if self.before is None else -self.before, self.after)
 
     def _additive(self, N, H, L, S, *, device, dtype):
         return _blocked_to_additive(self.allowed(L, S, device), dtype)
@@ -202,6 +221,9 @@ class KeyPadding(Mask):
         if self.lengths.shape[0] != N:
             raise ValueError(f"KeyPadding has {self.lengths.shape[0]} lengths but the batch has N={N}")
 
+    def tensors(self) -> tuple[Tensor, ...]:
+        return (self.lengths,)
+
     def allowed(self, S: int) -> Tensor:
         """Boolean ``(N, S)``: True at real keys."""
         return torch.arange(S, device=self.lengths.device)[None, :] < self.lengths[:, None]
@@ -210,7 +232,11 @@ class KeyPadding(Mask):
         return _blocked_to_additive(self.allowed(S).to(device)[:, None, None, :], dtype)
 
     def __repr__(self) -> str:
-        return f"KeyPadding(lengths={self.lengths.tolist()})"
+        lengths = self.lengths
+        if lengths.device.type == "meta" or lengths.numel() > 16:
+            return f"KeyPadding(lengths of shape {tuple(lengths.shape)} on {lengths.device})"
+        return f"KeyPadding(lengths={lengths.tolist()})"
+
 
 
 def right_padding_lengths(padding_mask: Tensor) -> Tensor | None:
@@ -251,6 +277,9 @@ class _TensorMask(Mask):
         """The tensor viewed with 4 dims (leading 1s added), no copy."""
         t = self.tensor
         return t.reshape((1,) * (4 - t.dim()) + tuple(t.shape))
+
+    def tensors(self) -> tuple[Tensor, ...]:
+        return (self.tensor,)
 
     def _check_shape(self, N, H, L, S):
         target = (N, H, L, S)

@@ -1,1 +1,2 @@
-"""Attention backends. Each exposes ``BACKEND`` with ``not_supported_reasons`` and ``forward``."""
+"""Attention backends. Each exposes ``BACKEND``: a ``name``, a capability record ``caps``
+(:class:`mha._types.Capabilities`) and ``forward(call)``; :mod:`mha._dispatch` registers them."""

@@ -10,16 +10,19 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .._core import AttentionOutput, Call
+from .._types import AttentionOutput, Call, Capabilities
+from ._grouped import by_groups
+from ._ops import masked_logsumexp
 
 
 class _Reference:
     name = "reference"
-
-    def not_supported_reasons(self, call: Call) -> list[str]:
-        return []
+    caps = Capabilities(label="the reference backend")
 
     def forward(self, call: Call) -> AttentionOutput:
+        return by_groups(call, self._dense) if call.is_varlen else self._dense(call)
+
+    def _dense(self, call: Call) -> AttentionOutput:
         N, Hq, Hkv, L, S, _, _ = call.shape
         dtype = torch.float64 if call.query.dtype == torch.float64 else torch.float32
         q, k, v = (t.to(dtype) for t in (call.query, call.key, call.value))
@@ -28,12 +31,10 @@ class _Reference:
         scores = torch.matmul(q, k.transpose(-1, -2)) * call.scale
         if call.mask is not None:
             scores = scores + call.mask.materialize(N, Hq, L, S, device=q.device, dtype=dtype)
-        # Fully masked rows are filled with 0 before logsumexp/softmax and set after:
-        # logsumexp's gradient on an all -inf row is exp(-inf - -inf) = NaN otherwise.
+        lse = masked_logsumexp(scores)
+        # Fully masked rows are filled with 0 before the softmax and set to 0 after.
         empty = torch.isneginf(scores).all(dim=-1, keepdim=True)
-        scores = scores.masked_fill(empty, 0.0)
-        lse = torch.logsumexp(scores, dim=-1).masked_fill(empty[..., 0], float("-inf"))
-        probs = torch.softmax(scores, dim=-1).masked_fill(empty, 0.0)
+        probs = torch.softmax(scores.masked_fill(empty, 0.0), dim=-1).masked_fill(empty, 0.0)
         if call.dropout_p > 0:
             probs = F.dropout(probs, call.dropout_p)
         out = torch.matmul(probs, v).to(call.query.dtype)

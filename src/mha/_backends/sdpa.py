@@ -10,44 +10,50 @@ or the log-sum-exp.
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .._core import AttentionOutput, Call, zeros_in_graph
 from .._plan import MaskPlan
+from .._types import AttentionOutput, Call, Capabilities, zeros_in_graph
+from ._grouped import by_groups
+
+CAPABILITIES = Capabilities(
+    label="SDPA",
+    weights=frozenset(),
+    lse=False,
+    # On CPU torch gives 0 for fully masked rows; its GPU kernels are not all checked to.
+    masked_devices=frozenset({"cpu"}),
+)
 
 
 class _SDPA:
     name = "sdpa"
-
-    def not_supported_reasons(self, call: Call) -> list[str]:
-        reasons = []
-        if call.weights is not None:
-            reasons.append(f"SDPA returns no attention weights (weights={call.weights!r} requested)")
-        if call.return_lse:
-            reasons.append("SDPA returns no log-sum-exp (return_lse=True requested)")
-        if call.query.device.type != "cpu" and not call.plan.is_empty:
-            # On CPU torch gives 0 for fully masked rows; its GPU kernels are not all checked to.
-            reasons.append(f"masked SDPA is only checked for fully masked rows on CPU, not {call.query.device.type}")
-        return reasons
+    caps = CAPABILITIES
 
     def forward(self, call: Call) -> AttentionOutput:
+        return by_groups(call, self._dense) if call.is_varlen else self._dense(call)
+
+    def _dense(self, call: Call) -> AttentionOutput:
         q, k, v = call.query, call.key, call.value
         if call.plan.lengths is None:
             out = _sdpa(q, k, v, call.plan, call.scale, call.dropout_p)
         else:
-            out = _by_length(q, k, v, call.plan, call.scale, call.dropout_p)
+            out = _by_length(q, k, v, call.plan.lengths, call.plan, call.scale, call.dropout_p)
         return AttentionOutput(out, None, None)
 
 
-def _by_length(q: Tensor, k: Tensor, v: Tensor, plan: MaskPlan, scale: float, dropout_p: float) -> Tensor:
+def _by_length(
+    q: Tensor, k: Tensor, v: Tensor, key_lengths: Tensor, plan: MaskPlan, scale: float, dropout_p: float
+) -> Tensor:
     """Each batch row with its keys cut to its length: padding costs nothing.
 
     Rows of equal length run together in one SDPA call when the mask's tensors
     do not vary over the batch."""
     S = k.shape[2]
-    lengths = [min(max(length, 0), S) for length in plan.lengths.tolist()]
+    lengths = [min(max(length, 0), S) for length in key_lengths.tolist()]
     N, Hq, L, _ = q.shape
     if not any(lengths):
         return zeros_in_graph((N, Hq, L, v.shape[-1]), q, k, v, *plan.bias)
@@ -76,9 +82,21 @@ def _by_length(q: Tensor, k: Tensor, v: Tensor, plan: MaskPlan, scale: float, dr
     return out
 
 
+def _heads_differ(q: Tensor, k: Tensor) -> bool:
+    """Whether ``Hq != Hkv``, as the Python bool SDPA's ``enable_gqa`` must be.
+
+    Under ``torch.jit.trace`` sizes are traced tensors; the head counts are fixed by
+    the model, so the trace takes them as constants (without the TracerWarning)."""
+    if torch.jit.is_tracing():
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", torch.jit.TracerWarning)
+            return bool(q.shape[1] != k.shape[1])
+    return q.shape[1] != k.shape[1]
+
+
 def _sdpa(q: Tensor, k: Tensor, v: Tensor, plan: MaskPlan, scale: float, dropout_p: float) -> Tensor:
     L, S = q.shape[2], k.shape[2]
-    gqa = q.shape[1] != k.shape[1]
+    gqa = _heads_differ(q, k)
     if plan.band is not None and plan.band.is_top_left_causal and not plan.has_tensors:
         return F.scaled_dot_product_attention(
             q, k, v, dropout_p=dropout_p, is_causal=True, scale=scale, enable_gqa=gqa

@@ -40,9 +40,9 @@ import os
 import torch
 from torch import Tensor
 
-from .. import masks as _masks
-from .._core import AttentionOutput, Call
-from .._plan import plan_mask
+from .._types import AttentionOutput, Call, Capabilities
+from ._grouped import by_groups
+from ._layout import new_output
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _MAX_HEAD_DIM = 256
@@ -54,14 +54,6 @@ def _kernels():
     from . import _triton_kernels
 
     return _triton_kernels
-
-
-def new_output(q: Tensor, dv: int) -> Tensor:
-    """The forward's output ``(N, Hq, L, Dv)``, laid out ``(N, L, Hq, Dv)`` in memory (as
-    SDPA's fused kernels do): the module's merge of the heads into ``(N, L, E)`` is then
-    a view, not a copy."""
-    N, Hq, L, _ = q.shape
-    return q.new_empty(N, L, Hq, dv).transpose(1, 2)
 
 
 @torch.library.custom_op("mha::triton_attention_fwd", mutates_args=())
@@ -240,41 +232,66 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def _needs_grad(*tensors: Tensor) -> bool:
-    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+@functools.cache
+def _installed() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def _extra_reasons(call: Call) -> list[str]:
+    """What the capability record cannot say: installed, CUDA (or the interpreter), grid
+    limits, int32 offsets, one band alignment per varlen call."""
+    if not _installed():
+        return ["triton is not installed: pip install 'mha[triton]'"]
+    reasons = []
+    device = call.query.device.type
+    if device != "cuda" and not _interpreting():
+        reasons.append(
+            f"Triton kernels need CUDA tensors, got {device} "
+            "(on CPU they run only in Triton's interpreter, TRITON_INTERPRET=1, for tests)"
+        )
+    N, Hq, _, L, S, _, _ = call.shape
+    if N * Hq > _MAX_GRID_Y:
+        what = "sequence" if call.is_varlen else "batch row"
+        reasons.append(
+            f"the triton backend runs one program per {what} and head along a grid axis of at most "
+            f"{_MAX_GRID_Y}, got N={N} * Hq={Hq}; split the batch"
+        )
+    if call.is_varlen and call.weights is None:
+        if call.plan.align == "mixed":
+            reasons.append(
+                f"the varlen Triton kernels take bands of one alignment, got {call.mask!r} "
+                "(top_left and bottom_right mixed)"
+            )
+        if max(L, S) >= 2**31:
+            reasons.append(f"the varlen Triton kernels take int32 offsets, got {L} queries and {S} keys")
+    return reasons
+
+
+CAPABILITIES = Capabilities(
+    label="the triton backend",
+    auto_devices=frozenset({"cuda"}),
+    dtypes=_DTYPES,
+    max_head_dim=_MAX_HEAD_DIM,
+    dropout=False,
+    weights_grad=True,
+    bias_grad=False,
+    extra=_extra_reasons,
+)
 
 
 class _Triton:
-    name = "triton"
-    auto_devices = frozenset({"cuda"})
+    """Fused kernels; a varlen call runs in one launch, or per group of equal lengths
+    when weights are asked for (the varlen kernels compute none)."""
 
-    def not_supported_reasons(self, call: Call) -> list[str]:
-        if importlib.util.find_spec("triton") is None:
-            return ["triton is not installed: pip install 'mha[triton]'"]
-        reasons = []
-        device = call.query.device.type
-        if device != "cuda" and not _interpreting():
-            reasons.append(
-                f"Triton kernels need CUDA tensors, got {device} "
-                "(on CPU they run only in Triton's interpreter, TRITON_INTERPRET=1, for tests)"
-            )
-        if call.query.dtype not in _DTYPES:
-            reasons.append(f"the triton backend takes float16, bfloat16 or float32, got {call.query.dtype}")
-        N, Hq, _, _, _, Dk, Dv = call.shape
-        if max(Dk, Dv) > _MAX_HEAD_DIM:
-            reasons.append(f"the triton backend takes head dims up to {_MAX_HEAD_DIM}, got Dk={Dk}, Dv={Dv}")
-        if N * Hq > _MAX_GRID_Y:
-            reasons.append(
-                f"the triton backend runs one program per batch row and head along a grid axis of at most "
-                f"{_MAX_GRID_Y}, got N={N} * Hq={Hq}; split the batch"
-            )
-        if call.dropout_p > 0:
-            reasons.append(f"the triton backend has no dropout (dropout_p={call.dropout_p}); pass 0.0 in eval")
-        if _needs_grad(*call.plan.bias):
-            reasons.append("the triton backend computes no gradient for a Bias tensor that requires grad")
-        return reasons
+    name = "triton"
+    caps = CAPABILITIES
 
     def forward(self, call: Call) -> AttentionOutput:
+        if call.is_varlen:
+            return by_groups(call, self._dense) if call.weights is not None else self._varlen(call)
+        return self._dense(call)
+
+    def _dense(self, call: Call) -> AttentionOutput:
         q, k, v = call.query, call.key, call.value
         plan = call.plan
         lengths = None
@@ -289,61 +306,21 @@ class _Triton:
             out, None if call.weights is None else w, (lse * _LN2).to(q.dtype) if call.return_lse else None
         )
 
+    def _varlen(self, call: Call) -> AttentionOutput:
+        """The packed batch in one launch of :func:`varlen_fwd`; nothing here copies
+        between host and device when the offsets are on the device with their longest
+        lengths known."""
+        q_offsets, k_offsets = call.offsets()
+        q = call.query
+        band = call.plan.band  # a square sequence's band, shifted per sequence if bottom-right
+        lo = None if band is None else band.lo
+        hi = None if band is None else band.hi
+        out, lse, _ = varlen_fwd(
+            q, call.key, call.value, q_offsets.on(q.device), k_offsets.on(q.device),
+            q_offsets.longest(), k_offsets.longest(), call.scale, lo, hi,
+            call.plan.align == "bottom_right",
+        )
+        return AttentionOutput(out, None, (lse * _LN2).to(q.dtype) if call.return_lse else None)
+
 
 BACKEND = _Triton()
-
-
-def _alignments(mask: _masks.Mask | None) -> set[str]:
-    """The alignments (``"top_left"``, ``"bottom_right"``) of a mask's bands."""
-    return set() if mask is None else {p.align for p in mask.parts() if isinstance(p, _masks.Window)}
-
-
-def varlen_not_supported_reasons(call: Call, n_seq: int) -> list[str]:
-    """Why :func:`varlen_attention` cannot serve a packed batch of ``n_seq`` sequences;
-    empty if it can.
-
-    ``call`` holds the packed q ``(Tq, Hq, Dk)``, k and v viewed as one sequence
-    ``(1, H, T, D)``, with the (band) mask, dropout and weights of the batch."""
-    reasons = BACKEND.not_supported_reasons(call)
-    if call.weights is not None:
-        reasons.append(
-            f"the varlen Triton kernels compute no attention weights (weights={call.weights!r}); "
-            "jagged batches with weights run per group of equal lengths"
-        )
-    if len(_alignments(call.mask)) > 1:
-        reasons.append(
-            f"the varlen Triton kernels take bands of one alignment, got {call.mask!r} "
-            "(top_left and bottom_right mixed)"
-        )
-    _, Hq, _, Tq, Tk, _, _ = call.shape
-    if n_seq * Hq > _MAX_GRID_Y:
-        reasons.append(
-            f"the varlen Triton kernels run one program per sequence and head along a grid axis "
-            f"of at most {_MAX_GRID_Y}, got {n_seq} sequences * {Hq} heads; split the batch"
-        )
-    if max(Tq, Tk) >= 2**31:
-        reasons.append(f"the varlen Triton kernels take int32 offsets, got {Tq} queries and {Tk} keys")
-    return reasons
-
-
-def varlen_attention(
-    query: Tensor, key: Tensor, value: Tensor, q_offsets: Tensor, k_offsets: Tensor, max_q: int, max_k: int,
-    mask: _masks.Mask | None, scale: float, return_lse: bool,
-) -> tuple[Tensor, Tensor | None]:
-    """Attention over packed sequences in one launch of :func:`varlen_fwd`.
-
-    query ``(Tq, Hq, Dk)``, key ``(Tk, Hkv, Dk)``, value ``(Tk, Hkv, Dv)``; sequence
-    ``n`` owns rows ``q_offsets[n]:q_offsets[n + 1]`` and ``k_offsets[n]:k_offsets[n + 1]``
-    (int32 tensors on the data's device, within ``0..Tq``/``0..Tk``), the longest
-    ``max_q`` and ``max_k`` rows; ``mask`` a band (``Causal``/``Window``) of one
-    alignment, aligned per sequence. Check :func:`varlen_not_supported_reasons` first.
-    Nothing here copies between host and device.
-
-    Returns the output ``(Tq, Hq, Dv)`` and, if ``return_lse``, the natural-log lse
-    packed ``(Hq, Tq)``, both in the query's dtype."""
-    band = plan_mask(mask, 0, 0).band  # a square sequence's offsets: no alignment shift
-    lo = None if band is None else band.lo
-    hi = None if band is None else band.hi
-    bottom_right = _alignments(mask) == {"bottom_right"}
-    out, lse, _ = varlen_fwd(query, key, value, q_offsets, k_offsets, max_q, max_k, scale, lo, hi, bottom_right)
-    return out, (lse * _LN2).to(query.dtype) if return_lse else None

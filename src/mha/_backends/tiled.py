@@ -1,4 +1,4 @@
-"""The blocked backend: attention in query-row blocks, in plain PyTorch ops.
+"""The tiled backend: attention in tiles of query rows, in plain PyTorch ops.
 
 It serves every call, and is the path for what SDPA cannot give: attention
 weights (averaged over heads without keeping per-head weights beyond one
@@ -15,8 +15,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .._core import AttentionOutput, Call
 from .._plan import Band
+from .._types import AttentionOutput, Call, Capabilities
+from ._grouped import by_groups
+from ._ops import masked_logsumexp, masked_softmax
 
 # Elements of one block of scores (fp32: 4 MiB). Small enough to stay in cache
 # between the matmul, the softmax and the second matmul; large enough that the
@@ -30,21 +32,6 @@ def _expand_kv(t: Tensor, groups: int) -> Tensor:
         return t
     N, Hkv, S, D = t.shape
     return t[:, :, None].expand(N, Hkv, groups, S, D).reshape(N, Hkv * groups, S, D)
-
-
-def masked_softmax(scores: Tensor) -> Tensor:
-    """Softmax over the last dim that gives 0, not NaN, on rows that are all ``-inf``.
-
-    torch's own ``_safe_softmax`` (what SDPA's math path uses), called through
-    ``torch.ops.aten`` so that dynamo traces it."""
-    return torch.ops.aten._safe_softmax(scores, -1)
-
-
-def _masked_logsumexp(scores: Tensor) -> Tensor:
-    """``logsumexp`` over the last dim, ``-inf`` on all ``-inf`` rows, with a zero (not NaN)
-    gradient there: such rows are filled with 0 first and set back after."""
-    empty = torch.isneginf(scores).all(dim=-1, keepdim=True)
-    return torch.logsumexp(scores.masked_fill(empty, 0.0), dim=-1).masked_fill(empty[..., 0], float("-inf"))
 
 
 def _may_empty_rows(call: Call) -> bool:
@@ -64,13 +51,14 @@ def _may_empty_rows(call: Call) -> bool:
     return S == 0
 
 
-class _Blocked:
-    name = "blocked"
-
-    def not_supported_reasons(self, call: Call) -> list[str]:
-        return []
+class _Tiled:
+    name = "tiled"
+    caps = Capabilities(label="the tiled backend")
 
     def forward(self, call: Call) -> AttentionOutput:
+        return by_groups(call, self._dense) if call.is_varlen else self._dense(call)
+
+    def _dense(self, call: Call) -> AttentionOutput:
         N, Hq, Hkv, L, S, _, _ = call.shape
         in_dtype = call.query.dtype
         dtype = in_dtype if in_dtype in (torch.float32, torch.float64) else torch.float32
@@ -82,17 +70,19 @@ class _Blocked:
         v = _expand_kv(call.value.to(dtype), Hq // Hkv)
         may_empty = _may_empty_rows(call)
         softmax = masked_softmax if may_empty else _softmax
-        logsumexp = _masked_logsumexp if may_empty else _logsumexp
+        logsumexp = masked_logsumexp if may_empty else _logsumexp
         per_row = max(1, Hq * S)
         rows = max(1, min(L, _BLOCK_ELEMENTS // per_row))
         batches = max(1, _BLOCK_ELEMENTS // (per_row * L)) if rows == L else 1
         lengths = None if call.plan.lengths is None else call.plan.lengths.tolist()
-        outs, weights, lses = [], [], []
+        grad = torch.is_grad_enabled() and any(
+            t.requires_grad for t in (call.query, call.key, call.value, *call.plan.bias)
+        )
+        sink = _Blocks(call, dtype) if grad else _Buffers(call, dtype)
         for n0 in range(0, N, batches):
             n1 = min(N, n0 + batches)
             plan = call.plan if batches >= N else call.plan.batch_slice(n0, n1)
             key_limit = S if lengths is None else max(0, min(S, max(lengths[n0:n1])))
-            row_outs, row_weights, row_lses = [], [], []
             for start in range(0, L, rows):
                 stop = min(L, start + rows)
                 # Keys that the band and the lengths leave open to some row of this block:
@@ -105,27 +95,86 @@ class _Blocked:
                 allowed = plan.allowed_rows(start, stop, S, device)
                 if allowed is not None:
                     scores = scores.masked_fill(~_keys(allowed, k0, k1), float("-inf"))
-                if call.return_lse:
-                    row_lses.append(logsumexp(scores))
+                lse = logsumexp(scores) if call.return_lse else None
                 probs = softmax(scores)  # no key open (k0 == k1): empty, and the output 0
                 if call.dropout_p > 0:
                     probs = F.dropout(probs, call.dropout_p)
-                row_outs.append(torch.matmul(probs, v[n0:n1, :, k0:k1]))
-                if k0 > 0 or k1 < S:
-                    probs = F.pad(probs, (k0, S - k1))
-                if call.weights == "mean":
-                    row_weights.append(probs.mean(dim=1))
-                elif call.weights == "per_head":
-                    row_weights.append(probs)
-            outs.append(_cat(row_outs, 2))
-            if row_weights:
-                weights.append(_cat(row_weights, 1 if call.weights == "mean" else 2))
-            if row_lses:
-                lses.append(_cat(row_lses, 2))
-        out = _cat(outs, 0).to(in_dtype)
-        w = _cat(weights, 0).to(in_dtype) if weights else None
-        lse = _cat(lses, 0).to(in_dtype) if lses else None
-        return AttentionOutput(out, w, lse)
+                sink.put((n0, n1, start, stop, k0, k1), torch.matmul(probs, v[n0:n1, :, k0:k1]), probs, lse)
+            sink.end_batch()
+        out, w, lse = sink.result()
+        return AttentionOutput(out.to(in_dtype), None if w is None else w.to(in_dtype), None if lse is None else lse.to(in_dtype))
+
+
+Block = tuple[int, int, int, int, int, int]  # n0, n1, start, stop, k0, k1
+
+
+class _Blocks:
+    """Results collected block by block and concatenated at the end: what autograd needs."""
+
+    def __init__(self, call: Call, dtype: torch.dtype) -> None:
+        self.weights, self.S = call.weights, call.shape[4]
+        self.outs: list[Tensor] = []
+        self.ws: list[Tensor] = []
+        self.lses: list[Tensor] = []
+        self.row_outs: list[Tensor] = []
+        self.row_ws: list[Tensor] = []
+        self.row_lses: list[Tensor] = []
+
+    def put(self, block: Block, out: Tensor, probs: Tensor, lse: Tensor | None) -> None:
+        _, _, _, _, k0, k1 = block
+        self.row_outs.append(out)
+        if lse is not None:
+            self.row_lses.append(lse)
+        if self.weights is not None and (k0 > 0 or k1 < self.S):
+            probs = F.pad(probs, (k0, self.S - k1))
+        if self.weights == "mean":
+            self.row_ws.append(probs.mean(dim=1))
+        elif self.weights == "per_head":
+            self.row_ws.append(probs)
+
+    def end_batch(self) -> None:
+        self.outs.append(_cat(self.row_outs, 2))
+        if self.row_ws:
+            self.ws.append(_cat(self.row_ws, 1 if self.weights == "mean" else 2))
+        if self.row_lses:
+            self.lses.append(_cat(self.row_lses, 2))
+        self.row_outs, self.row_ws, self.row_lses = [], [], []
+
+    def result(self) -> tuple[Tensor, Tensor | None, Tensor | None]:
+        return _cat(self.outs, 0), _cat(self.ws, 0) if self.ws else None, _cat(self.lses, 0) if self.lses else None
+
+
+class _Buffers:
+    """Results written block by block into tensors allocated once (no gradient flows):
+    memory beyond the results is a few blocks, never a second copy of the weights."""
+
+    def __init__(self, call: Call, dtype: torch.dtype) -> None:
+        N, Hq, _, L, S, _, Dv = call.shape
+        device = call.query.device
+        self.weights = call.weights
+        self.out = torch.empty(N, Hq, L, Dv, dtype=dtype, device=device)
+        self.w: Tensor | None = None
+        if call.weights == "mean":
+            self.w = torch.zeros(N, L, S, dtype=dtype, device=device)
+        elif call.weights == "per_head":
+            self.w = torch.zeros(N, Hq, L, S, dtype=dtype, device=device)
+        self.lse = torch.empty(N, Hq, L, dtype=dtype, device=device) if call.return_lse else None
+
+    def put(self, block: Block, out: Tensor, probs: Tensor, lse: Tensor | None) -> None:
+        n0, n1, start, stop, k0, k1 = block
+        self.out[n0:n1, :, start:stop] = out
+        if self.lse is not None and lse is not None:
+            self.lse[n0:n1, :, start:stop] = lse
+        if self.w is not None and self.weights == "mean":
+            torch.mean(probs, dim=1, out=self.w[n0:n1, start:stop, k0:k1])
+        elif self.w is not None:
+            self.w[n0:n1, :, start:stop, k0:k1] = probs
+
+    def end_batch(self) -> None:
+        """Nothing to gather: every block is written in place."""
+
+    def result(self) -> tuple[Tensor, Tensor | None, Tensor | None]:
+        return self.out, self.w, self.lse
 
 
 def _key_range(band: Band | None, start: int, stop: int, key_limit: int) -> tuple[int, int]:
@@ -169,4 +218,4 @@ def _empty(call: Call, device: torch.device) -> AttentionOutput:
     return AttentionOutput(out, w, lse)
 
 
-BACKEND = _Blocked()
+BACKEND = _Tiled()

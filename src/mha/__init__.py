@@ -5,22 +5,30 @@
 inputs, never returns NaN for fully masked rows, and does not pay for padding.
 ``mha.attention`` is the functional core on heads, with mask objects from
 ``mha.masks``. ``mha.explain`` says what a call will do without running it,
-``mha.swap`` puts mha into an existing model, and ``mha.plot`` (matplotlib,
+``mha.swap`` puts mha into an existing model, ``mha.KVCache`` and the decoder
+layers decode token by token without recomputing the past, and ``mha.plot`` (matplotlib,
 imported on first use) draws attention weights.
 """
 
 from typing import Any
 
 from . import masks
+from ._cache import KVCache
 from ._core import AttentionOutput, attention
+from ._decoder import DecoderCache, LayerCache, TransformerDecoder, TransformerDecoderLayer
 from ._explain import Explanation, explain
 from ._module import MultiheadAttention
 from ._swap import swap
 
 __all__ = [
     "AttentionOutput",
+    "DecoderCache",
     "Explanation",
+    "KVCache",
+    "LayerCache",
     "MultiheadAttention",
+    "TransformerDecoder",
+    "TransformerDecoderLayer",
     "attention",
     "explain",
     "masks",

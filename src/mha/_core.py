@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal, NamedTuple
+from typing import TYPE_CHECKING, Literal, NamedTuple
 
 import torch
 from torch import Tensor
 
 from . import masks as _masks
 from ._plan import MaskPlan, plan_mask
+
+if TYPE_CHECKING:
+    from ._cache import KVCache
 
 WeightsMode = Literal["mean", "per_head"]
 
@@ -54,8 +57,8 @@ class Call:
 
 def attention(
     query: Tensor,
-    key: Tensor,
-    value: Tensor,
+    key: Tensor | None,
+    value: Tensor | None,
     mask: _masks.Mask | None = None,
     *,
     scale: float | None = None,
@@ -63,6 +66,8 @@ def attention(
     weights: WeightsMode | None = None,
     return_lse: bool = False,
     backend: str | None = None,
+    cache: KVCache | None = None,
+    new_lengths: Tensor | None = None,
 ) -> AttentionOutput:
     r"""Multi-head scaled dot-product attention with explicit masks.
 
@@ -101,6 +106,17 @@ def attention(
         backend: force ``"sdpa"``, ``"blocked"`` or ``"reference"``; default picks
             the first that supports the call. A forced backend that cannot serve
             the call raises ``NotImplementedError`` listing every reason.
+        cache: an :class:`mha.KVCache`. ``key``/``value`` ``(N, Hkv, T, D)`` are then
+            the new tokens, written into the cache after each sequence's
+            ``lengths[n]`` cached ones; query ``t`` ``(N, Hq, T, Dk)`` sits at position
+            ``lengths[n] + t`` and attends the cache up to and including itself.
+            ``mask`` applies over cache positions (``Window`` counts from the query's
+            position; tensors span ``(N, Hq, T, max_length)``). A static
+            (cross-attention) cache is overwritten by ``key``/``value`` and attended
+            without causality; ``key=value=None`` attends what it holds. Weights and
+            lse span the cache's written positions ``S <= max_length``.
+        new_lengths: with ``cache``, ``(N,)`` how many of the ``T`` new tokens are
+            real (right padding); only those are stored. Default: all ``T``.
 
     Shape legend: N batch, Hq query heads, Hkv key/value heads, L queries,
     S keys, Dk query/key head dim, Dv value head dim.
@@ -115,6 +131,15 @@ def attention(
     Returns:
         :class:`AttentionOutput` ``(output (N, Hq, L, Dv), weights, lse)``.
     """
+    if cache is not None:
+        from ._cache import cached_inputs
+
+        key, value, mask, backend = cached_inputs(cache, query, key, value, mask, new_lengths, backend)
+    elif new_lengths is not None or key is None or value is None:
+        raise ValueError(
+            "attention: new_lengths=, key=None and value=None need cache=; pass key and value "
+            "(N, Hkv, S, D) or a KVCache"
+        )
     if isinstance(query, Tensor) and query.is_nested:
         from ._varlen import core_jagged
 

@@ -24,13 +24,15 @@ class Backend(Protocol):
 
 
 def _registry() -> dict[str, Backend]:
-    from ._backends import blocked, reference, sdpa, triton
+    from ._backends import blocked, decode, reference, sdpa, triton
 
     backends: dict[str, Backend] = {
         "sdpa": sdpa.BACKEND,
         "triton": triton.BACKEND,
         "blocked": blocked.BACKEND,
         "reference": reference.BACKEND,
+        # After the reference, so never picked by itself: cached calls ask for it.
+        "decode": decode.BACKEND,
     }
     return backends
 

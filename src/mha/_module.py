@@ -11,6 +11,7 @@ from torch import Tensor, nn
 from torch.nn.init import constant_, xavier_normal_, xavier_uniform_
 from torch.nn.modules.linear import NonDynamicallyQuantizableLinear
 
+from ._cache import KVCache
 from ._core import attention
 from ._mask_analysis import (
     KeyPaddingSummary,
@@ -18,6 +19,7 @@ from ._mask_analysis import (
     summarize_attn_mask,
     summarize_key_padding_mask,
 )
+from ._module_cache import cached_forward, new_module_cache
 from ._torch_masks import masks_from_torch, reads_values, warn_pitfalls
 from ._validate import ForwardShapes, validate_constructor, validate_forward
 from ._varlen import (
@@ -172,6 +174,7 @@ class MultiheadAttention(nn.Module):
         attn_mask: Tensor | None = None,
         average_attn_weights: bool = True,
         is_causal: bool = False,
+        cache: KVCache | None = None,
     ) -> tuple[Tensor, Tensor | None]:
         """Attend from ``query`` to ``key``/``value``.
 
@@ -188,6 +191,13 @@ class MultiheadAttention(nn.Module):
             average_attn_weights: average the weights over heads.
             is_causal: apply a causal mask (query ``i`` sees keys ``j <= i``); with
                 ``attn_mask`` given as well, both apply.
+            cache: a :class:`mha.KVCache` from :meth:`new_cache`, for decoding.
+                ``query`` ``(T, N, E)`` and ``key``/``value`` are then the ``T`` new
+                tokens (self-attention: appended, attention causal over the cache;
+                ``key_padding_mask`` ``(N, T)`` marks right padding, not stored), or
+                for a static cache the memory to store with its
+                ``key_padding_mask`` (``key=value=None`` on later calls). Weights
+                span the cache's first ``S' <= max_length`` positions.
 
         Returns:
             ``(attn_output, attn_output_weights)``: output ``(L, N, E)`` (or
@@ -196,6 +206,10 @@ class MultiheadAttention(nn.Module):
             or None when ``need_weights=False``. With ``add_bias_kv`` or
             ``add_zero_attn`` the weights have one more column per added key.
         """
+        if cache is not None:
+            return self._forward_cached(
+                query, key, value, key_padding_mask, need_weights, attn_mask, average_attn_weights, cache
+            )
         if isinstance(query, Tensor) and query.is_nested:
             return self._forward_nested(
                 query, key, value, key_padding_mask, need_weights, attn_mask, average_attn_weights, is_causal
@@ -216,6 +230,28 @@ class MultiheadAttention(nn.Module):
             if weights is not None:
                 weights = weights.squeeze(0)
         return out, weights
+
+    def new_cache(self, batch_size: int, max_length: int, *, static: bool = False) -> KVCache:
+        """A :class:`mha.KVCache` for :meth:`forward`'s ``cache=``: ``batch_size``
+        sequences of up to ``max_length`` tokens (``static=True``: cross-attention,
+        memory of up to ``max_length`` tokens), on this module's device and dtype."""
+        return new_module_cache(self, batch_size, max_length, static)
+
+    @torch.jit.unused
+    def _forward_cached(
+        self,
+        query: Tensor,
+        key: Tensor | None,
+        value: Tensor | None,
+        key_padding_mask: Tensor | None,
+        need_weights: bool,
+        attn_mask: Tensor | None,
+        average_attn_weights: bool,
+        cache: KVCache,
+    ) -> tuple[Tensor, Tensor | None]:
+        return cached_forward(
+            self, query, key, value, key_padding_mask, need_weights, average_attn_weights, attn_mask, cache
+        )
 
     def _forward_batched(
         self,

@@ -1,0 +1,113 @@
+"""The decode backend: few queries against many keys, each key read once.
+
+A decode step has ``L`` (often 1) new queries per sequence and a long cache of
+``S`` keys: its cost is reading K and V, so the scores are computed with the
+``G = Hq / Hkv`` query heads of a key/value head as the rows of one matmul
+(GQA without repeating K and V):
+
+    q (N, Hkv, G*L, Dk) @ k^T (N, Hkv, Dk, S) -> s (N, Hkv, G*L, S)
+    p = softmax(scale * s + mask)                 (0 on fully masked rows)
+    o = p @ v  (N, Hkv, G*L, Dv) -> (N, Hq, L, Dv)
+
+On CUDA, calls whose only mask is key lengths (a decode step on a cache) run the
+Triton flash-decoding kernel of :mod:`._triton_decode`, which splits the keys
+across programs and merges the partial results by their log-sum-exp.
+
+Dispatch never picks this backend by itself (it comes after the reference); the
+cached route of :func:`mha.attention` asks for it when there are at most
+:data:`MAX_ROWS` query rows per key/value head.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .._core import AttentionOutput, Call, zeros_in_graph
+from .blocked import _masked_logsumexp, masked_softmax
+
+MAX_ROWS = 64
+
+
+class _Decode:
+    name = "decode"
+
+    def not_supported_reasons(self, call: Call) -> list[str]:
+        _, Hq, Hkv, L, _, _, _ = call.shape
+        rows = L * (Hq // Hkv)
+        if rows > MAX_ROWS:
+            return [
+                f"L * Hq / Hkv = {rows} query rows per key/value head, more than {MAX_ROWS}: "
+                "a decode backend is for few queries against many keys"
+            ]
+        return []
+
+    def forward(self, call: Call) -> AttentionOutput:
+        if _triton_serves(call):
+            from ._triton_decode import decode_attention
+
+            lengths = call.plan.lengths
+            assert lengths is not None  # _triton_serves checked it
+            out, lse = decode_attention(call.query, call.key, call.value, lengths, call.scale)
+            return AttentionOutput(out, None, lse if call.return_lse else None)
+        return _grouped(call)
+
+
+def _triton_serves(call: Call) -> bool:
+    """Whether the Triton decode kernel serves ``call``: CUDA, key lengths as the only
+    mask, no weights or dropout, head dims up to 256."""
+    plan = call.plan
+    return (
+        call.query.is_cuda
+        and plan.lengths is not None
+        and plan.band is None
+        and not plan.has_tensors
+        and call.weights is None
+        and call.dropout_p == 0.0
+        and call.query.dtype in (torch.float16, torch.bfloat16, torch.float32)
+        and max(call.key.shape[-1], call.value.shape[-1]) <= 256
+        and importlib.util.find_spec("triton") is not None
+    )
+
+
+def _grouped(call: Call) -> AttentionOutput:
+    N, Hq, Hkv, L, S, Dk, Dv = call.shape
+    G = Hq // Hkv
+    if N * Hq * L == 0 or S == 0:
+        out = zeros_in_graph((N, Hq, L, Dv), call.query, call.key, call.value)
+        lse = out.new_full((N, Hq, L), float("-inf")) if call.return_lse else None
+        weights = None
+        if call.weights is not None:
+            weights = out.new_zeros((N, L, S) if call.weights == "mean" else (N, Hq, L, S))
+        return AttentionOutput(out, weights, lse)
+    dtype = torch.float64 if call.query.dtype == torch.float64 else torch.float32
+    q = call.query.reshape(N, Hkv, G * L, Dk)
+    scores = torch.matmul(q, call.key.transpose(-1, -2)).to(dtype).view(N, Hkv, G, L, S) * call.scale
+    additive = call.plan.additive_rows(0, L, S, dtype, call.query.device)
+    if additive is not None:
+        scores = scores + _grouped_mask(additive, Hkv, G)
+    probs = masked_softmax(scores)
+    lse = _masked_logsumexp(scores).reshape(N, Hq, L).to(call.query.dtype) if call.return_lse else None
+    if call.dropout_p > 0:
+        probs = F.dropout(probs, call.dropout_p)
+    out = torch.matmul(probs.view(N, Hkv, G * L, S).to(call.value.dtype), call.value)
+    weights = None
+    if call.weights == "mean":
+        weights = probs.mean(dim=(1, 2)).to(call.query.dtype)
+    elif call.weights == "per_head":
+        weights = probs.reshape(N, Hq, L, S).to(call.query.dtype)
+    return AttentionOutput(out.view(N, Hq, L, Dv), weights, lse)
+
+
+def _grouped_mask(additive: Tensor, Hkv: int, G: int) -> Tensor:
+    """A mask broadcastable to ``(N, Hq, L, S)`` as one broadcastable to ``(N, Hkv, G, L, S)``."""
+    n, h, rows, keys = additive.shape
+    if h == 1:
+        return additive[:, :, None]
+    return additive.reshape(n, Hkv, G, rows, keys)
+
+
+BACKEND = _Decode()

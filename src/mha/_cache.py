@@ -224,7 +224,7 @@ def _write(buffer: Tensor, new: Tensor, lengths: Tensor, counts: Tensor) -> None
 
 
 def _cache_masks(
-    mask: _masks.Mask | None, before: Tensor, total: Tensor, T: int, S: int, N: int, Hq: int, M: int, causal: bool
+    mask: _masks.Mask | None, before: Tensor, total: Tensor, T: int, S: int, N: int, causal: bool
 ) -> _masks.Mask:
     """The mask of a cached call over cache positions ``[0, S)``: ``KeyPadding(total)``,
     per-sequence causality (query ``t`` at ``before[n] + t``) and the user's ``mask``,
@@ -237,10 +237,8 @@ def _cache_masks(
             if part.before is not None:
                 window = part.before if window is None else min(window, part.before)
         elif isinstance(part, _masks.KeyPadding):
-            part._check_shape(N, Hq, T, M)
             out = out & part
         elif isinstance(part, _masks._TensorMask):
-            part._check_shape(N, Hq, T, M)
             tensor = part.tensor4d
             out = out & type(part)(tensor[..., :S] if tensor.shape[-1] > 1 else tensor)
     if (causal and T > 1) or window is not None:
@@ -296,6 +294,8 @@ def _cached_inputs(
         )
     N, Hq, T, _ = query.shape
     M = cache.max_length
+    if mask is not None:
+        mask._check_shape(N, Hq, T, M)
     if cache.batch_size != N:
         raise ValueError(
             f"attention: query (N, Hq, T, Dk) = {tuple(query.shape)} has N={N} but the cache holds "
@@ -308,7 +308,7 @@ def _cached_inputs(
                 "already filled; pass the new tokens' key and value (N, Hkv, T, D)"
             )
         S = M if cache._bound is None else cache._bound
-        return cache.key[:, :, :S], cache.value[:, :, :S], _static_mask(cache, mask, N, Hq, T, M, S)
+        return cache.key[:, :, :S], cache.value[:, :, :S], _static_mask(cache, mask, N, T, S)
     _validate_new(cache, key, value, N, Hq)
     T_new = key.shape[2]
     if T_new > M:
@@ -330,7 +330,7 @@ def _cached_inputs(
         cache.lengths.copy_(counts)
         cache._bound = bound
         S = M if bound is None else bound
-        return cache.key[:, :, :S], cache.value[:, :, :S], _static_mask(cache, mask, N, Hq, T, M, S)
+        return cache.key[:, :, :S], cache.value[:, :, :S], _static_mask(cache, mask, N, T, S)
     if T_new != T:
         raise ValueError(
             f"attention: with a self-attention cache, query (N, Hq, T, Dk) = {tuple(query.shape)} and key "
@@ -347,15 +347,13 @@ def _cached_inputs(
     return (
         cache.key[:, :, :S],
         cache.value[:, :, :S],
-        _cache_masks(mask, before, total, T, S, N, Hq, M, causal=True),
+        _cache_masks(mask, before, total, T, S, N, causal=True),
     )
 
 
-def _static_mask(
-    cache: KVCache, mask: _masks.Mask | None, N: int, Hq: int, T: int, M: int, S: int
-) -> _masks.Mask:
+def _static_mask(cache: KVCache, mask: _masks.Mask | None, N: int, T: int, S: int) -> _masks.Mask:
     """The mask over a static cache: its lengths, its key padding mask and ``mask``; not causal."""
-    out = _cache_masks(mask, cache.lengths, cache.lengths, T, S, N, Hq, M, causal=False)
+    out = _cache_masks(mask, cache.lengths, cache.lengths, T, S, N, causal=False)
     if cache.key_padding_mask is not None:
         out = out & _masks.Blocked(cache.key_padding_mask[:, None, None, :S])
     return out

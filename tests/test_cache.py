@@ -379,3 +379,18 @@ def test_cache_route_uses_decode_backend_and_reports_it(monkeypatch):
     mha.attention(big, k[:, :, :1].expand(1, 2, 33, 8), k[:, :, :1].expand(1, 2, 33, 8), cache=cache)
     mha.attention(q, k[:, :, :1], k[:, :, :1], cache=cache)
     assert served == [(1, 4, 2, 1, 34, 8, 8)]  # the prompt (66 rows per head) went elsewhere
+
+
+def test_lengths_set_by_hand_are_honoured():
+    """A cache whose lengths are written directly (e.g. loaded) is read to those lengths:
+    the host-side bound the eager path slices by is void once lengths change."""
+    g = torch.Generator().manual_seed(11)
+    cache = mha.KVCache(2, 8, 1, 4, dtype=F64)
+    cache.key.copy_(_randn(g, 2, 1, 8, 4))
+    cache.value.copy_(_randn(g, 2, 1, 8, 4))
+    cache.lengths.copy_(torch.tensor([6, 3]))
+    q, k, v = _randn(g, 2, 2, 1, 4), _randn(g, 2, 1, 1, 4), _randn(g, 2, 1, 1, 4)
+    out = mha.attention(q, k, v, cache=cache).output
+    keys, values = cache.key[:, :, :7], cache.value[:, :, :7]
+    ref = mha.attention(q, keys, values, KeyPadding(torch.tensor([7, 4])), backend="reference").output
+    torch.testing.assert_close(out, ref, **TOL[F64])

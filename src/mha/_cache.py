@@ -87,9 +87,11 @@ class KVCache:
         self.lengths = torch.zeros(N, dtype=torch.int64, device=self.key.device)
         self.static = bool(static)
         self.key_padding_mask: Tensor | None = None
-        # An upper bound on lengths.max() known on the host (None: unknown, e.g. after
-        # a compiled step), so that eager steps read only the written part without a sync.
+        # An upper bound on lengths.max() known on the host, so that eager steps read only
+        # the written part without a sync; valid while lengths is the tensor, at the
+        # version, that it was computed for (a compiled step or a user's write voids it).
         self._bound: int | None = 0
+        self._bound_for = self._lengths_state()
 
     @property
     def max_length(self) -> int:
@@ -107,11 +109,25 @@ class KVCache:
             f"value_head_dim={self.value.shape[-1]}{kind}, dtype={self.key.dtype}, device={self.key.device})"
         )
 
+    def _lengths_state(self) -> tuple[int, int]:
+        return id(self.lengths), self.lengths._version
+
+    def _host_bound(self) -> int:
+        """An upper bound on ``lengths.max()``, from the host when still valid, else read."""
+        if self._bound is not None and self._bound_for == self._lengths_state():
+            return self._bound
+        return int(self.lengths.max()) if self.batch_size else 0
+
+    def _set_bound(self, bound: int | None) -> None:
+        self._bound = bound
+        if bound is not None:
+            self._bound_for = self._lengths_state()
+
     def reset(self) -> None:
         """Empty every sequence (the buffers are kept)."""
         self.lengths.zero_()
         self.key_padding_mask = None
-        self._bound = 0
+        self._set_bound(0)
 
     def reorder(self, index: Tensor) -> None:
         """Make the batch the rows ``index`` ``(N',)`` of the current one (beam search).
@@ -187,13 +203,10 @@ def _validate_new_lengths(new_lengths: Tensor | None, N: int, T: int) -> None:
             )
 
 
-def _check_room(cache: KVCache, counts: Tensor, T: int, start: int | None) -> int | None:
-    """The host-side bound on the lengths after this write (None under compile).
+def _check_room(cache: KVCache, counts: Tensor, T: int, bound: int) -> int:
+    """The host-side bound on the lengths after this write, given ``bound`` before it.
     Raises ValueError if some sequence would go past ``max_length``."""
-    if torch.compiler.is_compiling():
-        return None
     M = cache.max_length
-    bound = int(cache.lengths.max()) if start is None else start
     if bound + T <= M:
         return bound + T
     after = cache.lengths + counts
@@ -294,6 +307,7 @@ def _cached_inputs(
         )
     N, Hq, T, _ = query.shape
     M = cache.max_length
+    compiling = torch.compiler.is_compiling()
     if mask is not None:
         mask._check_shape(N, Hq, T, M)
     if cache.batch_size != N:
@@ -307,7 +321,7 @@ def _cached_inputs(
                 "attention: key and value may be None only together, on a static (cross-attention) cache "
                 "already filled; pass the new tokens' key and value (N, Hkv, T, D)"
             )
-        S = M if cache._bound is None else cache._bound
+        S = M if compiling else cache._host_bound()
         return cache.key[:, :, :S], cache.value[:, :, :S], _static_mask(cache, mask, N, T, S)
     _validate_new(cache, key, value, N, Hq)
     T_new = key.shape[2]
@@ -324,25 +338,24 @@ def _cached_inputs(
     )
     if cache.static:
         cache.lengths.zero_()
-        bound = _check_room(cache, counts, T_new, 0)
         _write(cache.key, key, cache.lengths, counts)
         _write(cache.value, value, cache.lengths, counts)
         cache.lengths.copy_(counts)
-        cache._bound = bound
-        S = M if bound is None else bound
+        S = M if compiling else T_new
+        cache._set_bound(None if compiling else T_new)
         return cache.key[:, :, :S], cache.value[:, :, :S], _static_mask(cache, mask, N, T, S)
     if T_new != T:
         raise ValueError(
             f"attention: with a self-attention cache, query (N, Hq, T, Dk) = {tuple(query.shape)} and key "
             f"{tuple(key.shape)} must hold the same T new tokens"
         )
-    bound = _check_room(cache, counts, T_new, cache._bound)
+    bound = None if compiling else _check_room(cache, counts, T_new, cache._host_bound())
     before = cache.lengths.clone()
     _write(cache.key, key, before, counts)
     _write(cache.value, value, before, counts)
     total = torch.clamp(before + counts, max=M)
     cache.lengths.copy_(total)
-    cache._bound = bound
+    cache._set_bound(bound)
     S = M if bound is None else bound
     return (
         cache.key[:, :, :S],

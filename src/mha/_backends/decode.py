@@ -18,7 +18,7 @@ cached route of :func:`mha.attention` asks for it when there are at most
 :data:`MAX_ROWS` query rows per key/value head.
 """
 
-from __future__ import annotations
+# No ``from __future__ import annotations``: custom_op reads the annotations as types.
 
 import importlib.util
 
@@ -46,19 +46,32 @@ class _Decode:
         return []
 
     def forward(self, call: Call) -> AttentionOutput:
-        if _triton_serves(call):
-            from ._triton_decode import decode_attention
-
-            lengths = call.plan.lengths
-            assert lengths is not None  # _triton_serves checked it
-            out, lse = decode_attention(call.query, call.key, call.value, lengths, call.scale)
-            return AttentionOutput(out, None, lse if call.return_lse else None)
+        lengths = call.plan.lengths
+        if lengths is not None and _triton_serves(call):
+            out, lse = triton_decode(call.query, call.key, call.value, lengths, call.scale)
+            return AttentionOutput(out, None, lse.to(call.query.dtype) if call.return_lse else None)
         return _grouped(call)
+
+
+@torch.library.custom_op("mha::triton_decode", mutates_args=())
+def triton_decode(q: Tensor, k: Tensor, v: Tensor, lengths: Tensor, scale: float) -> tuple[Tensor, Tensor]:
+    """Output ``(N, Hq, L, Dv)`` and natural lse ``(N, Hq, L)`` (fp32) of q ``(N, Hq, L, Dk)``
+    against the keys ``j < lengths[n]`` of k ``(N, Hkv, S, Dk)``, v ``(N, Hkv, S, Dv)``:
+    the flash-decoding kernel of :mod:`._triton_decode` (inference only, no autograd)."""
+    from . import _triton_decode
+
+    return _triton_decode.decode(q, k, v, lengths, scale)
+
+
+@triton_decode.register_fake
+def _(q, k, v, lengths, scale):
+    N, Hq, L, _ = q.shape
+    return q.new_empty(N, Hq, L, v.shape[-1]), q.new_empty(N, Hq, L, dtype=torch.float32)
 
 
 def _triton_serves(call: Call) -> bool:
     """Whether the Triton decode kernel serves ``call``: CUDA, key lengths as the only
-    mask, no weights or dropout, head dims up to 256."""
+    mask, no weights, dropout or gradients, head dims up to 256."""
     plan = call.plan
     return (
         call.query.is_cuda
@@ -67,6 +80,7 @@ def _triton_serves(call: Call) -> bool:
         and not plan.has_tensors
         and call.weights is None
         and call.dropout_p == 0.0
+        and not (torch.is_grad_enabled() and any(t.requires_grad for t in (call.query, call.key, call.value)))
         and call.query.dtype in (torch.float16, torch.bfloat16, torch.float32)
         and max(call.key.shape[-1], call.value.shape[-1]) <= 256
         and importlib.util.find_spec("triton") is not None

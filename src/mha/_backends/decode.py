@@ -98,8 +98,9 @@ def _grouped(call: Call) -> AttentionOutput:
             weights = out.new_zeros((N, L, S) if call.weights == "mean" else (N, Hq, L, S))
         return AttentionOutput(out, weights, lse)
     dtype = torch.float64 if call.query.dtype == torch.float64 else torch.float32
-    q = call.query.reshape(N, Hkv, G * L, Dk)
-    scores = torch.matmul(q, call.key.transpose(-1, -2)).to(dtype).view(N, Hkv, G, L, S) * call.scale
+    # The scale goes on q (N*Hq*L*Dk elements), not on the scores (N*Hq*L*S).
+    q = (call.query * call.scale).reshape(N, Hkv, G * L, Dk)
+    scores = torch.matmul(q, call.key.transpose(-1, -2)).to(dtype).view(N, Hkv, G, L, S)
     additive = call.plan.additive_rows(0, L, S, dtype, call.query.device)
     if additive is not None:
         scores = scores + _grouped_mask(additive, Hkv, G)

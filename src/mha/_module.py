@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import itertools
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -174,7 +174,9 @@ class MultiheadAttention(nn.Module):
         attn_mask: Tensor | None = None,
         average_attn_weights: bool = True,
         is_causal: bool = False,
-        cache: KVCache | None = None,
+        # Any, not KVCache: TorchScript would try to compile the class; the cached route
+        # is a @torch.jit.unused method, so a scripted module runs without caches.
+        cache: Any | None = None,
     ) -> tuple[Tensor, Tensor | None]:
         """Attend from ``query`` to ``key``/``value``.
 
@@ -247,7 +249,7 @@ class MultiheadAttention(nn.Module):
         need_weights: bool,
         attn_mask: Tensor | None,
         average_attn_weights: bool,
-        cache: KVCache,
+        cache: Any,
     ) -> tuple[Tensor, Tensor | None]:
         return cached_forward(
             self, query, key, value, key_padding_mask, need_weights, average_attn_weights, attn_mask, cache

@@ -278,16 +278,22 @@ def test_module_self_attention_matches_torch_full_forward(batch_first):
     kpm = torch.arange(Tp)[None, :] >= torch.tensor(prompt_lengths)[:, None]
     out, weights = ours(prompt, prompt, prompt, key_padding_mask=kpm, cache=cache)
     outputs = [[(out[n] if batch_first else out[:, n])[:p]] for n, p in enumerate(prompt_lengths)]
-    assert weights.shape == (N, Tp, Tp)
+    last_weights = []
     for i in range(steps):
         x = batch([s[p + i : p + i + 1] for s, p in zip(seqs, prompt_lengths, strict=True)])
-        out, _ = ours(x, x, x, cache=cache)
+        out, weights = ours(x, x, x, cache=cache)
+        last_weights.append(weights)
         for n in range(N):
             outputs[n].append(out[n] if batch_first else out[:, n])
     for n in range(N):
         s = seqs[n][:, None] if not batch_first else seqs[n][None]
-        ref, _ = theirs(s, s, s, attn_mask=_causal(len(seqs[n])))
+        ref, ref_weights = theirs(s, s, s, attn_mask=_causal(len(seqs[n])))
         torch.testing.assert_close(torch.cat(outputs[n]), ref[:, 0] if not batch_first else ref[0], **TOL[F64])
+        p, S = prompt_lengths[n], len(seqs[n])
+        for i, w in enumerate(last_weights):  # (N, 1, S') over the cache, zero past the sequence
+            torch.testing.assert_close(w[n, 0, : p + i + 1], ref_weights[0, p + i, : p + i + 1], **TOL[F64])
+            assert not w[n, 0, p + i + 1 :].any()
+        assert p + steps == S
 
 
 def test_module_cross_attention_stores_memory_and_padding():
@@ -367,7 +373,7 @@ def test_cache_route_uses_decode_backend_and_reports_it(monkeypatch):
     q = torch.ones(1, 4, 1, 8)
     k = torch.ones(1, 2, 5, 8)
     reasons = explain_dispatch(_validate_call(q, k, k, None, None, 0.0, None, False))
-    assert reasons["decode"] == []  # it may serve, but the reference comes first
+    assert reasons["decode"] == []  # it may serve, but blocked (which serves every call) comes first
     big = torch.ones(1, 4, 33, 8)
     reasons = explain_dispatch(_validate_call(big, k, k, None, None, 0.0, None, False))
     assert "66 query rows per key/value head, more than 64" in reasons["decode"][0]
@@ -394,3 +400,24 @@ def test_lengths_set_by_hand_are_honoured():
     keys, values = cache.key[:, :, :7], cache.value[:, :, :7]
     ref = mha.attention(q, keys, values, KeyPadding(torch.tensor([7, 4])), backend="reference").output
     torch.testing.assert_close(out, ref, **TOL[F64])
+
+
+def test_gradients_of_a_step_reach_the_new_tokens():
+    """Gradients of one cached step with respect to its query and new key/value equal
+    those of the reference over the whole sequence."""
+    g = torch.Generator().manual_seed(12)
+    cache = mha.KVCache(N, M, HKV, DK, DV, dtype=F64)
+    k0, v0 = _randn(g, N, HKV, 4, DK), _randn(g, N, HKV, 4, DV)
+    mha.attention(_randn(g, N, HQ, 4, DK), k0, v0, cache=cache)
+    q, k, v = (_randn(g, *shape).requires_grad_() for shape in ((N, HQ, 2, DK), (N, HKV, 2, DK), (N, HKV, 2, DV)))
+    grad = _randn(g, N, HQ, 2, DV)
+    mha.attention(q, k, v, cache=cache).output.backward(grad)
+    mine = [t.grad for t in (q, k, v)]
+    for t in (q, k, v):
+        t.grad = None
+    full = mha.attention(
+        q, torch.cat([k0, k], 2), torch.cat([v0, v], 2), Causal("bottom_right"), backend="reference"
+    ).output
+    full.backward(grad)
+    for got, t in zip(mine, (q, k, v), strict=True):
+        torch.testing.assert_close(got, t.grad, **TOL[F64])

@@ -75,7 +75,7 @@ def test_explain_dispatch_gives_readable_reasons():
 def test_select_forced_backend():
     for name in ("sdpa", "blocked", "reference"):
         assert select_backend(call(), name).name == name
-    with pytest.raises(ValueError, match=r"unknown backend 'cpu'; choose one of \['blocked', 'reference', 'sdpa'"):
+    with pytest.raises(ValueError, match=r"unknown backend 'cpu'; choose one of \['blocked', 'decode', 'reference', 'sdpa'"):
         select_backend(call(), "cpu")
 
 

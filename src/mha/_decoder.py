@@ -215,26 +215,13 @@ _PAIRS: tuple[tuple[type[nn.Module], type[nn.Module]], ...] = (
 
 
 def swap_decoders(model: nn.Module, to: Literal["mha", "torch"]) -> nn.Module:
-    """Every torch decoder layer and decoder in ``model`` as mha's (``to="mha"``) or back.
+    """Every torch decoder layer and decoder in ``model`` made mha's (``to="mha"``), or back.
 
-    The new module shares the old one's submodules, parameters and buffers; the
-    attention modules inside are converted by :func:`mha.swap` afterwards."""
+    mha's classes only add methods to torch's, so the modules change class in place:
+    they keep their identity, submodules, parameters, buffers and hooks. The attention
+    modules inside are converted by :func:`mha.swap` afterwards."""
     pairs = {(src if to == "mha" else dst): (dst if to == "mha" else src) for src, dst in _PAIRS}
-    done: dict[int, nn.Module] = {}
-
-    def convert(module: nn.Module) -> nn.Module:
-        if id(module) not in done:
-            new = pairs[type(module)].__new__(pairs[type(module)])
-            new.__dict__.update(module.__dict__)
-            for name in ("_modules", "_parameters", "_buffers"):
-                setattr(new, name, getattr(module, name).copy())
-            done[id(module)] = new
-        return done[id(module)]
-
-    if type(model) in pairs:
-        model = convert(model)
-    for parent in list(model.modules()):
-        for name, child in list(parent._modules.items()):
-            if child is not None and type(child) in pairs:
-                parent._modules[name] = convert(child)
+    for module in model.modules():
+        if type(module) in pairs:
+            module.__class__ = pairs[type(module)]
     return model

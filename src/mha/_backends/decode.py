@@ -13,8 +13,8 @@ On CUDA, calls whose only mask is key lengths (a decode step on a cache) run the
 Triton flash-decoding kernel of :mod:`._triton_decode`, which splits the keys
 across programs and merges the partial results by their log-sum-exp.
 
-Dispatch never picks this backend by itself (it comes after the reference); the
-cached route of :func:`mha.attention` asks for it when there are at most
+Dispatch never picks this backend by itself (it comes after blocked, which serves
+every call); the cached route of :func:`mha.attention` asks for it when there are at most
 :data:`MAX_ROWS` query rows per key/value head.
 """
 

@@ -254,6 +254,8 @@ def test_static_cache_functional():
     # A new fill replaces the memory.
     mha.attention(q1, k[:, :, :2], v[:, :, :2], cache=cache)
     assert cache.lengths.tolist() == [2] * N
+    with pytest.raises(NotImplementedError, match=r"a static .* cache has no query positions"):
+        mha.attention(q1, None, None, Causal(), cache=cache)
 
 
 def _causal(L: int, dtype=F64) -> torch.Tensor:

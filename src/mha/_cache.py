@@ -310,6 +310,12 @@ def _cached_inputs(
     compiling = torch.compiler.is_compiling()
     if mask is not None:
         mask._check_shape(N, Hq, T, M)
+        if cache.static and any(isinstance(part, _masks.Window) for part in mask.parts()):
+            raise NotImplementedError(
+                "attention: Window and Causal masks count from each query's position in a self-attention "
+                "cache; a static (cross-attention) cache has no query positions. Pass Allowed/Blocked/Bias "
+                "tensors over its positions instead"
+            )
     if cache.batch_size != N:
         raise ValueError(
             f"attention: query (N, Hq, T, Dk) = {tuple(query.shape)} has N={N} but the cache holds "

@@ -23,7 +23,6 @@ from torch import Tensor, nn
 
 from ._cache import KVCache
 from ._module import MultiheadAttention
-from ._swap import swap as _swap_attention
 
 
 class LayerCache:
@@ -83,6 +82,19 @@ def _reject_masks(tgt_mask: Tensor | None, memory_mask: Tensor | None) -> None:
         )
 
 
+def _as_mha(attention: nn.MultiheadAttention) -> MultiheadAttention:
+    """The attention torch's decoder layer builds, as mha's module with its parameters
+    (the same values: construction with a seed gives torch's initialisation)."""
+    weight = attention.out_proj.weight
+    new = MultiheadAttention(
+        attention.embed_dim, attention.num_heads, dropout=attention.dropout,
+        bias=attention.in_proj_bias is not None, batch_first=attention.batch_first,
+        device=weight.device, dtype=weight.dtype,
+    )
+    new.load_state_dict(attention.state_dict())
+    return new
+
+
 class TransformerDecoderLayer(nn.TransformerDecoderLayer):
     """:class:`torch.nn.TransformerDecoderLayer` with :class:`mha.MultiheadAttention`
     for ``self_attn`` and ``multihead_attn``, and :meth:`new_cache` for decoding.
@@ -95,8 +107,8 @@ class TransformerDecoderLayer(nn.TransformerDecoderLayer):
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         # torch annotates these as its own class; mha's is a drop-in, not a subclass.
-        self.self_attn = cast(MultiheadAttention, _swap_attention(self.self_attn))  # type: ignore[assignment]
-        self.multihead_attn = cast(MultiheadAttention, _swap_attention(self.multihead_attn))  # type: ignore[assignment]
+        self.self_attn = _as_mha(self.self_attn)  # type: ignore[assignment]
+        self.multihead_attn = _as_mha(self.multihead_attn)  # type: ignore[assignment]
 
     def new_cache(self, batch_size: int, max_length: int, memory_length: int | None = None) -> LayerCache:
         """Caches for ``batch_size`` sequences of up to ``max_length`` tokens and a memory

@@ -6,9 +6,8 @@ greedy: greedy decoding of ``--tokens`` tokens with ``nn.Transformer(d_model=512
     nhead=8, 6 + 6 layers)``, batch 8, source length 128, fp32: torch recomputing the
     whole prefix every step (the only way with torch's modules) against the same
     model after ``mha.swap`` decoding with a cache. Reports both times, the speed-up,
-    whether the tokens are the same, the cached time per step near step 16 and near
-    the last step, and the floor: torch's decoder on a 1-token target (the same
-    linear layers with nothing before the token, the least any step can cost). Runs are interleaved; medians over ``--repeats``.
+    whether the tokens are the same, and the cached time per step near step 16 and
+    near the last step. Runs are interleaved; medians over ``--repeats``.
 
 step: one decode step of ``mha.attention`` (N=8, Hq=32, Hkv=8, D=128, cache of
     4096 tokens, fp32) against the memory bandwidth measured in the same run
@@ -87,15 +86,6 @@ def greedy(tokens: int, repeats: int) -> None:
     print(f"  torch recomputing the prefix: {a:8.2f} s   (runs: {', '.join(f'{t:.2f}' for t in t_torch)})")
     print(f"  mha with a cache:             {b:8.2f} s   (runs: {', '.join(f'{t:.2f}' for t in t_mha)})")
     print(f"  speed-up {a / b:.1f}x, same tokens: {same}")
-    with torch.no_grad():
-        memory = theirs.encoder(src)
-        one = embed(torch.zeros(1, 8, dtype=torch.long), 0)
-        floor = statistics.median(
-            _median_time(lambda: head(theirs.decoder(one, memory)[-1]).argmax(-1), 5) for _ in range(repeats)
-        )
-    print(
-        f"  floor: torch's decoder on a 1-token target (same linears, no prefix): {floor * 1e3:.2f} ms per step"
-    )
     early = statistics.median(s[i] for s in per_step for i in range(12, min(20, tokens)))
     late = statistics.median(s[i] for s in per_step for i in range(max(0, tokens - 8), tokens))
     print(

@@ -80,7 +80,7 @@ def test_explain_dispatch_gives_readable_reasons():
 def test_select_forced_backend():
     for name in ("sdpa", "tiled", "reference"):
         assert select_backend(call(), name).name == name
-    with pytest.raises(ValueError, match=r"unknown backend 'cpu'; choose one of \['reference', 'sdpa', 'tiled'"):
+    with pytest.raises(ValueError, match=r"unknown backend 'cpu'; choose one of \['decode', 'reference', 'sdpa', 'tiled'"):
         select_backend(call(), "cpu")
 
 
@@ -185,7 +185,7 @@ def test_use_backend_is_per_thread():
 
 
 def test_use_backend_checks_its_name_and_forced_reasons():
-    with pytest.raises(ValueError, match=r"unknown backend 'blocked'; choose one of \['reference', 'sdpa', 'tiled'"):
+    with pytest.raises(ValueError, match=r"unknown backend 'blocked'; choose one of \['decode', 'reference', 'sdpa', 'tiled'"):
         mha.use_backend("blocked").__enter__()
     with mha.use_backend("sdpa"), pytest.raises(NotImplementedError, match="SDPA returns no attention weights"):
         mha.attention(torch.randn(1, 1, 2, 3), torch.randn(1, 1, 2, 3), torch.randn(1, 1, 2, 3), weights="mean")

@@ -19,6 +19,7 @@ from torch import Tensor
 
 from . import _dispatch, _varlen
 from . import masks as _masks
+from ._cache import KVCache, cached_inputs
 from ._plan import plan_mask, plan_varlen_mask
 from ._types import AttentionOutput, Call, Offsets, WeightsMode, split_weights
 
@@ -27,8 +28,8 @@ __all__ = ["AttentionOutput", "Call", "PackedOutput", "WeightsMode", "attention"
 
 def attention(
     query: Tensor,
-    key: Tensor,
-    value: Tensor,
+    key: Tensor | None,
+    value: Tensor | None,
     mask: _masks.Mask | None = None,
     *,
     scale: float | None = None,
@@ -36,6 +37,8 @@ def attention(
     weights: WeightsMode | None = None,
     return_lse: bool = False,
     backend: str | None = None,
+    cache: KVCache | None = None,
+    new_lengths: Tensor | None = None,
 ) -> AttentionOutput:
     r"""Multi-head scaled dot-product attention with explicit masks.
 
@@ -78,6 +81,17 @@ def attention(
             default: the one forced by :func:`mha.use_backend`, else the first that
             supports the call. A forced backend that cannot serve the call raises
             ``NotImplementedError`` listing every reason.
+        cache: an :class:`mha.KVCache`. ``key``/``value`` ``(N, Hkv, T, D)`` are then
+            the new tokens, written into the cache after each sequence's
+            ``lengths[n]`` cached ones; query ``t`` ``(N, Hq, T, Dk)`` sits at position
+            ``lengths[n] + t`` and attends the cache up to and including itself.
+            ``mask`` applies over cache positions (``Window`` counts from the query's
+            position; tensors span ``(N, Hq, T, max_length)``). A static
+            (cross-attention) cache is overwritten by ``key``/``value`` and attended
+            without causality; ``key=value=None`` attends what it holds. Weights and
+            lse span the cache's written positions ``S <= max_length``.
+        new_lengths: with ``cache``, ``(N,)`` how many of the ``T`` new tokens are
+            real (right padding); only those are stored. Default: all ``T``.
 
     Shape legend: N batch, Hq query heads, Hkv key/value heads, L queries,
     S keys, Dk query/key head dim, Dv value head dim.
@@ -92,6 +106,13 @@ def attention(
     Returns:
         :class:`AttentionOutput` ``(output (N, Hq, L, Dv), weights, lse)``.
     """
+    if cache is not None:
+        key, value, mask, backend = cached_inputs(cache, query, key, value, mask, new_lengths, backend)
+    elif new_lengths is not None or key is None or value is None:
+        raise ValueError(
+            "attention: new_lengths=, key=None and value=None need cache=; pass key and value "
+            "(N, Hkv, S, D) or a KVCache"
+        )
     if _varlen.is_jagged(query) or (isinstance(query, Tensor) and query.is_nested):
         return _attention_jagged(query, key, value, mask, scale, dropout_p, weights, return_lse, backend)
     call = _validate_call(query, key, value, mask, scale, dropout_p, weights, return_lse)

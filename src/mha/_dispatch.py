@@ -17,7 +17,7 @@ from typing import Protocol
 
 import torch
 
-from ._backends import reference, sdpa, tiled, triton
+from ._backends import decode, reference, sdpa, tiled, triton
 from ._types import AttentionOutput, Call, Capabilities
 
 
@@ -35,7 +35,7 @@ class Backend(Protocol):
 
 # The order dispatch tries them in: built once, here.
 REGISTRY: dict[str, Backend] = {
-    b.name: b for b in (sdpa.BACKEND, triton.BACKEND, tiled.BACKEND, reference.BACKEND)
+    b.name: b for b in (sdpa.BACKEND, triton.BACKEND, tiled.BACKEND, decode.BACKEND, reference.BACKEND)
 }
 
 _forced: ContextVar[str | None] = ContextVar("mha_backend", default=None)
@@ -137,8 +137,9 @@ def _auto_reasons(b: Backend, call: Call) -> list[str]:
     devices = b.caps.auto_devices
     device = call.query.device.type
     if not reasons and devices is not None and device not in devices:
+        where = f"only on {', '.join(sorted(devices))}, not {device}" if devices else "never (only when asked for)"
         reasons.append(
-            f"picked automatically only on {', '.join(sorted(devices))}, not {device} "
+            f"picked automatically {where} "
             f"(force it with backend={b.name!r} or mha.use_backend({b.name!r}))"
         )
     return reasons

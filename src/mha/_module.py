@@ -12,8 +12,10 @@ from torch import Tensor, nn
 from torch.nn.init import constant_, xavier_normal_, xavier_uniform_
 from torch.nn.modules.linear import NonDynamicallyQuantizableLinear
 
+from ._cache import KVCache
 from ._core import attention, packed_attention
 from ._frontend import ForwardPlan, KeyLengths, ShardedMasks, plan_forward
+from ._module_cache import cached_forward, new_module_cache
 from ._script import ScriptableAttention
 from ._validate import validate_constructor
 from ._varlen import Offsets, jagged_from_packed, nested_packed, nested_weights
@@ -166,6 +168,9 @@ class MultiheadAttention(ScriptableAttention):
         attn_mask: Tensor | None = None,
         average_attn_weights: bool = True,
         is_causal: bool = False,
+        # Any, not KVCache: TorchScript would try to compile the class; the cached route
+        # is a @torch.jit.unused method, so a scripted module runs without caches.
+        cache: Any | None = None,
     ) -> tuple[Tensor, Tensor | None]:
         """Attend from ``query`` to ``key``/``value``.
 
@@ -182,6 +187,13 @@ class MultiheadAttention(ScriptableAttention):
             average_attn_weights: average the weights over heads.
             is_causal: apply a causal mask (query ``i`` sees keys ``j <= i``); with
                 ``attn_mask`` given as well, both apply.
+            cache: a :class:`mha.KVCache` from :meth:`new_cache`, for decoding.
+                ``query`` ``(T, N, E)`` and ``key``/``value`` are then the ``T`` new
+                tokens (self-attention: appended, attention causal over the cache;
+                ``key_padding_mask`` ``(N, T)`` marks right padding, not stored), or
+                for a static cache the memory to store with its
+                ``key_padding_mask`` (``key=value=None`` on later calls). Weights
+                span the cache's first ``S' <= max_length`` positions.
 
         Returns:
             ``(attn_output, attn_output_weights)``: output ``(L, N, E)`` (or
@@ -193,6 +205,10 @@ class MultiheadAttention(ScriptableAttention):
         if torch.jit.is_scripting() or torch.jit.is_tracing():
             return self._forward_scripted(
                 query, key, value, key_padding_mask, need_weights, attn_mask, average_attn_weights, is_causal
+            )
+        if cache is not None:
+            return self._forward_cached(
+                query, key, value, key_padding_mask, need_weights, attn_mask, average_attn_weights, cache
             )
         plan = plan_forward(
             self, query, key, value, key_padding_mask, attn_mask, is_causal,
@@ -206,6 +222,28 @@ class MultiheadAttention(ScriptableAttention):
             if weights is not None:
                 weights = weights.squeeze(0)
         return out, weights
+
+    def new_cache(self, batch_size: int, max_length: int, *, static: bool = False) -> KVCache:
+        """A :class:`mha.KVCache` for :meth:`forward`'s ``cache=``: ``batch_size``
+        sequences of up to ``max_length`` tokens (``static=True``: cross-attention,
+        memory of up to ``max_length`` tokens), on this module's device and dtype."""
+        return new_module_cache(self, batch_size, max_length, static)
+
+    @torch.jit.unused
+    def _forward_cached(
+        self,
+        query: Tensor,
+        key: Tensor | None,
+        value: Tensor | None,
+        key_padding_mask: Tensor | None,
+        need_weights: bool,
+        attn_mask: Tensor | None,
+        average_attn_weights: bool,
+        cache: Any,
+    ) -> tuple[Tensor, Tensor | None]:
+        return cached_forward(
+            self, query, key, value, key_padding_mask, need_weights, average_attn_weights, attn_mask, cache
+        )
 
     def _dense(self, plan: ForwardPlan) -> tuple[Tensor, Tensor | None]:
         """Heads ``(N, H, L, S)`` through :func:`mha.attention`, with the appended keys of

@@ -7,6 +7,7 @@ from typing import Literal, cast
 import torch
 from torch import nn
 
+from ._decoder import swap_decoders
 from ._module import MultiheadAttention
 
 _CLASSES: dict[str, type[nn.Module]] = {"mha": MultiheadAttention, "torch": nn.MultiheadAttention}
@@ -34,7 +35,10 @@ def swap(model: nn.Module, to: Literal["mha", "torch"] = "mha") -> nn.Module:
     (``to="mha"``), or every ``mha.MultiheadAttention`` by torch's (``to="torch"``).
 
     Works inside ``nn.Transformer``, ``nn.TransformerEncoder``/``Decoder`` and their
-    layers, and on a bare attention module. The new modules take over the old ones'
+    layers, and on a bare attention module. Torch's ``TransformerDecoderLayer`` and
+    ``TransformerDecoder`` become :class:`mha.TransformerDecoderLayer` and
+    :class:`mha.TransformerDecoder` (decoding with a cache; they change class in
+    place), and back with ``to="torch"``. The new modules take over the old ones'
     parameter objects (so device, dtype, ``requires_grad`` and optimizer state carry
     over, and outputs are unchanged), their configuration and training mode. A module
     used in several places stays shared. Subclasses of either class are left alone.
@@ -56,6 +60,7 @@ def swap(model: nn.Module, to: Literal["mha", "torch"] = "mha") -> nn.Module:
     """
     if to not in _CLASSES:
         raise ValueError(f"to must be 'mha' or 'torch', got {to!r}")
+    model = swap_decoders(model, to)
     source = _CLASSES["torch" if to == "mha" else "mha"]
     target = _CLASSES[to]
     done: dict[int, nn.Module] = {}

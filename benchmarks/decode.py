@@ -1,0 +1,159 @@
+"""Decoding with a KV cache on CPU: the two targets of the decoding work.
+
+    python benchmarks/decode.py [--threads 2] [--tokens 128] [--repeats 3] [--sections greedy,step]
+
+greedy: greedy decoding of ``--tokens`` tokens with ``nn.Transformer(d_model=512,
+    nhead=8, 6 + 6 layers)``, batch 8, source length 128, fp32: torch recomputing the
+    whole prefix every step (the only way with torch's modules) against the same
+    model after ``mha.swap`` decoding with a cache. Reports both times, the speed-up,
+    whether the tokens are the same, and the cached time per step near step 16 and
+    near the last step. Runs are interleaved; medians over ``--repeats``.
+
+step: one decode step of ``mha.attention`` (N=8, Hq=32, Hkv=8, D=128, cache of
+    4096 tokens, fp32) against the memory bandwidth measured in the same run
+    (reading the same bytes with ``sum`` and copying them, the faster of the two),
+    and against SDPA on the same tensors. Bandwidth of a step = bytes of K and V
+    (read once) / time. Runs interleaved, medians over ``--repeats * 5``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import time
+import warnings
+
+import torch
+from torch import nn
+
+import mha
+
+
+def _causal(L: int) -> torch.Tensor:
+    return nn.Transformer.generate_square_subsequent_mask(L)
+
+
+def _greedy_torch(model, embed, head, src, steps):
+    memory = model.encoder(src)
+    tokens = torch.zeros(1, src.shape[1], dtype=torch.long)
+    for _ in range(steps):
+        out = model.decoder(embed(tokens, 0), memory, tgt_mask=_causal(len(tokens)))
+        tokens = torch.cat([tokens, head(out[-1]).argmax(-1)[None]])
+    return tokens
+
+
+def _greedy_cached(model, embed, head, src, steps, step_times):
+    memory = model.encoder(src)
+    cache = model.decoder.new_cache(src.shape[1], steps, memory_length=len(src))
+    tokens = torch.zeros(1, src.shape[1], dtype=torch.long)
+    for _ in range(steps):
+        start = time.perf_counter()
+        out = model.decoder(embed(tokens[-1:], len(tokens) - 1), memory, cache=cache)
+        tokens = torch.cat([tokens, head(out[-1]).argmax(-1)[None]])
+        step_times.append(time.perf_counter() - start)
+    return tokens
+
+
+def greedy(tokens: int, repeats: int) -> None:
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        theirs = nn.Transformer(d_model=512, nhead=8, num_encoder_layers=6, num_decoder_layers=6, dropout=0.0).eval()
+    ours = mha.swap(copy.deepcopy(theirs))
+    table, positions = nn.Embedding(1000, 512), torch.randn(tokens + 1, 1, 512)
+    head = nn.Linear(512, 1000)
+
+    def embed(t: torch.Tensor, start: int) -> torch.Tensor:
+        return table(t) + positions[start : start + len(t)]
+
+    src = torch.randn(128, 8, 512)
+    t_torch, t_mha, per_step = [], [], []
+    same = True
+    with torch.no_grad():
+        for _ in range(repeats):
+            start = time.perf_counter()
+            expected = _greedy_torch(theirs, embed, head, src, tokens)
+            t_torch.append(time.perf_counter() - start)
+            steps: list[float] = []
+            start = time.perf_counter()
+            got = _greedy_cached(ours, embed, head, src, tokens, steps)
+            t_mha.append(time.perf_counter() - start)
+            per_step.append(steps)
+            same &= torch.equal(got, expected)
+    a, b = statistics.median(t_torch), statistics.median(t_mha)
+    print(f"greedy decoding, {tokens} tokens, nn.Transformer(512, 8, 6+6), batch 8, source 128, fp32")
+    print(f"  torch recomputing the prefix: {a:8.2f} s   (runs: {', '.join(f'{t:.2f}' for t in t_torch)})")
+    print(f"  mha with a cache:             {b:8.2f} s   (runs: {', '.join(f'{t:.2f}' for t in t_mha)})")
+    print(f"  speed-up {a / b:.1f}x, same tokens: {same}")
+    early = statistics.median(s[i] for s in per_step for i in range(12, min(20, tokens)))
+    late = statistics.median(s[i] for s in per_step for i in range(max(0, tokens - 8), tokens))
+    print(
+        f"  cached step time near step 16: {early * 1e3:.2f} ms, near step {tokens}: {late * 1e3:.2f} ms "
+        f"(ratio {late / early:.2f})"
+    )
+
+
+def _median_time(fn, reps: int) -> float:
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def step(repeats: int) -> None:
+    N, Hq, Hkv, D, S = 8, 32, 8, 128, 4096
+    g = torch.Generator().manual_seed(0)
+    cache = mha.KVCache(N, S, Hkv, D)
+    cache.key.normal_(generator=g)
+    cache.value.normal_(generator=g)
+    q = torch.randn(N, Hq, 1, D, generator=g)
+    k1, v1 = torch.randn(N, Hkv, 1, D, generator=g), torch.randn(N, Hkv, 1, D, generator=g)
+    nbytes = cache.key.numel() * 4 * 2
+    kv = torch.cat([cache.key.flatten(), cache.value.flatten()])
+    out = torch.empty_like(kv)
+
+    def one_step() -> None:
+        cache.lengths.fill_(S - 1)
+        mha.attention(q, k1, v1, cache=cache)
+
+    def sdpa() -> None:
+        torch.nn.functional.scaled_dot_product_attention(q, cache.key, cache.value, enable_gqa=True)
+
+    results: dict[str, list[float]] = {"read": [], "copy": [], "step": [], "sdpa": []}
+    for _ in range(repeats * 5):
+        results["read"].append(_median_time(kv.sum, 3))
+        results["copy"].append(_median_time(lambda: out.copy_(kv), 3))
+        results["step"].append(_median_time(one_step, 3))
+        results["sdpa"].append(_median_time(sdpa, 3))
+    med = {k: statistics.median(v) for k, v in results.items()}
+    read_bw = nbytes / med["read"] / 1e9
+    copy_bw = 2 * nbytes / med["copy"] / 1e9
+    bandwidth = max(read_bw, copy_bw)
+    step_bw = nbytes / med["step"] / 1e9
+    print(f"one decode step, N={N} Hq={Hq} Hkv={Hkv} D={D}, cache {S}, fp32 ({nbytes / 2**20:.0f} MiB of K and V)")
+    print(f"  memory bandwidth: read (sum) {read_bw:.1f} GB/s, copy {copy_bw:.1f} GB/s -> {bandwidth:.1f} GB/s")
+    print(f"  mha.attention(cache=): {med['step'] * 1e3:.2f} ms, {step_bw:.1f} GB/s = {step_bw / bandwidth:.0%} of bandwidth")
+    print(f"  SDPA (enable_gqa):     {med['sdpa'] * 1e3:.2f} ms, {nbytes / med['sdpa'] / 1e9:.1f} GB/s")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--tokens", type=int, default=128)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--sections", default="greedy,step")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    print(f"torch {torch.__version__}, {args.threads} threads")
+    sections = args.sections.split(",")
+    if "step" in sections:
+        step(args.repeats)
+    if "greedy" in sections:
+        greedy(args.tokens, args.repeats)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,378 @@
+"""Decoding with a key/value cache: :class:`KVCache` and the cached call of :func:`mha.attention`.
+
+A cache holds, for each sequence ``n`` of a batch, the keys and values of its
+first ``lengths[n]`` positions in preallocated buffers ``(N, Hkv, max_length, D)``.
+A cached call writes the ``T`` new tokens of each sequence after its cached ones,
+in place, and attends::
+
+    query t of sequence n sits at position p = lengths[n] + t
+    it may attend cache position j  iff  j <= p  and  j < lengths[n] + new_lengths[n]
+
+Cache positions, L = T = 2 new tokens, sequence 0 had 3 cached, sequence 1 had 1
+(``x`` = allowed, ``.`` = blocked, ``-`` = not written)::
+
+    n=0:  x x x x . -      (query at 3)      n=1:  x x . - - -   (query at 1)
+          x x x x x -      (query at 4)            x x x - - -   (query at 2)
+
+Shapes never depend on the lengths, so a compiled step does not recompile as the
+cache fills; in eager mode the keys beyond every sequence's length are sliced off
+(with a host-side bound, no device sync) so a step costs what is cached, not
+``max_length``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from . import masks as _masks
+from ._backends.decode import MAX_ROWS
+
+
+def _positive_int(name: str, value: object, minimum: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"KVCache: {name} must be an int, got {type(value).__name__}")
+    if value < minimum:
+        raise ValueError(f"KVCache: {name} must be >= {minimum}, got {value}")
+    return value
+
+
+class KVCache:
+    """Preallocated keys and values of a batch of sequences being decoded.
+
+    Args:
+        batch_size: ``N``.
+        max_length: ``M``, the most positions a sequence may hold.
+        num_heads: ``Hkv``, key/value heads.
+        head_dim: ``Dk``.
+        value_head_dim: ``Dv`` (default ``Dk``).
+        static: a cross-attention cache: each write replaces the contents (the
+            projected encoder memory) instead of appending, and attention over it
+            is not causal.
+        dtype, device: of the buffers.
+
+    Attributes:
+        key: ``(N, Hkv, M, Dk)`` buffer; positions ``>= lengths[n]`` hold no data.
+        value: ``(N, Hkv, M, Dv)`` buffer.
+        lengths: ``(N,)`` int64 on the buffers' device, positions written per sequence.
+        key_padding_mask: static caches only: None, or ``(N, M)`` bool, True at
+            positions no query may attend (the memory's padding, as in
+            ``nn.MultiheadAttention``).
+
+    Under ``torch.compile`` the overflow check (a host sync) is skipped; tokens that
+    would go past ``max_length`` are then dropped.
+    """
+
+    def __init__(
+        self,
+        batch_size: int,
+        max_length: int,
+        num_heads: int,
+        head_dim: int,
+        value_head_dim: int | None = None,
+        *,
+        static: bool = False,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+    ) -> None:
+        N = _positive_int("batch_size", batch_size)
+        M = _positive_int("max_length", max_length)
+        H = _positive_int("num_heads", num_heads)
+        Dk = _positive_int("head_dim", head_dim)
+        Dv = Dk if value_head_dim is None else _positive_int("value_head_dim", value_head_dim)
+        self.key = torch.zeros(N, H, M, Dk, dtype=dtype, device=device)
+        self.value = torch.zeros(N, H, M, Dv, dtype=dtype, device=device)
+        if not self.key.is_floating_point():
+            raise TypeError(f"KVCache: dtype must be a floating-point dtype, got {self.key.dtype}")
+        self.lengths = torch.zeros(N, dtype=torch.int64, device=self.key.device)
+        self.static = bool(static)
+        self.key_padding_mask: Tensor | None = None
+        # An upper bound on lengths.max() known on the host, so that eager steps read only
+        # the written part without a sync; valid while lengths is the tensor, at the
+        # version, that it was computed for (a compiled step or a user's write voids it).
+        self._bound: int | None = 0
+        self._bound_for = self._lengths_state()
+
+    @property
+    def max_length(self) -> int:
+        return self.key.shape[2]
+
+    @property
+    def batch_size(self) -> int:
+        return self.key.shape[0]
+
+    def __repr__(self) -> str:
+        N, H, M, Dk = self.key.shape
+        kind = ", static=True" if self.static else ""
+        return (
+            f"KVCache(batch_size={N}, max_length={M}, num_heads={H}, head_dim={Dk}, "
+            f"value_head_dim={self.value.shape[-1]}{kind}, dtype={self.key.dtype}, device={self.key.device})"
+        )
+
+    def _lengths_state(self) -> tuple[int, int]:
+        return id(self.lengths), self.lengths._version
+
+    def _host_bound(self) -> int:
+        """An upper bound on ``lengths.max()``, from the host when still valid, else read."""
+        if self._bound is not None and self._bound_for == self._lengths_state():
+            return self._bound
+        return int(self.lengths.max()) if self.batch_size else 0
+
+    def _set_bound(self, bound: int | None) -> None:
+        self._bound = bound
+        if bound is not None:
+            self._bound_for = self._lengths_state()
+
+    def reset(self) -> None:
+        """Empty every sequence (the buffers are kept)."""
+        self.lengths.zero_()
+        self.key_padding_mask = None
+        self._set_bound(0)
+
+    def reorder(self, index: Tensor) -> None:
+        """Make the batch the rows ``index`` ``(N',)`` of the current one (beam search).
+
+        Rows may repeat. With ``N' == N`` the buffers are updated in place."""
+        if not isinstance(index, Tensor):
+            raise TypeError(f"KVCache.reorder: index must be an integer Tensor (N',), got {type(index).__name__}")
+        if index.dim() != 1 or index.is_floating_point() or index.dtype == torch.bool:
+            raise ValueError(
+                f"KVCache.reorder: index must be a 1-D integer tensor of batch rows, got shape "
+                f"{tuple(index.shape)} dtype {index.dtype}"
+            )
+        N = self.batch_size
+        if index.numel() and not torch.compiler.is_compiling():
+            low, high = int(index.min()), int(index.max())
+            if low < 0 or high >= N:
+                raise ValueError(
+                    f"KVCache.reorder: index values must be batch rows in [0, {N}), got values in [{low}, {high}]"
+                )
+        index = index.to(self.key.device)
+        tensors = ["key", "value", "lengths"] + ([] if self.key_padding_mask is None else ["key_padding_mask"])
+        for name in tensors:
+            old = getattr(self, name)
+            new = old.index_select(0, index)
+            if new.shape == old.shape:
+                old.copy_(new)
+            else:
+                setattr(self, name, new)
+
+
+def _validate_new(cache: KVCache, key: Tensor, value: Tensor, N: int, Hq: int) -> None:
+    for name, t, buf, dim in (("key", key, cache.key, "Dk"), ("value", value, cache.value, "Dv")):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"attention: {name} must be a torch.Tensor, got {type(t).__name__}")
+        want = (N, buf.shape[1], buf.shape[3])
+        if t.dim() != 4 or (t.shape[0], t.shape[1], t.shape[3]) != want:
+            raise ValueError(
+                f"attention: with a cache, {name} (N, Hkv, T, {dim}) must be the new tokens with "
+                f"(N, Hkv, {dim}) = {want} of the cache {tuple(buf.shape)} and of query N={N}, "
+                f"got {tuple(t.shape)}"
+            )
+        if t.dtype != buf.dtype or t.device != buf.device:
+            raise TypeError(
+                f"attention: {name} has dtype {t.dtype} on {t.device}, the cache {buf.dtype} on "
+                f"{buf.device}; make the cache with dtype= and device= of the inputs"
+            )
+    if key.shape[2] != value.shape[2]:
+        raise ValueError(
+            f"attention: key {tuple(key.shape)} and value {tuple(value.shape)} must hold the same T new tokens"
+        )
+    if cache.key.shape[1] == 0 or Hq % cache.key.shape[1] != 0:
+        raise ValueError(
+            f"attention: query heads Hq={Hq} must be a multiple of the cache's key/value heads "
+            f"Hkv={cache.key.shape[1]} (GQA/MQA)"
+        )
+
+
+def _validate_new_lengths(new_lengths: Tensor | None, N: int, T: int) -> None:
+    if new_lengths is None:
+        return
+    if not isinstance(new_lengths, Tensor):
+        raise TypeError(f"attention: new_lengths must be an integer Tensor (N,), got {type(new_lengths).__name__}")
+    if new_lengths.is_floating_point() or new_lengths.dtype == torch.bool or new_lengths.is_complex():
+        raise TypeError(f"attention: new_lengths must be an integer tensor, got dtype {new_lengths.dtype}")
+    if new_lengths.shape != (N,):
+        raise ValueError(f"attention: new_lengths must have shape (N,) = ({N},), got {tuple(new_lengths.shape)}")
+    if not torch.compiler.is_compiling() and N > 0:
+        low, high = int(new_lengths.min()), int(new_lengths.max())
+        if low < 0 or high > T:
+            raise ValueError(
+                f"attention: new_lengths must count real tokens among the T={T} new ones, in [0, {T}], "
+                f"got values in [{low}, {high}]"
+            )
+
+
+def _check_room(cache: KVCache, counts: Tensor, T: int, bound: int) -> int:
+    """The host-side bound on the lengths after this write, given ``bound`` before it.
+    Raises ValueError if some sequence would go past ``max_length``."""
+    M = cache.max_length
+    if bound + T <= M:
+        return bound + T
+    after = cache.lengths + counts
+    if bool((after > M).any()):
+        raise ValueError(
+            f"KVCache: writing {counts.tolist()} new tokens after lengths {cache.lengths.tolist()} goes past "
+            f"max_length={M}; make the cache with a larger max_length, or reset() it / start a new one"
+        )
+    return M
+
+
+def _write(buffer: Tensor, new: Tensor, lengths: Tensor, counts: Tensor) -> None:
+    """Store ``new[n, :, t]`` at position ``lengths[n] + t`` for ``t < counts[n]``, in place.
+
+    Each sequence's ``T`` slots form one window ``[start, start + T)`` with ``start =
+    min(lengths[n], M - T)``: slots before ``lengths[n]`` keep their value, slots
+    after the real tokens keep theirs, and nothing is written past ``M``. The indices
+    of a window are distinct, so the scatter is deterministic."""
+    N, H, T, D = new.shape
+    M = buffer.shape[2]
+    start = torch.clamp(lengths, max=M - T)
+    slots = start[:, None] + torch.arange(T, device=buffer.device)
+    t = slots - lengths[:, None]
+    keep_new = ((t >= 0) & (t < counts[:, None]))[:, None, :, None]
+    index = slots[:, None, :, None].expand(N, H, T, D)
+    taken = new.gather(2, t.clamp(0, T - 1)[:, None, :, None].expand(N, H, T, D))
+    buffer.scatter_(2, index, torch.where(keep_new, taken, buffer.gather(2, index)))
+
+
+def _cache_masks(
+    mask: _masks.Mask | None, before: Tensor, total: Tensor, T: int, S: int, N: int, causal: bool
+) -> _masks.Mask:
+    """The mask of a cached call over cache positions ``[0, S)``: ``KeyPadding(total)``,
+    per-sequence causality (query ``t`` at ``before[n] + t``) and the user's ``mask``,
+    whose ``Window`` parts count from each query's position and whose tensors span
+    ``(N, Hq, T, max_length)``."""
+    out: _masks.Mask = _masks.KeyPadding(total)
+    window: int | None = None
+    for part in () if mask is None else mask.parts():
+        if isinstance(part, _masks.Window):
+            if part.before is not None:
+                window = part.before if window is None else min(window, part.before)
+        elif isinstance(part, _masks.KeyPadding):
+            out = out & part
+        elif isinstance(part, _masks._TensorMask):
+            tensor = part.tensor4d
+            out = out & type(part)(tensor[..., :S] if tensor.shape[-1] > 1 else tensor)
+    if (causal and T > 1) or window is not None:
+        position = before[:, None] + torch.arange(T, device=before.device)  # (N, T)
+        j = torch.arange(S, device=before.device)
+        ok = torch.ones(N, T, S, dtype=torch.bool, device=before.device)
+        if causal:
+            ok &= j <= position[:, :, None]
+        if window is not None:
+            ok &= j >= position[:, :, None] - window
+        out = out & _masks.Allowed(ok[:, None])
+    return out
+
+
+def cached_inputs(
+    cache: KVCache,
+    query: Tensor,
+    key: Tensor | None,
+    value: Tensor | None,
+    mask: _masks.Mask | None,
+    new_lengths: Tensor | None,
+    backend: str | None,
+) -> tuple[Tensor, Tensor, _masks.Mask, str | None]:
+    """Write the new tokens into ``cache`` and return ``(key, value, mask, backend)`` for
+    the call: the cache's written positions ``(N, Hkv, S, D)`` (views of its buffers),
+    the mask over them, and ``backend``, or ``"decode"`` when none is forced and there
+    are few query rows per key/value head. ``query`` is ``(N, Hq, T, Dk)``."""
+    key, value, mask = _cached_inputs(cache, query, key, value, mask, new_lengths)
+    if backend is None and query.shape[2] * (query.shape[1] // key.shape[1]) <= MAX_ROWS:
+        backend = "decode"
+    return key, value, mask, backend
+
+
+def _cached_inputs(
+    cache: KVCache,
+    query: Tensor,
+    key: Tensor | None,
+    value: Tensor | None,
+    mask: _masks.Mask | None,
+    new_lengths: Tensor | None,
+) -> tuple[Tensor, Tensor, _masks.Mask]:
+    if not isinstance(cache, KVCache):
+        raise TypeError(f"attention: cache must be an mha.KVCache, got {type(cache).__name__}")
+    if not isinstance(query, Tensor) or query.dim() != 4:
+        raise ValueError(
+            "attention: with a cache, query must be a 4-D tensor (N, Hq, T, Dk) of the new tokens, got "
+            f"{tuple(query.shape) if isinstance(query, Tensor) else type(query).__name__}"
+        )
+    if mask is not None and not isinstance(mask, _masks.Mask):
+        raise TypeError(
+            f"attention: mask must be an mha.masks object, got {type(mask).__name__}; wrap a boolean "
+            "tensor over cache positions (N, Hq, T, max_length) as Blocked(t) or Allowed(t)"
+        )
+    N, Hq, T, _ = query.shape
+    M = cache.max_length
+    compiling = torch.compiler.is_compiling()
+    if mask is not None:
+        mask._check_shape(N, Hq, T, M)
+        if cache.static and any(isinstance(part, _masks.Window) for part in mask.parts()):
+            raise NotImplementedError(
+                "attention: Window and Causal masks count from each query's position in a self-attention "
+                "cache; a static (cross-attention) cache has no query positions. Pass Allowed/Blocked/Bias "
+                "tensors over its positions instead"
+            )
+    if cache.batch_size != N:
+        raise ValueError(
+            f"attention: query (N, Hq, T, Dk) = {tuple(query.shape)} has N={N} but the cache holds "
+            f"batch_size={cache.batch_size} sequences; reorder() the cache or make one per batch"
+        )
+    if key is None or value is None:
+        if key is not None or value is not None or not cache.static:
+            raise ValueError(
+                "attention: key and value may be None only together, on a static (cross-attention) cache "
+                "already filled; pass the new tokens' key and value (N, Hkv, T, D)"
+            )
+        S = M if compiling else cache._host_bound()
+        return cache.key[:, :, :S], cache.value[:, :, :S], _static_mask(cache, mask, N, T, S)
+    _validate_new(cache, key, value, N, Hq)
+    T_new = key.shape[2]
+    if T_new > M:
+        raise ValueError(
+            f"attention: {T_new} new tokens do not fit a cache of max_length={M}; make the cache with "
+            f"max_length >= {T_new}"
+        )
+    _validate_new_lengths(new_lengths, N, T_new)
+    counts = (
+        torch.full((N,), T_new, dtype=torch.int64, device=cache.key.device)
+        if new_lengths is None
+        else new_lengths.to(device=cache.key.device, dtype=torch.int64)
+    )
+    if cache.static:
+        cache.lengths.zero_()
+        _write(cache.key, key, cache.lengths, counts)
+        _write(cache.value, value, cache.lengths, counts)
+        cache.lengths.copy_(counts)
+        S = M if compiling else T_new
+        cache._set_bound(None if compiling else T_new)
+        return cache.key[:, :, :S], cache.value[:, :, :S], _static_mask(cache, mask, N, T, S)
+    if T_new != T:
+        raise ValueError(
+            f"attention: with a self-attention cache, query (N, Hq, T, Dk) = {tuple(query.shape)} and key "
+            f"{tuple(key.shape)} must hold the same T new tokens"
+        )
+    bound = None if compiling else _check_room(cache, counts, T_new, cache._host_bound())
+    before = cache.lengths.clone()
+    _write(cache.key, key, before, counts)
+    _write(cache.value, value, before, counts)
+    total = torch.clamp(before + counts, max=M)
+    cache.lengths.copy_(total)
+    cache._set_bound(bound)
+    S = M if bound is None else bound
+    return (
+        cache.key[:, :, :S],
+        cache.value[:, :, :S],
+        _cache_masks(mask, before, total, T, S, N, causal=True),
+    )
+
+
+def _static_mask(cache: KVCache, mask: _masks.Mask | None, N: int, T: int, S: int) -> _masks.Mask:
+    """The mask over a static cache: its lengths, its key padding mask and ``mask``; not causal."""
+    out = _cache_masks(mask, cache.lengths, cache.lengths, T, S, N, causal=False)
+    if cache.key_padding_mask is not None:
+        out = out & _masks.Blocked(cache.key_padding_mask[:, None, None, :S])
+    return out

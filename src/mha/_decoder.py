@@ -1,0 +1,285 @@
+"""``mha.TransformerDecoderLayer`` and ``mha.TransformerDecoder``: torch's decoder, with caches.
+
+Drop-ins for :class:`torch.nn.TransformerDecoderLayer` and
+:class:`torch.nn.TransformerDecoder` (same constructors, parameter names and
+results; a ``state_dict`` loads both ways) whose attention is
+:class:`mha.MultiheadAttention`, plus decoding one step at a time::
+
+    cache = decoder.new_cache(batch_size, max_length, memory_length=S)
+    for step in range(max_length):
+        y = decoder(tgt_new, memory, cache=cache)     # tgt_new (T, N, E): new tokens only
+
+Each layer holds a self-attention cache (keys and values of the tokens so far)
+and a cross-attention cache (the projected memory, stored on the first call and
+reused after: ``memory`` is then not read again). ``y`` equals the matching rows
+of the full forward over every token so far with a causal ``tgt_mask``.
+"""
+
+
+from typing import Any, Literal, cast
+
+import torch
+from torch import Tensor, nn
+from torch.nn.modules.transformer import _detect_is_causal_mask, _get_seq_len
+
+from ._cache import KVCache
+from ._module import MultiheadAttention
+
+
+class LayerCache:
+    """The caches of one decoder layer: ``self_attn`` (appended to each step) and
+    ``cross_attn`` (static: the projected memory and its padding)."""
+
+    def __init__(self, self_attn: KVCache, cross_attn: KVCache) -> None:
+        self.self_attn = self_attn
+        self.cross_attn = cross_attn
+        self.memory_stored = False
+
+    @property
+    def lengths(self) -> Tensor:
+        """``(N,)`` tokens cached per sequence."""
+        return self.self_attn.lengths
+
+    def reorder(self, index: Tensor) -> None:
+        """Keep the batch rows ``index`` ``(N',)`` (beam search), in both caches."""
+        self.self_attn.reorder(index)
+        self.cross_attn.reorder(index)
+
+    def reset(self) -> None:
+        """Empty both caches: the next call stores ``memory`` again."""
+        self.self_attn.reset()
+        self.cross_attn.reset()
+        self.memory_stored = False
+
+
+class DecoderCache:
+    """One :class:`LayerCache` per layer of a :class:`TransformerDecoder`, in ``layers``."""
+
+    def __init__(self, layers: list[LayerCache]) -> None:
+        self.layers = layers
+
+    @property
+    def lengths(self) -> Tensor:
+        """``(N,)`` tokens cached per sequence."""
+        return self.layers[0].lengths
+
+    def reorder(self, index: Tensor) -> None:
+        """Keep the batch rows ``index`` ``(N',)`` (beam search), in every layer."""
+        for layer in self.layers:
+            layer.reorder(index)
+
+    def reset(self) -> None:
+        """Empty every layer's caches."""
+        for layer in self.layers:
+            layer.reset()
+
+
+def _reject_masks(tgt_mask: Tensor | None, memory_mask: Tensor | None) -> None:
+    if tgt_mask is not None or memory_mask is not None:
+        raise NotImplementedError(
+            "TransformerDecoderLayer with cache=: tgt_mask and memory_mask are not supported (attention "
+            "on the self-attention cache is causal already); pass key padding masks for padding, or run "
+            "without cache="
+        )
+
+
+def _as_mha(attention: nn.MultiheadAttention) -> MultiheadAttention:
+    """The attention torch's decoder layer builds, as mha's module with its parameters
+    (the same values: construction with a seed gives torch's initialisation)."""
+    weight = attention.out_proj.weight
+    new = MultiheadAttention(
+        attention.embed_dim, attention.num_heads, dropout=attention.dropout,
+        bias=attention.in_proj_bias is not None, batch_first=attention.batch_first,
+        device=weight.device, dtype=weight.dtype,
+    )
+    new.load_state_dict(attention.state_dict())
+    return new
+
+
+class TransformerDecoderLayer(nn.TransformerDecoderLayer):
+    """:class:`torch.nn.TransformerDecoderLayer` with :class:`mha.MultiheadAttention`
+    for ``self_attn`` and ``multihead_attn``, and :meth:`new_cache` for decoding.
+
+    Same constructor, parameters and outputs as torch's; ``forward`` takes one more
+    argument, ``cache``. Shapes (``batch_first=False``): tgt ``(T, N, E)``, memory
+    ``(S, N, E)``, tgt_key_padding_mask ``(N, T)``, memory_key_padding_mask ``(N, S)``.
+    """
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        # torch annotates these as its own class; mha's is a drop-in, not a subclass.
+        self.self_attn = _as_mha(self.self_attn)  # type: ignore[assignment]
+        self.multihead_attn = _as_mha(self.multihead_attn)  # type: ignore[assignment]
+
+    def new_cache(self, batch_size: int, max_length: int, memory_length: int | None = None) -> LayerCache:
+        """Caches for ``batch_size`` sequences of up to ``max_length`` tokens and a memory
+        of up to ``memory_length`` (default ``max_length``) tokens."""
+        return LayerCache(
+            cast(MultiheadAttention, self.self_attn).new_cache(batch_size, max_length),
+            cast(MultiheadAttention, self.multihead_attn).new_cache(
+                batch_size, max_length if memory_length is None else memory_length, static=True
+            ),
+        )
+
+    def forward(  # type: ignore[override]
+        self,
+        tgt: Tensor,
+        memory: Tensor,
+        tgt_mask: Tensor | None = None,
+        memory_mask: Tensor | None = None,
+        tgt_key_padding_mask: Tensor | None = None,
+        memory_key_padding_mask: Tensor | None = None,
+        tgt_is_causal: bool = False,
+        memory_is_causal: bool = False,
+        # Any, not LayerCache: TorchScript would try to compile the class; the cached
+        # route is a @torch.jit.unused method, so a scripted layer runs without caches.
+        cache: Any | None = None,
+    ) -> Tensor:
+        """torch's forward; with ``cache``, ``tgt`` ``(T, N, E)`` holds the new tokens
+        only (``tgt_key_padding_mask`` ``(N, T)`` their right padding) and attention
+        is causal over the cache. ``memory`` is stored on the first cached call."""
+        if cache is not None:
+            return self._forward_cached(
+                tgt, memory, tgt_mask, memory_mask, tgt_key_padding_mask, memory_key_padding_mask, cache
+            )
+        # torch's own forward, written out: TorchScript compiles no super() call.
+        x = tgt
+        if self.norm_first:
+            x = x + self._sa_block(self.norm1(x), tgt_mask, tgt_key_padding_mask, tgt_is_causal)
+            x = x + self._mha_block(self.norm2(x), memory, memory_mask, memory_key_padding_mask, memory_is_causal)
+            return x + self._ff_block(self.norm3(x))
+        x = self.norm1(x + self._sa_block(x, tgt_mask, tgt_key_padding_mask, tgt_is_causal))
+        x = self.norm2(x + self._mha_block(x, memory, memory_mask, memory_key_padding_mask, memory_is_causal))
+        return self.norm3(x + self._ff_block(x))
+
+    @torch.jit.unused
+    def _forward_cached(
+        self,
+        tgt: Tensor,
+        memory: Tensor,
+        tgt_mask: Tensor | None,
+        memory_mask: Tensor | None,
+        tgt_key_padding_mask: Tensor | None,
+        memory_key_padding_mask: Tensor | None,
+        cache: Any,
+    ) -> Tensor:
+        if not isinstance(cache, LayerCache):
+            raise TypeError(
+                f"TransformerDecoderLayer: cache must be a LayerCache from new_cache(), got {type(cache).__name__}"
+            )
+        _reject_masks(tgt_mask, memory_mask)
+        x = tgt
+        if self.norm_first:
+            x = x + self._cached_sa(self.norm1(x), tgt_key_padding_mask, cache)
+            x = x + self._cached_mha(self.norm2(x), memory, memory_key_padding_mask, cache)
+            return x + self._ff_block(self.norm3(x))
+        x = self.norm1(x + self._cached_sa(x, tgt_key_padding_mask, cache))
+        x = self.norm2(x + self._cached_mha(x, memory, memory_key_padding_mask, cache))
+        return self.norm3(x + self._ff_block(x))
+
+    def _cached_sa(self, x: Tensor, key_padding_mask: Tensor | None, cache: LayerCache) -> Tensor:
+        out = self.self_attn(
+            x, x, x, key_padding_mask=key_padding_mask, need_weights=False, cache=cache.self_attn
+        )[0]
+        return self.dropout1(out)
+
+    def _cached_mha(
+        self, x: Tensor, memory: Tensor, key_padding_mask: Tensor | None, cache: LayerCache
+    ) -> Tensor:
+        if cache.memory_stored:
+            out = self.multihead_attn(x, None, None, need_weights=False, cache=cache.cross_attn)[0]
+        else:
+            out = self.multihead_attn(
+                x, memory, memory, key_padding_mask=key_padding_mask, need_weights=False,
+                cache=cache.cross_attn,
+            )[0]
+            cache.memory_stored = True
+        return self.dropout2(out)
+
+
+class TransformerDecoder(nn.TransformerDecoder):
+    """:class:`torch.nn.TransformerDecoder` with :meth:`new_cache` and ``forward(..., cache=)``.
+
+    Built from a :class:`TransformerDecoderLayer` (cloned ``num_layers`` times, as
+    torch does); same parameters and outputs as torch's."""
+
+    def new_cache(self, batch_size: int, max_length: int, memory_length: int | None = None) -> DecoderCache:
+        """One :class:`LayerCache` per layer (see :meth:`TransformerDecoderLayer.new_cache`)."""
+        return DecoderCache(
+            [layer.new_cache(batch_size, max_length, memory_length) for layer in self.layers]
+        )
+
+    def forward(  # type: ignore[override]
+        self,
+        tgt: Tensor,
+        memory: Tensor,
+        tgt_mask: Tensor | None = None,
+        memory_mask: Tensor | None = None,
+        tgt_key_padding_mask: Tensor | None = None,
+        memory_key_padding_mask: Tensor | None = None,
+        tgt_is_causal: bool | None = None,
+        memory_is_causal: bool = False,
+        # Any, not DecoderCache: see TransformerDecoderLayer.forward.
+        cache: Any | None = None,
+    ) -> Tensor:
+        """torch's forward; with ``cache`` (from :meth:`new_cache`), ``tgt`` holds the new
+        tokens only, as in :meth:`TransformerDecoderLayer.forward`."""
+        if cache is not None:
+            return self._forward_cached(
+                tgt, memory, tgt_mask, memory_mask, tgt_key_padding_mask, memory_key_padding_mask, cache
+            )
+        # torch's own forward, written out: TorchScript compiles no super() call.
+        seq_len = _get_seq_len(tgt, self.layers[0].self_attn.batch_first)
+        tgt_is_causal = _detect_is_causal_mask(tgt_mask, tgt_is_causal, seq_len)
+        x = tgt
+        for layer in self.layers:
+            x = layer(
+                x, memory, tgt_mask=tgt_mask, memory_mask=memory_mask,
+                tgt_key_padding_mask=tgt_key_padding_mask, memory_key_padding_mask=memory_key_padding_mask,
+                tgt_is_causal=tgt_is_causal, memory_is_causal=memory_is_causal,
+            )
+        return x if self.norm is None else self.norm(x)
+
+    @torch.jit.unused
+    def _forward_cached(
+        self,
+        tgt: Tensor,
+        memory: Tensor,
+        tgt_mask: Tensor | None,
+        memory_mask: Tensor | None,
+        tgt_key_padding_mask: Tensor | None,
+        memory_key_padding_mask: Tensor | None,
+        cache: Any,
+    ) -> Tensor:
+        if not isinstance(cache, DecoderCache) or len(cache.layers) != len(self.layers):
+            raise TypeError(
+                f"TransformerDecoder: cache must be a DecoderCache from new_cache() with one entry per layer "
+                f"({len(self.layers)}), got {type(cache).__name__}"
+            )
+        _reject_masks(tgt_mask, memory_mask)
+        x = tgt
+        for layer, layer_cache in zip(self.layers, cache.layers, strict=True):
+            x = layer(
+                x, memory, tgt_key_padding_mask=tgt_key_padding_mask,
+                memory_key_padding_mask=memory_key_padding_mask, cache=layer_cache,
+            )
+        return x if self.norm is None else self.norm(x)
+
+
+_PAIRS: tuple[tuple[type[nn.Module], type[nn.Module]], ...] = (
+    (nn.TransformerDecoderLayer, TransformerDecoderLayer),
+    (nn.TransformerDecoder, TransformerDecoder),
+)
+
+
+def swap_decoders(model: nn.Module, to: Literal["mha", "torch"]) -> nn.Module:
+    """Every torch decoder layer and decoder in ``model`` made mha's (``to="mha"``), or back.
+
+    mha's classes only add methods to torch's, so the modules change class in place:
+    they keep their identity, submodules, parameters, buffers and hooks. The attention
+    modules inside are converted by :func:`mha.swap` afterwards."""
+    pairs = {(src if to == "mha" else dst): (dst if to == "mha" else src) for src, dst in _PAIRS}
+    for module in model.modules():
+        if type(module) in pairs:
+            module.__class__ = pairs[type(module)]
+    return model

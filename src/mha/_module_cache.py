@@ -1,0 +1,154 @@
+"""``MultiheadAttention.forward(..., cache=)``: one decoding step of the module on a :class:`KVCache`.
+
+Self-attention (``cache.static`` False): ``key``/``value`` are the new tokens,
+projected once and appended; attention is causal over the cache. The output of
+each real token equals the matching row of a full causal forward over the whole
+sequence so far. Cross-attention (``cache.static`` True): the first call projects
+``key``/``value`` (the encoder memory) and stores them with their
+``key_padding_mask``; later calls pass ``key=None, value=None``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ._cache import KVCache
+from ._core import attention
+from .masks import right_padding_lengths
+
+
+def new_module_cache(module: Any, batch_size: int, max_length: int, static: bool) -> KVCache:
+    """A cache for ``module`` (an ``mha.MultiheadAttention``), on its parameters' device and dtype."""
+    weight = module.out_proj.weight
+    return KVCache(
+        batch_size, max_length, module.num_heads, module.head_dim,
+        static=static, dtype=weight.dtype, device=weight.device,
+    )
+
+
+def _fail_unsupported(module: Any, query: Tensor, attn_mask: Tensor | None) -> None:
+    if module.bias_k is not None or module.add_zero_attn:
+        raise NotImplementedError(
+            "MultiheadAttention with cache=: add_bias_kv and add_zero_attn are not supported with a "
+            "cache; run without cache= (recomputing the prefix)"
+        )
+    if attn_mask is not None:
+        raise NotImplementedError(
+            "MultiheadAttention with cache=: attn_mask is not supported (attention on a cache is causal "
+            "already); for other masks over cache positions call mha.attention(q, k, v, mask, cache=cache)"
+        )
+    if not isinstance(query, Tensor) or query.dim() != 3:
+        raise ValueError(
+            "MultiheadAttention with cache=: query must be batched, (T, N, E) (or (N, T, E) with "
+            f"batch_first), got {tuple(query.shape) if isinstance(query, Tensor) else type(query).__name__}; "
+            "add a batch dimension of 1 with query.unsqueeze(1)"
+        )
+
+
+def _new_lengths(key_padding_mask: Tensor | None, N: int, T: int) -> Tensor | None:
+    """Real tokens per sequence from a right-padding ``key_padding_mask`` ``(N, T)``."""
+    if key_padding_mask is None:
+        return None
+    _new_lengths_checked(key_padding_mask, N, T)
+    if torch.compiler.is_compiling():
+        return (~key_padding_mask).sum(-1)
+    lengths = right_padding_lengths(key_padding_mask)
+    if lengths is None:
+        raise ValueError(
+            "MultiheadAttention with cache=: key_padding_mask (N, T) of the new tokens must be right "
+            "padding (each row False, then only True): padded tokens are not stored"
+        )
+    return lengths
+
+
+def _new_lengths_checked(key_padding_mask: Tensor, N: int, T: int) -> None:
+    if key_padding_mask.dtype != torch.bool:
+        raise TypeError(
+            f"MultiheadAttention with cache=: key_padding_mask must be boolean (True = padding), got "
+            f"dtype {key_padding_mask.dtype}"
+        )
+    if key_padding_mask.shape != (N, T):
+        raise ValueError(
+            f"MultiheadAttention with cache=: key_padding_mask must be (N, T) = ({N}, {T}), one "
+            f"column per new key, got {tuple(key_padding_mask.shape)}"
+        )
+
+
+def _memory_padding(
+    key_padding_mask: Tensor | None, N: int, S: int, max_length: int
+) -> tuple[Tensor | None, Tensor | None]:
+    """``(new_lengths, stored mask)`` for the memory of a static cache: right padding
+    becomes lengths; any other boolean pattern is stored, padded to ``(N, max_length)``."""
+    if key_padding_mask is None or torch.compiler.is_compiling():
+        return _new_lengths(key_padding_mask, N, S), None
+    _new_lengths_checked(key_padding_mask, N, S)
+    lengths = right_padding_lengths(key_padding_mask)
+    if lengths is not None:
+        return lengths, None
+    return None, F.pad(key_padding_mask, (0, max_length - S), value=True)
+
+
+def _heads(x: Tensor, heads: int, batch_first: bool) -> Tensor:
+    """``(T, N, E)`` or ``(N, T, E)`` -> ``(N, heads, T, E // heads)``."""
+    x = x.unflatten(-1, (heads, x.shape[-1] // heads))
+    return x.permute((0, 2, 1, 3) if batch_first else (1, 2, 0, 3))
+
+
+def _project_query(module: Any, query: Tensor) -> Tensor:
+    E = module.embed_dim
+    b = module.in_proj_bias
+    bias = None if b is None else b[:E]
+    weight = module.in_proj_weight[:E] if module._qkv_same_embed_dim else module.q_proj_weight
+    return F.linear(query, weight, bias)
+
+
+def cached_forward(
+    module: Any,
+    query: Tensor,
+    key: Tensor | None,
+    value: Tensor | None,
+    key_padding_mask: Tensor | None,
+    need_weights: bool,
+    average_attn_weights: bool,
+    attn_mask: Tensor | None,
+    cache: KVCache,
+) -> tuple[Tensor, Tensor | None]:
+    """One step of ``module`` on ``cache``. Shapes (``batch_first=False``): query
+    ``(T, N, E)``, key ``(T, N, kdim)`` (``(S, N, kdim)`` filling a static cache, or
+    None on a filled one), key_padding_mask ``(N, T)`` / ``(N, S)`` right padding
+    (any boolean pattern on a static cache). Returns output ``(T, N, E)`` and
+    weights ``(N, T, S')`` (or ``(N, h, T, S')``) over the cache's first ``S'``
+    positions."""
+    if not isinstance(cache, KVCache):
+        raise TypeError(f"MultiheadAttention: cache must be an mha.KVCache, got {type(cache).__name__}")
+    _fail_unsupported(module, query, attn_mask)
+    batch_first = module.batch_first
+    N = query.shape[0 if batch_first else 1]
+    H = module.num_heads
+    new_lengths = None
+    if key is None or value is None:
+        q = _project_query(module, query)
+        k = v = None
+    else:
+        S = key.shape[1 if batch_first else 0]
+        if cache.static:
+            new_lengths, cache.key_padding_mask = _memory_padding(key_padding_mask, N, S, cache.max_length)
+        else:
+            new_lengths = _new_lengths(key_padding_mask, N, S)
+        q, k, v = module._in_projection(query, key, value)
+        k, v = _heads(k, H, batch_first), _heads(v, H, batch_first)
+    result = attention(
+        _heads(q, H, batch_first),
+        k,
+        v,
+        dropout_p=module.dropout if module.training else 0.0,
+        weights=("mean" if average_attn_weights else "per_head") if need_weights else None,
+        cache=cache,
+        new_lengths=new_lengths,
+    )
+    out = result.output.permute((0, 2, 1, 3) if batch_first else (2, 0, 1, 3))
+    return module.out_proj(out.reshape(*out.shape[:2], module.embed_dim)), result.weights

@@ -1,0 +1,219 @@
+"""mha.TransformerDecoderLayer / TransformerDecoder: drop-ins for torch's, with caches,
+and mha.swap on decoders (inside nn.Transformer too) and back."""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import mha
+from conftest import TOL
+
+F64 = torch.float64
+E, H, FF, N = 30, 5, 37, 3
+
+
+def _pair(norm_first: bool = False, batch_first: bool = False, layers: int = 2):
+    """torch's decoder and mha's with the same parameters (random biases), fp64, eval."""
+    torch.manual_seed(0)
+    kwargs = {"dim_feedforward": FF, "dropout": 0.0, "norm_first": norm_first, "batch_first": batch_first, "dtype": F64}
+    theirs = nn.TransformerDecoder(nn.TransformerDecoderLayer(E, H, **kwargs), layers, norm=nn.LayerNorm(E, dtype=F64))
+    with torch.no_grad():
+        for name, p in theirs.named_parameters():
+            if "bias" in name:
+                p.normal_()
+    ours = mha.TransformerDecoder(mha.TransformerDecoderLayer(E, H, **kwargs), layers, norm=nn.LayerNorm(E, dtype=F64))
+    ours.load_state_dict(theirs.state_dict(), strict=True)
+    return theirs.eval(), ours.eval()
+
+
+def _causal(L: int) -> torch.Tensor:
+    return nn.Transformer.generate_square_subsequent_mask(L, dtype=F64)
+
+
+def test_same_constructor_parameters_and_state_dict_both_ways():
+    torch.manual_seed(1)
+    theirs = nn.TransformerDecoderLayer(E, H, FF, norm_first=True, batch_first=True)
+    torch.manual_seed(1)
+    ours = mha.TransformerDecoderLayer(E, H, FF, norm_first=True, batch_first=True)
+    assert isinstance(ours.self_attn, mha.MultiheadAttention)
+    assert isinstance(ours.multihead_attn, mha.MultiheadAttention)
+    assert list(ours.state_dict()) == list(theirs.state_dict())
+    for (name, a), b in zip(theirs.state_dict().items(), ours.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name  # same seed, same initialisation
+    theirs.load_state_dict(ours.state_dict(), strict=True)
+
+
+@pytest.mark.parametrize(("norm_first", "batch_first"), [(False, False), (True, True)])
+def test_full_sequences_match_torch(norm_first, batch_first):
+    theirs, ours = _pair(norm_first, batch_first)
+    g = torch.Generator().manual_seed(2)
+    shape = (N, 7, E) if batch_first else (7, N, E)
+    tgt = torch.randn(*shape, generator=g, dtype=F64)
+    memory = torch.randn(*((N, 11, E) if batch_first else (11, N, E)), generator=g, dtype=F64)
+    kpm = torch.arange(11)[None, :] >= torch.tensor([11, 4, 9])[:, None]
+    args = {"tgt_mask": _causal(7), "memory_key_padding_mask": kpm, "tgt_is_causal": True}
+    torch.testing.assert_close(ours(tgt, memory, **args), theirs(tgt, memory, **args), **TOL[F64])
+
+
+@pytest.mark.parametrize("norm_first", [False, True])
+def test_cached_steps_match_full_forward(norm_first):
+    """A prompt of 3 tokens then single tokens: each output row equals torch's full
+    causal forward over the whole target so far; memory is read once."""
+    theirs, ours = _pair(norm_first)
+    g = torch.Generator().manual_seed(3)
+    tgt = torch.randn(8, N, E, generator=g, dtype=F64)
+    memory = torch.randn(11, N, E, generator=g, dtype=F64)
+    kpm = torch.rand(N, 11, generator=g) < 0.3
+    cache = ours.new_cache(N, 9, memory_length=11)
+    outs = [ours(tgt[:3], memory, memory_key_padding_mask=kpm, cache=cache)]
+    for i in range(3, 8):
+        # The memory is stored: what is passed after the first call is not read.
+        outs.append(ours(tgt[i : i + 1], memory.new_full(memory.shape, float("nan")), cache=cache))
+    ref = theirs(tgt, memory, tgt_mask=_causal(8), memory_key_padding_mask=kpm)
+    torch.testing.assert_close(torch.cat(outs), ref, **TOL[F64])
+    assert cache.lengths.tolist() == [8] * N
+
+
+def test_ragged_prompts_and_reorder():
+    """Right-padded prompts, then a beam-search reorder: each sequence matches torch on
+    its own tokens."""
+    theirs, ours = _pair()
+    g = torch.Generator().manual_seed(4)
+    prompt_lengths = [2, 4, 1]
+    seqs = [torch.randn(p + 3, E, generator=g, dtype=F64) for p in prompt_lengths]
+    memory = torch.randn(5, N, E, generator=g, dtype=F64)
+    cache = ours.new_cache(N, 8, memory_length=5)
+    prompt = torch.stack([torch.cat([s[:p], s.new_zeros(4 - p, E)]) for s, p in zip(seqs, prompt_lengths, strict=True)], 1)
+    kpm = torch.arange(4)[None, :] >= torch.tensor(prompt_lengths)[:, None]
+    out = ours(prompt, memory, tgt_key_padding_mask=kpm, cache=cache)
+    outs = [[out[:p, n]] for n, p in enumerate(prompt_lengths)]
+    x = torch.stack([s[p] for s, p in zip(seqs, prompt_lengths, strict=True)])[None]
+    out = ours(x, memory, cache=cache)
+    for n in range(N):
+        outs[n].append(out[:, n])
+    index = [1, 1, 0]
+    cache.reorder(torch.tensor(index))
+    seqs = [seqs[i][: prompt_lengths[i] + 1] for i in index]
+    outs = [list(outs[i]) for i in index]
+    memory = memory[:, index]
+    extra = torch.randn(1, N, E, generator=g, dtype=F64)
+    out = ours(extra, memory, cache=cache)
+    for n in range(N):
+        outs[n].append(out[:, n])
+        full = torch.cat([seqs[n], extra[0, n : n + 1]])[:, None]
+        ref = theirs(full, memory[:, n : n + 1], tgt_mask=_causal(len(full)))
+        torch.testing.assert_close(torch.cat(outs[n]), ref[:, 0], **TOL[F64])
+
+
+def test_cache_errors():
+    _, ours = _pair()
+    x = torch.ones(2, N, E, dtype=F64)
+    cache = ours.new_cache(N, 8)
+    with pytest.raises(NotImplementedError, match="tgt_mask and memory_mask are not supported"):
+        ours(x, x, tgt_mask=_causal(2), cache=cache)
+    with pytest.raises(TypeError, match="one entry per layer"):
+        ours(x, x, cache=cache.layers[0])  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="cache must be a LayerCache"):
+        ours.layers[0](x, x, cache=cache)  # type: ignore[arg-type]
+
+
+def _transformer(dtype=F64, random_biases=True):
+    torch.manual_seed(5)
+    with warnings.catch_warnings():  # torch's note that its nested-tensor fast path needs batch_first
+        warnings.simplefilter("ignore", UserWarning)
+        model = nn.Transformer(
+            d_model=E, nhead=H, num_encoder_layers=2, num_decoder_layers=2, dim_feedforward=FF, dropout=0.0,
+            dtype=dtype,
+        )
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if random_biases and "attn" in name and "bias" in name:
+                p.normal_()
+    return model.eval()
+
+
+def test_swap_converts_decoders_inside_transformer_and_back():
+    model = _transformer()
+    reference = copy.deepcopy(model)
+    params = {name: p for name, p in model.named_parameters()}
+    g = torch.Generator().manual_seed(6)
+    src, tgt = torch.randn(9, N, E, generator=g, dtype=F64), torch.randn(6, N, E, generator=g, dtype=F64)
+    ref = reference(src, tgt, tgt_mask=_causal(6))
+
+    model = mha.swap(model)
+    assert type(model.decoder) is mha.TransformerDecoder
+    assert all(type(layer) is mha.TransformerDecoderLayer for layer in model.decoder.layers)
+    assert all(type(layer.self_attn) is mha.MultiheadAttention for layer in model.decoder.layers)
+    assert type(model.encoder.layers[0].self_attn) is mha.MultiheadAttention
+    assert all(p is params[name] for name, p in model.named_parameters())
+    torch.testing.assert_close(model(src, tgt, tgt_mask=_causal(6)), ref, **TOL[F64])
+
+    model = mha.swap(model, to="torch")
+    assert type(model.decoder) is nn.TransformerDecoder
+    assert type(model.decoder.layers[0]) is nn.TransformerDecoderLayer
+    assert type(model.decoder.layers[0].multihead_attn) is nn.MultiheadAttention
+    assert all(p is params[name] for name, p in model.named_parameters())
+    torch.testing.assert_close(model(src, tgt, tgt_mask=_causal(6)), ref, **TOL[F64])
+    # A bare layer converts too.
+    assert type(mha.swap(nn.TransformerDecoderLayer(E, H))) is mha.TransformerDecoderLayer
+
+
+def _greedy_torch(model, embed, head, src, bos, steps):
+    """Greedy decoding with torch, recomputing the whole prefix each step. ``embed``
+    maps tokens ``(T, N)`` and their first position to ``(T, N, E)``."""
+    memory = model.encoder(src)
+    tokens = bos[None]
+    for _ in range(steps):
+        out = model.decoder(embed(tokens, 0), memory, tgt_mask=_causal(len(tokens)))
+        tokens = torch.cat([tokens, head(out[-1]).argmax(-1)[None]])
+    return tokens
+
+
+def _greedy_cached(model, embed, head, src, bos, steps):
+    """Greedy decoding with mha's decoder cache: one new token per step."""
+    memory = model.encoder(src)
+    cache = model.decoder.new_cache(src.shape[1], steps, memory_length=len(src))
+    tokens = bos[None]
+    for _ in range(steps):
+        out = model.decoder(embed(tokens[-1:], len(tokens) - 1), memory, cache=cache)
+        tokens = torch.cat([tokens, head(out[-1]).argmax(-1)[None]])
+    return tokens
+
+
+def test_greedy_decoding_after_swap_gives_torch_tokens():
+    model = _transformer(random_biases=False)
+    torch.manual_seed(7)
+    table, positions, head = nn.Embedding(13, E, dtype=F64), torch.randn(13, 1, E, dtype=F64), nn.Linear(E, 13, dtype=F64)
+
+    with torch.no_grad():
+        head.weight.normal_()
+        head.bias.zero_()
+
+    def embed(tokens, start):
+        return table(tokens) + positions[start : start + len(tokens)]
+
+    g = torch.Generator().manual_seed(8)
+    src = torch.randn(9, N, E, generator=g, dtype=F64)
+    bos = torch.tensor([0, 5, 11])
+    with torch.no_grad():
+        expected = _greedy_torch(model, embed, head, src, bos, 12)
+        tokens = _greedy_cached(mha.swap(model), embed, head, src, bos, 12)
+    assert torch.equal(tokens, expected)
+    assert len(set(expected.flatten().tolist())) > 5  # not one token repeated
+
+
+def test_scripted_transformer_after_swap_matches_eager():
+    """torch's nn.Transformer scripts; after mha.swap (mha's decoder and decoder layers,
+    whose cache= route TorchScript leaves out) it still does, with the same outputs."""
+    torch.manual_seed(0)
+    model = nn.Transformer(d_model=16, nhead=2, num_encoder_layers=1, num_decoder_layers=2, dropout=0.0)
+    mha.swap(model).eval()
+    scripted = torch.jit.script(model)
+    src, tgt = torch.randn(5, 2, 16), torch.randn(4, 2, 16)
+    mask = nn.Transformer.generate_square_subsequent_mask(4)
+    torch.testing.assert_close(scripted(src, tgt, tgt_mask=mask), model(src, tgt, tgt_mask=mask))

@@ -9,6 +9,7 @@ import re
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 PAGES = sorted([ROOT / "README.md", ROOT / "CHANGELOG.md", *(ROOT / "docs").glob("*.md")])
@@ -45,8 +46,12 @@ def test_the_readme_has_blocks_to_run():
 @pytest.mark.parametrize(("code", "expected"), CASES)
 def test_python_block_runs_and_prints_what_the_text_says(code, expected):
     out = io.StringIO()
-    with contextlib.redirect_stdout(out):
-        exec(compile(code, "<block>", "exec"), {"__name__": "__block__"})
+    try:
+        with contextlib.redirect_stdout(out):
+            exec(compile(code, "<block>", "exec"), {"__name__": "__block__"})
+    finally:  # the distributed examples start a one-rank process group when run alone
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
     if expected is not None:
         assert out.getvalue() == expected
 

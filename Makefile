@@ -24,8 +24,10 @@ $(STAMP): $(BIN)/python pyproject.toml constraints/tools.txt constraints/torch-2
 demo: $(STAMP)
 	$(BIN)/mha demo
 
+# ruff, then mypy with the settings in pyproject.toml ([tool.mypy]: src/mha, untyped definitions disallowed).
 lint: $(STAMP)
 	$(BIN)/ruff check .
+	$(BIN)/mypy
 
 # Every test but the long randomised runs (marked slow): under 3 minutes on 2 cores.
 test: lint
@@ -63,4 +65,4 @@ bench: $(STAMP)
 	$(BIN)/mha bench
 
 clean:
-	rm -rf $(VENV) $(VENV14) build dist src/*.egg-info docs/_build .pytest_cache .ruff_cache .hypothesis
+	rm -rf $(VENV) $(VENV14) build dist src/*.egg-info docs/_build .pytest_cache .ruff_cache .mypy_cache .hypothesis

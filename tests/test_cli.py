@@ -194,6 +194,13 @@ def test_plot_weights_library_function(monkeypatch):
         mha.plot.weights(torch.zeros(3, 3))
 
 
+def test_plot_compare_draws_named_maps_and_refuses_none():
+    maps = {"torch": torch.softmax(torch.randn(3, 7), -1), "mha": torch.softmax(torch.randn(3, 7), -1)}
+    assert _titles(mha.plot.compare(maps, title="t")) == ["torch", "mha"]
+    with pytest.raises(ValueError, match=r"compare takes at least one named \(L, S\) map in panels, got none"):
+        mha.plot.compare({})
+
+
 def test_plot_labels_the_module_default_weights_as_batch_rows(tmp_path, capsys):
     """need_weights=True gives (N, L, S) averaged over heads: panels are batch rows, not heads."""
     module = mha.MultiheadAttention(8, 2, batch_first=True)

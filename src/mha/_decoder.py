@@ -105,7 +105,7 @@ class TransformerDecoderLayer(nn.TransformerDecoderLayer):
     ``(S, N, E)``, tgt_key_padding_mask ``(N, T)``, memory_key_padding_mask ``(N, S)``.
     """
 
-    def __init__(self, *args, **kwargs) -> None:
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         # torch annotates these as its own class; mha's is a drop-in, not a subclass.
         self.self_attn = _as_mha(self.self_attn)  # type: ignore[assignment]
@@ -121,7 +121,7 @@ class TransformerDecoderLayer(nn.TransformerDecoderLayer):
             ),
         )
 
-    def forward(  # type: ignore[override]
+    def forward(
         self,
         tgt: Tensor,
         memory: Tensor,
@@ -209,7 +209,7 @@ class TransformerDecoder(nn.TransformerDecoder):
             [layer.new_cache(batch_size, max_length, memory_length) for layer in self.layers]
         )
 
-    def forward(  # type: ignore[override]
+    def forward(
         self,
         tgt: Tensor,
         memory: Tensor,

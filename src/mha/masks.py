@@ -36,6 +36,7 @@ from typing import Literal
 
 import torch
 from torch import Tensor
+from torch.types import Device
 
 __all__ = [
     "Allowed",
@@ -83,7 +84,10 @@ class Mask:
             out = out + part._additive(N, H, L, S, device=device, dtype=dtype)
         return out
 
-    def _additive(self, N, H, L, S, *, device, dtype) -> Tensor:  # pragma: no cover - abstract
+    def _additive(  # pragma: no cover - abstract
+        self, N: int, H: int, L: int, S: int, *, device: Device, dtype: torch.dtype
+    ) -> Tensor:
+        """This elementary mask's additive ``(N, H, L, S)`` term (broadcastable views allowed)."""
         raise NotImplementedError
 
     def _check_shape(self, N: int, H: int, L: int, S: int) -> None:
@@ -148,13 +152,15 @@ class Window(Mask):
     def offset(self, L: int, S: int) -> int:
         return self.shift + (0 if self.align == "top_left" else S - L)
 
-    def allowed(self, L: int, S: int, device=None) -> Tensor:
+    def allowed(self, L: int, S: int, device: Device = None) -> Tensor:
         """Boolean ``(L, S)`` band."""
         i = torch.arange(L, device=device)[:, None] + self.offset(L, S)
         j = torch.arange(S, device=device)[None, :]
         return band_allowed(i, j, None if self.before is None else -self.before, self.after)
 
-    def _additive(self, N, H, L, S, *, device, dtype):
+    def _additive(
+        self, N: int, H: int, L: int, S: int, *, device: Device, dtype: torch.dtype
+    ) -> Tensor:
         return _blocked_to_additive(self.allowed(L, S, device), dtype)
 
     def __repr__(self) -> str:
@@ -217,7 +223,7 @@ class KeyPadding(Mask):
             )
         return cls(lengths)
 
-    def _check_shape(self, N, H, L, S):
+    def _check_shape(self, N: int, H: int, L: int, S: int) -> None:
         if self.lengths.shape[0] != N:
             raise ValueError(f"KeyPadding has {self.lengths.shape[0]} lengths but the batch has N={N}")
 
@@ -228,7 +234,9 @@ class KeyPadding(Mask):
         """Boolean ``(N, S)``: True at real keys."""
         return torch.arange(S, device=self.lengths.device)[None, :] < self.lengths[:, None]
 
-    def _additive(self, N, H, L, S, *, device, dtype):
+    def _additive(
+        self, N: int, H: int, L: int, S: int, *, device: Device, dtype: torch.dtype
+    ) -> Tensor:
         return _blocked_to_additive(self.allowed(S).to(device)[:, None, None, :], dtype)
 
     def __repr__(self) -> str:
@@ -281,7 +289,7 @@ class _TensorMask(Mask):
     def tensors(self) -> tuple[Tensor, ...]:
         return (self.tensor,)
 
-    def _check_shape(self, N, H, L, S):
+    def _check_shape(self, N: int, H: int, L: int, S: int) -> None:
         target = (N, H, L, S)
         for have, want, name in zip(self.tensor4d.shape, target, "NHLS", strict=True):
             if have not in (1, want):
@@ -297,14 +305,18 @@ class _TensorMask(Mask):
 class Allowed(_TensorMask):
     """Boolean tensor, True where the query may attend the key (SDPA's convention)."""
 
-    def _additive(self, N, H, L, S, *, device, dtype):
+    def _additive(
+        self, N: int, H: int, L: int, S: int, *, device: Device, dtype: torch.dtype
+    ) -> Tensor:
         return _blocked_to_additive(self.tensor4d.to(device), dtype).expand(N, H, L, S)
 
 
 class Blocked(_TensorMask):
     """Boolean tensor, True where the key is masked out (nn.MultiheadAttention's convention)."""
 
-    def _additive(self, N, H, L, S, *, device, dtype):
+    def _additive(
+        self, N: int, H: int, L: int, S: int, *, device: Device, dtype: torch.dtype
+    ) -> Tensor:
         return _blocked_to_additive(~self.tensor4d.to(device), dtype).expand(N, H, L, S)
 
 
@@ -318,7 +330,9 @@ class Bias(_TensorMask):
                 "use Allowed(...) or Blocked(...) for boolean masks"
             )
 
-    def _additive(self, N, H, L, S, *, device, dtype):
+    def _additive(
+        self, N: int, H: int, L: int, S: int, *, device: Device, dtype: torch.dtype
+    ) -> Tensor:
         return self.tensor4d.to(device=device, dtype=dtype).expand(N, H, L, S)
 
 
@@ -338,7 +352,7 @@ class _And(Mask):
     def parts(self) -> tuple[Mask, ...]:
         return self._parts
 
-    def _check_shape(self, N, H, L, S):
+    def _check_shape(self, N: int, H: int, L: int, S: int) -> None:
         for p in self._parts:
             p._check_shape(N, H, L, S)
 

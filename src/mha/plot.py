@@ -15,12 +15,14 @@ import torch
 from torch import Tensor
 
 if TYPE_CHECKING:
+    from matplotlib.axes import Axes
     from matplotlib.figure import Figure
+    from matplotlib.image import AxesImage
 
 __all__ = ["compare", "demo_weights", "weights"]
 
 
-def _figure_class():
+def _figure_class() -> type[Figure]:
     try:
         from matplotlib.figure import Figure
     except ImportError as err:
@@ -81,7 +83,7 @@ def _panels(tensor: Tensor, layout: str | None, batch: int, mean: bool) -> list[
     return panels
 
 
-def _heatmap(ax, data: Tensor, title: str, vmax: float) -> object:
+def _heatmap(ax: Axes, data: Tensor, title: str, vmax: float) -> AxesImage:
     image = ax.imshow(data.numpy(), cmap="viridis", vmin=0.0, vmax=vmax, interpolation="nearest", aspect="auto")
     ax.set_title(title, fontsize=9)
     ax.set_xlabel("key j (S)", fontsize=8)
@@ -119,12 +121,10 @@ def weights(
     fig = Figure(figsize=(3.0 * cols + 0.8, 2.7 * rows + 0.6), layout="constrained")
     axes = fig.subplots(rows, cols, squeeze=False)
     vmax = max(max(float(data.max()) for _, data in panels), 1e-6)
-    image = None
-    for ax, (name, data) in zip(axes.flat, panels, strict=False):
-        image = _heatmap(ax, data, name, vmax)
+    images = [_heatmap(ax, data, name, vmax) for ax, (name, data) in zip(axes.flat, panels, strict=False)]
     for ax in list(axes.flat)[len(panels) :]:
         ax.set_axis_off()
-    fig.colorbar(image, ax=axes, shrink=0.8, label="attention weight")
+    fig.colorbar(images[-1], ax=axes, shrink=0.8, label="attention weight")
     if title:
         fig.suptitle(title)
     return fig
@@ -134,16 +134,16 @@ def compare(panels: Mapping[str, Tensor], *, title: str | None = None) -> Figure
     """Side-by-side heatmaps of ``(L, S)`` weight maps, one per named entry, on one color scale."""
     Figure = _figure_class()
     maps = {name: t.detach().to("cpu", torch.float32) for name, t in panels.items()}
+    if not maps:
+        raise ValueError("compare takes at least one named (L, S) map in panels, got none")
     for name, t in maps.items():
         if t.dim() != 2:
             raise ValueError(f"compare takes (L, S) maps, got {name!r} of shape {tuple(t.shape)}")
     fig = Figure(figsize=(3.6 * len(maps) + 0.8, 3.6), layout="constrained")
     axes = fig.subplots(1, len(maps), squeeze=False)[0]
     vmax = max(max(float(t.max()) for t in maps.values()), 1e-6)
-    image = None
-    for ax, (name, t) in zip(axes, maps.items(), strict=True):
-        image = _heatmap(ax, t, name, vmax)
-    fig.colorbar(image, ax=list(axes), shrink=0.8, label="attention weight")
+    images = [_heatmap(ax, t, name, vmax) for ax, (name, t) in zip(axes, maps.items(), strict=True)]
+    fig.colorbar(images[-1], ax=list(axes), shrink=0.8, label="attention weight")
     if title:
         fig.suptitle(title)
     return fig

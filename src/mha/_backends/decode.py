@@ -74,7 +74,7 @@ def triton_decode(q: Tensor, k: Tensor, v: Tensor, lengths: Tensor, scale: float
 
 
 @triton_decode.register_fake
-def _(q, k, v, lengths, scale):
+def _(q: Tensor, k: Tensor, v: Tensor, lengths: Tensor, scale: float) -> tuple[Tensor, Tensor]:
     N, Hq, L, _ = q.shape
     return q.new_empty(N, Hq, L, v.shape[-1]), q.new_empty(N, Hq, L, dtype=torch.float32)
 

@@ -36,6 +36,8 @@ import functools
 import importlib.util
 import operator
 import os
+from types import ModuleType
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -50,7 +52,7 @@ _MAX_GRID_Y = 65535  # CUDA's limit on a grid's second dimension
 _LN2 = 0.6931471805599453
 
 
-def _kernels():
+def _kernels() -> ModuleType:
     from . import _triton_kernels
 
     return _triton_kernels
@@ -86,7 +88,18 @@ def attention_fwd(
 
 
 @attention_fwd.register_fake
-def _(q, k, v, lengths, allowed, bias, scale, lo, hi, weights="none"):
+def _(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    lengths: Tensor | None,
+    allowed: Tensor | None,
+    bias: Tensor | None,
+    scale: float,
+    lo: int | None,
+    hi: int | None,
+    weights: str = "none",
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     N, Hq, L, _ = q.shape
     S = k.shape[2]
     w_shape = {"none": (0,), "mean": (N, L, S), "per_head": (N, Hq, L, S)}[weights]
@@ -119,11 +132,26 @@ def attention_bwd(
 
 
 @attention_bwd.register_fake
-def _(dout, dlse, dw, q, k, v, out, stats, lengths, allowed, bias, scale, lo, hi):
+def _(
+    dout: Tensor,
+    dlse: Tensor,
+    dw: Tensor | None,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    out: Tensor,
+    stats: Tensor,
+    lengths: Tensor | None,
+    allowed: Tensor | None,
+    bias: Tensor | None,
+    scale: float,
+    lo: int | None,
+    hi: int | None,
+) -> tuple[Tensor, Tensor, Tensor]:
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
-def _setup_context(ctx, inputs, output):
+def _setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, ...]) -> None:
     q, k, v, lengths, allowed, bias, scale, lo, hi, _ = inputs
     out, _, stats, _ = output
     ctx.mark_non_differentiable(stats)
@@ -132,7 +160,9 @@ def _setup_context(ctx, inputs, output):
     ctx.args = (scale, lo, hi)
 
 
-def _backward(ctx, dout, dlse, dstats, dw):
+def _backward(
+    ctx: Any, dout: Tensor | None, dlse: Tensor | None, dstats: Tensor | None, dw: Tensor | None
+) -> tuple[Tensor | None, ...]:
     q, k, v, out, stats, lengths, allowed, bias = ctx.saved_tensors
     dout = torch.zeros_like(out) if dout is None else dout
     dlse = stats.new_zeros(stats.shape[1:]) if dlse is None else dlse
@@ -175,7 +205,19 @@ def varlen_fwd(
 
 
 @varlen_fwd.register_fake
-def _(q, k, v, q_offsets, k_offsets, max_q, max_k, scale, lo, hi, bottom_right):
+def _(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    q_offsets: Tensor,
+    k_offsets: Tensor,
+    max_q: int,
+    max_k: int,
+    scale: float,
+    lo: int | None,
+    hi: int | None,
+    bottom_right: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
     Tq, Hq, _ = q.shape
     stats = q.new_empty(2, Hq, Tq, dtype=torch.float32)
     return q.new_empty(Tq, Hq, v.shape[-1]), q.new_empty(Hq, Tq, dtype=torch.float32), stats
@@ -207,11 +249,27 @@ def varlen_bwd(
 
 
 @varlen_bwd.register_fake
-def _(dout, dlse, q, k, v, out, stats, q_offsets, k_offsets, max_q, max_k, scale, lo, hi, bottom_right):
+def _(
+    dout: Tensor,
+    dlse: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    out: Tensor,
+    stats: Tensor,
+    q_offsets: Tensor,
+    k_offsets: Tensor,
+    max_q: int,
+    max_k: int,
+    scale: float,
+    lo: int | None,
+    hi: int | None,
+    bottom_right: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
-def _varlen_setup_context(ctx, inputs, output):
+def _varlen_setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, ...]) -> None:
     q, k, v, q_offsets, k_offsets, *args = inputs
     out, _, stats = output
     ctx.mark_non_differentiable(stats)
@@ -219,7 +277,7 @@ def _varlen_setup_context(ctx, inputs, output):
     ctx.args = args
 
 
-def _varlen_backward(ctx, dout, dlse, dstats):
+def _varlen_backward(ctx: Any, dout: Tensor, dlse: Tensor, dstats: Tensor) -> tuple[Tensor | None, ...]:
     q, k, v, out, stats, q_offsets, k_offsets = ctx.saved_tensors
     dq, dk, dv = varlen_bwd(dout, dlse, q, k, v, out, stats, q_offsets, k_offsets, *ctx.args)
     return dq, dk, dv, None, None, None, None, None, None, None, None

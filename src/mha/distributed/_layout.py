@@ -45,7 +45,7 @@ def validate_layout(layout: object) -> Layout:
         raise TypeError(f"layout must be 'contiguous' or 'zigzag', got {type(layout).__name__}")
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be 'contiguous' or 'zigzag', got {layout!r}")
-    return layout  # type: ignore[return-value]
+    return layout
 
 
 def check_divisible(length: int, world: int, layout: Layout, what: str = "sequence length L") -> None:

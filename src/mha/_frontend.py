@@ -151,7 +151,7 @@ def plan_forward(
     :mod:`mha._mask_analysis`), never activations.
     """
     weights: WeightsMode | None = ("mean" if average_attn_weights else "per_head") if need_weights else None
-    dropout_p = config.dropout if training else 0.0
+    dropout_p = float(config.dropout) if training else 0.0
     if isinstance(query, Tensor) and query.is_nested:
         refuse_nested()
         validate_nested_forward(config, query, key, value, key_padding_mask, attn_mask)

@@ -39,7 +39,10 @@ def values_readable(*tensors: Tensor | None) -> bool:
     tensors (no fake or other subclass) on a device other than ``meta``."""
     if torch.compiler.is_compiling():
         return False
-    return all(t is None or (type(t) in _PLAIN and t.device.type != "meta") for t in tensors)
+    for t in tensors:  # a loop, not all(<generator>): this runs on every call
+        if t is not None and (type(t) not in _PLAIN or t.device.type == "meta"):
+            return False
+    return True
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,7 @@ from torch.nn.init import constant_, xavier_normal_, xavier_uniform_
 from torch.nn.modules.linear import NonDynamicallyQuantizableLinear
 
 from ._cache import KVCache
-from ._core import attention, packed_attention
+from ._core import checked_attention, packed_attention
 from ._frontend import ForwardPlan, KeyLengths, ShardedMasks, plan_forward
 from ._module_cache import cached_forward, new_module_cache
 from ._script import ScriptableAttention
@@ -253,14 +253,14 @@ class MultiheadAttention(ScriptableAttention):
         if self.bias_k is not None and self.bias_v is not None:
             k = torch.cat([k, _batched_token(self.bias_k, N, batch_first)], dim=1 if batch_first else 0)
             v = torch.cat([v, _batched_token(self.bias_v, N, batch_first)], dim=1 if batch_first else 0)
-        q, k, v = (_split_heads(t, H, batch_first) for t in (q, k, v))
+        q, k, v = _split_heads(q, H, batch_first), _split_heads(k, H, batch_first), _split_heads(v, H, batch_first)
         if self.add_zero_attn:
             k = torch.cat([k, k.new_zeros(N, H, 1, k.shape[-1])], dim=2)
             v = torch.cat([v, v.new_zeros(N, H, 1, v.shape[-1])], dim=2)
-        result = attention(q, k, v, plan.mask, dropout_p=plan.dropout_p, weights=plan.weights)
+        result = checked_attention(q, k, v, plan.mask, plan.dropout_p, plan.weights)
         # (N, H, L, Dh) -> (L, N, E) or (N, L, E)
         out = result.output.permute((0, 2, 1, 3) if batch_first else (2, 0, 1, 3))
-        return self.out_proj(out.reshape(*out.shape[:2], self.embed_dim)), result.weights
+        return self._out_projection(out.reshape(*out.shape[:2], self.embed_dim)), result.weights
 
     def _key_lengths(self, plan: ForwardPlan) -> tuple[Tensor, Tensor | None]:
         """Right-padded keys: only the real keys are projected and attended, every query row
@@ -291,7 +291,7 @@ class MultiheadAttention(ScriptableAttention):
         result = packed_attention(
             q, k, v, q_offsets, k_offsets, plan.mask, dropout_p=plan.dropout_p, weights=plan.weights
         )
-        out = self.out_proj(result.output.reshape(N, L, E))
+        out = self._out_projection(result.output.reshape(N, L, E))
         if not plan.batch_first:
             out = out.transpose(0, 1)
         weights = None
@@ -315,7 +315,7 @@ class MultiheadAttention(ScriptableAttention):
         result = packed_attention(
             q, k, v, q_offsets, k_offsets, plan.mask, dropout_p=plan.dropout_p, weights=plan.weights
         )
-        out = self.out_proj(result.output.flatten(-2))
+        out = self._out_projection(result.output.flatten(-2))
         weights = nested_weights(result.weights) if result.weights is not None else None
         return jagged_from_packed(out, q_offsets, query), weights
 
@@ -333,7 +333,7 @@ class MultiheadAttention(ScriptableAttention):
             dropout_p=plan.dropout_p, appended_keys=plan.extra_keys > 0,
         )
         out = out.permute((0, 2, 1, 3) if plan.batch_first else (2, 0, 1, 3))
-        return self.out_proj(out.reshape(*out.shape[:2], self.embed_dim)), None
+        return self._out_projection(out.reshape(*out.shape[:2], self.embed_dim)), None
 
     # The method that runs each route of a plan: a new route (a KV cache, context
     # parallelism) is a method taking the plan, and one entry here.
@@ -369,6 +369,11 @@ class MultiheadAttention(ScriptableAttention):
             )
         wq, wk, wv = w.chunk(3)
         return F.linear(query, wq, bq), F.linear(key, wk, bk), F.linear(value, wv, bv)
+
+    def _out_projection(self, x: Tensor) -> Tensor:
+        """``out_proj`` on ``(..., E)``, as torch applies it: ``F.linear`` on its weight and
+        bias (its hooks do not run, as in torch; a module call costs microseconds)."""
+        return F.linear(x, self.out_proj.weight, self.out_proj.bias)
 
 
 def _split_heads(x: Tensor, heads: int, batch_first: bool) -> Tensor:

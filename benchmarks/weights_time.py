@@ -6,6 +6,17 @@ modules with the same weights, timed in interleaved rounds in one process (so a
 busy machine slows both alike). Prints, per shape, the median time of each and
 the median over rounds of torch's time divided by mha's (above 1: mha is faster).
 
+At N=1, L=256 (one block of scores in mha's tiled backend, so neither tile size nor
+the tile loop is the cause) torch runs its fused ``_native_multi_head_attention``
+(batch_first, inference). In torch's op profile (1 thread) mha's softmax took 0.98 ms
+a call against torch's 0.33 ms, and the mean over heads 0.95 ms against torch's
+sum-and-divide 0.12 ms, while the same ops on a warm tensor take 0.34 and 0.15 ms:
+the time went to a fresh 2 MiB buffer per block, not to arithmetic. Without autograd
+the tiled backend now writes the probabilities over the scores: at 1x256 torch/mha
+went from 0.67x to 0.87x (9 interleaved rounds each, 2 threads, a shared machine);
+1x128 stayed at 0.82x. The rest (the head mean, the copy of each block's output into
+the result) is not yet closed.
+
 Usage::
 
     python benchmarks/weights_time.py [--rounds 15] [--shapes 1x256,1x1024,1x4096,8x512]

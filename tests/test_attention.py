@@ -758,3 +758,24 @@ def test_jit_trace_through_sdpa_with_gqa():
     torch.testing.assert_close(traced(q, k, v), f(q, k, v))
     q2, k2, v2 = (t + 1 for t in (q, k, v))
     torch.testing.assert_close(traced(q2, k2, v2), f(q2, k2, v2))
+
+
+@pytest.mark.parametrize("weights", [None, "mean", "per_head"])
+def test_checked_attention_is_attention_without_the_second_check(weights: str | None) -> None:
+    """The module's entry to the core (its inputs checked by the front end) gives what
+    mha.attention gives: the default scale 1/sqrt(Dk), the same mask and weights."""
+    from mha._core import checked_attention
+
+    g = torch.Generator().manual_seed(0)
+    N, H, L, S, D = 3, 2, 7, 5, 40  # distinct sizes: a swapped axis fails
+    q = torch.randn(N, L, H, D, generator=g, dtype=torch.float64).transpose(1, 2)  # non-contiguous
+    k = torch.randn(N, H, S, D, generator=g, dtype=torch.float64)
+    v = torch.randn(N, H, S, D, generator=g, dtype=torch.float64)
+    mask = M.Causal("bottom_right") & M.Blocked(torch.rand(N, 1, 1, S, generator=g) < 0.3)
+    ours = checked_attention(q, k, v, mask, 0.0, weights)
+    ref = mha.attention(q, k, v, mask, weights=weights, backend="reference")
+    torch.testing.assert_close(ours.output, ref.output)
+    if weights is None:
+        assert ours.weights is None
+    else:
+        torch.testing.assert_close(ours.weights, ref.weights)

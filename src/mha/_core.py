@@ -113,12 +113,28 @@ def attention(
             "attention: new_lengths=, key=None and value=None need cache=; pass key and value "
             "(N, Hkv, S, D) or a KVCache"
         )
-    if _varlen.is_jagged(query) or (isinstance(query, Tensor) and query.is_nested):
+    # type() first: a plain tensor skips the jagged-subclass check.
+    if (type(query) is not Tensor and _varlen.is_jagged(query)) or (isinstance(query, Tensor) and query.is_nested):
         return _attention_jagged(query, key, value, mask, scale, dropout_p, weights, return_lse, backend)
     call = _validate_call(query, key, value, mask, scale, dropout_p, weights, return_lse)
     if mask is not None:
         _validate_mask_devices(mask, query.device)
     return _dispatch.select_backend(call, backend).forward(call)
+
+
+def checked_attention(
+    query: Tensor, key: Tensor, value: Tensor, mask: _masks.Mask | None, dropout_p: float, weights: WeightsMode | None
+) -> AttentionOutput:
+    """:func:`attention` with the default scale ``1 / sqrt(Dk)``, for heads the caller built
+    from inputs it has checked: the module's front end validates the shapes, dtypes,
+    devices and dropout, and builds ``mask`` for ``(N, H, L, S)`` on the query's device.
+    The same mask plan and dispatch, without checking everything a second time (that
+    costs tens of microseconds a call). query ``(N, H, L, Dk)``, key ``(N, H, S, Dk)``,
+    value ``(N, H, S, Dv)``."""
+    L, Dk, S = query.shape[2], query.shape[3], key.shape[2]
+    scale = 1.0 / math.sqrt(Dk) if Dk > 0 else 1.0
+    call = Call(query, key, value, mask, plan_mask(mask, L, S), scale, dropout_p, weights, False)
+    return _dispatch.select_backend(call).forward(call)
 
 
 class PackedOutput(NamedTuple):
@@ -261,15 +277,15 @@ def _shape(t: Tensor) -> str:
     return str(tuple(t.shape))
 
 
-def _sizes(t: Tensor) -> tuple[int, ...]:
-    """``t.shape`` as ints. Under ``torch.jit.trace`` sizes are traced tensors; the checks
-    and the default scale specialise the trace to the traced shapes (as the head split
-    before them does), so they are read as constants, without a TracerWarning each."""
+def _sizes(*tensors: Tensor) -> list[tuple[int, ...]]:
+    """Each tensor's ``shape`` as ints. Under ``torch.jit.trace`` sizes are traced tensors;
+    the checks and the default scale specialise the trace to the traced shapes (as the head
+    split before them does), so they are read as constants, without a TracerWarning each."""
     if torch.jit.is_tracing():
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", torch.jit.TracerWarning)
-            return tuple(int(s) for s in t.shape)
-    return tuple(t.shape)
+            return [tuple(int(s) for s in t.shape) for t in tensors]
+    return [tuple(t.shape) for t in tensors]
 
 
 def _validate_mask_devices(mask: _masks.Mask, device: torch.device) -> None:
@@ -311,9 +327,7 @@ def _validate_call(
         raise ValueError(
             f"attention: query, key and value must be on one device, got {query.device}, {key.device}, {value.device}"
         )
-    N, Hq, L, Dk = _sizes(query)
-    Nk, Hkv, S, Dk2 = _sizes(key)
-    Nv, Hv, Sv, _ = _sizes(value)
+    (N, Hq, L, Dk), (Nk, Hkv, S, Dk2), (Nv, Hv, Sv, _) = _sizes(query, key, value)
     if Nk != N or Nv != N:
         raise ValueError(
             f"attention: batch sizes differ: query (N, Hq, L, Dk) = {_shape(query)}, "

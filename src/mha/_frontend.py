@@ -40,7 +40,6 @@ from ._core import WeightsMode
 from ._mask_analysis import (
     AttnMaskSummary,
     KeyPaddingSummary,
-    causal_blocked,
     summarize_attn_mask,
     summarize_key_padding_mask,
     values_readable,
@@ -48,7 +47,7 @@ from ._mask_analysis import (
 from ._torch_masks import CAUSAL, masks_from_torch, pitfall_messages
 from ._validate import validate_forward, validate_nested_forward
 from .distributed._context import ContextParallel, active_context, refuse_nested
-from .masks import Mask
+from .masks import Mask, causal_blocked
 
 Route = Literal["dense", "key_lengths", "nested", "context_parallel"]
 
@@ -151,7 +150,7 @@ def plan_forward(
     :mod:`mha._mask_analysis`), never activations.
     """
     weights: WeightsMode | None = ("mean" if average_attn_weights else "per_head") if need_weights else None
-    dropout_p = config.dropout if training else 0.0
+    dropout_p = float(config.dropout) if training else 0.0
     if isinstance(query, Tensor) and query.is_nested:
         refuse_nested()
         validate_nested_forward(config, query, key, value, key_padding_mask, attn_mask)

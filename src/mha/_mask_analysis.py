@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from .masks import Causal, right_padding_lengths
+from .masks import causal_blocked, right_padding_lengths
 
 _PLAIN = (Tensor, nn.Parameter)
 
@@ -39,7 +39,10 @@ def values_readable(*tensors: Tensor | None) -> bool:
     tensors (no fake or other subclass) on a device other than ``meta``."""
     if torch.compiler.is_compiling():
         return False
-    return all(t is None or (type(t) in _PLAIN and t.device.type != "meta") for t in tensors)
+    for t in tensors:  # a loop, not all(<generator>): this runs on every call
+        if t is not None and (type(t) not in _PLAIN or t.device.type == "meta"):
+            return False
+    return True
 
 
 @dataclass(frozen=True)
@@ -67,20 +70,15 @@ class KeyPaddingSummary:
     lengths_list: tuple[int, ...] | None
 
 
-def blocked(mask: Tensor) -> Tensor:
-    """A torch-style mask as booleans, True = blocked (``-inf`` in a float mask)."""
+def masked_out(mask: Tensor) -> Tensor:
+    """A torch-style mask as booleans, True = masked out (``-inf`` in a float mask)."""
     return mask if mask.dtype == torch.bool else torch.isneginf(mask)
-
-
-def causal_blocked(L: int, S: int, device: torch.device) -> Tensor:
-    """Boolean ``(L, S)``, True above the diagonal: what top-left causality blocks."""
-    return ~Causal("top_left").allowed(L, S, device)
 
 
 def summarize_key_padding_mask(mask: Tensor, lengths_wanted: bool = True) -> KeyPaddingSummary:
     """Summary of a bool (True = padding) or float (additive) ``(N, S)`` ``key_padding_mask``.
     ``lengths_wanted=False`` skips the right-padding test (one host read instead of two)."""
-    is_blocked = blocked(mask)
+    is_blocked = masked_out(mask)
     lengths = right_padding_lengths(is_blocked) if lengths_wanted and not mask.requires_grad else None
     if (
         lengths is not None
@@ -117,6 +115,16 @@ def _build_standard_causal(L: int, S: int, dtype: torch.dtype, device: torch.dev
 _cached_standard_causal = functools.lru_cache(maxsize=64)(_build_standard_causal)
 
 
+def is_standard_causal(mask: Tensor) -> bool:
+    """Whether ``mask`` is the standard causal ``attn_mask`` ``(L, S)``: boolean, True above
+    the diagonal (``triu(ones(L, S), 1)``), or float, ``-inf`` there and 0 elsewhere
+    (``nn.Transformer.generate_square_subsequent_mask``). One host read."""
+    if mask.dim() != 2:
+        return False
+    L, S = mask.shape
+    return torch.equal(mask, _standard_causal(L, S, mask.dtype, mask.device))
+
+
 def summarize_attn_mask(mask: Tensor) -> AttnMaskSummary:
     """Summary of a bool (True = blocked) or float (additive) ``attn_mask`` of any rank.
     One host read for the standard causal mask, one more for an inverted one, one more
@@ -125,10 +133,10 @@ def summarize_attn_mask(mask: Tensor) -> AttnMaskSummary:
         return AttnMaskSummary(False, False, ())
     if mask.dim() == 2 and not mask.requires_grad:
         L, S = mask.shape
-        if torch.equal(mask, _standard_causal(L, S, mask.dtype, mask.device)):
+        if is_standard_causal(mask):
             return AttnMaskSummary(True, False, ())
         if mask.dtype == torch.bool and L == S and L > 1 and torch.equal(mask, ~_standard_causal(L, L, mask.dtype, mask.device)):
             return AttnMaskSummary(False, True, (L - 1,))
-    empty = blocked(mask).all(dim=-1)
+    empty = masked_out(mask).all(dim=-1)
     rows = empty.reshape(-1, empty.shape[-1]).any(dim=0).nonzero().flatten().tolist()
     return AttnMaskSummary(False, False, tuple(rows))

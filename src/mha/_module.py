@@ -13,7 +13,7 @@ from torch.nn.init import constant_, xavier_normal_, xavier_uniform_
 from torch.nn.modules.linear import NonDynamicallyQuantizableLinear
 
 from ._cache import KVCache
-from ._core import attention, packed_attention
+from ._core import checked_attention, packed_attention
 from ._frontend import ForwardPlan, KeyLengths, ShardedMasks, plan_forward
 from ._module_cache import cached_forward, new_module_cache
 from ._script import ScriptableAttention
@@ -249,18 +249,30 @@ class MultiheadAttention(ScriptableAttention):
         """Heads ``(N, H, L, S)`` through :func:`mha.attention`, with the appended keys of
         ``add_bias_kv`` and ``add_zero_attn``, in the inputs' own layout."""
         N, H, batch_first = plan.N, self.num_heads, plan.batch_first
-        q, k, v = self._in_projection(plan.query, plan.key, plan.value)
-        if self.bias_k is not None and self.bias_v is not None:
-            k = torch.cat([k, _batched_token(self.bias_k, N, batch_first)], dim=1 if batch_first else 0)
-            v = torch.cat([v, _batched_token(self.bias_v, N, batch_first)], dim=1 if batch_first else 0)
-        q, k, v = (_split_heads(t, H, batch_first) for t in (q, k, v))
+        query, key, value = plan.query, plan.key, plan.value
+        packed = self._qkv_same_embed_dim and self.bias_k is None
+        if packed and query is key and key is value:
+            # Self-attention: one matmul, its (L, N, 3E) split into q, k, v heads by one view.
+            qkv = F.linear(query, self.in_proj_weight, self._in_bias(query.dtype))
+            q, k, v = _packed_heads(qkv, 3, H, batch_first)
+        elif packed and key is value:
+            E, b = self.embed_dim, self._in_bias(query.dtype)
+            q = _split_heads(F.linear(query, self.in_proj_weight[:E], None if b is None else b[:E]), H, batch_first)
+            kv = F.linear(key, self.in_proj_weight[E:], None if b is None else b[E:])
+            k, v = _packed_heads(kv, 2, H, batch_first)
+        else:
+            q, k, v = self._in_projection(query, key, value)
+            if self.bias_k is not None and self.bias_v is not None:
+                k = torch.cat([k, _batched_token(self.bias_k, N, batch_first)], dim=1 if batch_first else 0)
+                v = torch.cat([v, _batched_token(self.bias_v, N, batch_first)], dim=1 if batch_first else 0)
+            q, k, v = _split_heads(q, H, batch_first), _split_heads(k, H, batch_first), _split_heads(v, H, batch_first)
         if self.add_zero_attn:
             k = torch.cat([k, k.new_zeros(N, H, 1, k.shape[-1])], dim=2)
             v = torch.cat([v, v.new_zeros(N, H, 1, v.shape[-1])], dim=2)
-        result = attention(q, k, v, plan.mask, dropout_p=plan.dropout_p, weights=plan.weights)
+        result = checked_attention(q, k, v, plan.mask, plan.dropout_p, plan.weights)
         # (N, H, L, Dh) -> (L, N, E) or (N, L, E)
         out = result.output.permute((0, 2, 1, 3) if batch_first else (2, 0, 1, 3))
-        return self.out_proj(out.reshape(*out.shape[:2], self.embed_dim)), result.weights
+        return self._out_projection(out.reshape(*out.shape[:2], self.embed_dim)), result.weights
 
     def _key_lengths(self, plan: ForwardPlan) -> tuple[Tensor, Tensor | None]:
         """Right-padded keys: only the real keys are projected and attended, every query row
@@ -291,7 +303,7 @@ class MultiheadAttention(ScriptableAttention):
         result = packed_attention(
             q, k, v, q_offsets, k_offsets, plan.mask, dropout_p=plan.dropout_p, weights=plan.weights
         )
-        out = self.out_proj(result.output.reshape(N, L, E))
+        out = self._out_projection(result.output.reshape(N, L, E))
         if not plan.batch_first:
             out = out.transpose(0, 1)
         weights = None
@@ -315,7 +327,7 @@ class MultiheadAttention(ScriptableAttention):
         result = packed_attention(
             q, k, v, q_offsets, k_offsets, plan.mask, dropout_p=plan.dropout_p, weights=plan.weights
         )
-        out = self.out_proj(result.output.flatten(-2))
+        out = self._out_projection(result.output.flatten(-2))
         weights = nested_weights(result.weights) if result.weights is not None else None
         return jagged_from_packed(out, q_offsets, query), weights
 
@@ -333,7 +345,7 @@ class MultiheadAttention(ScriptableAttention):
             dropout_p=plan.dropout_p, appended_keys=plan.extra_keys > 0,
         )
         out = out.permute((0, 2, 1, 3) if plan.batch_first else (2, 0, 1, 3))
-        return self.out_proj(out.reshape(*out.shape[:2], self.embed_dim)), None
+        return self._out_projection(out.reshape(*out.shape[:2], self.embed_dim)), None
 
     # The method that runs each route of a plan: a new route (a KV cache, context
     # parallelism) is a method taking the plan, and one entry here.
@@ -348,10 +360,7 @@ class MultiheadAttention(ScriptableAttention):
         """Project to ``E`` features each, in the inputs' own layout. One matmul for
         self-attention (query is key is value), two when key is value."""
         E = self.embed_dim
-        b: Tensor | None = self.in_proj_bias
-        if b is not None and b.dtype != query.dtype:
-            # A bias of another dtype promotes to the inputs' dtype, as in torch.
-            b = b.to(query.dtype)
+        b = self._in_bias(query.dtype)
         w = self.in_proj_weight
         if self._qkv_same_embed_dim and query is key and key is value:
             q, k, v = F.linear(query, w, b).chunk(3, dim=-1)
@@ -370,11 +379,28 @@ class MultiheadAttention(ScriptableAttention):
         wq, wk, wv = w.chunk(3)
         return F.linear(query, wq, bq), F.linear(key, wk, bk), F.linear(value, wv, bv)
 
+    def _in_bias(self, dtype: torch.dtype) -> Tensor | None:
+        """``in_proj_bias`` in the inputs' dtype: a bias of another dtype promotes to it, as in torch."""
+        b: Tensor | None = self.in_proj_bias
+        return b if b is None or b.dtype == dtype else b.to(dtype)
+
+    def _out_projection(self, x: Tensor) -> Tensor:
+        """``out_proj`` on ``(..., E)``, as torch applies it: ``F.linear`` on its weight and
+        bias (its hooks do not run, as in torch; a module call costs microseconds)."""
+        return F.linear(x, self.out_proj.weight, self.out_proj.bias)
+
 
 def _split_heads(x: Tensor, heads: int, batch_first: bool) -> Tensor:
     """``(L, N, E)`` or ``(N, L, E)`` -> ``(N, heads, L, E // heads)``, a view."""
     x = x.view(x.shape[0], x.shape[1], heads, x.shape[2] // heads)  # Tensor.unflatten costs Python
     return x.permute((0, 2, 1, 3) if batch_first else (1, 2, 0, 3))
+
+
+def _packed_heads(x: Tensor, count: int, heads: int, batch_first: bool) -> tuple[Tensor, ...]:
+    """``(L, N, count * E)`` (or ``(N, L, count * E)``), ``count`` projections side by side,
+    -> ``count`` views ``(N, heads, L, E // heads)``: one view, one permute."""
+    x = x.view(x.shape[0], x.shape[1], count, heads, x.shape[2] // (count * heads))
+    return x.permute((2, 0, 3, 1, 4) if batch_first else (2, 1, 3, 0, 4)).unbind(0)
 
 
 def _batched_token(token: Tensor, N: int, batch_first: bool) -> Tensor:

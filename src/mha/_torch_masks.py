@@ -14,8 +14,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ._mask_analysis import AttnMaskSummary, KeyPaddingSummary, blocked, causal_blocked
-from .masks import Bias, Blocked, Causal, Mask
+from ._mask_analysis import AttnMaskSummary, KeyPaddingSummary, masked_out
+from .masks import Bias, Blocked, Causal, Mask, causal_blocked
 
 CAUSAL = Causal("top_left")  # immutable: one for every call
 
@@ -127,7 +127,7 @@ def _empty_rows_message(
         causal_rule = causal_rule or attn.standard_causal
         if is_causal and not attn.standard_causal:
             L, S = attn_mask.shape[-2:]
-            ab = blocked(attn_mask) | causal_blocked(L, S, attn_mask.device)
+            ab = masked_out(attn_mask) | causal_blocked(L, S, attn_mask.device)
             empty = ab.all(dim=-1)
             rows = empty.reshape(-1, empty.shape[-1]).any(dim=0).nonzero().flatten().tolist()
         else:
@@ -136,14 +136,14 @@ def _empty_rows_message(
             messages.append(f"attn_mask blocks every key of query row(s) {_listing(rows)}")
             return _joined(messages)
         if not attn.standard_causal and attn_mask.dim() == 2:
-            ab = blocked(attn_mask) if ab is None else ab
+            ab = masked_out(attn_mask) if ab is None else ab
     if kpm is not None and padding is not None and (ab is not None or causal_rule):
         if ab is None and padding.lengths is not None:
             return _joined(messages)  # causal & right padding: only empty sequences, reported above
         if ab is None:
             S = kpm.shape[-1]
             ab = causal_blocked(S, S, kpm.device)
-        both = _rows_empty_through_both(ab, blocked(kpm))
+        both = _rows_empty_through_both(ab, masked_out(kpm))
         if both:
             what = "attn_mask" if attn_mask is not None else "is_causal"
             messages.append(

@@ -87,6 +87,9 @@ def _heads_differ(q: Tensor, k: Tensor) -> bool:
 
     Under ``torch.jit.trace`` sizes are traced tensors; the head counts are fixed by
     the model, so the trace takes them as constants (without the TracerWarning)."""
+    Hq, Hkv = q.shape[1], k.shape[1]
+    if type(Hq) is int and type(Hkv) is int:  # eager: no need to ask whether this is a trace
+        return Hq != Hkv
     if torch.jit.is_tracing():
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", torch.jit.TracerWarning)

@@ -96,7 +96,9 @@ class _Tiled:
                 if allowed is not None:
                     scores = scores.masked_fill(~_keys(allowed, k0, k1), float("-inf"))
                 lse = logsumexp(scores) if call.return_lse else None
-                probs = softmax(scores)  # no key open (k0 == k1): empty, and the output 0
+                # No key open (k0 == k1): empty, and the output 0. Without autograd the
+                # probabilities overwrite the scores: no second buffer of a block's size.
+                probs = softmax(scores) if grad or may_empty else torch.softmax(scores, -1, out=scores)
                 if call.dropout_p > 0:
                     probs = F.dropout(probs, call.dropout_p)
                 sink.put((n0, n1, start, stop, k0, k1), torch.matmul(probs, v[n0:n1, :, k0:k1]), probs, lse)

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .._mask_analysis import is_standard_causal
 from ..masks import Causal, KeyPadding, Mask
 from ._layout import Layout, validate_layout
 from ._ring import ring_attention
@@ -88,21 +89,13 @@ def refuse_nested() -> None:
         )
 
 
-def _is_standard_causal(attn_mask: Tensor) -> bool:
-    if attn_mask.dim() != 2 or attn_mask.shape[0] != attn_mask.shape[1]:
-        return False
-    upper = torch.ones(attn_mask.shape, dtype=torch.bool, device=attn_mask.device).triu(1)
-    if attn_mask.dtype == torch.bool:
-        return torch.equal(attn_mask, upper)
-    return torch.equal(torch.isneginf(attn_mask), upper) and bool((attn_mask[~upper] == 0).all())
-
-
 def _global_mask(
     state: ContextParallel, key_padding_mask: Tensor | None, attn_mask: Tensor | None, is_causal: bool
 ) -> Mask | None:
     parts: list[Mask] = []
     if attn_mask is not None:
-        if not _is_standard_causal(attn_mask):
+        square = attn_mask.dim() == 2 and attn_mask.shape[0] == attn_mask.shape[1]
+        if not (square and is_standard_causal(attn_mask)):
             raise NotImplementedError(
                 f"context_parallel: attn_mask of shape {tuple(attn_mask.shape)} is not the standard causal "
                 "(L_r, L_r) mask; under context parallelism attn_mask may only be causal (it then means "

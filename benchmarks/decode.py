@@ -5,9 +5,11 @@
 greedy: greedy decoding of ``--tokens`` tokens with ``nn.Transformer(d_model=512,
     nhead=8, 6 + 6 layers)``, batch 8, source length 128, fp32: torch recomputing the
     whole prefix every step (the only way with torch's modules) against the same
-    model after ``mha.swap`` decoding with a cache. Reports both times, the speed-up,
-    whether the tokens are the same, and the cached time per step near step 16 and
-    near the last step. Runs are interleaved; medians over ``--repeats``.
+    model after ``mha.swap`` decoding with a cache. The two run in lockstep (each
+    step of one, then the same step of the other, each timed), so that a change in
+    the machine's load hits both alike. Reports both times (encoder included), the
+    speed-up, whether the tokens are the same, and the cached time per step near
+    step 16 and near the last step; medians over ``--repeats``.
 
 step: one decode step of ``mha.attention`` (N=8, Hq=32, Hkv=8, D=128, cache of
     4096 tokens, fp32) against the memory bandwidth measured in the same run
@@ -34,25 +36,29 @@ def _causal(L: int) -> torch.Tensor:
     return nn.Transformer.generate_square_subsequent_mask(L)
 
 
-def _greedy_torch(model, embed, head, src, steps):
-    memory = model.encoder(src)
-    tokens = torch.zeros(1, src.shape[1], dtype=torch.long)
-    for _ in range(steps):
-        out = model.decoder(embed(tokens, 0), memory, tgt_mask=_causal(len(tokens)))
-        tokens = torch.cat([tokens, head(out[-1]).argmax(-1)[None]])
-    return tokens
-
-
-def _greedy_cached(model, embed, head, src, steps, step_times):
-    memory = model.encoder(src)
-    cache = model.decoder.new_cache(src.shape[1], steps, memory_length=len(src))
-    tokens = torch.zeros(1, src.shape[1], dtype=torch.long)
+def _greedy_lockstep(theirs, ours, embed, head, src, steps, t_torch, t_mha):
+    """Greedy decoding with both models in lockstep: at each step, torch recomputing the
+    prefix, then mha on its cache, each timed, so both see the same machine load."""
+    N = src.shape[1]
+    start = time.perf_counter()
+    memory_torch = theirs.encoder(src)
+    t_torch.append(time.perf_counter() - start)
+    start = time.perf_counter()
+    memory_mha = ours.encoder(src)
+    cache = ours.decoder.new_cache(N, steps, memory_length=len(src))
+    t_mha.append(time.perf_counter() - start)
+    expected = torch.zeros(1, N, dtype=torch.long)
+    got = expected.clone()
     for _ in range(steps):
         start = time.perf_counter()
-        out = model.decoder(embed(tokens[-1:], len(tokens) - 1), memory, cache=cache)
-        tokens = torch.cat([tokens, head(out[-1]).argmax(-1)[None]])
-        step_times.append(time.perf_counter() - start)
-    return tokens
+        out = theirs.decoder(embed(expected, 0), memory_torch, tgt_mask=_causal(len(expected)))
+        expected = torch.cat([expected, head(out[-1]).argmax(-1)[None]])
+        t_torch.append(time.perf_counter() - start)
+        start = time.perf_counter()
+        out = ours.decoder(embed(got[-1:], len(got) - 1), memory_mha, cache=cache)
+        got = torch.cat([got, head(out[-1]).argmax(-1)[None]])
+        t_mha.append(time.perf_counter() - start)
+    return torch.equal(got, expected)
 
 
 def greedy(tokens: int, repeats: int) -> None:
@@ -68,24 +74,26 @@ def greedy(tokens: int, repeats: int) -> None:
         return table(t) + positions[start : start + len(t)]
 
     src = torch.randn(128, 8, 512)
-    t_torch, t_mha, per_step = [], [], []
+    runs_torch, runs_mha, per_step = [], [], []
     same = True
     with torch.no_grad():
         for _ in range(repeats):
-            start = time.perf_counter()
-            expected = _greedy_torch(theirs, embed, head, src, tokens)
-            t_torch.append(time.perf_counter() - start)
-            steps: list[float] = []
-            start = time.perf_counter()
-            got = _greedy_cached(ours, embed, head, src, tokens, steps)
-            t_mha.append(time.perf_counter() - start)
-            per_step.append(steps)
-            same &= torch.equal(got, expected)
-    a, b = statistics.median(t_torch), statistics.median(t_mha)
+            t_torch: list[float] = []
+            t_mha: list[float] = []
+            same &= _greedy_lockstep(theirs, ours, embed, head, src, tokens, t_torch, t_mha)
+            runs_torch.append(sum(t_torch))
+            runs_mha.append(sum(t_mha))
+            per_step.append(t_mha[1:])
+    a, b = statistics.median(runs_torch), statistics.median(runs_mha)
+    ratios = [x / y for x, y in zip(runs_torch, runs_mha, strict=True)]
     print(f"greedy decoding, {tokens} tokens, nn.Transformer(512, 8, 6+6), batch 8, source 128, fp32")
-    print(f"  torch recomputing the prefix: {a:8.2f} s   (runs: {', '.join(f'{t:.2f}' for t in t_torch)})")
-    print(f"  mha with a cache:             {b:8.2f} s   (runs: {', '.join(f'{t:.2f}' for t in t_mha)})")
-    print(f"  speed-up {a / b:.1f}x, same tokens: {same}")
+    print("  (both models step in lockstep, each step timed, encoder included)")
+    print(f"  torch recomputing the prefix: {a:8.2f} s   (runs: {', '.join(f'{t:.2f}' for t in runs_torch)})")
+    print(f"  mha with a cache:             {b:8.2f} s   (runs: {', '.join(f'{t:.2f}' for t in runs_mha)})")
+    print(
+        f"  speed-up {statistics.median(ratios):.1f}x (median of runs: {', '.join(f'{r:.1f}' for r in ratios)}), "
+        f"same tokens: {same}"
+    )
     early = statistics.median(s[i] for s in per_step for i in range(12, min(20, tokens)))
     late = statistics.median(s[i] for s in per_step for i in range(max(0, tokens - 8), tokens))
     print(

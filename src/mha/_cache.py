@@ -236,6 +236,12 @@ def _write(buffer: Tensor, new: Tensor, lengths: Tensor, counts: Tensor) -> None
     buffer.scatter_(2, index, torch.where(keep_new, taken, buffer.gather(2, index)))
 
 
+def _append(buffer: Tensor, new: Tensor, slots: Tensor) -> None:
+    """Store ``new[n, :, t]`` ``(N, H, T, D)`` at position ``slots[n, 0, t, 0]`` of
+    ``buffer`` ``(N, H, M, D)``, in place; the slots must be distinct and ``< M``."""
+    buffer.scatter_(2, slots.expand(new.shape), new)
+
+
 def _cache_masks(
     mask: _masks.Mask | None, before: Tensor, total: Tensor, T: int, S: int, N: int, causal: bool
 ) -> _masks.Mask:
@@ -357,9 +363,16 @@ def _cached_inputs(
         )
     bound = None if compiling else _check_room(cache, counts, T_new, cache._host_bound())
     before = cache.lengths.clone()
-    _write(cache.key, key, before, counts)
-    _write(cache.value, value, before, counts)
-    total = torch.clamp(before + counts, max=M)
+    if bound is not None and new_lengths is None:
+        # Every token is real and fits (the room was checked): one scatter per buffer.
+        slots = (before[:, None] + torch.arange(T_new, device=before.device))[:, None, :, None]
+        _append(cache.key, key, slots)
+        _append(cache.value, value, slots)
+        total = before + T_new
+    else:
+        _write(cache.key, key, before, counts)
+        _write(cache.value, value, before, counts)
+        total = torch.clamp(before + counts, max=M)
     cache.lengths.copy_(total)
     cache._set_bound(bound)
     S = M if bound is None else bound

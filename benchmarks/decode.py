@@ -1,6 +1,6 @@
 """Decoding with a KV cache on CPU: the two targets of the decoding work.
 
-    python benchmarks/decode.py [--threads 2] [--tokens 128] [--repeats 3] [--sections greedy,step]
+    python benchmarks/decode.py [--threads 2] [--tokens 128] [--repeats 3] [--sections greedy,step,formulations]
 
 greedy: greedy decoding of ``--tokens`` tokens with ``nn.Transformer(d_model=512,
     nhead=8, 6 + 6 layers)``, batch 8, source length 128, fp32: torch recomputing the
@@ -16,6 +16,11 @@ step: one decode step of ``mha.attention`` (N=8, Hq=32, Hkv=8, D=128, cache of
     (reading the same bytes with ``sum`` and copying them, the faster of the two),
     and against SDPA on the same tensors. Bandwidth of a step = bytes of K and V
     (read once) / time. Runs interleaved, medians over ``--repeats * 5``.
+
+formulations: the same step (no mask) computed in several ways with torch ops
+    (which matmul carries the G query heads of a key/value head, the keys' layout,
+    blocks of keys merged by an online softmax, einsum), each against reading the
+    same bytes with ``sum`` in the same run; not in the default sections.
 """
 
 from __future__ import annotations
@@ -147,6 +152,67 @@ def step(repeats: int) -> None:
     print(f"  SDPA (enable_gqa):     {med['sdpa'] * 1e3:.2f} ms, {nbytes / med['sdpa'] / 1e9:.1f} GB/s")
 
 
+def _formulations(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> dict:
+    """Ways to compute one decode step without masks, q ``(B, G, D)`` against k, v
+    ``(B, S, D)`` (``B = N * Hkv``, the ``G`` query heads of a key/value head as rows)."""
+    B, S, _ = k.shape
+    k_by_columns = k.transpose(1, 2).contiguous().transpose(1, 2)  # the same keys stored (B, D, S)
+
+    def rows(keys: torch.Tensor) -> torch.Tensor:  # q @ k^T: G rows per matmul (the decode backend)
+        return torch.bmm(torch.bmm(q, keys.transpose(1, 2)).softmax(-1), v)
+
+    def columns() -> torch.Tensor:  # k @ q^T: S rows, G columns
+        p = torch.bmm(k, q.transpose(1, 2)).softmax(1)
+        return torch.bmm(v.transpose(1, 2), p).transpose(1, 2)
+
+    def chunked(size: int) -> torch.Tensor:  # S in cache-sized blocks, merged by an online softmax
+        top = torch.full((B, q.shape[1], 1), float("-inf"))
+        total, acc = torch.zeros_like(top), torch.zeros(B, q.shape[1], v.shape[-1])
+        for c in range(0, S, size):
+            s = torch.bmm(q, k[:, c : c + size].transpose(1, 2))
+            new_top = torch.maximum(top, s.amax(-1, keepdim=True))
+            p, rescale = (s - new_top).exp(), (top - new_top).exp()
+            total = total * rescale + p.sum(-1, keepdim=True)
+            acc = acc * rescale + torch.bmm(p, v[:, c : c + size])
+            top = new_top
+        return acc / total
+
+    def einsum() -> torch.Tensor:
+        return torch.einsum("bgs,bsd->bgd", torch.einsum("bgd,bsd->bgs", q, k).softmax(-1), v)
+
+    return {
+        "q @ k^T, bmm (used)": lambda: rows(k),
+        "q @ k^T, k stored (D, S)": lambda: rows(k_by_columns),
+        "k @ q^T, bmm": columns,
+        "chunks of 512 + online softmax": lambda: chunked(512),
+        "chunks of 1024 + online softmax": lambda: chunked(1024),
+        "einsum": einsum,
+    }
+
+
+def formulations(repeats: int) -> None:
+    N, Hq, Hkv, D, S = 8, 32, 8, 128, 4096
+    g = torch.Generator().manual_seed(0)
+    k, v = torch.randn(N * Hkv, S, D, generator=g), torch.randn(N * Hkv, S, D, generator=g)
+    q = torch.randn(N * Hkv, Hq // Hkv, D, generator=g) / D**0.5
+    nbytes = 2 * k.numel() * 4
+    kv = torch.cat([k.flatten(), v.flatten()])
+    calls = {"read (sum)": kv.sum, **_formulations(q, k, v)}
+    expected = calls["q @ k^T, bmm (used)"]()
+    for name, call in calls.items():
+        if name != "read (sum)":
+            torch.testing.assert_close(call(), expected, rtol=1e-4, atol=1e-5)
+    results: dict[str, list[float]] = {name: [] for name in calls}
+    for _ in range(repeats * 5):
+        for name, call in calls.items():
+            results[name].append(_median_time(call, 3))
+    read = statistics.median(results["read (sum)"])
+    print(f"decode step formulations, N={N} Hq={Hq} Hkv={Hkv} D={D}, cache {S}, fp32, no mask")
+    for name, times in results.items():
+        t = statistics.median(times)
+        print(f"  {name:34s} {t * 1e3:8.2f} ms  {nbytes / t / 1e9:6.1f} GB/s  {read / t:5.0%} of read")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--threads", type=int, default=2)
@@ -159,6 +225,8 @@ def main() -> None:
     sections = args.sections.split(",")
     if "step" in sections:
         step(args.repeats)
+    if "formulations" in sections:
+        formulations(args.repeats)
     if "greedy" in sections:
         greedy(args.tokens, args.repeats)
 

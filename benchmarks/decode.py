@@ -1,19 +1,26 @@
 """Decoding with a KV cache on CPU: the two targets of the decoding work.
 
-    python benchmarks/decode.py [--threads 2] [--tokens 128] [--repeats 3] [--sections greedy,step]
+    python benchmarks/decode.py [--threads 2] [--tokens 128] [--repeats 3] [--sections greedy,step,formulations]
 
 greedy: greedy decoding of ``--tokens`` tokens with ``nn.Transformer(d_model=512,
     nhead=8, 6 + 6 layers)``, batch 8, source length 128, fp32: torch recomputing the
     whole prefix every step (the only way with torch's modules) against the same
-    model after ``mha.swap`` decoding with a cache. Reports both times, the speed-up,
-    whether the tokens are the same, and the cached time per step near step 16 and
-    near the last step. Runs are interleaved; medians over ``--repeats``.
+    model after ``mha.swap`` decoding with a cache. The two run in lockstep (each
+    step of one, then the same step of the other, each timed), so that a change in
+    the machine's load hits both alike. Reports both times (encoder included), the
+    speed-up, whether the tokens are the same, and the cached time per step near
+    step 16 and near the last step; medians over ``--repeats``.
 
 step: one decode step of ``mha.attention`` (N=8, Hq=32, Hkv=8, D=128, cache of
     4096 tokens, fp32) against the memory bandwidth measured in the same run
     (reading the same bytes with ``sum`` and copying them, the faster of the two),
     and against SDPA on the same tensors. Bandwidth of a step = bytes of K and V
     (read once) / time. Runs interleaved, medians over ``--repeats * 5``.
+
+formulations: the same step (no mask) computed in several ways with torch ops
+    (which matmul carries the G query heads of a key/value head, the keys' layout,
+    blocks of keys merged by an online softmax, einsum), each against reading the
+    same bytes with ``sum`` in the same run; not in the default sections.
 """
 
 from __future__ import annotations
@@ -34,25 +41,29 @@ def _causal(L: int) -> torch.Tensor:
     return nn.Transformer.generate_square_subsequent_mask(L)
 
 
-def _greedy_torch(model, embed, head, src, steps):
-    memory = model.encoder(src)
-    tokens = torch.zeros(1, src.shape[1], dtype=torch.long)
-    for _ in range(steps):
-        out = model.decoder(embed(tokens, 0), memory, tgt_mask=_causal(len(tokens)))
-        tokens = torch.cat([tokens, head(out[-1]).argmax(-1)[None]])
-    return tokens
-
-
-def _greedy_cached(model, embed, head, src, steps, step_times):
-    memory = model.encoder(src)
-    cache = model.decoder.new_cache(src.shape[1], steps, memory_length=len(src))
-    tokens = torch.zeros(1, src.shape[1], dtype=torch.long)
+def _greedy_lockstep(theirs, ours, embed, head, src, steps, t_torch, t_mha):
+    """Greedy decoding with both models in lockstep: at each step, torch recomputing the
+    prefix, then mha on its cache, each timed, so both see the same machine load."""
+    N = src.shape[1]
+    start = time.perf_counter()
+    memory_torch = theirs.encoder(src)
+    t_torch.append(time.perf_counter() - start)
+    start = time.perf_counter()
+    memory_mha = ours.encoder(src)
+    cache = ours.decoder.new_cache(N, steps, memory_length=len(src))
+    t_mha.append(time.perf_counter() - start)
+    expected = torch.zeros(1, N, dtype=torch.long)
+    got = expected.clone()
     for _ in range(steps):
         start = time.perf_counter()
-        out = model.decoder(embed(tokens[-1:], len(tokens) - 1), memory, cache=cache)
-        tokens = torch.cat([tokens, head(out[-1]).argmax(-1)[None]])
-        step_times.append(time.perf_counter() - start)
-    return tokens
+        out = theirs.decoder(embed(expected, 0), memory_torch, tgt_mask=_causal(len(expected)))
+        expected = torch.cat([expected, head(out[-1]).argmax(-1)[None]])
+        t_torch.append(time.perf_counter() - start)
+        start = time.perf_counter()
+        out = ours.decoder(embed(got[-1:], len(got) - 1), memory_mha, cache=cache)
+        got = torch.cat([got, head(out[-1]).argmax(-1)[None]])
+        t_mha.append(time.perf_counter() - start)
+    return torch.equal(got, expected)
 
 
 def greedy(tokens: int, repeats: int) -> None:
@@ -68,24 +79,26 @@ def greedy(tokens: int, repeats: int) -> None:
         return table(t) + positions[start : start + len(t)]
 
     src = torch.randn(128, 8, 512)
-    t_torch, t_mha, per_step = [], [], []
+    runs_torch, runs_mha, per_step = [], [], []
     same = True
     with torch.no_grad():
         for _ in range(repeats):
-            start = time.perf_counter()
-            expected = _greedy_torch(theirs, embed, head, src, tokens)
-            t_torch.append(time.perf_counter() - start)
-            steps: list[float] = []
-            start = time.perf_counter()
-            got = _greedy_cached(ours, embed, head, src, tokens, steps)
-            t_mha.append(time.perf_counter() - start)
-            per_step.append(steps)
-            same &= torch.equal(got, expected)
-    a, b = statistics.median(t_torch), statistics.median(t_mha)
+            t_torch: list[float] = []
+            t_mha: list[float] = []
+            same &= _greedy_lockstep(theirs, ours, embed, head, src, tokens, t_torch, t_mha)
+            runs_torch.append(sum(t_torch))
+            runs_mha.append(sum(t_mha))
+            per_step.append(t_mha[1:])
+    a, b = statistics.median(runs_torch), statistics.median(runs_mha)
+    ratios = [x / y for x, y in zip(runs_torch, runs_mha, strict=True)]
     print(f"greedy decoding, {tokens} tokens, nn.Transformer(512, 8, 6+6), batch 8, source 128, fp32")
-    print(f"  torch recomputing the prefix: {a:8.2f} s   (runs: {', '.join(f'{t:.2f}' for t in t_torch)})")
-    print(f"  mha with a cache:             {b:8.2f} s   (runs: {', '.join(f'{t:.2f}' for t in t_mha)})")
-    print(f"  speed-up {a / b:.1f}x, same tokens: {same}")
+    print("  (both models step in lockstep, each step timed, encoder included)")
+    print(f"  torch recomputing the prefix: {a:8.2f} s   (runs: {', '.join(f'{t:.2f}' for t in runs_torch)})")
+    print(f"  mha with a cache:             {b:8.2f} s   (runs: {', '.join(f'{t:.2f}' for t in runs_mha)})")
+    print(
+        f"  speed-up {statistics.median(ratios):.1f}x (median of runs: {', '.join(f'{r:.1f}' for r in ratios)}), "
+        f"same tokens: {same}"
+    )
     early = statistics.median(s[i] for s in per_step for i in range(12, min(20, tokens)))
     late = statistics.median(s[i] for s in per_step for i in range(max(0, tokens - 8), tokens))
     print(
@@ -139,6 +152,67 @@ def step(repeats: int) -> None:
     print(f"  SDPA (enable_gqa):     {med['sdpa'] * 1e3:.2f} ms, {nbytes / med['sdpa'] / 1e9:.1f} GB/s")
 
 
+def _formulations(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> dict:
+    """Ways to compute one decode step without masks, q ``(B, G, D)`` against k, v
+    ``(B, S, D)`` (``B = N * Hkv``, the ``G`` query heads of a key/value head as rows)."""
+    B, S, _ = k.shape
+    k_by_columns = k.transpose(1, 2).contiguous().transpose(1, 2)  # the same keys stored (B, D, S)
+
+    def rows(keys: torch.Tensor) -> torch.Tensor:  # q @ k^T: G rows per matmul (the decode backend)
+        return torch.bmm(torch.bmm(q, keys.transpose(1, 2)).softmax(-1), v)
+
+    def columns() -> torch.Tensor:  # k @ q^T: S rows, G columns
+        p = torch.bmm(k, q.transpose(1, 2)).softmax(1)
+        return torch.bmm(v.transpose(1, 2), p).transpose(1, 2)
+
+    def chunked(size: int) -> torch.Tensor:  # S in cache-sized blocks, merged by an online softmax
+        top = torch.full((B, q.shape[1], 1), float("-inf"))
+        total, acc = torch.zeros_like(top), torch.zeros(B, q.shape[1], v.shape[-1])
+        for c in range(0, S, size):
+            s = torch.bmm(q, k[:, c : c + size].transpose(1, 2))
+            new_top = torch.maximum(top, s.amax(-1, keepdim=True))
+            p, rescale = (s - new_top).exp(), (top - new_top).exp()
+            total = total * rescale + p.sum(-1, keepdim=True)
+            acc = acc * rescale + torch.bmm(p, v[:, c : c + size])
+            top = new_top
+        return acc / total
+
+    def einsum() -> torch.Tensor:
+        return torch.einsum("bgs,bsd->bgd", torch.einsum("bgd,bsd->bgs", q, k).softmax(-1), v)
+
+    return {
+        "q @ k^T, bmm (used)": lambda: rows(k),
+        "q @ k^T, k stored (D, S)": lambda: rows(k_by_columns),
+        "k @ q^T, bmm": columns,
+        "chunks of 512 + online softmax": lambda: chunked(512),
+        "chunks of 1024 + online softmax": lambda: chunked(1024),
+        "einsum": einsum,
+    }
+
+
+def formulations(repeats: int) -> None:
+    N, Hq, Hkv, D, S = 8, 32, 8, 128, 4096
+    g = torch.Generator().manual_seed(0)
+    k, v = torch.randn(N * Hkv, S, D, generator=g), torch.randn(N * Hkv, S, D, generator=g)
+    q = torch.randn(N * Hkv, Hq // Hkv, D, generator=g) / D**0.5
+    nbytes = 2 * k.numel() * 4
+    kv = torch.cat([k.flatten(), v.flatten()])
+    calls = {"read (sum)": kv.sum, **_formulations(q, k, v)}
+    expected = calls["q @ k^T, bmm (used)"]()
+    for name, call in calls.items():
+        if name != "read (sum)":
+            torch.testing.assert_close(call(), expected, rtol=1e-4, atol=1e-5)
+    results: dict[str, list[float]] = {name: [] for name in calls}
+    for _ in range(repeats * 5):
+        for name, call in calls.items():
+            results[name].append(_median_time(call, 3))
+    read = statistics.median(results["read (sum)"])
+    print(f"decode step formulations, N={N} Hq={Hq} Hkv={Hkv} D={D}, cache {S}, fp32, no mask")
+    for name, times in results.items():
+        t = statistics.median(times)
+        print(f"  {name:34s} {t * 1e3:8.2f} ms  {nbytes / t / 1e9:6.1f} GB/s  {read / t:5.0%} of read")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--threads", type=int, default=2)
@@ -151,6 +225,8 @@ def main() -> None:
     sections = args.sections.split(",")
     if "step" in sections:
         step(args.repeats)
+    if "formulations" in sections:
+        formulations(args.repeats)
     if "greedy" in sections:
         greedy(args.tokens, args.repeats)
 

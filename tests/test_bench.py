@@ -100,3 +100,13 @@ def test_useful_flops_counts_real_pairs_only():
     # Causal: pairs 3*4/2 + 1 = 7.
     assert _bench.useful_flops([3, 1], [3, 1], 2, causal=True) == 128 + 4 * 2 * 7
     assert _bench.useful_flops([3, 1], [3, 1], 2, backward=True) == 3 * (128 + 80)
+
+
+def test_decode_cases_match_torch_recomputing(tmp_path):
+    report = _run(tmp_path, "--cases", "decode,decode-step")
+    greedy, step = report["cases"]
+    assert (greedy["name"], greedy["status"], greedy["steps"]) == ("decode", "ok", _bench.QUICK.decode_steps)
+    assert (step["name"], step["status"], step["cached"]) == ("decode-step", "ok", _bench.QUICK.length)
+    for case in (greedy, step):
+        assert case["max_abs_diff"] < 1e-5
+        assert case["flops"] > 0

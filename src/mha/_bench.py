@@ -56,10 +56,13 @@ class Sizes:
     min_length: int
     causal_length: int
     roofline_n: int
+    decode_steps: int
 
 
-FULL = Sizes(batch=8, length=512, embed=512, heads=8, min_length=64, causal_length=4096, roofline_n=2048)
-QUICK = Sizes(batch=3, length=32, embed=32, heads=4, min_length=8, causal_length=64, roofline_n=256)
+FULL = Sizes(
+    batch=8, length=512, embed=512, heads=8, min_length=64, causal_length=4096, roofline_n=2048, decode_steps=64
+)
+QUICK = Sizes(batch=3, length=32, embed=32, heads=4, min_length=8, causal_length=64, roofline_n=256, decode_steps=8)
 
 LENGTHS_SEED = 1234
 
@@ -116,6 +119,10 @@ CASE_DESCRIPTIONS = {
     "causal": "N=1, L={lc}, E={e}, H={h}, boolean causal attn_mask only, need_weights=False",
     "causal-hint": "causal, attn_mask and is_causal=True for both",
     "train": "dense, training forward + backward of output.sum(), dropout 0",
+    "decode": "greedy self-attention decoding of {t} tokens, N={b}, E={e}, H={h}: mha on a KV cache, "
+    "torch recomputing the causal prefix each step",
+    "decode-step": "one decoding step, N={b}, E={e}, H={h}, {l} cached tokens: mha on a KV cache, "
+    "torch projecting and attending the whole prefix",
 }
 CASE_NAMES = tuple(CASE_DESCRIPTIONS)
 
@@ -216,7 +223,7 @@ def build_case(name: str, sizes: Sizes, dtype: torch.dtype, device: torch.device
     """The inputs, modules and callables of case ``name``."""
     b, length, e = sizes.batch, sizes.length, sizes.embed
     description = CASE_DESCRIPTIONS[name].format(
-        b=b, l=length, e=e, h=sizes.heads, lo=sizes.min_length, lc=sizes.causal_length
+        b=b, l=length, e=e, h=sizes.heads, lo=sizes.min_length, lc=sizes.causal_length, t=sizes.decode_steps
     )
     generator = torch.Generator().manual_seed(0)
 
@@ -258,6 +265,10 @@ def build_case(name: str, sizes: Sizes, dtype: torch.dtype, device: torch.device
             _self_call(ours, jagged, need_weights=False),
             meta=meta,
         )
+    if name == "decode":
+        return _greedy_case(description, sizes, theirs, ours, randn(b, 1, e))
+    if name == "decode-step":
+        return _step_case(description, sizes, theirs, ours, randn(b, length, e), randn(b, 1, e))
     # causal, causal-hint
     lc = sizes.causal_length
     x = randn(1, lc, e)
@@ -265,6 +276,60 @@ def build_case(name: str, sizes: Sizes, dtype: torch.dtype, device: torch.device
     kwargs = {"attn_mask": mask, "need_weights": False, "is_causal": name == "causal-hint"}
     flops = useful_flops([lc], [lc], e, causal=True)
     return Case(name, description, flops, _self_call(theirs, x, **kwargs), _self_call(ours, x, **kwargs))
+
+
+def _decode_flops(sizes: Sizes, keys: list[int]) -> int:
+    """Useful work of decoding one token per sequence at each step, step ``i`` attending
+    ``keys[i]`` positions: the projections of one token and the attention over the keys."""
+    one = [1] * sizes.batch
+    return len(keys) * useful_flops(one, one, sizes.embed) + 4 * sizes.embed * sizes.batch * sum(keys)
+
+
+def _greedy_case(
+    description: str, sizes: Sizes, theirs: nn.MultiheadAttention, ours: MultiheadAttention, first: Tensor
+) -> Case:
+    """Each step's output (N, 1, E) is the next step's input; the result is every step's output."""
+    steps = sizes.decode_steps
+    blocked = torch.ones(steps, steps, dtype=torch.bool, device=first.device).triu(1)
+
+    def torch_greedy() -> Tensor:
+        seq = first
+        for t in range(1, steps + 1):
+            out = theirs(seq, seq, seq, attn_mask=blocked[:t, :t], need_weights=False)[0]
+            seq = torch.cat([seq, out[:, -1:]], 1)
+        return seq[:, 1:]
+
+    def mha_greedy() -> Tensor:
+        cache = ours.new_cache(sizes.batch, steps)
+        outputs = [first]
+        for _ in range(steps):
+            outputs.append(ours(outputs[-1], outputs[-1], outputs[-1], need_weights=False, cache=cache)[0])
+        return torch.cat(outputs[1:], 1)
+
+    flops = _decode_flops(sizes, list(range(1, steps + 1)))
+    return Case("decode", description, flops, torch_greedy, mha_greedy, meta={"steps": steps})
+
+
+def _step_case(
+    description: str, sizes: Sizes, theirs: nn.MultiheadAttention, ours: MultiheadAttention, prefix: Tensor, new: Tensor
+) -> Case:
+    """The token ``new`` (N, 1, E) after ``prefix`` (N, S, E): mha's cache holds the prefix
+    (each timed call sets its lengths back to S), torch attends to ``cat(prefix, new)``."""
+    S = prefix.shape[1]
+    cache = ours.new_cache(sizes.batch, S + 1)
+    with torch.no_grad():
+        ours(prefix, prefix, prefix, need_weights=False, cache=cache)
+    everything = torch.cat([prefix, new], 1)
+
+    def mha_step() -> object:
+        cache.lengths.fill_(S)
+        return ours(new, new, new, need_weights=False, cache=cache)
+
+    def torch_step() -> object:
+        return theirs(new, everything, everything, need_weights=False)
+
+    flops = _decode_flops(sizes, [S + 1])
+    return Case("decode-step", description, flops, torch_step, mha_step, meta={"cached": S})
 
 
 def _synchronize(device: torch.device) -> None:

@@ -236,6 +236,12 @@ def _write(buffer: Tensor, new: Tensor, lengths: Tensor, counts: Tensor) -> None
     buffer.scatter_(2, index, torch.where(keep_new, taken, buffer.gather(2, index)))
 
 
+def _append(buffer: Tensor, new: Tensor, slots: Tensor) -> None:
+    """Store ``new[n, :, t]`` ``(N, H, T, D)`` at position ``slots[n, 0, t, 0]`` of
+    ``buffer`` ``(N, H, M, D)``, in place; the slots must be distinct and ``< M``."""
+    buffer.scatter_(2, slots.expand(new.shape), new)
+
+
 def _cache_masks(
     mask: _masks.Mask | None, before: Tensor, total: Tensor, T: int, S: int, N: int, causal: bool
 ) -> _masks.Mask:
@@ -280,9 +286,15 @@ def cached_inputs(
     the mask over them, and ``backend``, or ``"decode"`` when none is forced and there
     are few query rows per key/value head. ``query`` is ``(N, Hq, T, Dk)``."""
     key, value, mask = _cached_inputs(cache, query, key, value, mask, new_lengths)
-    if backend is None and query.shape[2] * (query.shape[1] // key.shape[1]) <= MAX_ROWS:
-        backend = "decode"
-    return key, value, mask, backend
+    return key, value, mask, _cached_backend(backend, query.shape[2], query.shape[1], key.shape[1])
+
+
+def _cached_backend(backend: str | None, T: int, Hq: int, Hkv: int) -> str | None:
+    """``backend``, or ``"decode"`` when none is forced and there are few query rows
+    (``T * Hq / Hkv <= MAX_ROWS``) per key/value head."""
+    if backend is None and T * (Hq // Hkv) <= MAX_ROWS:
+        return "decode"
+    return backend
 
 
 def _cached_inputs(
@@ -316,17 +328,10 @@ def _cached_inputs(
                 "cache; a static (cross-attention) cache has no query positions. Pass Allowed/Blocked/Bias "
                 "tensors over its positions instead"
             )
-    if cache.batch_size != N:
-        raise ValueError(
-            f"attention: query (N, Hq, T, Dk) = {tuple(query.shape)} has N={N} but the cache holds "
-            f"batch_size={cache.batch_size} sequences; reorder() the cache or make one per batch"
-        )
+    _check_batch(cache, tuple(query.shape))
     if key is None or value is None:
         if key is not None or value is not None or not cache.static:
-            raise ValueError(
-                "attention: key and value may be None only together, on a static (cross-attention) cache "
-                "already filled; pass the new tokens' key and value (N, Hkv, T, D)"
-            )
+            raise _missing_key_value()
         S = M if compiling else cache._host_bound()
         return cache.key[:, :, :S], cache.value[:, :, :S], _static_mask(cache, mask, N, T, S)
     _validate_new(cache, key, value, N, Hq)
@@ -357,9 +362,16 @@ def _cached_inputs(
         )
     bound = None if compiling else _check_room(cache, counts, T_new, cache._host_bound())
     before = cache.lengths.clone()
-    _write(cache.key, key, before, counts)
-    _write(cache.value, value, before, counts)
-    total = torch.clamp(before + counts, max=M)
+    if bound is not None and new_lengths is None:
+        # Every token is real and fits (the room was checked): one scatter per buffer.
+        slots = (before[:, None] + torch.arange(T_new, device=before.device))[:, None, :, None]
+        _append(cache.key, key, slots)
+        _append(cache.value, value, slots)
+        total = before + T_new
+    else:
+        _write(cache.key, key, before, counts)
+        _write(cache.value, value, before, counts)
+        total = torch.clamp(before + counts, max=M)
     cache.lengths.copy_(total)
     cache._set_bound(bound)
     S = M if bound is None else bound
@@ -370,9 +382,49 @@ def _cached_inputs(
     )
 
 
+def _check_batch(cache: KVCache, query_shape: tuple[int, ...]) -> None:
+    if cache.batch_size != query_shape[0]:
+        raise ValueError(
+            f"attention: query (N, Hq, T, Dk) = {query_shape} has N={query_shape[0]} but the cache holds "
+            f"batch_size={cache.batch_size} sequences; reorder() the cache or make one per batch"
+        )
+
+
+def _missing_key_value() -> ValueError:
+    return ValueError(
+        "attention: key and value may be None only together, on a static (cross-attention) cache "
+        "already filled; pass the new tokens' key and value (N, Hkv, T, D)"
+    )
+
+
 def _static_mask(cache: KVCache, mask: _masks.Mask | None, N: int, T: int, S: int) -> _masks.Mask:
     """The mask over a static cache: its lengths, its key padding mask and ``mask``; not causal."""
     out = _cache_masks(mask, cache.lengths, cache.lengths, T, S, N, causal=False)
     if cache.key_padding_mask is not None:
         out = out & _masks.Blocked(cache.key_padding_mask[:, None, None, :S])
     return out
+
+
+def preview(
+    cache: KVCache, query_shape: tuple[int, int, int, int], T_new: int | None
+) -> tuple[int, _masks.Mask, str | None]:
+    """What a cached call with query ``(N, Hq, T, Dk)`` and ``T_new`` new key/value tokens
+    (None: a filled static cache read as it is) would attend, without writing: the
+    positions ``S'`` it reads, its mask over them (every new token counted real), and
+    the backend the cached route asks for (``"decode"`` or None: dispatch's choice)."""
+    N, Hq, T, _ = query_shape
+    _check_batch(cache, query_shape)
+    M = cache.max_length
+    backend = _cached_backend(None, T, Hq, cache.key.shape[1])
+    if T_new is None:
+        if not cache.static:
+            raise _missing_key_value()
+        S = cache._host_bound()
+        return S, _static_mask(cache, None, N, T, S), backend
+    if cache.static:
+        S = min(T_new, M)
+        lengths = torch.full_like(cache.lengths, S)
+        return S, _cache_masks(None, lengths, lengths, T, S, N, causal=False), backend
+    before = cache.lengths
+    S = min(cache._host_bound() + T_new, M)
+    return S, _cache_masks(None, before, torch.clamp(before + T_new, max=M), T, S, N, causal=True), backend

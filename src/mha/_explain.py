@@ -17,15 +17,17 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
 
+from ._cache import KVCache, preview
 from ._core import _validate_call
-from ._dispatch import explain_dispatch
+from ._dispatch import REGISTRY, explain_dispatch, not_supported_reasons
 from ._frontend import plan_forward
 from ._module import MultiheadAttention
+from ._module_cache import check_cached_call
 
 # Elements of one block of scores in the tiled backend (mirrors its _BLOCK_ELEMENTS).
 _BLOCKED_SCORES = 1 << 20
@@ -123,14 +125,15 @@ def _mib(nbytes: float) -> str:
 def explain(
     module: MultiheadAttention,
     query: Tensor,
-    key: Tensor,
-    value: Tensor,
+    key: Tensor | None,
+    value: Tensor | None,
     key_padding_mask: Tensor | None = None,
     need_weights: bool = True,
     attn_mask: Tensor | None = None,
     average_attn_weights: bool = True,
     is_causal: bool = False,
     *,
+    cache: KVCache | None = None,
     dispatch_device: torch.device | str | None = None,
 ) -> Explanation:
     """Explain ``module(query, key, value, **forward_kwargs)`` without running it.
@@ -139,7 +142,9 @@ def explain(
     module would raise for an invalid call. With the module and inputs on the
     ``meta`` device the call is explained by shapes alone, and dispatch is reported
     for ``dispatch_device`` (default ``"cpu"``); otherwise for the inputs' device.
-    Returns an :class:`Explanation`; print it.
+    With ``cache=`` (an :class:`mha.KVCache`) the decoding step is explained: the
+    positions it reads, the backend and the cache's memory; the cache is not
+    written. Returns an :class:`Explanation`; print it.
 
     Example::
 
@@ -151,6 +156,14 @@ def explain(
         raise TypeError(
             f"explain takes an mha.MultiheadAttention, got {type(module).__name__}; "
             "convert a model with mha.swap(model, to='mha') first"
+        )
+    if cache is not None:
+        return _explain_cached(module, query, key, value, key_padding_mask, need_weights, attn_mask,
+                               average_attn_weights, cache)
+    if key is None or value is None:
+        raise TypeError(
+            "explain: key and value must be tensors (S, N, E); None is for a filled static "
+            "(cross-attention) cache, passed as cache="
         )
     if isinstance(query, Tensor) and query.is_nested:
         raise NotImplementedError(
@@ -367,3 +380,103 @@ def _memory_rows(
             ("torch.nn.MultiheadAttention weights", _fmt_shape((N * H, L, S)), _mib(torch_bytes) + " (for comparison)")
         )
     return tuple(out), total
+
+
+def _explain_cached(
+    module: MultiheadAttention,
+    query: Tensor,
+    key: Tensor | None,
+    value: Tensor | None,
+    key_padding_mask: Tensor | None,
+    need_weights: bool,
+    attn_mask: Tensor | None,
+    average_attn_weights: bool,
+    cache: KVCache,
+) -> Explanation:
+    """:func:`explain` of ``module(query, key, value, ..., cache=cache)``: query ``(T, N, E)``
+    (``(N, T, E)`` batch-first) new tokens, key/value their keys and values (or the
+    memory filling a static cache, or None on a filled one)."""
+    check_cached_call(module, query, attn_mask, cache)
+    bf = module.batch_first
+    H, E = module.num_heads, module.embed_dim
+    Dh = E // H
+    N, T = (query.shape[0], query.shape[1]) if bf else (query.shape[1], query.shape[0])
+    T_new = None if key is None or value is None else key.shape[1 if bf else 0]
+    S, mask, forced = preview(cache, (N, H, T, Dh), T_new)
+    weights: Literal["mean", "per_head"] | None = None
+    if need_weights:
+        weights = "mean" if average_attn_weights else "per_head"
+    dropout_p = module.dropout if module.training else 0.0
+
+    def heads(length: int, D: int) -> Tensor:
+        return torch.empty((), dtype=cache.key.dtype, device=cache.key.device).expand(N, H, length, D)
+
+    call = _validate_call(heads(T, Dh), heads(S, Dh), heads(S, cache.value.shape[-1]), mask, None,
+                          dropout_p, weights, False)
+    dispatch = explain_dispatch(call)
+    if forced is not None:
+        dispatch[forced] = not_supported_reasons(REGISTRY[forced].caps, call)
+        backend = forced
+    else:
+        backend = next(name for name, reasons in dispatch.items() if not reasons)
+    M = cache.max_length
+    if not cache.static:
+        path = (f"cached self-attention: the {T_new} new token(s) of each sequence are projected once and "
+                f"written after its cached ones; query t attends cache positions j <= lengths[n] + t "
+                f"(causal per sequence), reading S' = {S} of max_length = {M} positions")
+    elif T_new is not None:
+        path = (f"cached cross-attention: the memory (S = {T_new}) is projected once and stored, replacing "
+                f"the cache's contents; every query attends all of it (not causal)")
+    else:
+        path = (f"cached cross-attention on the stored memory: S' = {S} positions, key and value "
+                f"not projected again")
+    lengths = cache.lengths.tolist()
+    seq = ("N", "T", "E") if bf else ("T", "N", "E")
+    inputs: list[tuple[str, ...]] = [
+        ("query", _fmt_shape(query.shape), _dims(seq, query.shape), f"the new tokens: {T} per sequence"),
+        ("key, value", "None", "-", "the stored memory")
+        if key is None
+        else ("key, value", _fmt_shape(key.shape), _dims(seq, key.shape), "projected once, written into the cache"),
+        ("cache", _fmt_shape(cache.key.shape), _dims(("N", "H", "M", "Dh"), cache.key.shape),
+         f"{'static ' if cache.static else ''}KVCache, lengths {min(lengths)}..{max(lengths)} before this call"),
+    ]
+    out_shape = (N, T, E) if bf else (T, N, E)
+    w_shape = None if weights is None else (N, T, S) if weights == "mean" else (N, H, T, S)
+    item = cache.key.element_size()
+    buffers = (cache.key.numel() + cache.value.numel()) * item
+    read = N * H * S * (Dh + cache.value.shape[-1]) * item
+    rows: list[tuple[str, str, int]] = [
+        ("projected query", _fmt_shape((N, T, E)), N * T * E * item),
+        ("new key + value", f"2 x {N} x {T_new or 0} x {E}", 2 * N * (T_new or 0) * E * item),
+        ("attn_output (+ before out_proj)", _fmt_shape(out_shape), 2 * math.prod(out_shape) * item),
+        ("scores + probabilities", _fmt_shape((N, H, T, S)) + " x2", 2 * N * H * T * S * max(item, 4)),
+    ]
+    if w_shape is not None:
+        rows.append(("attn_output_weights", _fmt_shape(w_shape), math.prod(w_shape) * item))
+    total = sum(r[2] for r in rows)
+    memory = [(name, shape, _mib(size)) for name, shape, size in rows]
+    memory += [
+        ("total activations", "", _mib(total)),
+        ("cache key + value buffers (already allocated)",
+         f"{_fmt_shape(cache.key.shape)} + {_fmt_shape(cache.value.shape)}", _mib(buffers)),
+        ("cache read by this step", f"K and V of S' = {S} positions", _mib(read)),
+    ]
+    summary = (
+        f"mha.MultiheadAttention({module.extra_repr()}): {H} heads of Dh = E / H = {Dh} features; "
+        f"a decoding step on a {'static (cross-attention)' if cache.static else 'self-attention'} KV cache; "
+        f"{'training' if module.training else 'eval'} mode, {cache.key.dtype} on {cache.key.device}"
+    )
+    why = "few query rows per key/value head" if forced else "dispatch's first that can serve"
+    sections = (
+        Section("Inputs", ("argument", "shape", "dims", "role"), tuple(inputs)),
+        Section("Outputs", ("output", "shape", "dims", "meaning"), _output_rows(
+            module, out_shape, w_shape, True, average_attn_weights)),
+        Section("Dispatch", ("backend", "verdict", "why"), tuple(
+            (name, f"picked ({why})" if name == backend else "passed over" if reasons else "could serve",
+             "; ".join(reasons) or "-")
+            for name, reasons in dispatch.items()
+        )),
+        Section("Memory (estimate)", ("item", "shape", "size"), tuple(memory)),
+    )
+    notes = ("explained without writing: the cache's lengths and buffers are unchanged",)
+    return Explanation(summary, sections, notes, out_shape, w_shape, path, backend, total, dispatch)

@@ -30,6 +30,13 @@ def new_module_cache(module: Any, batch_size: int, max_length: int, static: bool
     )
 
 
+def check_cached_call(module: Any, query: Tensor, attn_mask: Tensor | None, cache: object) -> None:
+    """Raise what ``module(query, ..., attn_mask=attn_mask, cache=cache)`` cannot run."""
+    if not isinstance(cache, KVCache):
+        raise TypeError(f"MultiheadAttention: cache must be an mha.KVCache, got {type(cache).__name__}")
+    _fail_unsupported(module, query, attn_mask)
+
+
 def _fail_unsupported(module: Any, query: Tensor, attn_mask: Tensor | None) -> None:
     if module.bias_k is not None or module.add_zero_attn:
         raise NotImplementedError(
@@ -123,9 +130,7 @@ def cached_forward(
     (any boolean pattern on a static cache). Returns output ``(T, N, E)`` and
     weights ``(N, T, S')`` (or ``(N, h, T, S')``) over the cache's first ``S'``
     positions."""
-    if not isinstance(cache, KVCache):
-        raise TypeError(f"MultiheadAttention: cache must be an mha.KVCache, got {type(cache).__name__}")
-    _fail_unsupported(module, query, attn_mask)
+    check_cached_call(module, query, attn_mask, cache)
     batch_first = module.batch_first
     N = query.shape[0 if batch_first else 1]
     H = module.num_heads

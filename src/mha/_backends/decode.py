@@ -111,9 +111,13 @@ def _grouped(call: Call) -> AttentionOutput:
     # The scale goes on q (N*Hq*L*Dk elements), not on the scores (N*Hq*L*S).
     q = (call.query * call.scale).reshape(N, Hkv, G * L, Dk)
     scores = torch.matmul(q, call.key.transpose(-1, -2)).to(dtype).view(N, Hkv, G, L, S)
-    additive = call.plan.additive_rows(0, L, S, dtype, call.query.device)
-    if additive is not None:
-        scores = scores + _grouped_mask(additive, Hkv, G)
+    allowed = call.plan.allowed_rows(0, L, S, call.query.device)
+    if allowed is not None:
+        # In place on the fresh scores: no additive mask of -inf to build and add.
+        scores = scores.masked_fill_(~_grouped_mask(allowed, Hkv, G), float("-inf"))
+    bias = call.plan.bias_rows(0, L, dtype, call.query.device)
+    if bias is not None:
+        scores = scores + _grouped_mask(bias, Hkv, G)
     probs = masked_softmax(scores)
     lse = masked_logsumexp(scores).reshape(N, Hq, L).to(call.query.dtype) if call.return_lse else None
     if call.dropout_p > 0:

@@ -391,6 +391,9 @@ def test_cache_route_uses_decode_backend_and_reports_it(monkeypatch):
     mha.attention(big, k[:, :, :1].expand(1, 2, 33, 8), k[:, :, :1].expand(1, 2, 33, 8), cache=cache)
     mha.attention(q, k[:, :, :1], k[:, :, :1], cache=cache)
     assert served == [(1, 4, 2, 1, 34, 8, 8)]  # the prompt (66 rows per head) went elsewhere
+    with mha.use_backend("tiled"):  # a forced backend wins over the cached route's choice
+        mha.attention(q, k[:, :, :1], k[:, :, :1], cache=cache)
+    assert len(served) == 1
 
 
 def test_lengths_set_by_hand_are_honoured():

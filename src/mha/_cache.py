@@ -27,6 +27,7 @@ from torch import Tensor
 
 from . import masks as _masks
 from ._backends.decode import MAX_ROWS
+from ._dispatch import forced_backend
 
 
 def _positive_int(name: str, value: object, minimum: int = 1) -> int:
@@ -290,9 +291,10 @@ def cached_inputs(
 
 
 def _cached_backend(backend: str | None, T: int, Hq: int, Hkv: int) -> str | None:
-    """``backend``, or ``"decode"`` when none is forced and there are few query rows
-    (``T * Hq / Hkv <= MAX_ROWS``) per key/value head."""
-    if backend is None and T * (Hq // Hkv) <= MAX_ROWS:
+    """``backend``, or ``"decode"`` when none is forced (by ``backend=`` or
+    :func:`mha.use_backend`) and there are few query rows (``T * Hq / Hkv <= MAX_ROWS``)
+    per key/value head."""
+    if backend is None and forced_backend() is None and T * (Hq // Hkv) <= MAX_ROWS:
         return "decode"
     return backend
 

@@ -41,7 +41,7 @@ REGISTRY: dict[str, Backend] = {
 _forced: ContextVar[str | None] = ContextVar("mha_backend", default=None)
 
 
-def _forced_backend() -> str | None:
+def forced_backend() -> str | None:
     """The backend forced by :func:`use_backend` here. Inside a graph that ``torch.compile``
     traces, none: dynamo cannot trace a ContextVar (pass ``backend=`` there instead)."""
     if torch.compiler.is_compiling():
@@ -154,7 +154,7 @@ def select_backend(call: Call, backend: str | None = None) -> Backend:
     """The backend for ``call``: ``backend`` if given, else the one forced by
     :func:`use_backend`, else the first in :data:`REGISTRY` that can serve it."""
     if backend is None:
-        backend = _forced_backend()
+        backend = forced_backend()
     if backend is not None:
         _check_name(backend)
         chosen = REGISTRY[backend]

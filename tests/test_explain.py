@@ -139,3 +139,22 @@ def test_meta_call_is_explained_by_shape_for_cpu():
 def test_rejects_torch_module():
     with pytest.raises(TypeError, match=r"mha.swap\(model, to='mha'\)"):
         mha.explain(torch.nn.MultiheadAttention(E, H), _t(2, E), _t(2, E), _t(2, E))
+
+
+def test_memory_workspace_is_the_chosen_backends_own_estimate():
+    """explain asks the backend it reports for its scratch memory; every registered
+    backend gives one."""
+    from mha._dispatch import REGISTRY
+
+    for backend in REGISTRY.values():
+        description, size = backend.workspace(2, 3, 5, 7, 4)
+        assert isinstance(description, str), backend.name
+        assert size >= 0, backend.name
+    assert REGISTRY["reference"].workspace(2, 3, 5, 7, 4)[1] == 3 * 2 * 3 * 5 * 7 * 4
+    module = mha.MultiheadAttention(12, 3)
+    x = torch.randn(5, 2, 12)
+    with mha.use_backend("reference"):
+        report = mha.explain(module, x, x, x, need_weights=True)
+    assert report.backend == "reference"
+    rows = {row[0]: row for row in report.sections[-1].rows}
+    assert rows["scores workspace"][1] == "(2, 3, 5, 5) scores x3"

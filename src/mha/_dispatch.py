@@ -32,6 +32,11 @@ class Backend(Protocol):
 
     def forward(self, call: Call) -> AttentionOutput: ...
 
+    def workspace(self, N: int, H: int, L: int, S: int, score_bytes: int) -> tuple[str, int]:
+        """Its own estimate of the scratch memory a call ``(N, H, L, S)`` needs beyond
+        inputs and outputs: a description and bytes (``score_bytes`` per score)."""
+        ...
+
 
 # The order dispatch tries them in: built once, here.
 REGISTRY: dict[str, Backend] = {

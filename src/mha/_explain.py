@@ -24,13 +24,10 @@ from torch import Tensor
 
 from ._cache import KVCache, preview
 from ._core import _validate_call
-from ._dispatch import REGISTRY, explain_dispatch, not_supported_reasons
+from ._dispatch import REGISTRY, explain_dispatch, not_supported_reasons, select_backend
 from ._frontend import plan_forward
 from ._module import MultiheadAttention
 from ._module_cache import check_cached_call
-
-# Elements of one block of scores in the tiled backend (mirrors its _BLOCK_ELEMENTS).
-_BLOCKED_SCORES = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -215,7 +212,7 @@ def explain(
         path += f"; mask {plan.mask!r}"
     call = _validate_call(heads(N, L), key_heads, key_heads, plan.mask, None, plan.dropout_p, plan.weights, False)
     dispatch = explain_dispatch(call)
-    backend = next(name for name, reasons in dispatch.items() if not reasons)
+    backend = select_backend(call).name  # honours mha.use_backend, raises as the call would
 
     S_w = S + extra
     out_shape = ((N, L, E) if module.batch_first else (L, N, E)) if plan.batched else (L, E)
@@ -361,15 +358,8 @@ def _memory_rows(
     if w_shape is not None:
         rows.append(("attn_output_weights", _fmt_shape(w_shape), math.prod(w_shape) * itemsize))
     score_bytes = 4 if itemsize < 4 else itemsize
-    if backend == "sdpa":
-        rows.append(("scores workspace", "fused SDPA kernel", 0))
-    elif backend == "tiled":
-        block = min(N * H * L * S, max(_BLOCKED_SCORES, H * S))
-        rows.append(("scores workspace", f"one block of ~{block} scores (x2)", 2 * block * score_bytes))
-    elif backend == "reference":
-        rows.append(("scores workspace", _fmt_shape((N, H, L, S)) + " x3", 3 * N * H * L * S * score_bytes))
-    else:
-        rows.append(("scores workspace", "fused kernel tiles", 0))
+    description, size = REGISTRY[backend].workspace(N, H, L, S, score_bytes)
+    rows.append(("scores workspace", description, size))
     total = sum(r[2] for r in rows)
     out = [(name, shape, _mib(size)) for name, shape, size in rows]
     out.append(("total activations", "", _mib(total)))

@@ -55,6 +55,9 @@ class _Decode:
     name = "decode"
     caps = CAPABILITIES
 
+    def workspace(self, N: int, H: int, L: int, S: int, score_bytes: int) -> tuple[str, int]:
+        return f"({N}, {H}, {L}, {S}) scores and probabilities", 2 * N * H * L * S * score_bytes
+
     def forward(self, call: Call) -> AttentionOutput:
         lengths = call.plan.lengths
         if lengths is not None and _triton_serves(call):

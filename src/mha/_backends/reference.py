@@ -19,6 +19,9 @@ class _Reference:
     name = "reference"
     caps = Capabilities(label="the reference backend")
 
+    def workspace(self, N: int, H: int, L: int, S: int, score_bytes: int) -> tuple[str, int]:
+        return f"({N}, {H}, {L}, {S}) scores x3", 3 * N * H * L * S * score_bytes
+
     def forward(self, call: Call) -> AttentionOutput:
         return by_groups(call, self._dense) if call.is_varlen else self._dense(call)
 

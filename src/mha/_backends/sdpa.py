@@ -33,6 +33,9 @@ class _SDPA:
     name = "sdpa"
     caps = CAPABILITIES
 
+    def workspace(self, N: int, H: int, L: int, S: int, score_bytes: int) -> tuple[str, int]:
+        return "fused SDPA kernel", 0
+
     def forward(self, call: Call) -> AttentionOutput:
         return by_groups(call, self._dense) if call.is_varlen else self._dense(call)
 

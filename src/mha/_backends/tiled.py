@@ -55,6 +55,10 @@ class _Tiled:
     name = "tiled"
     caps = Capabilities(label="the tiled backend")
 
+    def workspace(self, N: int, H: int, L: int, S: int, score_bytes: int) -> tuple[str, int]:
+        block = min(N * H * L * S, max(_BLOCK_ELEMENTS, H * S))
+        return f"one block of ~{block} scores (x2)", 2 * block * score_bytes
+
     def forward(self, call: Call) -> AttentionOutput:
         return by_groups(call, self._dense) if call.is_varlen else self._dense(call)
 

@@ -344,6 +344,9 @@ class _Triton:
     name = "triton"
     caps = CAPABILITIES
 
+    def workspace(self, N: int, H: int, L: int, S: int, score_bytes: int) -> tuple[str, int]:
+        return "fused kernel tiles, row statistics (N, H, L) x3", 3 * N * H * L * 4
+
     def forward(self, call: Call) -> AttentionOutput:
         if call.is_varlen:
             return by_groups(call, self._dense) if call.weights is not None else self._varlen(call)

@@ -373,7 +373,7 @@ def test_declines_with_reasons(monkeypatch):
     assert any("Bias tensor" in r for r in reasons(_validate_call(q, k, v, Bias(bias), None, 0.0, None, False)))
     monkeypatch.delenv("TRITON_INTERPRET")
     assert any("need CUDA tensors" in r for r in explain_dispatch(_call())["triton"])
-    monkeypatch.setattr(triton_backend, "_installed", lambda: False)
+    monkeypatch.setattr(triton_backend, "_INSTALLED", False)
     assert reasons(_call()) == ["triton is not installed: pip install 'mha[triton]'"]
 
 

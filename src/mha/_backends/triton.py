@@ -290,15 +290,15 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
-@functools.cache
-def _installed() -> bool:
-    return importlib.util.find_spec("triton") is not None
+# Looked up once, at import: a cached function would make torch.compile warn that it
+# traces through the cache.
+_INSTALLED = importlib.util.find_spec("triton") is not None
 
 
 def _extra_reasons(call: Call) -> list[str]:
     """What the capability record cannot say: installed, CUDA (or the interpreter), grid
     limits, int32 offsets, one band alignment per varlen call."""
-    if not _installed():
+    if not _INSTALLED:
         return ["triton is not installed: pip install 'mha[triton]'"]
     reasons = []
     device = call.query.device.type

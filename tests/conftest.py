@@ -1,11 +1,14 @@
-"""Shared helpers: a torch module and an mha module with identical weights, and tolerances."""
+"""Shared helpers: a torch module and an mha module with identical weights, tolerances, and a spy on dispatch."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch import nn
 
 import mha
+from mha._dispatch import Backend
+from mha._types import Call
 
 # The tests run tiny tensors; torch's intra-op thread pool only adds overhead there, and on
 # a loaded machine (or under xdist) a spinning pool makes each op ~100x slower.
@@ -32,3 +35,18 @@ def build_pair(*args, seed: int = 0, **kwargs) -> tuple[nn.MultiheadAttention, m
     ours.load_state_dict(theirs.state_dict(), strict=True)
     return theirs, ours
 
+
+def spy_on_dispatch(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The names of the backends dispatch picks from now on, in order."""
+    from mha import _dispatch
+
+    picked: list[str] = []
+    select = _dispatch.select_backend
+
+    def spy(call: Call, backend: str | None = None) -> Backend:
+        chosen = select(call, backend)
+        picked.append(chosen.name)
+        return chosen
+
+    monkeypatch.setattr(_dispatch, "select_backend", spy)
+    return picked

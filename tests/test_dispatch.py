@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import mha
+from conftest import spy_on_dispatch
 from mha import _dispatch
 from mha import masks as M
 from mha._core import _validate_call
@@ -117,22 +118,8 @@ def test_masked_sdpa_declines_on_gpu_until_checked():
     assert any("SDPA takes masks only on cpu" in r for r in explain_dispatch(c)["sdpa"])
 
 
-def _picked(monkeypatch) -> list[str]:
-    """The names of the backends dispatch picks from now on."""
-    picked: list[str] = []
-    select = _dispatch.select_backend
-
-    def spy(call, backend=None):
-        chosen = select(call, backend)
-        picked.append(chosen.name)
-        return chosen
-
-    monkeypatch.setattr(_dispatch, "select_backend", spy)
-    return picked
-
-
 def test_use_backend_forces_nests_and_restores(monkeypatch):
-    picked = _picked(monkeypatch)
+    picked = spy_on_dispatch(monkeypatch)
     q = torch.randn(2, 3, 5, 7)
     mha.attention(q, q, q)
     with mha.use_backend("tiled"):
@@ -146,7 +133,7 @@ def test_use_backend_forces_nests_and_restores(monkeypatch):
 
 
 def test_use_backend_restores_after_an_exception(monkeypatch):
-    picked = _picked(monkeypatch)
+    picked = spy_on_dispatch(monkeypatch)
     q = torch.randn(1, 1, 2, 3)
     with pytest.raises(RuntimeError, match="inside"), mha.use_backend("reference"):
         raise RuntimeError("inside")
@@ -155,7 +142,7 @@ def test_use_backend_restores_after_an_exception(monkeypatch):
 
 
 def test_use_backend_reaches_modules_deep_in_a_model(monkeypatch):
-    picked = _picked(monkeypatch)
+    picked = spy_on_dispatch(monkeypatch)
     model = torch.nn.Sequential(torch.nn.Linear(8, 8), mha.swap(torch.nn.TransformerEncoderLayer(8, 2, 16)))
     model.eval()
     x = torch.randn(5, 3, 8)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import mha
-from mha import _dispatch
+from conftest import spy_on_dispatch
 
 E, H = 24, 4
 
@@ -52,15 +52,7 @@ def test_shapes_and_backend_match_the_module(case, monkeypatch):
     module = _module(**ctor).eval()
     report = mha.explain(module, *args, **kwargs)
 
-    used: list[str] = []
-    select = _dispatch.select_backend
-
-    def spy(call, backend=None):
-        chosen = select(call, backend)
-        used.append(chosen.name)
-        return chosen
-
-    monkeypatch.setattr(_dispatch, "select_backend", spy)
+    used = spy_on_dispatch(monkeypatch)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         out, weights = module(*args, **kwargs)

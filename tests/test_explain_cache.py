@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import mha
-from mha import _dispatch
+from conftest import spy_on_dispatch
 
 E, H, N = 15, 3, 7  # Dh = 5
 
@@ -14,19 +14,6 @@ E, H, N = 15, 3, 7  # Dh = 5
 def _module(**kwargs) -> mha.MultiheadAttention:
     torch.manual_seed(0)
     return mha.MultiheadAttention(E, H, **kwargs).eval()
-
-
-def _spy(monkeypatch) -> list[str]:
-    used: list[str] = []
-    select = _dispatch.select_backend
-
-    def spy(call, backend=None):
-        chosen = select(call, backend)
-        used.append(chosen.name)
-        return chosen
-
-    monkeypatch.setattr(_dispatch, "select_backend", spy)
-    return used
 
 
 def _state(cache: mha.KVCache) -> tuple[torch.Tensor, ...]:
@@ -46,7 +33,7 @@ def test_self_attention_step_matches_the_module(T, need_weights, batch_first, mo
         before = _state(cache)
         report = mha.explain(module, new, new, new, need_weights=need_weights, average_attn_weights=False, cache=cache)
         assert all(torch.equal(a, b) for a, b in zip(before, _state(cache), strict=True))
-        used = _spy(monkeypatch)
+        used = spy_on_dispatch(monkeypatch)
         out, weights = module(new, new, new, need_weights=need_weights, average_attn_weights=False, cache=cache)
     assert report.output_shape == tuple(out.shape)
     assert report.weights_shape == (None if weights is None else tuple(weights.shape))
@@ -67,7 +54,7 @@ def test_cross_attention_fill_then_read(monkeypatch):
         assert cache.lengths.tolist() == [0] * N
         out, weights = module(q, memory, memory, cache=cache)
         read = mha.explain(module, q, None, None, cache=cache)
-        used = _spy(monkeypatch)
+        used = spy_on_dispatch(monkeypatch)
         out2, weights2 = module(q, None, None, cache=cache)
     assert (fill.output_shape, fill.weights_shape) == (tuple(out.shape), tuple(weights.shape)) == ((1, N, E), (N, 1, 11))
     assert (read.output_shape, read.weights_shape) == (tuple(out2.shape), tuple(weights2.shape))
@@ -82,7 +69,7 @@ def test_many_query_rows_go_to_dispatch(monkeypatch):
     cache = module.new_cache(N, 97)
     x = torch.randn(67, N, E)
     report = mha.explain(module, x, x, x, need_weights=False, cache=cache)
-    used = _spy(monkeypatch)
+    used = spy_on_dispatch(monkeypatch)
     with torch.no_grad():
         module(x, x, x, need_weights=False, cache=cache)
     assert used == [report.backend] != ["decode"]

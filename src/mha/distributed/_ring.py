@@ -25,7 +25,7 @@ import struct
 import time
 import zlib
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.distributed as dist
@@ -357,8 +357,8 @@ def ring_forward(ring: Ring, query: Tensor, key: Tensor, value: Tensor) -> tuple
                     query[:, :, _rows(qp)], k_b[:, :, _rows(kp)], v_b[:, :, _rows(kp)],
                     ring.rule.block_mask(qp, kp, query.device), scale=ring.scale, return_lse=True,
                 )
-                assert res.lse is not None
-                _merge(out, lse, _rows(qp), res.output.to(acc), res.lse.to(acc))
+                block_lse = cast(Tensor, res.lse)  # asked for with return_lse=True
+                _merge(out, lse, _rows(qp), res.output.to(acc), block_lse.to(acc))
         computed = time.perf_counter()
         _wait(works, ring, t)
         if ring.trace is not None:
@@ -449,7 +449,11 @@ def ring_backward(
         _wait(kv_works, ring, t)
         held = incoming
     _wait(pending, ring, P)
-    assert own is not None
+    if own is None:
+        raise RuntimeError(
+            f"ring backward: rank {x} received no gradients for its own keys and values after "
+            f"{P} steps; the ranks' schedules disagree (did every rank call with the same mask and layout?)"
+        )
     dk, dv = _unpack(ring, own, x)
     return dq.to(query.dtype), dk.to(key.dtype), dv.to(value.dtype)
 

@@ -109,16 +109,8 @@ class Rule:
         if self.lengths is not None and self.min_length < k.stop:
             parts.append(KeyPadding((self.lengths - k.start).clamp(0, k.length)))
         if self.offsets is not None:
-            parts.append(Allowed(self._same_sequence(q, k, device)))
+            parts.append(Allowed(_same_sequence(self.offsets, q, k, device)))
         return functools.reduce(operator.and_, parts) if parts else None
-
-    def _same_sequence(self, q: Piece, k: Piece, device: torch.device) -> Tensor:
-        """Boolean ``(Lb, Sb)``: query and key in the same packed sequence."""
-        assert self.offsets is not None
-        offsets = self.offsets.to(device)
-        qs = torch.bucketize(torch.arange(q.start, q.stop, device=device), offsets, right=True)
-        ks = torch.bucketize(torch.arange(k.start, k.stop, device=device), offsets, right=True)
-        return qs[:, None] == ks[None, :]
 
     def block_allowed(self, q: Piece, k: Piece, device: torch.device) -> Tensor | None:
         """Boolean ``(N or 1, 1, Lb, Sb)``, True where block ``(q, k)`` may attend; None if all may."""
@@ -137,7 +129,7 @@ class Rule:
             keys = keys[:, None, None, :]
             allowed = keys if allowed is None else allowed & keys
         if self.offsets is not None:
-            same = self._same_sequence(q, k, device)[None, None]
+            same = _same_sequence(self.offsets, q, k, device)[None, None]
             allowed = same if allowed is None else allowed & same
         return allowed
 
@@ -173,3 +165,11 @@ def rule_from_mask(mask: Mask | None, L: int, S: int, offsets: Tensor | None) ->
     host = [] if lengths is None else lengths.tolist()
     bounds = () if offsets is None else tuple(int(b) for b in offsets.tolist())
     return Rule(lo, hi, lengths, min(host, default=0), max(host, default=0), offsets, bounds)
+
+
+def _same_sequence(offsets: Tensor, q: Piece, k: Piece, device: torch.device) -> Tensor:
+    """Boolean ``(Lb, Sb)``: query and key in the same packed sequence of ``offsets``."""
+    offsets = offsets.to(device)
+    qs = torch.bucketize(torch.arange(q.start, q.stop, device=device), offsets, right=True)
+    ks = torch.bucketize(torch.arange(k.start, k.stop, device=device), offsets, right=True)
+    return qs[:, None] == ks[None, :]

@@ -92,32 +92,36 @@ def use_backend(name: str) -> Iterator[None]:
 def not_supported_reasons(caps: Capabilities, call: Call) -> list[str]:
     """Human-readable reasons a backend with capabilities ``caps`` cannot serve ``call``;
     empty if it can."""
-    reasons: list[str] = []
+    return list(_reasons(caps, call))
+
+
+def _reasons(caps: Capabilities, call: Call) -> Iterator[str]:
+    """:func:`not_supported_reasons` one at a time: dispatch stops at the first."""
     device = call.query.device.type
     if caps.devices is not None and device not in caps.devices:
-        reasons.append(f"{caps.label} runs on {', '.join(sorted(caps.devices))} tensors, got {device}")
+        yield f"{caps.label} runs on {', '.join(sorted(caps.devices))} tensors, got {device}"
     if caps.dtypes is not None and call.query.dtype not in caps.dtypes:
         names = [str(d).removeprefix("torch.") for d in caps.dtypes]
         listed = names[0] if len(names) == 1 else ", ".join(names[:-1]) + " or " + names[-1]
-        reasons.append(f"{caps.label} takes {listed}, got {call.query.dtype}")
+        yield f"{caps.label} takes {listed}, got {call.query.dtype}"
     _, _, _, _, _, Dk, Dv = call.shape
     if caps.max_head_dim is not None and max(Dk, Dv) > caps.max_head_dim:
-        reasons.append(f"{caps.label} takes head dims up to {caps.max_head_dim}, got Dk={Dk}, Dv={Dv}")
+        yield f"{caps.label} takes head dims up to {caps.max_head_dim}, got Dk={Dk}, Dv={Dv}"
     if call.weights is not None and call.weights not in caps.weights:
-        reasons.append(f"{caps.label} returns no attention weights (weights={call.weights!r} requested)")
+        yield f"{caps.label} returns no attention weights (weights={call.weights!r} requested)"
     if call.return_lse and not caps.lse:
-        reasons.append(f"{caps.label} returns no log-sum-exp (return_lse=True requested)")
+        yield f"{caps.label} returns no log-sum-exp (return_lse=True requested)"
     if call.dropout_p > 0 and not caps.dropout:
-        reasons.append(f"{caps.label} has no dropout (dropout_p={call.dropout_p}); pass 0.0 in eval")
+        yield f"{caps.label} has no dropout (dropout_p={call.dropout_p}); pass 0.0 in eval"
     if call.is_varlen and not caps.varlen:
-        reasons.append(f"{caps.label} takes no variable-length (varlen) calls")
+        yield f"{caps.label} takes no variable-length (varlen) calls"
     if call.is_varlen and call.weights is not None and not caps.varlen_weights:
-        reasons.append(f"{caps.label} returns no weights on variable-length calls (weights={call.weights!r} requested)")
+        yield f"{caps.label} returns no weights on variable-length calls (weights={call.weights!r} requested)"
     missing = sorted(call.mask_kinds() - caps.mask_kinds)
     if missing:
-        reasons.append(f"{caps.label} reads no {', '.join(missing)} mask pieces (mask {call.mask!r})")
+        yield f"{caps.label} reads no {', '.join(missing)} mask pieces (mask {call.mask!r})"
     if caps.masked_devices is not None and not call.plan.is_empty and device not in caps.masked_devices:
-        reasons.append(
+        yield (
             f"{caps.label} takes masks only on {', '.join(sorted(caps.masked_devices))}, where fully masked rows "
             f"are checked to give zeros, not on {device}"
         )
@@ -128,12 +132,11 @@ def not_supported_reasons(caps: Capabilities, call: Call) -> list[str]:
         and grad
         and any(t.requires_grad for t in (call.query, call.key, call.value))
     ):
-        reasons.append(f"{caps.label}'s weights={call.weights!r} are not differentiable and the inputs require grad")
+        yield f"{caps.label}'s weights={call.weights!r} are not differentiable and the inputs require grad"
     if not caps.bias_grad and grad and any(t.requires_grad for t in call.plan.bias):
-        reasons.append(f"{caps.label} computes no gradient for a Bias tensor that requires grad")
+        yield f"{caps.label} computes no gradient for a Bias tensor that requires grad"
     if caps.extra is not None:
-        reasons.extend(caps.extra(call))
-    return reasons
+        yield from caps.extra(call)
 
 
 def _auto_reasons(b: Backend, call: Call) -> list[str]:
@@ -170,12 +173,21 @@ def select_backend(call: Call, backend: str | None = None) -> Backend:
                 f"backend {backend!r} cannot serve this {kind}:\n" + "\n".join(f"  - {r}" for r in reasons)
             )
         return chosen
-    why: dict[str, list[str]] = {}
-    for name, b in REGISTRY.items():
-        why[name] = _auto_reasons(b, call)
-        if not why[name]:
+    for b in REGISTRY.values():
+        if _picks(b, call):
             return b
+    why = explain_dispatch(call)
     raise NotImplementedError(
         "no backend can serve this call:\n"
         + "\n".join(f"  {name}:\n" + "\n".join(f"    - {r}" for r in rs) for name, rs in why.items())
     )
+
+
+def _picks(b: Backend, call: Call) -> bool:
+    """Whether dispatch, left to itself, may pick ``b``: :func:`_auto_reasons` is empty,
+    found without building every reason (a backend not picked automatically on this
+    device is passed over before any check runs, the others at their first reason)."""
+    devices = b.caps.auto_devices
+    if devices is not None and call.query.device.type not in devices:
+        return False
+    return next(_reasons(b.caps, call), None) is None

@@ -6,16 +6,37 @@ modules with the same weights, timed in interleaved rounds in one process (so a
 busy machine slows both alike). Prints, per shape, the median time of each and
 the median over rounds of torch's time divided by mha's (above 1: mha is faster).
 
-At N=1, L=256 (one block of scores in mha's tiled backend, so neither tile size nor
-the tile loop is the cause) torch runs its fused ``_native_multi_head_attention``
-(batch_first, inference). In torch's op profile (1 thread) mha's softmax took 0.98 ms
-a call against torch's 0.33 ms, and the mean over heads 0.95 ms against torch's
-sum-and-divide 0.12 ms, while the same ops on a warm tensor take 0.34 and 0.15 ms:
-the time went to a fresh 2 MiB buffer per block, not to arithmetic. Without autograd
-the tiled backend now writes the probabilities over the scores: at 1x256 torch/mha
-went from 0.67x to 0.87x (9 interleaved rounds each, 2 threads, a shared machine);
-1x128 stayed at 0.82x. The rest (the head mean, the copy of each block's output into
-the result) is not yet closed.
+At N=1, L=256 (one block of scores in mha's tiled backend) torch runs its fused
+``_native_multi_head_attention`` (batch_first, inference). Without autograd the tiled
+backend now puts each block's scores in one buffer allocated per call (``baddbmm_``,
+the scale as its alpha), the softmax overwrites them, P @ V goes straight into the
+output and the head mean is a sum with one division at the end: the same ops as
+torch's path (one projection GEMM, two attention products, one softmax, one head
+sum, two copies to contiguous heads). Replaying mha's ops without its Python layers
+ran at 0.96-1.05x torch at L=128 and 256; with the layers (front end, dispatch, the
+backend's loop) mha runs at 0.87-0.97x there: a few hundred microseconds of Python a
+call, dearer after the projections have evicted the caches than when timed alone.
+
+Measured with ``OMP_NUM_THREADS=1`` (2026-11-29, a 2-core machine shared with other
+jobs, 9 rounds, six runs alternating the commit before this work, 5bc8861, and
+after it; 1x128 in three), torch/mha before -> after:
+
+* 1x128: 0.85-0.86 -> 0.80-0.88; 1x256: 0.90-1.09 -> 0.87-1.11 (the spread is the
+  page faults below; timed in one process with both versions interleaved, thread
+  CPU time, 15 rounds, three runs: 1x128 0.86-0.89 -> 0.89-0.92, 1x256 0.87-0.90
+  (1.13 in the run where torch faulted) -> 0.93-0.96);
+* 1x1024: 1.06-1.16 -> 1.26-1.41;
+* 1x4096: 0.82-0.98 -> 1.25-1.53;
+* 8x512: 1.17-1.33 -> 1.28-1.41.
+
+Two effects to know when reading a run. glibc sometimes gives the heap back between
+calls, and a call then faults its pages in again (about 1,000 faults, 2.5 ms for
+torch at 1x256): whichever side it hits in a given process loses 20-35%. And with
+two threads on a machine whose other core is busy, every parallel op waits for the
+descheduled thread: mha's block loop (up to a few hundred ops a call at L=4096)
+then ran 5-9x slower than with one thread while torch's few large ops did not
+(2 threads under load average 4-6: 0.2-0.9x for both commits). Compare runs at
+``OMP_NUM_THREADS=1`` or on an idle machine.
 
 Usage::
 

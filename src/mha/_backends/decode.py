@@ -21,7 +21,7 @@ merge by their log-sum-exp, without a score buffer of ``(N, Hq, L, S)``:
   machine, and several times faster on a busy one, where each of their dozen
   ops per block waits for both threads (``benchmarks/decode.py --sections
   formulations``);
-- on CUDA, calls whose only mask is key lengths (a decode step on a cache) run
+- on CUDA, calls with no mask but key lengths (a decode step on a cache) run
   the Triton flash-decoding kernel of :mod:`._triton_decode`, which splits the
   keys across programs.
 
@@ -71,8 +71,11 @@ class _Decode:
         return f"({N}, {H}, {L}, {S}) scores and probabilities at most", 2 * N * H * L * S * score_bytes
 
     def forward(self, call: Call) -> AttentionOutput:
-        lengths = call.plan.lengths
-        if lengths is not None and _triton_serves(call):
+        if _triton_serves(call):
+            lengths = call.plan.lengths
+            if lengths is None:  # no padding: every sequence holds all S keys
+                N, S = call.query.shape[0], call.key.shape[2]
+                lengths = torch.full((N,), S, dtype=torch.int64, device=call.query.device)
             out, lse = triton_decode(call.query, call.key, call.value, lengths, call.scale)
             return AttentionOutput(out, None, lse.to(call.query.dtype) if call.return_lse else None)
         if _fused_serves(call):
@@ -97,12 +100,11 @@ def _(q: Tensor, k: Tensor, v: Tensor, lengths: Tensor, scale: float) -> tuple[T
 
 
 def _triton_serves(call: Call) -> bool:
-    """Whether the Triton decode kernel serves ``call``: CUDA, key lengths as the only
-    mask, no weights, dropout or gradients, head dims up to 256."""
+    """Whether the Triton decode kernel serves ``call``: CUDA, no mask but key lengths,
+    no weights, dropout or gradients, head dims up to 256."""
     plan = call.plan
     return (
         call.query.is_cuda
-        and plan.lengths is not None
         and plan.band is None
         and not plan.has_tensors
         and call.weights is None

@@ -19,8 +19,28 @@ step: one decode step of ``mha.attention`` (N=8, Hq=32, Hkv=8, D=128, cache of
 
 formulations: the same step (no mask) computed in several ways with torch ops
     (which matmul carries the G query heads of a key/value head, the keys' layout,
-    blocks of keys merged by an online softmax, einsum), each against reading the
-    same bytes with ``sum`` in the same run; not in the default sections.
+    blocks of keys merged by an online softmax, with fresh tensors or one buffer
+    updated in place, einsum) and by torch's fused CPU flash-attention kernel with
+    the G heads as its query rows (what the decode backend runs), each against
+    reading the same bytes with ``sum`` in the same run; not in the default
+    sections.
+
+Measured on the shared 2-core development machine, torch 2.13.0+cpu, with other
+jobs running (load average 2.5-5, so each figure moves with the load; compare
+only within a run):
+
+    --threads 2 --sections step (3 runs)     58-60% of the bandwidth (6.7 GB/s); the
+                                             simple path it replaced: 43% in a run alongside
+    --threads 1 --sections step              64% (8.3 GB/s; the simple path: 50%)
+    --threads 1 --sections formulations      of the sum read: fused kernel 74%, 1024-key
+                                             blocks in place 70%, bmm (simple path) 66%
+    --threads 1 --sections greedy --repeats 2    7.2x (7.1, 7.3), same tokens, step 128 /
+                                             step 16 = 1.13 (before this round: 6.6x)
+    --threads 2 (default sections, 3 repeats)    3.6x (3.6, 4.0, 3.5), same tokens; before
+                                             this round 3.5x in the next run. At this load
+                                             each op of an 8-row step waits for the second
+                                             thread, and the per-step times (44 ms near
+                                             step 16, 447 ms near 128) follow the load
 """
 
 from __future__ import annotations

@@ -19,8 +19,28 @@ step: one decode step of ``mha.attention`` (N=8, Hq=32, Hkv=8, D=128, cache of
 
 formulations: the same step (no mask) computed in several ways with torch ops
     (which matmul carries the G query heads of a key/value head, the keys' layout,
-    blocks of keys merged by an online softmax, einsum), each against reading the
-    same bytes with ``sum`` in the same run; not in the default sections.
+    blocks of keys merged by an online softmax, with fresh tensors or one buffer
+    updated in place, einsum) and by torch's fused CPU flash-attention kernel with
+    the G heads as its query rows (what the decode backend runs), each against
+    reading the same bytes with ``sum`` in the same run; not in the default
+    sections.
+
+Measured on the shared 2-core development machine, torch 2.13.0+cpu, with other
+jobs running (load average 2.5-5, so each figure moves with the load; compare
+only within a run):
+
+    --threads 2 --sections step (3 runs)     58-60% of the bandwidth (6.7 GB/s); the
+                                             simple path it replaced: 43% in a run alongside
+    --threads 1 --sections step              64% (8.3 GB/s; the simple path: 50%)
+    --threads 1 --sections formulations      of the sum read: fused kernel 74%, 1024-key
+                                             blocks in place 70%, bmm (simple path) 66%
+    --threads 1 --sections greedy --repeats 2    7.2x (7.1, 7.3), same tokens, step 128 /
+                                             step 16 = 1.13 (before this round: 6.6x)
+    --threads 2 (default sections, 3 repeats)    3.6x (3.6, 4.0, 3.5), same tokens; before
+                                             this round 3.5x in the next run. At this load
+                                             each op of an 8-row step waits for the second
+                                             thread, and the per-step times (44 ms near
+                                             step 16, 447 ms near 128) follow the load
 """
 
 from __future__ import annotations
@@ -177,15 +197,39 @@ def _formulations(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> dict:
             top = new_top
         return acc / total
 
+    def chunked_in_place(size: int) -> torch.Tensor:  # the same, one score buffer, in-place updates
+        s = torch.empty(B, q.shape[1], size)
+        acc = torch.empty(B, q.shape[1], v.shape[-1])
+        for c in range(0, S, size):
+            torch.bmm(q, k[:, c : c + size].transpose(1, 2), out=s)
+            if c == 0:
+                top = s.amax(-1, keepdim=True)
+                total = s.sub_(top).exp_().sum(-1, keepdim=True)
+                torch.bmm(s, v[:, :size], out=acc)
+            else:
+                new_top = torch.maximum(top, s.amax(-1, keepdim=True))
+                rescale = (top - new_top).exp_()
+                total.mul_(rescale).add_(s.sub_(new_top).exp_().sum(-1, keepdim=True))
+                acc.mul_(rescale).baddbmm_(s, v[:, c : c + size])
+                top = new_top
+        return acc.div_(total)
+
+    def fused() -> torch.Tensor:  # torch's flash kernel (SDPA's on CPU), the G heads as its query rows
+        flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+        return flash(q[:, None], k[:, None], v[:, None], scale=1.0)[0][:, 0]
+
     def einsum() -> torch.Tensor:
         return torch.einsum("bgs,bsd->bgd", torch.einsum("bgd,bsd->bgs", q, k).softmax(-1), v)
 
     return {
-        "q @ k^T, bmm (used)": lambda: rows(k),
+        "q @ k^T, bmm (simple path)": lambda: rows(k),
         "q @ k^T, k stored (D, S)": lambda: rows(k_by_columns),
         "k @ q^T, bmm": columns,
         "chunks of 512 + online softmax": lambda: chunked(512),
         "chunks of 1024 + online softmax": lambda: chunked(1024),
+        "chunks of 1024, in place": lambda: chunked_in_place(1024),
+        "chunks of 2048, in place": lambda: chunked_in_place(2048),
+        "fused kernel, G rows (used)": fused,
         "einsum": einsum,
     }
 
@@ -198,7 +242,7 @@ def formulations(repeats: int) -> None:
     nbytes = 2 * k.numel() * 4
     kv = torch.cat([k.flatten(), v.flatten()])
     calls = {"read (sum)": kv.sum, **_formulations(q, k, v)}
-    expected = calls["q @ k^T, bmm (used)"]()
+    expected = calls["q @ k^T, bmm (simple path)"]()
     for name, call in calls.items():
         if name != "read (sum)":
             torch.testing.assert_close(call(), expected, rtol=1e-4, atol=1e-5)

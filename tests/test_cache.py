@@ -430,3 +430,42 @@ def test_gradients_of_a_step_reach_the_new_tokens():
     full.backward(grad)
     for got, t in zip(mine, (q, k, v), strict=True):
         torch.testing.assert_close(got, t.grad, **TOL[F64])
+
+
+def test_equal_lengths_need_no_padding_mask(monkeypatch):
+    """While every sequence holds as many positions as the others (known on the host), a
+    step masks no padding: no mask for one new token, a bottom-right causal band for
+    more. A ragged write brings KeyPadding back until reset(), or until the lengths,
+    written by hand or reordered, are equal again."""
+    from mha._backends import decode
+
+    masks = []
+    forward = decode.BACKEND.forward
+    monkeypatch.setattr(decode.BACKEND, "forward", lambda call: masks.append(call.mask) or forward(call))
+
+    def kinds() -> list[set[str]]:
+        seen = [set() if m is None else {type(p).__name__ for p in m.parts()} for m in masks]
+        masks.clear()
+        return seen
+
+    g = torch.Generator().manual_seed(13)
+    cache = mha.KVCache(N, M, HKV, DK, dtype=F64)
+    for _ in _steps(cache, History(N), g, [(3, None), (1, None), (2, [2, 1, 0]), (1, None)], Dv=DK):
+        pass
+    assert kinds() == [{"Window"}, set(), {"KeyPadding", "Allowed"}, {"KeyPadding"}]
+    assert masks == []
+    cache.reset()
+    history = History(N)
+    for _ in _steps(cache, history, g, [(2, None), (1, None)], Dv=DK):
+        pass
+    cache.reorder(torch.tensor([2, 0, 0]))
+    history.reorder([2, 0, 0])
+    for _ in _steps(cache, history, g, [(1, None)], Dv=DK):
+        pass
+    assert kinds() == [{"Window"}, set(), set()]
+    cache.lengths.copy_(torch.tensor([4, 4, 4]))  # by hand: read back once, found equal
+    mha.attention(_randn(g, N, HQ, 1, DK), _randn(g, N, HKV, 1, DK), _randn(g, N, HKV, 1, DK), cache=cache)
+    cache.lengths[0] = 2
+    mha.attention(_randn(g, N, HQ, 1, DK), _randn(g, N, HKV, 1, DK), _randn(g, N, HKV, 1, DK), cache=cache)
+    assert kinds() == [set(), {"KeyPadding"}]
+    assert cache.lengths.tolist() == [3, 6, 6]

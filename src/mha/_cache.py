@@ -17,10 +17,14 @@ Cache positions, L = T = 2 new tokens, sequence 0 had 3 cached, sequence 1 had 1
 Shapes never depend on the lengths, so a compiled step does not recompile as the
 cache fills; in eager mode the keys beyond every sequence's length are sliced off
 (with a host-side bound, no device sync) so a step costs what is cached, not
-``max_length``.
+``max_length``. While every sequence is known (on the host) to hold as many
+positions as the others, as in batched greedy decoding, a step writes its new
+tokens as one slice of positions and masks no padding.
 """
 
 from __future__ import annotations
+
+from typing import cast
 
 import torch
 from torch import Tensor
@@ -89,9 +93,11 @@ class KVCache:
         self.static = bool(static)
         self.key_padding_mask: Tensor | None = None
         # An upper bound on lengths.max() known on the host, so that eager steps read only
-        # the written part without a sync; valid while lengths is the tensor, at the
-        # version, that it was computed for (a compiled step or a user's write voids it).
+        # the written part without a sync, and whether every length equals it (then a step
+        # masks no padding); valid while lengths is the tensor, at the version, that they
+        # were computed for (a compiled step or a user's write voids them).
         self._bound: int | None = 0
+        self._uniform = True
         self._bound_for = self._lengths_state()
 
     @property
@@ -113,14 +119,17 @@ class KVCache:
     def _lengths_state(self) -> tuple[int, int]:
         return id(self.lengths), self.lengths._version
 
-    def _host_bound(self) -> int:
-        """An upper bound on ``lengths.max()``, from the host when still valid, else read."""
-        if self._bound is not None and self._bound_for == self._lengths_state():
-            return self._bound
-        return int(self.lengths.max()) if self.batch_size else 0
+    def _host_state(self) -> tuple[int, bool]:
+        """``(bound, uniform)``: an upper bound on ``lengths.max()`` and whether every length
+        equals it; from the host when still valid, else read from ``lengths`` (one sync)."""
+        if self._bound is None or self._bound_for != self._lengths_state():
+            low, high = (int(x) for x in torch.aminmax(self.lengths)) if self.batch_size else (0, 0)
+            self._set_bound(high, uniform=low == high)
+        return cast(int, self._bound), self._uniform
 
-    def _set_bound(self, bound: int | None) -> None:
+    def _set_bound(self, bound: int | None, uniform: bool = False) -> None:
         self._bound = bound
+        self._uniform = uniform and bound is not None
         if bound is not None:
             self._bound_for = self._lengths_state()
 
@@ -128,7 +137,7 @@ class KVCache:
         """Empty every sequence (the buffers are kept)."""
         self.lengths.zero_()
         self.key_padding_mask = None
-        self._set_bound(0)
+        self._set_bound(0, uniform=True)
 
     def reorder(self, index: Tensor) -> None:
         """Make the batch the rows ``index`` ``(N',)`` of the current one (beam search).
@@ -149,6 +158,9 @@ class KVCache:
                     f"KVCache.reorder: index values must be batch rows in [0, {N}), got values in [{low}, {high}]"
                 )
         index = index.to(self.key.device)
+        # Rows of the old lengths: the bound still bounds them, and equal ones stay equal.
+        known = self._bound_for == self._lengths_state()
+        bound, uniform = self._bound, self._uniform
         tensors = ["key", "value", "lengths"] + ([] if self.key_padding_mask is None else ["key_padding_mask"])
         for name in tensors:
             old = getattr(self, name)
@@ -157,6 +169,8 @@ class KVCache:
                 old.copy_(new)
             else:
                 setattr(self, name, new)
+        if known:
+            self._set_bound(bound, uniform)
 
 
 def _validate_new(cache: KVCache, key: Tensor, value: Tensor, N: int, Hq: int) -> None:
@@ -244,32 +258,44 @@ def _append(buffer: Tensor, new: Tensor, slots: Tensor) -> None:
 
 
 def _cache_masks(
-    mask: _masks.Mask | None, before: Tensor, total: Tensor, T: int, S: int, N: int, causal: bool
-) -> _masks.Mask:
-    """The mask of a cached call over cache positions ``[0, S)``: ``KeyPadding(total)``,
-    per-sequence causality (query ``t`` at ``before[n] + t``) and the user's ``mask``,
-    whose ``Window`` parts count from each query's position and whose tensors span
-    ``(N, Hq, T, max_length)``."""
-    out: _masks.Mask = _masks.KeyPadding(total)
+    mask: _masks.Mask | None, lengths: tuple[Tensor, Tensor] | None, T: int, S: int, causal: bool
+) -> _masks.Mask | None:
+    """The mask of a cached call over cache positions ``[0, S)``: the padding, per-sequence
+    causality and the user's ``mask``, whose ``Window`` parts count from each query's
+    position and whose tensors span ``(N, Hq, T, max_length)``.
+
+    ``lengths``: ``(before, total)`` ``(N,)``, each sequence's positions before and after
+    this call's write: ``KeyPadding(total)``, query ``t`` at ``before[n] + t``. None when
+    every sequence holds all ``S`` positions: no padding is left to mask, and query ``t``
+    of every sequence sits at ``S - T + t``, so causality and windows are bottom-right
+    bands, not tensors; a one-token step then has no mask at all."""
+    out: _masks.Mask | None = None if lengths is None else _masks.KeyPadding(lengths[1])
     window: int | None = None
     for part in () if mask is None else mask.parts():
         if isinstance(part, _masks.Window):
             if part.before is not None:
                 window = part.before if window is None else min(window, part.before)
         elif isinstance(part, _masks.KeyPadding):
-            out = out & part
+            out = part if out is None else out & part
         elif isinstance(part, _masks._TensorMask):
             tensor = part.tensor4d
-            out = out & type(part)(tensor[..., :S] if tensor.shape[-1] > 1 else tensor)
+            part = type(part)(tensor[..., :S] if tensor.shape[-1] > 1 else tensor)
+            out = part if out is None else out & part
     if (causal and T > 1) or window is not None:
-        position = before[:, None] + torch.arange(T, device=before.device)  # (N, T)
-        j = torch.arange(S, device=before.device)
-        ok = torch.ones(N, T, S, dtype=torch.bool, device=before.device)
-        if causal:
-            ok &= j <= position[:, :, None]
-        if window is not None:
-            ok &= j >= position[:, :, None] - window
-        out = out & _masks.Allowed(ok[:, None])
+        band: _masks.Mask
+        if lengths is None:
+            band = _masks.Window(window, 0 if causal else None, "bottom_right")
+        else:
+            before = lengths[0]
+            position = before[:, None] + torch.arange(T, device=before.device)  # (N, T)
+            j = torch.arange(S, device=before.device)
+            ok = torch.ones(before.shape[0], T, S, dtype=torch.bool, device=before.device)
+            if causal:
+                ok &= j <= position[:, :, None]
+            if window is not None:
+                ok &= j >= position[:, :, None] - window
+            band = _masks.Allowed(ok[:, None])
+        out = band if out is None else out & band
     return out
 
 
@@ -281,7 +307,7 @@ def cached_inputs(
     mask: _masks.Mask | None,
     new_lengths: Tensor | None,
     backend: str | None,
-) -> tuple[Tensor, Tensor, _masks.Mask, str | None]:
+) -> tuple[Tensor, Tensor, _masks.Mask | None, str | None]:
     """Write the new tokens into ``cache`` and return ``(key, value, mask, backend)`` for
     the call: the cache's written positions ``(N, Hkv, S, D)`` (views of its buffers),
     the mask over them, and ``backend``, or ``"decode"`` when none is forced and there
@@ -306,7 +332,7 @@ def _cached_inputs(
     value: Tensor | None,
     mask: _masks.Mask | None,
     new_lengths: Tensor | None,
-) -> tuple[Tensor, Tensor, _masks.Mask]:
+) -> tuple[Tensor, Tensor, _masks.Mask | None]:
     if not isinstance(cache, KVCache):
         raise TypeError(f"attention: cache must be an mha.KVCache, got {type(cache).__name__}")
     if not isinstance(query, Tensor) or query.dim() != 4:
@@ -334,8 +360,8 @@ def _cached_inputs(
     if key is None or value is None:
         if key is not None or value is not None or not cache.static:
             raise _missing_key_value()
-        S = M if compiling else cache._host_bound()
-        return cache.key[:, :, :S], cache.value[:, :, :S], _static_mask(cache, mask, N, T, S)
+        S = M if compiling else cache._host_state()[0]
+        return cache.key[:, :, :S], cache.value[:, :, :S], _static_mask(cache, mask, T, S)
     _validate_new(cache, key, value, N, Hq)
     T_new = key.shape[2]
     if T_new > M:
@@ -344,25 +370,41 @@ def _cached_inputs(
             f"max_length >= {T_new}"
         )
     _validate_new_lengths(new_lengths, N, T_new)
+    if not cache.static and T_new != T:
+        raise ValueError(
+            f"attention: with a self-attention cache, query (N, Hq, T, Dk) = {tuple(query.shape)} and key "
+            f"{tuple(key.shape)} must hold the same T new tokens"
+        )
+    if not (compiling or cache.static) and new_lengths is None:
+        start, uniform = cache._host_state()
+        if uniform and start + T <= M:
+            # Every sequence holds `start` positions and every new token is real: the new
+            # tokens of all sequences go to one slice of positions, and no padding is masked.
+            S = start + T
+            cache.key[:, :, start:S].copy_(key)
+            cache.value[:, :, start:S].copy_(value)
+            cache.lengths.fill_(S)
+            cache._set_bound(S, uniform=True)
+            return cache.key[:, :, :S], cache.value[:, :, :S], _cache_masks(mask, None, T, S, causal=True)
     counts = (
         torch.full((N,), T_new, dtype=torch.int64, device=cache.key.device)
         if new_lengths is None
         else new_lengths.to(device=cache.key.device, dtype=torch.int64)
     )
     if cache.static:
-        cache.lengths.zero_()
-        _write(cache.key, key, cache.lengths, counts)
-        _write(cache.value, value, cache.lengths, counts)
-        cache.lengths.copy_(counts)
+        if new_lengths is None:  # every token real: the first T_new positions of every sequence
+            cache.key[:, :, :T_new].copy_(key)
+            cache.value[:, :, :T_new].copy_(value)
+            cache.lengths.fill_(T_new)
+        else:
+            cache.lengths.zero_()
+            _write(cache.key, key, cache.lengths, counts)
+            _write(cache.value, value, cache.lengths, counts)
+            cache.lengths.copy_(counts)
         S = M if compiling else T_new
-        cache._set_bound(None if compiling else T_new)
-        return cache.key[:, :, :S], cache.value[:, :, :S], _static_mask(cache, mask, N, T, S)
-    if T_new != T:
-        raise ValueError(
-            f"attention: with a self-attention cache, query (N, Hq, T, Dk) = {tuple(query.shape)} and key "
-            f"{tuple(key.shape)} must hold the same T new tokens"
-        )
-    bound = None if compiling else _check_room(cache, counts, T_new, cache._host_bound())
+        cache._set_bound(None if compiling else T_new, uniform=new_lengths is None)
+        return cache.key[:, :, :S], cache.value[:, :, :S], _static_mask(cache, mask, T, S)
+    bound = None if compiling else _check_room(cache, counts, T_new, cache._host_state()[0])
     before = cache.lengths.clone()
     if bound is not None and new_lengths is None:
         # Every token is real and fits (the room was checked): one scatter per buffer.
@@ -380,7 +422,7 @@ def _cached_inputs(
     return (
         cache.key[:, :, :S],
         cache.value[:, :, :S],
-        _cache_masks(mask, before, total, T, S, N, causal=True),
+        _cache_masks(mask, (before, total), T, S, causal=True),
     )
 
 
@@ -399,34 +441,35 @@ def _missing_key_value() -> ValueError:
     )
 
 
-def _static_mask(cache: KVCache, mask: _masks.Mask | None, N: int, T: int, S: int) -> _masks.Mask:
+def _static_mask(cache: KVCache, mask: _masks.Mask | None, T: int, S: int) -> _masks.Mask | None:
     """The mask over a static cache: its lengths, its key padding mask and ``mask``; not causal."""
-    out = _cache_masks(mask, cache.lengths, cache.lengths, T, S, N, causal=False)
+    uniform = not torch.compiler.is_compiling() and cache._host_state()[1]
+    out = _cache_masks(mask, None if uniform else (cache.lengths, cache.lengths), T, S, causal=False)
     if cache.key_padding_mask is not None:
-        out = out & _masks.Blocked(cache.key_padding_mask[:, None, None, :S])
+        padding = _masks.Blocked(cache.key_padding_mask[:, None, None, :S])
+        out = padding if out is None else out & padding
     return out
 
 
 def preview(
     cache: KVCache, query_shape: tuple[int, int, int, int], T_new: int | None
-) -> tuple[int, _masks.Mask, str | None]:
+) -> tuple[int, _masks.Mask | None, str | None]:
     """What a cached call with query ``(N, Hq, T, Dk)`` and ``T_new`` new key/value tokens
     (None: a filled static cache read as it is) would attend, without writing: the
     positions ``S'`` it reads, its mask over them (every new token counted real), and
     the backend the cached route asks for (``"decode"`` or None: dispatch's choice)."""
-    N, Hq, T, _ = query_shape
+    _, Hq, T, _ = query_shape
     _check_batch(cache, query_shape)
     M = cache.max_length
     backend = _cached_backend(None, T, Hq, cache.key.shape[1])
     if T_new is None:
         if not cache.static:
             raise _missing_key_value()
-        S = cache._host_bound()
-        return S, _static_mask(cache, None, N, T, S), backend
-    if cache.static:
-        S = min(T_new, M)
-        lengths = torch.full_like(cache.lengths, S)
-        return S, _cache_masks(None, lengths, lengths, T, S, N, causal=False), backend
-    before = cache.lengths
-    S = min(cache._host_bound() + T_new, M)
-    return S, _cache_masks(None, before, torch.clamp(before + T_new, max=M), T, S, N, causal=True), backend
+        S = cache._host_state()[0]
+        return S, _static_mask(cache, None, T, S), backend
+    if cache.static:  # filled with every new token: no padding
+        return min(T_new, M), None, backend
+    before, (start, uniform) = cache.lengths, cache._host_state()
+    S = min(start + T_new, M)
+    lengths = None if uniform and start + T_new <= M else (before, torch.clamp(before + T_new, max=M))
+    return S, _cache_masks(None, lengths, T, S, causal=True), backend

@@ -250,22 +250,13 @@ class MultiheadAttention(ScriptableAttention):
         ``add_bias_kv`` and ``add_zero_attn``, in the inputs' own layout."""
         N, H, batch_first = plan.N, self.num_heads, plan.batch_first
         query, key, value = plan.query, plan.key, plan.value
-        packed = self._qkv_same_embed_dim and self.bias_k is None
-        if packed and query is key and key is value:
-            # Self-attention: one matmul, its (L, N, 3E) split into q, k, v heads by one view.
-            qkv = F.linear(query, self.in_proj_weight, self._in_bias(query.dtype))
-            q, k, v = _packed_heads(qkv, 3, H, batch_first)
-        elif packed and key is value:
-            E, b = self.embed_dim, self._in_bias(query.dtype)
-            q = _split_heads(F.linear(query, self.in_proj_weight[:E], None if b is None else b[:E]), H, batch_first)
-            kv = F.linear(key, self.in_proj_weight[E:], None if b is None else b[E:])
-            k, v = _packed_heads(kv, 2, H, batch_first)
-        else:
+        if self.bias_k is not None and self.bias_v is not None:
             q, k, v = self._in_projection(query, key, value)
-            if self.bias_k is not None and self.bias_v is not None:
-                k = torch.cat([k, _batched_token(self.bias_k, N, batch_first)], dim=1 if batch_first else 0)
-                v = torch.cat([v, _batched_token(self.bias_v, N, batch_first)], dim=1 if batch_first else 0)
+            k = torch.cat([k, _batched_token(self.bias_k, N, batch_first)], dim=1 if batch_first else 0)
+            v = torch.cat([v, _batched_token(self.bias_v, N, batch_first)], dim=1 if batch_first else 0)
             q, k, v = _split_heads(q, H, batch_first), _split_heads(k, H, batch_first), _split_heads(v, H, batch_first)
+        else:
+            q, k, v = self._project_heads(query, key, value, batch_first)
         if self.add_zero_attn:
             k = torch.cat([k, k.new_zeros(N, H, 1, k.shape[-1])], dim=2)
             v = torch.cat([v, v.new_zeros(N, H, 1, v.shape[-1])], dim=2)
@@ -355,6 +346,31 @@ class MultiheadAttention(ScriptableAttention):
         "nested": "_nested",
         "context_parallel": "_context_parallel",
     }
+
+    def _project_heads(
+        self, query: Tensor, key: Tensor, value: Tensor, batch_first: bool
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """``(L, N, E)``/``(S, N, kdim)``/``(S, N, vdim)`` (batch-first: N first) projected
+        and split into heads ``(N, H, L|S, E // H)``, views of the projections: one matmul
+        and one view for self-attention, two when key is value (no ``add_bias_kv`` keys)."""
+        H = self.num_heads
+        if self._qkv_same_embed_dim and query is key and key is value:
+            qkv = F.linear(query, self.in_proj_weight, self._in_bias(query.dtype))
+            q, k, v = _packed_heads(qkv, 3, H, batch_first)
+            return q, k, v
+        if self._qkv_same_embed_dim and key is value:
+            E, b = self.embed_dim, self._in_bias(query.dtype)
+            kv = F.linear(key, self.in_proj_weight[E:], None if b is None else b[E:])
+            k, v = _packed_heads(kv, 2, H, batch_first)
+            return self._query_heads(query, batch_first), k, v
+        q, k, v = self._in_projection(query, key, value)
+        return _split_heads(q, H, batch_first), _split_heads(k, H, batch_first), _split_heads(v, H, batch_first)
+
+    def _query_heads(self, query: Tensor, batch_first: bool) -> Tensor:
+        """The query alone projected and split into heads ``(N, H, L, E // H)``."""
+        E, b = self.embed_dim, self._in_bias(query.dtype)
+        weight = self.in_proj_weight[:E] if self._qkv_same_embed_dim else self.q_proj_weight
+        return _split_heads(F.linear(query, weight, None if b is None else b[:E]), self.num_heads, batch_first)
 
     def _in_projection(self, query: Tensor, key: Tensor, value: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Project to ``E`` features each, in the inputs' own layout. One matmul for

@@ -99,20 +99,6 @@ def _memory_padding(
     return None, F.pad(key_padding_mask, (0, max_length - S), value=True)
 
 
-def _heads(x: Tensor, heads: int, batch_first: bool) -> Tensor:
-    """``(T, N, E)`` or ``(N, T, E)`` -> ``(N, heads, T, E // heads)``."""
-    x = x.unflatten(-1, (heads, x.shape[-1] // heads))
-    return x.permute((0, 2, 1, 3) if batch_first else (1, 2, 0, 3))
-
-
-def _project_query(module: Any, query: Tensor) -> Tensor:
-    E = module.embed_dim
-    b = module.in_proj_bias
-    bias = None if b is None else b[:E]
-    weight = module.in_proj_weight[:E] if module._qkv_same_embed_dim else module.q_proj_weight
-    return F.linear(query, weight, bias)
-
-
 def cached_forward(
     module: Any,
     query: Tensor,
@@ -132,22 +118,20 @@ def cached_forward(
     positions."""
     check_cached_call(module, query, attn_mask, cache)
     batch_first = module.batch_first
-    N = query.shape[0 if batch_first else 1]
-    H = module.num_heads
     new_lengths = None
     if key is None or value is None:
-        q = _project_query(module, query)
+        q = module._query_heads(query, batch_first)
         k = v = None
     else:
+        N = query.shape[0 if batch_first else 1]
         S = key.shape[1 if batch_first else 0]
         if cache.static:
             new_lengths, cache.key_padding_mask = _memory_padding(key_padding_mask, N, S, cache.max_length)
         else:
             new_lengths = _new_lengths(key_padding_mask, N, S)
-        q, k, v = module._in_projection(query, key, value)
-        k, v = _heads(k, H, batch_first), _heads(v, H, batch_first)
+        q, k, v = module._project_heads(query, key, value, batch_first)
     result = attention(
-        _heads(q, H, batch_first),
+        q,
         k,
         v,
         dropout_p=module.dropout if module.training else 0.0,
@@ -156,4 +140,4 @@ def cached_forward(
         new_lengths=new_lengths,
     )
     out = result.output.permute((0, 2, 1, 3) if batch_first else (2, 0, 1, 3))
-    return module.out_proj(out.reshape(*out.shape[:2], module.embed_dim)), result.weights
+    return module._out_projection(out.reshape(*out.shape[:2], module.embed_dim)), result.weights

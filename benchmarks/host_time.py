@@ -47,7 +47,8 @@ def main() -> None:
     total = sum(LENGTHS)
     out = torch.empty(total, HEADS, HEAD_DIM)
     lse = torch.empty(HEADS, total)
-    triton_backend.varlen_fwd = lambda q, *rest: (out, lse)  # the stub: no kernel runs
+    stats = torch.empty(2, HEADS, total)
+    triton_backend.varlen_fwd = lambda q, *rest: (out, lse, stats)  # the stub: no kernel runs
     values, offsets = out, x.offsets()
     calls = {
         "mha": lambda: mha.attention(x, x, x, Causal(), backend="triton"),

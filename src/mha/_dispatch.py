@@ -18,7 +18,7 @@ from typing import Protocol
 import torch
 
 from ._backends import decode, reference, sdpa, tiled, triton
-from ._types import AttentionOutput, Call, Capabilities
+from ._types import ALL_MASK_KINDS, AttentionOutput, Call, Capabilities
 
 
 class Backend(Protocol):
@@ -104,22 +104,25 @@ def _reasons(caps: Capabilities, call: Call) -> Iterator[str]:
         names = [str(d).removeprefix("torch.") for d in caps.dtypes]
         listed = names[0] if len(names) == 1 else ", ".join(names[:-1]) + " or " + names[-1]
         yield f"{caps.label} takes {listed}, got {call.query.dtype}"
-    _, _, _, _, _, Dk, Dv = call.shape
-    if caps.max_head_dim is not None and max(Dk, Dv) > caps.max_head_dim:
-        yield f"{caps.label} takes head dims up to {caps.max_head_dim}, got Dk={Dk}, Dv={Dv}"
+    if caps.max_head_dim is not None:
+        _, _, _, _, _, Dk, Dv = call.shape
+        if max(Dk, Dv) > caps.max_head_dim:
+            yield f"{caps.label} takes head dims up to {caps.max_head_dim}, got Dk={Dk}, Dv={Dv}"
     if call.weights is not None and call.weights not in caps.weights:
         yield f"{caps.label} returns no attention weights (weights={call.weights!r} requested)"
     if call.return_lse and not caps.lse:
         yield f"{caps.label} returns no log-sum-exp (return_lse=True requested)"
     if call.dropout_p > 0 and not caps.dropout:
         yield f"{caps.label} has no dropout (dropout_p={call.dropout_p}); pass 0.0 in eval"
-    if call.is_varlen and not caps.varlen:
-        yield f"{caps.label} takes no variable-length (varlen) calls"
-    if call.is_varlen and call.weights is not None and not caps.varlen_weights:
-        yield f"{caps.label} returns no weights on variable-length calls (weights={call.weights!r} requested)"
-    missing = sorted(call.mask_kinds() - caps.mask_kinds)
-    if missing:
-        yield f"{caps.label} reads no {', '.join(missing)} mask pieces (mask {call.mask!r})"
+    if call.is_varlen:
+        if not caps.varlen:
+            yield f"{caps.label} takes no variable-length (varlen) calls"
+        if call.weights is not None and not caps.varlen_weights:
+            yield f"{caps.label} returns no weights on variable-length calls (weights={call.weights!r} requested)"
+    if caps.mask_kinds != ALL_MASK_KINDS:
+        missing = sorted(call.mask_kinds() - caps.mask_kinds)
+        if missing:
+            yield f"{caps.label} reads no {', '.join(missing)} mask pieces (mask {call.mask!r})"
     if caps.masked_devices is not None and not call.plan.is_empty and device not in caps.masked_devices:
         yield (
             f"{caps.label} takes masks only on {', '.join(sorted(caps.masked_devices))}, where fully masked rows "
@@ -143,8 +146,10 @@ def _auto_reasons(b: Backend, call: Call) -> list[str]:
     """Why dispatch, left to itself, does not pick ``b`` for ``call``."""
     reasons = not_supported_reasons(b.caps, call)
     devices = b.caps.auto_devices
+    if reasons or devices is None:
+        return reasons
     device = call.query.device.type
-    if not reasons and devices is not None and device not in devices:
+    if device not in devices:
         where = f"only on {', '.join(sorted(devices))}, not {device}" if devices else "never (only when asked for)"
         reasons.append(
             f"picked automatically {where} "

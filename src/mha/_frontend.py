@@ -30,7 +30,7 @@ rate).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal, Protocol
+from typing import Literal, NamedTuple, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -89,9 +89,9 @@ class ShardedMasks:
     is_causal: bool
 
 
-@dataclass(frozen=True)
-class ForwardPlan:
-    """One planned forward call.
+class ForwardPlan(NamedTuple):
+    """One planned forward call: immutable, and a NamedTuple, as it is built on every
+    call (a frozen dataclass costs a microsecond more).
 
     Attributes:
         route: ``"dense"``, ``"key_lengths"`` or ``"nested"`` (see the module docstring).
@@ -187,28 +187,29 @@ def plan_forward(
             padding = summarize_key_padding_mask(key_padding_mask, lengths_wanted)
     messages = tuple(pitfall_messages(key_padding_mask, attn_mask, is_causal, padding, attn, extra_keys > 0))
 
-    def plan(route: Route, mask: Mask | None, key_lengths: KeyLengths | None = None) -> ForwardPlan:
-        return ForwardPlan(
-            route, query, key, value, shapes.batched, batch_first, N, L, S, extra_keys,
-            mask, key_lengths, weights, dropout_p, messages, values_read,
-        )
-
+    route: Route = "dense"
+    key_lengths: KeyLengths | None = None
     if extra_keys:
         mask = _mask_with_extra_keys(key_padding_mask, attn_mask, is_causal, extra_keys, N, H, L, S, query.device)
-        return plan("dense", mask)
-    if (
+    elif (
         padding is not None
         and padding.lengths is not None
         and padding.lengths_list is not None
         and key_lengths_pay(S, padding.lengths_list)
     ):
+        route = "key_lengths"
         causal = is_causal or attn_mask is not None  # only a standard causal attn_mask gets here
         mask = CAUSAL if causal else None
-        return plan("key_lengths", mask, KeyLengths(padding.lengths, padding.lengths_list))
-    # Weights with dropout: a causal attn_mask stays a tensor so that the probabilities are
-    # drawn over the same (N, H, L, S) as torch's.
-    same_draws = dropout_p > 0 and weights is not None
-    return plan("dense", masks_from_torch(key_padding_mask, attn_mask, is_causal, N, H, attn, same_draws))
+        key_lengths = KeyLengths(padding.lengths, padding.lengths_list)
+    else:
+        # Weights with dropout: a causal attn_mask stays a tensor so that the probabilities are
+        # drawn over the same (N, H, L, S) as torch's.
+        same_draws = dropout_p > 0 and weights is not None
+        mask = masks_from_torch(key_padding_mask, attn_mask, is_causal, N, H, attn, same_draws)
+    return ForwardPlan(
+        route, query, key, value, shapes.batched, batch_first, N, L, S, extra_keys,
+        mask, key_lengths, weights, dropout_p, messages, values_read,
+    )
 
 
 # benchmarks/overhead.py --sections route (CPU, E=256, a third of the keys padded): the

@@ -39,8 +39,8 @@ def values_readable(*tensors: Tensor | None) -> bool:
     tensors (no fake or other subclass) on a device other than ``meta``."""
     if torch.compiler.is_compiling():
         return False
-    for t in tensors:  # a loop, not all(<generator>): this runs on every call
-        if t is not None and (type(t) not in _PLAIN or t.device.type == "meta"):
+    for t in tensors:  # noqa: SIM110 (a loop, not all(<generator>): this runs on every call)
+        if t is not None and (type(t) not in _PLAIN or t.is_meta):
             return False
     return True
 
@@ -70,6 +70,11 @@ class KeyPaddingSummary:
     lengths_list: tuple[int, ...] | None
 
 
+# The commonest summaries, built once.
+_STANDARD_CAUSAL = AttnMaskSummary(True, False, ())
+_EVERY_BATCH_OPEN = KeyPaddingSummary((), None, None)
+
+
 def masked_out(mask: Tensor) -> Tensor:
     """A torch-style mask as booleans, True = masked out (``-inf`` in a float mask)."""
     return mask if mask.dtype == torch.bool else torch.isneginf(mask)
@@ -88,8 +93,9 @@ def summarize_key_padding_mask(mask: Tensor, lengths_wanted: bool = True) -> Key
         lengths = None
     if lengths is None:
         empty = is_blocked.all(dim=-1)
-        rows = tuple(empty.nonzero().flatten().tolist()) if bool(empty.any()) else ()
-        return KeyPaddingSummary(rows, None, None)
+        if not bool(empty.any()):
+            return _EVERY_BATCH_OPEN
+        return KeyPaddingSummary(tuple(empty.nonzero().flatten().tolist()), None, None)
     host = tuple(lengths.tolist())
     return KeyPaddingSummary(tuple(n for n, count in enumerate(host) if count == 0), lengths, host)
 
@@ -134,7 +140,7 @@ def summarize_attn_mask(mask: Tensor) -> AttnMaskSummary:
     if mask.dim() == 2 and not mask.requires_grad:
         L, S = mask.shape
         if is_standard_causal(mask):
-            return AttnMaskSummary(True, False, ())
+            return _STANDARD_CAUSAL
         if mask.dtype == torch.bool and L == S and L > 1 and torch.equal(mask, ~_standard_causal(L, L, mask.dtype, mask.device)):
             return AttnMaskSummary(False, True, (L - 1,))
     empty = masked_out(mask).all(dim=-1)

@@ -17,7 +17,7 @@ from ._core import checked_attention, packed_attention
 from ._frontend import ForwardPlan, KeyLengths, ShardedMasks, plan_forward
 from ._module_cache import cached_forward, new_module_cache
 from ._script import ScriptableAttention
-from ._validate import validate_constructor
+from ._validate import module_member, validate_constructor
 from ._varlen import Offsets, jagged_from_packed, nested_packed, nested_weights
 from .distributed._context import context_parallel_attention
 
@@ -377,7 +377,7 @@ class MultiheadAttention(ScriptableAttention):
         self-attention (query is key is value), two when key is value."""
         E = self.embed_dim
         b = self._in_bias(query.dtype)
-        w = self.in_proj_weight
+        w = module_member(self, "in_proj_weight")
         if self._qkv_same_embed_dim and query is key and key is value:
             q, k, v = F.linear(query, w, b).chunk(3, dim=-1)
             return q, k, v
@@ -397,13 +397,14 @@ class MultiheadAttention(ScriptableAttention):
 
     def _in_bias(self, dtype: torch.dtype) -> Tensor | None:
         """``in_proj_bias`` in the inputs' dtype: a bias of another dtype promotes to it, as in torch."""
-        b: Tensor | None = self.in_proj_bias
+        b: Tensor | None = module_member(self, "in_proj_bias")
         return b if b is None or b.dtype == dtype else b.to(dtype)
 
     def _out_projection(self, x: Tensor) -> Tensor:
         """``out_proj`` on ``(..., E)``, as torch applies it: ``F.linear`` on its weight and
         bias (its hooks do not run, as in torch; a module call costs microseconds)."""
-        return F.linear(x, self.out_proj.weight, self.out_proj.bias)
+        out_proj = module_member(self, "out_proj")
+        return F.linear(x, module_member(out_proj, "weight"), module_member(out_proj, "bias"))
 
 
 def _split_heads(x: Tensor, heads: int, batch_first: bool) -> Tensor:

@@ -5,11 +5,14 @@ window, with explicit integer offsets), at most one vector of key lengths, and
 lists of boolean and additive tensors, each kept at its own broadcast shape.
 Offsets are explicit so that slicing keys off the right end (what padding
 removal does) does not move a bottom-right alignment.
+
+:class:`Band` and :class:`MaskPlan` are NamedTuples: immutable, and built on every
+call at a fraction of a frozen dataclass's cost.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -19,8 +22,7 @@ from . import masks as m
 _NEG_INF = float("-inf")
 
 
-@dataclass(frozen=True)
-class Band:
+class Band(NamedTuple):
     """Query ``i`` may attend key ``j`` iff ``i + lo <= j <= i + hi``; ``None`` is unbounded."""
 
     lo: int | None
@@ -48,8 +50,7 @@ class Band:
         return first, max(first, last)
 
 
-@dataclass(frozen=True)
-class MaskPlan:
+class MaskPlan(NamedTuple):
     """The intersection of everything a mask allows, in primitive form.
 
     ``allowed`` tensors are boolean (True = may attend) and ``bias`` tensors are
@@ -63,8 +64,8 @@ class MaskPlan:
 
     band: Band | None = None
     lengths: Tensor | None = None
-    allowed: tuple[Tensor, ...] = field(default=())
-    bias: tuple[Tensor, ...] = field(default=())
+    allowed: tuple[Tensor, ...] = ()
+    bias: tuple[Tensor, ...] = ()
     align: str | None = None
 
     @property
@@ -77,7 +78,7 @@ class MaskPlan:
         return len(self.allowed) + len(self.bias) > 0
 
     def without_lengths(self) -> MaskPlan:
-        return replace(self, lengths=None)
+        return self._replace(lengths=None)
 
     def batch_slice(self, n0: int, n1: int) -> MaskPlan:
         """The plan for batch rows ``[n0, n1)``."""

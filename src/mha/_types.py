@@ -13,7 +13,7 @@ from __future__ import annotations
 import itertools
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal, NamedTuple
 
 import torch
@@ -127,9 +127,9 @@ class Offsets:
         )
 
 
-@dataclass(frozen=True)
-class Call:
-    """One validated call of :func:`mha.attention`, as backends see it.
+class Call(NamedTuple):
+    """One validated call of :func:`mha.attention`, as backends see it: immutable, and a
+    NamedTuple, as it is built on every call (a frozen dataclass costs microseconds more).
 
     Dense: query ``(N, Hq, L, Dk)``, key ``(N, Hkv, S, Dk)``, value ``(N, Hkv, S, Dv)``,
     ``plan`` the mask for ``(L, S)``.
@@ -150,8 +150,8 @@ class Call:
     dropout_p: float
     weights: WeightsMode | None
     return_lse: bool
-    q_offsets: Offsets | None = field(default=None, compare=False)
-    k_offsets: Offsets | None = field(default=None, compare=False)
+    q_offsets: Offsets | None = None
+    k_offsets: Offsets | None = None
 
     @property
     def is_varlen(self) -> bool:

@@ -284,7 +284,7 @@ class _TensorMask(Mask):
     def tensor4d(self) -> Tensor:
         """The tensor viewed with 4 dims (leading 1s added), no copy."""
         t = self.tensor
-        return t.reshape((1,) * (4 - t.dim()) + tuple(t.shape))
+        return t if t.dim() == 4 else t.reshape((1,) * (4 - t.dim()) + tuple(t.shape))
 
     def tensors(self) -> tuple[Tensor, ...]:
         return (self.tensor,)

@@ -18,7 +18,7 @@ from typing import Protocol
 import torch
 
 from ._backends import decode, reference, sdpa, tiled, triton
-from ._types import ALL_MASK_KINDS, AttentionOutput, Call, Capabilities
+from ._types import ALL_MASK_KINDS, AttentionOutput, Call, Capabilities, device_type
 
 
 class Backend(Protocol):
@@ -93,7 +93,7 @@ def not_supported_reasons(caps: Capabilities, call: Call) -> list[str]:
     """Human-readable reasons a backend with capabilities ``caps`` cannot serve ``call``;
     empty if it can."""
     reasons: list[str] = []
-    device = call.query.device.type
+    device = device_type(call.query.device)
     if caps.devices is not None and device not in caps.devices:
         reasons.append(f"{caps.label} runs on {', '.join(sorted(caps.devices))} tensors, got {device}")
     if caps.dtypes is not None and call.query.dtype not in caps.dtypes:
@@ -117,7 +117,7 @@ def not_supported_reasons(caps: Capabilities, call: Call) -> list[str]:
             reasons.append(
                 f"{caps.label} returns no weights on variable-length calls (weights={call.weights!r} requested)"
             )
-    if caps.mask_kinds != ALL_MASK_KINDS:
+    if caps.mask_kinds is not ALL_MASK_KINDS:  # the default: every kind
         missing = sorted(call.mask_kinds() - caps.mask_kinds)
         if missing:
             reasons.append(f"{caps.label} reads no {', '.join(missing)} mask pieces (mask {call.mask!r})")
@@ -147,7 +147,7 @@ def _auto_reasons(b: Backend, call: Call) -> list[str]:
     devices = b.caps.auto_devices
     if reasons or devices is None:
         return reasons
-    device = call.query.device.type
+    device = device_type(call.query.device)
     if device not in devices:
         where = f"only on {', '.join(sorted(devices))}, not {device}" if devices else "never (only when asked for)"
         reasons.append(
@@ -177,11 +177,10 @@ def select_backend(call: Call, backend: str | None = None) -> Backend:
                 f"backend {backend!r} cannot serve this {kind}:\n" + "\n".join(f"  - {r}" for r in reasons)
             )
         return chosen
-    why: dict[str, list[str]] = {}
-    for name, b in REGISTRY.items():
-        why[name] = _auto_reasons(b, call)
-        if not why[name]:
+    for b in REGISTRY.values():
+        if not _auto_reasons(b, call):
             return b
+    why = explain_dispatch(call)
     raise NotImplementedError(
         "no backend can serve this call:\n"
         + "\n".join(f"  {name}:\n" + "\n".join(f"    - {r}" for r in rs) for name, rs in why.items())

@@ -245,13 +245,7 @@ def _validate_varlen_call(
     return_lse: bool,
 ) -> Call:
     """Checks packed ``(T, H, D)`` tensors as :func:`attention` checks ``(1, H, T, D)`` ones."""
-    for name, t in (("query", query), ("key", key), ("value", value)):
-        if not isinstance(t, Tensor):
-            raise TypeError(f"attention: {name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.dim() != 3:
-            raise ValueError(
-                f"attention: packed {name} must be 3-D (T, H, D), tokens first, got {t.dim()}-D {_shape(t)}"
-            )
+    _validate_tensors(query, key, value, packed=True)
     if key.shape[0] != value.shape[0]:
         raise ValueError(
             f"attention: packed key (Tk, Hkv, Dk) = {_shape(key)} and value (Tk, Hkv, Dv) = {_shape(value)} "
@@ -263,13 +257,11 @@ def _validate_varlen_call(
             f"holds {k_offsets.count} (lengths {k_offsets.lengths()}); each query sequence attends the "
             "key sequence of the same index"
         )
-    dense = _validate_call(
-        query.transpose(0, 1)[None], key.transpose(0, 1)[None], value.transpose(0, 1)[None],
-        None, scale, dropout_p, weights, return_lse,
-    )
+    (Tq, Hq, Dk), (Tk, Hkv, Dk2), (Tv, Hv, Dv) = _sizes(query, key, value)
+    scale = _validate_sizes((1, Hq, Tq, Dk), (1, Hkv, Tk, Dk2), (1, Hv, Tv, Dv), None, scale, dropout_p, weights)
     return Call(
-        query, key, value, mask, plan_varlen_mask(mask), dense.scale, dense.dropout_p, dense.weights,
-        dense.return_lse, q_offsets, k_offsets,
+        query, key, value, mask, plan_varlen_mask(mask), scale, float(dropout_p), weights, bool(return_lse),
+        q_offsets, k_offsets,
     )
 
 
@@ -309,10 +301,26 @@ def _validate_call(
     return_lse: bool,
 ) -> Call:
     """Checks the arguments of :func:`attention` and returns them as one :class:`Call`."""
+    _validate_tensors(query, key, value, packed=False)
+    q_size, k_size, v_size = _sizes(query, key, value)
+    scale = _validate_sizes(q_size, k_size, v_size, mask, scale, dropout_p, weights)
+    return Call(
+        query, key, value, mask, plan_mask(mask, q_size[2], k_size[2]), scale, float(dropout_p), weights,
+        bool(return_lse),
+    )
+
+
+def _validate_tensors(query: Tensor, key: Tensor, value: Tensor, packed: bool) -> None:
+    """Tensors of 4 dims ``(N, H, L, D)``, or 3 ``(T, H, D)`` when ``packed``, floating point,
+    of one dtype and on one device."""
     for name, t in (("query", query), ("key", key), ("value", value)):
         if not isinstance(t, Tensor):
             raise TypeError(f"attention: {name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.dim() != 4:
+        if packed and t.dim() != 3:
+            raise ValueError(
+                f"attention: packed {name} must be 3-D (T, H, D), tokens first, got {t.dim()}-D {_shape(t)}"
+            )
+        if not packed and t.dim() != 4:
             raise ValueError(
                 f"attention: {name} must be 4-D (N, H, {'L' if name == 'query' else 'S'}, D), "
                 f"got {t.dim()}-D {_shape(t)}; split heads first, e.g. x.view(N, L, H, D).transpose(1, 2)"
@@ -327,20 +335,33 @@ def _validate_call(
         raise ValueError(
             f"attention: query, key and value must be on one device, got {query.device}, {key.device}, {value.device}"
         )
-    (N, Hq, L, Dk), (Nk, Hkv, S, Dk2), (Nv, Hv, Sv, _) = _sizes(query, key, value)
+
+
+def _validate_sizes(
+    q_size: tuple[int, ...],
+    k_size: tuple[int, ...],
+    v_size: tuple[int, ...],
+    mask: _masks.Mask | None,
+    scale: float | None,
+    dropout_p: float,
+    weights: WeightsMode | None,
+) -> float:
+    """Checks query ``(N, Hq, L, Dk)``, key ``(N, Hkv, S, Dk)`` and value ``(N, Hkv, S, Dv)``
+    sizes (a packed call's as ``(1, H, T, D)``), the mask, weights and dropout; returns the
+    scale, by default ``1 / sqrt(Dk)``."""
+    (N, Hq, L, Dk), (Nk, Hkv, S, Dk2), (Nv, Hv, Sv, _) = q_size, k_size, v_size
     if Nk != N or Nv != N:
         raise ValueError(
-            f"attention: batch sizes differ: query (N, Hq, L, Dk) = {_shape(query)}, "
-            f"key {_shape(key)}, value {_shape(value)}; all three need the same N"
+            f"attention: batch sizes differ: query (N, Hq, L, Dk) = {q_size}, "
+            f"key {k_size}, value {v_size}; all three need the same N"
         )
     if Dk2 != Dk:
         raise ValueError(
-            f"attention: key (N, Hkv, S, Dk) = {_shape(key)} must have the query's Dk = {Dk} "
-            f"(query {_shape(query)})"
+            f"attention: key (N, Hkv, S, Dk) = {k_size} must have the query's Dk = {Dk} (query {q_size})"
         )
     if Hv != Hkv or Sv != S:
         raise ValueError(
-            f"attention: value (N, Hkv, S, Dv) = {_shape(value)} must match key {_shape(key)} in Hkv and S"
+            f"attention: value (N, Hkv, S, Dv) = {v_size} must match key {k_size} in Hkv and S"
         )
     if Hkv == 0 or Hq % Hkv != 0:
         raise ValueError(
@@ -359,7 +380,5 @@ def _validate_call(
     if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"attention: dropout_p must be a float in [0, 1), got {dropout_p!r}")
     if scale is None:
-        scale = 1.0 / math.sqrt(Dk) if Dk > 0 else 1.0
-    return Call(
-        query, key, value, mask, plan_mask(mask, L, S), float(scale), float(dropout_p), weights, bool(return_lse)
-    )
+        return 1.0 / math.sqrt(Dk) if Dk > 0 else 1.0
+    return float(scale)

@@ -18,7 +18,7 @@ from typing import Protocol
 import torch
 
 from ._backends import decode, reference, sdpa, tiled, triton
-from ._types import ALL_MASK_KINDS, AttentionOutput, Call, Capabilities
+from ._types import ALL_MASK_KINDS, AttentionOutput, Call, Capabilities, device_type
 
 
 class Backend(Protocol):
@@ -97,7 +97,7 @@ def not_supported_reasons(caps: Capabilities, call: Call) -> list[str]:
 
 def _reasons(caps: Capabilities, call: Call) -> Iterator[str]:
     """:func:`not_supported_reasons` one at a time: dispatch stops at the first."""
-    device = call.query.device.type
+    device = device_type(call.query.device)
     if caps.devices is not None and device not in caps.devices:
         yield f"{caps.label} runs on {', '.join(sorted(caps.devices))} tensors, got {device}"
     if caps.dtypes is not None and call.query.dtype not in caps.dtypes:
@@ -119,7 +119,7 @@ def _reasons(caps: Capabilities, call: Call) -> Iterator[str]:
             yield f"{caps.label} takes no variable-length (varlen) calls"
         if call.weights is not None and not caps.varlen_weights:
             yield f"{caps.label} returns no weights on variable-length calls (weights={call.weights!r} requested)"
-    if caps.mask_kinds != ALL_MASK_KINDS:
+    if caps.mask_kinds is not ALL_MASK_KINDS:  # the default: every kind
         missing = sorted(call.mask_kinds() - caps.mask_kinds)
         if missing:
             yield f"{caps.label} reads no {', '.join(missing)} mask pieces (mask {call.mask!r})"
@@ -148,7 +148,7 @@ def _auto_reasons(b: Backend, call: Call) -> list[str]:
     devices = b.caps.auto_devices
     if reasons or devices is None:
         return reasons
-    device = call.query.device.type
+    device = device_type(call.query.device)
     if device not in devices:
         where = f"only on {', '.join(sorted(devices))}, not {device}" if devices else "never (only when asked for)"
         reasons.append(
@@ -193,6 +193,6 @@ def _picks(b: Backend, call: Call) -> bool:
     found without building every reason (a backend not picked automatically on this
     device is passed over before any check runs, the others at their first reason)."""
     devices = b.caps.auto_devices
-    if devices is not None and call.query.device.type not in devices:
+    if devices is not None and device_type(call.query.device) not in devices:
         return False
     return next(_reasons(b.caps, call), None) is None

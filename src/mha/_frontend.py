@@ -158,20 +158,20 @@ def plan_forward(
             "nested", query, key, value, True, True, query.size(0), 0, 0, 0,
             CAUSAL if is_causal else None, None, weights, dropout_p, (), False,
         )
-    shapes = validate_forward(config, query, key, value, key_padding_mask, attn_mask)
-    N, L, S, H = shapes.N, shapes.L, shapes.S, config.num_heads
-    if not shapes.batched:
+    batched, N, L, S = validate_forward(config, query, key, value, key_padding_mask, attn_mask)
+    H = config.num_heads
+    if not batched:
         query, key, value = query.unsqueeze(1), key.unsqueeze(1), value.unsqueeze(1)
         if key_padding_mask is not None:
             key_padding_mask = key_padding_mask.unsqueeze(0)
         if attn_mask is not None and attn_mask.dim() == 3:
             attn_mask = attn_mask.unsqueeze(0)
-    batch_first = config.batch_first and shapes.batched
+    batch_first = config.batch_first and batched
     extra_keys = int(config.bias_k is not None) + int(config.add_zero_attn)
     context = active_context()
     if context is not None:
         return ForwardPlan(
-            "context_parallel", query, key, value, shapes.batched, batch_first, N, L, S, extra_keys,
+            "context_parallel", query, key, value, batched, batch_first, N, L, S, extra_keys,
             None, None, weights, dropout_p, (), False,
             ShardedMasks(context, key_padding_mask, attn_mask, is_causal),
         )
@@ -185,7 +185,7 @@ def plan_forward(
             only_causal = attn_mask is None or (attn is not None and attn.standard_causal)
             lengths_wanted = only_causal and not extra_keys and key_lengths_may_pay(N, L, S)
             padding = summarize_key_padding_mask(key_padding_mask, lengths_wanted)
-    messages = tuple(pitfall_messages(key_padding_mask, attn_mask, is_causal, padding, attn, extra_keys > 0))
+    messages = pitfall_messages(key_padding_mask, attn_mask, is_causal, padding, attn, extra_keys > 0)
 
     route: Route = "dense"
     key_lengths: KeyLengths | None = None
@@ -207,7 +207,7 @@ def plan_forward(
         same_draws = dropout_p > 0 and weights is not None
         mask = masks_from_torch(key_padding_mask, attn_mask, is_causal, N, H, attn, same_draws)
     return ForwardPlan(
-        route, query, key, value, shapes.batched, batch_first, N, L, S, extra_keys,
+        route, query, key, value, batched, batch_first, N, L, S, extra_keys,
         mask, key_lengths, weights, dropout_p, messages, values_read,
     )
 

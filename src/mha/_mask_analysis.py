@@ -139,9 +139,10 @@ def summarize_attn_mask(mask: Tensor) -> AttnMaskSummary:
         return AttnMaskSummary(False, False, ())
     if mask.dim() == 2 and not mask.requires_grad:
         L, S = mask.shape
-        if is_standard_causal(mask):
+        standard = _standard_causal(L, S, mask.dtype, mask.device)
+        if torch.equal(mask, standard):
             return _STANDARD_CAUSAL
-        if mask.dtype == torch.bool and L == S and L > 1 and torch.equal(mask, ~_standard_causal(L, L, mask.dtype, mask.device)):
+        if mask.dtype == torch.bool and L == S and L > 1 and torch.equal(mask, ~standard):
             return AttnMaskSummary(False, True, (L - 1,))
     empty = masked_out(mask).all(dim=-1)
     rows = empty.reshape(-1, empty.shape[-1]).any(dim=0).nonzero().flatten().tolist()

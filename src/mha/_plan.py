@@ -182,14 +182,26 @@ def _window_band(part: m.Window, L: int, S: int) -> Band:
     return Band(None if part.before is None else off - part.before, None if part.after is None else off + part.after)
 
 
+_NO_MASK = MaskPlan()
+# The plans of lone top-left bands (Causal() above all), by (before, after, shift): they do
+# not depend on L and S, so they are built once instead of on every call.
+_TOP_LEFT_BAND_PLANS: dict[tuple[int | None, int | None, int], MaskPlan] = {}
+
+
 def plan_mask(mask: m.Mask | None, L: int, S: int) -> MaskPlan:
     """Reduce a mask object to a :class:`MaskPlan` for a call with ``L`` queries and ``S`` keys."""
     if mask is None:
-        return MaskPlan()
+        return _NO_MASK
+    if (type(mask) is m.Causal or type(mask) is m.Window) and mask.align == "top_left":
+        key = (mask.before, mask.after, mask.shift)
+        plan = _TOP_LEFT_BAND_PLANS.get(key)
+        if plan is None:
+            plan = _TOP_LEFT_BAND_PLANS[key] = MaskPlan(_window_band(mask, L, S))
+        return plan
     band: Band | None = None
     lengths: Tensor | None = None
-    allowed: list[Tensor] = []
-    bias: list[Tensor] = []
+    allowed: tuple[Tensor, ...] = ()
+    bias: tuple[Tensor, ...] = ()
     for part in mask.parts():
         if isinstance(part, m.Window):
             b = _window_band(part, L, S)
@@ -197,11 +209,11 @@ def plan_mask(mask: m.Mask | None, L: int, S: int) -> MaskPlan:
         elif isinstance(part, m.KeyPadding):
             lengths = part.lengths if lengths is None else torch.minimum(lengths, part.lengths)
         elif isinstance(part, m.Allowed):
-            allowed.append(part.tensor4d)
+            allowed += (part.tensor4d,)
         elif isinstance(part, m.Blocked):
-            allowed.append(~part.tensor4d)
+            allowed += (~part.tensor4d,)
         elif isinstance(part, m.Bias):
-            bias.append(part.tensor4d)
+            bias += (part.tensor4d,)
         else:
             raise TypeError(f"unknown mask type {type(part).__name__}")
-    return MaskPlan(band, lengths, tuple(allowed), tuple(bias))
+    return MaskPlan(band, lengths, allowed, bias)

@@ -77,21 +77,21 @@ def pitfall_messages(
     padding: KeyPaddingSummary | None,
     attn: AttnMaskSummary | None,
     extra_key: bool = False,
-) -> list[str]:
+) -> tuple[str, ...]:
     """The warnings a call deserves. Masks are batched torch-style, True = blocked, with
     their summaries (given for every mask present).
 
     ``extra_key``: the module appends a key open to every query (``add_bias_kv`` or
     ``add_zero_attn``), so no row is ever left without a key."""
-    messages: list[str] = []
+    messages: tuple[str, ...] = ()
     inverted = attn_mask is not None and attn is not None and attn.inverted_causal
     if inverted and attn_mask is not None:
-        messages.append(_inverted_causal_message(attn_mask.shape[0], extra_key))
+        messages = (_inverted_causal_message(attn_mask.shape[0], extra_key),)
     if not extra_key:
         # The inverted-causal message already names the row it empties.
         empty = _empty_rows_message(key_padding_mask, None if inverted else attn_mask, is_causal, padding, attn)
         if empty:
-            messages.append(empty)
+            messages += (empty,)
     return messages
 
 

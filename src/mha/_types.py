@@ -65,11 +65,13 @@ class Offsets:
         self._host = None if host is None else list(host)
         self._device = device
         self._longest = longest
+        self._len: int | None = None
+        self._int32: Tensor | None = None  # what on() returned last
 
     def __len__(self) -> int:
-        if self._host is not None:
-            return len(self._host)
-        return int(self._tensor().shape[0])
+        if self._len is None:
+            self._len = len(self._host) if self._host is not None else int(self._tensor().shape[0])
+        return self._len
 
     def _tensor(self) -> Tensor:
         if self._device is None:
@@ -98,10 +100,13 @@ class Offsets:
         return self._host
 
     def on(self, device: torch.device) -> Tensor:
-        """The offsets as an int32 tensor on ``device``."""
+        """The offsets as an int32 tensor on ``device`` (converted once: a varlen call asks
+        for its query's and its key's offsets, often the same)."""
         if self._device is None:
             self._device = torch.tensor(self.host(), dtype=torch.int32, device=device)
-        return self._device.to(device=device, dtype=torch.int32)
+        if self._int32 is None or self._int32.device != device:
+            self._int32 = self._device.to(device=device, dtype=torch.int32)
+        return self._int32
 
     def lengths(self) -> list[int]:
         """Each sequence's length, on the host."""
@@ -230,6 +235,20 @@ class Capabilities:
     bias_grad: bool = True
     masked_devices: frozenset[str] | None = None
     extra: Callable[[Call], list[str]] | None = None
+
+
+_DEVICE_TYPES: dict[torch.device, str] = {}
+
+
+def device_type(device: torch.device) -> str:
+    """``device.type`` (``"cpu"``, ``"cuda"``, ...), remembered per device: torch builds
+    that string through a C++ ostringstream on every read, 0.25 us in a loop and a few
+    microseconds between large kernels, on every dispatch. (A dict, not functools.cache,
+    which torch.compile warns about.)"""
+    kind = _DEVICE_TYPES.get(device)
+    if kind is None:
+        kind = _DEVICE_TYPES[device] = device.type
+    return kind
 
 
 def split_weights(flat: Tensor, call: Call) -> list[Tensor]:

@@ -101,7 +101,6 @@ def _heads_differ(q: Tensor, k: Tensor) -> bool:
 
 
 def _sdpa(q: Tensor, k: Tensor, v: Tensor, plan: MaskPlan, scale: float, dropout_p: float) -> Tensor:
-    L, S = q.shape[2], k.shape[2]
     gqa = _heads_differ(q, k)
     if plan.band is not None and plan.band.is_top_left_causal and not plan.has_tensors:
         return F.scaled_dot_product_attention(
@@ -109,6 +108,7 @@ def _sdpa(q: Tensor, k: Tensor, v: Tensor, plan: MaskPlan, scale: float, dropout
         )
     mask = None
     if not plan.is_empty:
+        L, S = q.shape[2], k.shape[2]
         if plan.bias:
             mask = plan.additive_rows(0, L, S, q.dtype, q.device)
         else:

@@ -42,7 +42,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .._types import AttentionOutput, Call, Capabilities
+from .._types import AttentionOutput, Call, Capabilities, device_type
 from ._grouped import by_groups
 from ._layout import new_output
 
@@ -301,7 +301,7 @@ def _extra_reasons(call: Call) -> list[str]:
     if not _INSTALLED:
         return ["triton is not installed: pip install 'mha[triton]'"]
     reasons = []
-    device = call.query.device.type
+    device = device_type(call.query.device)
     if device != "cuda" and not _interpreting():
         reasons.append(
             f"Triton kernels need CUDA tensors, got {device} "

@@ -4,6 +4,7 @@ the argument, the expected shape in the seed's notation, the shape received, the
 from __future__ import annotations
 
 import warnings
+from unittest import mock
 
 import pytest
 import torch
@@ -11,6 +12,7 @@ from hypothesis import event, given, settings
 from hypothesis import strategies as st
 
 import mha
+from mha import _validate
 
 E, H = 64, 8
 L, S, N = 10, 15, 32
@@ -410,3 +412,44 @@ def test_any_shapes_give_a_result_or_a_teaching_error(qkv, kpm, attn, batch_firs
     while tb.tb_next is not None:
         tb = tb.tb_next
     assert tb.tb_frame.f_code.co_filename.endswith("_validate.py"), f"raised past validation: {error!r}"
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    sizes=st.tuples(_lengths, _lengths, _lengths),
+    widths=st.tuples(st.sampled_from([6, 6, 4]), st.sampled_from([4, 4, 6]), st.sampled_from([6, 6, 4])),
+    share=st.sampled_from(["none", "key_value", "all"]),
+    kpm=st.sampled_from(["none", "fits", "fits"]) | st.tuples(_mask_dims, _mask_dtypes),
+    attn=st.sampled_from(["none", "fits", "fits"]) | st.tuples(_mask_dims, _mask_dtypes),
+    kdim=st.sampled_from([4, 4, 6]),
+    batch_first=st.booleans(),
+    dtype=st.sampled_from([torch.float32, torch.float32, torch.float64, torch.int64]),
+)
+def test_quick_validation_accepts_only_what_the_full_checks_accept(
+    sizes, widths, share, kpm, attn, kdim, batch_first, dtype
+):
+    """validate_forward's quick test of the common call either declines or returns exactly
+    what its one-by-one checks return."""
+    L, S, N = sizes
+    m = mha.MultiheadAttention(6, 2, kdim=kdim, batch_first=batch_first)
+    layout = (lambda t, n, e: (n, t, e)) if batch_first else (lambda t, n, e: (t, n, e))
+    q = torch.zeros(layout(L, N, widths[0]), dtype=dtype)
+    k = q if share == "all" else torch.zeros(layout(S, N, widths[1]), dtype=dtype)
+    v = k if share != "none" else torch.zeros(layout(S, N, widths[2]), dtype=dtype)
+    fits = {"kpm": (N, k.shape[1 if batch_first else 0]), "attn": (L, k.shape[1 if batch_first else 0])}
+    masks = []
+    for name, spec in (("kpm", kpm), ("attn", attn)):
+        if spec == "none":
+            masks.append(None)
+        elif spec == "fits":
+            masks.append(torch.zeros(fits[name], dtype=torch.bool))
+        else:
+            masks.append(torch.zeros(spec[0], dtype=spec[1]))
+    quick = _validate._common_call_shapes(m, q, k, v, *masks)
+    with mock.patch.object(_validate, "_common_call_shapes", return_value=None):
+        try:
+            full = _validate.validate_forward(m, q, k, v, *masks)
+        except (ValueError, TypeError):
+            full = None
+    event("quick" if quick is not None else "declined")
+    assert quick is None or quick == full

@@ -131,7 +131,8 @@ def checked_attention(
     The same mask plan and dispatch, without checking everything a second time (that
     costs tens of microseconds a call). query ``(N, H, L, Dk)``, key ``(N, H, S, Dk)``,
     value ``(N, H, S, Dv)``."""
-    L, Dk, S = query.shape[2], query.shape[3], key.shape[2]
+    _, _, L, Dk = query.shape
+    S = key.shape[2]
     scale = 1.0 / math.sqrt(Dk) if Dk > 0 else 1.0
     call = Call(query, key, value, mask, plan_mask(mask, L, S), scale, dropout_p, weights, False)
     return _dispatch.select_backend(call).forward(call)

@@ -409,14 +409,16 @@ class MultiheadAttention(ScriptableAttention):
 
 def _split_heads(x: Tensor, heads: int, batch_first: bool) -> Tensor:
     """``(L, N, E)`` or ``(N, L, E)`` -> ``(N, heads, L, E // heads)``, a view."""
-    x = x.view(x.shape[0], x.shape[1], heads, x.shape[2] // heads)  # Tensor.unflatten costs Python
+    A, B, E = x.shape  # read once: each read builds a torch.Size
+    x = x.view(A, B, heads, E // heads)  # Tensor.unflatten costs Python
     return x.permute((0, 2, 1, 3) if batch_first else (1, 2, 0, 3))
 
 
 def _packed_heads(x: Tensor, count: int, heads: int, batch_first: bool) -> tuple[Tensor, ...]:
     """``(L, N, count * E)`` (or ``(N, L, count * E)``), ``count`` projections side by side,
     -> ``count`` views ``(N, heads, L, E // heads)``: one view, one permute."""
-    x = x.view(x.shape[0], x.shape[1], count, heads, x.shape[2] // (count * heads))
+    A, B, width = x.shape
+    x = x.view(A, B, count, heads, width // (count * heads))
     return x.permute((2, 0, 3, 1, 4) if batch_first else (2, 1, 3, 0, 4)).unbind(0)
 
 

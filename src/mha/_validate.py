@@ -194,28 +194,37 @@ def _common_call_shapes(
     length; ``key_padding_mask`` None or ``(N, S)`` and ``attn_mask`` None or ``(L, S)``,
     dense, boolean or floating, on that device. None for every other call, valid or not,
     which :func:`validate_forward` then checks one by one, with its messages: what this
-    accepts is a subset of what it accepts."""
-    if type(query) is not Tensor or type(key) is not Tensor or type(value) is not Tensor:
-        return None
-    if query.is_nested or key.is_nested or value.is_nested or query.dim() != 3 or key.dim() != 3 or value.dim() != 3:
+    accepts is a subset of what it accepts. A key or value that is the query (or value
+    the key) is the same tensor: checked once."""
+    if type(query) is not Tensor or query.is_nested or query.dim() != 3 or not query.is_floating_point():
         return None
     param = module_member(module_member(module, "out_proj"), "weight")
     dtype, device = query.dtype, query.device
-    if not (dtype == key.dtype == value.dtype == param.dtype and query.is_floating_point()):
+    if dtype != param.dtype or device != param.device:
         return None
-    if not (device == key.device == value.device == param.device):
+    if key is not query and not _common_input(key, dtype, device):
         return None
-    if module.batch_first:
-        (N, L, E), (Nk, S, Ek), (Nv, Sv, Ev) = query.shape, key.shape, value.shape
-    else:
-        (L, N, E), (S, Nk, Ek), (Sv, Nv, Ev) = query.shape, key.shape, value.shape
-    if (E, Ek, Ev) != (module.embed_dim, module.kdim, module.vdim) or Nk != N or Nv != N or Sv != S:
+    if value is not key and value is not query and not _common_input(value, dtype, device):
+        return None
+    seq = 1 if module.batch_first else 0
+    shape = query.shape
+    k_shape = shape if key is query else key.shape
+    v_shape = k_shape if value is key else shape if value is query else value.shape
+    L, N, S = shape[seq], shape[1 - seq], k_shape[seq]
+    if (shape[2], k_shape[2], v_shape[2]) != (module.embed_dim, module.kdim, module.vdim):
+        return None
+    if k_shape[1 - seq] != N or v_shape[1 - seq] != N or v_shape[seq] != S:
         return None
     if key_padding_mask is not None and not _common_mask(key_padding_mask, N, S, device):
         return None
     if attn_mask is not None and not _common_mask(attn_mask, L, S, device):
         return None
     return True, N, L, S
+
+
+def _common_input(t: Any, dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether ``t`` is a dense 3-D tensor, no subclass, of ``dtype`` on ``device``."""
+    return type(t) is Tensor and not t.is_nested and t.dim() == 3 and t.dtype == dtype and t.device == device
 
 
 def _common_mask(mask: Any, rows: int, columns: int, device: torch.device) -> bool:

@@ -380,13 +380,13 @@ class MultiheadAttention(ScriptableAttention):
 
     def _query_and_key_value_weights(self, dtype: torch.dtype) -> tuple[Tensor, Tensor | None, Tensor, Tensor | None]:
         """``in_proj_weight`` and ``in_proj_bias`` split into the query's rows and the keys'
-        and values' (``(E, E)`` and ``(2E, E)``), one split each, as torch splits them
-        (slicing each twice costs two indexing calls more): ``w_q, b_q, w_kv, b_kv``."""
+        and values' (``(E, E)`` and ``(2E, E)``), one call each (slicing each twice costs
+        two indexing calls more, Tensor.split its Python wrapper): ``w_q, b_q, w_kv, b_kv``."""
         E, b = self.embed_dim, self._in_bias(dtype)
-        w_q, w_kv = module_member(self, "in_proj_weight").split((E, 2 * E))
+        w_q, w_kv = module_member(self, "in_proj_weight").split_with_sizes((E, 2 * E))
         if b is None:
             return w_q, None, w_kv, None
-        b_q, b_kv = b.split((E, 2 * E))
+        b_q, b_kv = b.split_with_sizes((E, 2 * E))
         return w_q, b_q, w_kv, b_kv
 
     def _in_bias(self, dtype: torch.dtype) -> Tensor | None:

@@ -359,10 +359,9 @@ class MultiheadAttention(ScriptableAttention):
             q, k, v = _packed_heads(qkv, 3, H, batch_first)
             return q, k, v
         if self._qkv_same_embed_dim and key is value:
-            E, b = self.embed_dim, self._in_bias(query.dtype)
-            kv = F.linear(key, self.in_proj_weight[E:], None if b is None else b[E:])
-            k, v = _packed_heads(kv, 2, H, batch_first)
-            return self._query_heads(query, batch_first), k, v
+            w_q, b_q, w_kv, b_kv = self._query_and_key_value_weights(query.dtype)
+            k, v = _packed_heads(F.linear(key, w_kv, b_kv), 2, H, batch_first)
+            return _split_heads(F.linear(query, w_q, b_q), H, batch_first), k, v
         q, k, v = self._in_projection(query, key, value)
         return _split_heads(q, H, batch_first), _split_heads(k, H, batch_first), _split_heads(v, H, batch_first)
 
@@ -375,15 +374,14 @@ class MultiheadAttention(ScriptableAttention):
     def _in_projection(self, query: Tensor, key: Tensor, value: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Project to ``E`` features each, in the inputs' own layout. One matmul for
         self-attention (query is key is value), two when key is value."""
-        E = self.embed_dim
+        if self._qkv_same_embed_dim and key is value and query is not key:
+            w_q, b_q, w_kv, b_kv = self._query_and_key_value_weights(query.dtype)
+            k, v = F.linear(key, w_kv, b_kv).chunk(2, dim=-1)
+            return F.linear(query, w_q, b_q), k, v
         b = self._in_bias(query.dtype)
         w = module_member(self, "in_proj_weight")
         if self._qkv_same_embed_dim and query is key and key is value:
             q, k, v = F.linear(query, w, b).chunk(3, dim=-1)
-            return q, k, v
-        if self._qkv_same_embed_dim and key is value:
-            q = F.linear(query, w[:E], None if b is None else b[:E])
-            k, v = F.linear(key, w[E:], None if b is None else b[E:]).chunk(2, dim=-1)
             return q, k, v
         bq, bk, bv = (None, None, None) if b is None else b.chunk(3)
         if not self._qkv_same_embed_dim:
@@ -394,6 +392,17 @@ class MultiheadAttention(ScriptableAttention):
             )
         wq, wk, wv = w.chunk(3)
         return F.linear(query, wq, bq), F.linear(key, wk, bk), F.linear(value, wv, bv)
+
+    def _query_and_key_value_weights(self, dtype: torch.dtype) -> tuple[Tensor, Tensor | None, Tensor, Tensor | None]:
+        """``in_proj_weight`` and ``in_proj_bias`` split into the query's rows and the keys'
+        and values' (``(E, E)`` and ``(2E, E)``), one call each (slicing each twice costs
+        two indexing calls more, Tensor.split its Python wrapper): ``w_q, b_q, w_kv, b_kv``."""
+        E, b = self.embed_dim, self._in_bias(dtype)
+        w_q, w_kv = module_member(self, "in_proj_weight").split_with_sizes((E, 2 * E))
+        if b is None:
+            return w_q, None, w_kv, None
+        b_q, b_kv = b.split_with_sizes((E, 2 * E))
+        return w_q, b_q, w_kv, b_kv
 
     def _in_bias(self, dtype: torch.dtype) -> Tensor | None:
         """``in_proj_bias`` in the inputs' dtype: a bias of another dtype promotes to it, as in torch."""

@@ -213,6 +213,31 @@ def test_tiled_in_small_blocks(mask_name, rows_per_block, monkeypatch):
             torch.testing.assert_close(getattr(got, name), want[name], **FP64)
 
 
+@pytest.mark.parametrize("rows_per_block", [2, "all"])
+@pytest.mark.parametrize("mask_name", ["none", "causal_tl", "keypad", "causal&allowed&bias"])
+def test_tiled_reads_heads_stored_transposed(mask_name, rows_per_block, monkeypatch):
+    """Heads stored ``(N, H, D, X)`` and handed over transposed (the module's
+    feature-major projection) are read without copies when one block holds every
+    row, the output then transposed too; with smaller blocks they are copied. Both
+    give the reference's results, in every layout of the output."""
+    from mha._backends import tiled
+
+    N, Hq, Hkv, L, S, Dk, Dv = 2, 4, 2, 7, 7, 3, 5
+    if rows_per_block != "all":
+        monkeypatch.setattr(tiled, "_BLOCK_ELEMENTS", Hq * S * rows_per_block)
+    mask = MASKS[mask_name](N, Hq, L, S, torch.Generator().manual_seed(5))
+    q, k, v = (t.detach() for t in make_qkv(N, Hq, Hkv, L, S, Dk, Dv))
+    qt, kt, vt = (t.transpose(2, 3).contiguous().transpose(2, 3) for t in (q, k, v))
+    assert not qt.is_contiguous() and qt.transpose(2, 3).is_contiguous()
+    for weights in ("mean", "per_head"):
+        want = mha.attention(q, k, v, mask, weights=weights, return_lse=True, backend="reference")
+        with torch.no_grad():
+            got = mha.attention(qt, kt, vt, mask, weights=weights, return_lse=True, backend="tiled")
+        assert got.output.transpose(2, 3).is_contiguous() == (rows_per_block == "all")
+        for name in ("output", "weights", "lse"):
+            torch.testing.assert_close(getattr(got, name), getattr(want, name), **FP64)
+
+
 def test_mean_weights_are_the_mean_of_per_head():
     N, Hq, L, S = 2, 6, 5, 7
     mask = MASKS["causal&allowed&bias"](N, Hq, L, S, torch.Generator().manual_seed(0))

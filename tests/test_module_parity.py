@@ -497,6 +497,34 @@ def test_awkward_sizes_fp32():
     torch.testing.assert_close(w, t_w, **TOL[torch.float32])
 
 
+@pytest.mark.parametrize("layout", ["sequence_first", "batch_first", "unbatched"])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("masks", ["none", "key_padding", "attn_mask"])
+@pytest.mark.parametrize("L", [5, 800])  # one block of scores; two (H * L * L > 2**21)
+def test_one_sequence_with_weights_without_autograd(layout, bias, masks, L):
+    """One sequence with weights on the CPU takes the feature-major projection (the
+    heads stored transposed) and, in one block, an output that out_proj reads as it
+    is: the same results as torch, averaged and per head."""
+    E, H = 24, 4
+    batch_first = layout == "batch_first"
+    theirs, ours = build_pair(E, H, dtype=torch.float64, bias=bias, batch_first=batch_first)
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(L, E, generator=g, dtype=torch.float64)
+    x = {"sequence_first": x[:, None], "batch_first": x[None], "unbatched": x}[layout]
+    kwargs: dict[str, Tensor] = {}
+    if masks == "key_padding":
+        padding = torch.arange(L) >= L - 2
+        kwargs["key_padding_mask"] = padding if layout == "unbatched" else padding[None]
+    elif masks == "attn_mask":
+        kwargs["attn_mask"] = torch.randn(L, L, generator=g, dtype=torch.float64)
+    for average in (True, False):
+        with torch.no_grad():
+            out, w = ours(x, x, x, average_attn_weights=average, **kwargs)
+            t_out, t_w = theirs(x, x, x, average_attn_weights=average, **kwargs)
+        torch.testing.assert_close(out, t_out, **TOL[torch.float64])
+        torch.testing.assert_close(w, t_w, **TOL[torch.float64])
+
+
 # Dropout: checked statistically, not bit for bit. Copies of one sequence along the batch
 # draw independent dropout masks, so one call gives many samples.
 

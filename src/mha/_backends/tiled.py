@@ -82,7 +82,7 @@ class _Tiled:
         grad = torch.is_grad_enabled() and any(
             t.requires_grad for t in (call.query, call.key, call.value, *call.plan.bias)
         )
-        sink = _Blocks(call, dtype) if grad else _Buffers(call, dtype, min(N, batches) * Hq * rows * S)
+        sink = _Blocks(call, dtype) if grad else _Buffers(call, dtype, min(N, batches) * Hq * rows * S, rows == L)
         for n0 in range(0, N, batches):
             n1 = min(N, n0 + batches)
             plan = call.plan if batches >= N else call.plan.batch_slice(n0, n1)
@@ -166,19 +166,33 @@ class _Buffers:
     Memory beyond the results is that buffer; no fresh block-sized tensor a block, no
     copy of a block's output, never a second copy of the weights.
 
-    Keys and values are copied once into contiguous ``(N, Hq, S, D)`` tensors, so that
-    the products read rows of contiguous heads, not rows strided across the
-    projection's ``(N, S, 3E)`` (P @ V ran 20-50% slower on strided V at L = 128-1024);
-    the scale multiplies the product (``baddbmm``'s alpha), not a copy of the queries."""
+    Keys and values whose heads are not dense matrices are copied once into contiguous
+    ``(N, Hq, S, D)`` tensors, so that the products read rows of contiguous heads, not
+    rows strided across the projection's ``(N, S, 3E)`` (P @ V ran 20-50% slower on
+    strided V at L = 128-1024); heads stored transposed (the module's feature-major
+    projection) are dense already and are read as they are. When a block holds every
+    query row, the output takes the query's layout: transposed heads get their output
+    transposed, ``V^T P^T``, which the module's ``out_proj`` reads without a copy. With
+    blocks of fewer rows, transposed queries and values are copied to contiguous heads
+    and the output is contiguous (a block's rows as columns of a transposed output,
+    written through a strided ``out=``, ran 5-10% slower at N=1, L=4096, and P @ V on
+    transposed values 10% slower, a loop over heads in torch). The scale multiplies
+    the product (``baddbmm``'s alpha), not a copy of the queries."""
 
-    def __init__(self, call: Call, dtype: torch.dtype, scores: int) -> None:
+    def __init__(self, call: Call, dtype: torch.dtype, scores: int, all_rows: bool) -> None:
         N, Hq, Hkv, L, S, _, Dv = call.shape
-        self.q, self.scale, self.Hq = call.query.to(dtype), call.scale, Hq
-        self.k = _expand_kv(call.key.to(dtype), Hq // Hkv).contiguous()
-        self.v = _expand_kv(call.value.to(dtype), Hq // Hkv).contiguous()
+        q = _as(call.query, dtype)
+        self.q, self.scale, self.Hq = q if all_rows else q.contiguous(), call.scale, Hq
+        self.k = _dense_heads(_expand_kv(_as(call.key, dtype), Hq // Hkv))
+        v = _expand_kv(_as(call.value, dtype), Hq // Hkv)
+        self.v = _dense_heads(v) if all_rows else v.contiguous()
         self.buffer = self.v.new_empty(scores)
         self.weights = call.weights
-        self.out = self.v.new_empty(N, Hq, L, Dv)
+        # (N, Hq, L, Dv), stored as (N, Hq, Dv, L) when the query's heads are transposed.
+        self.transposed_out = _transposed_heads(self.q)
+        self.out = (
+            self.v.new_empty(N, Hq, Dv, L).transpose(2, 3) if self.transposed_out else self.v.new_empty(N, Hq, L, Dv)
+        )
         # Keys a band or the lengths close are never written: zeros there.
         closed = call.plan.band is not None or call.plan.lengths is not None
         self.w: Tensor | None = None
@@ -196,9 +210,13 @@ class _Buffers:
 
     def put(self, block: Block, probs: Tensor, lse: Tensor | None) -> None:
         n0, n1, start, stop, k0, k1 = block
-        torch.bmm(
-            probs.flatten(0, 1), self.v[n0:n1, :, k0:k1].flatten(0, 1), out=self.out[n0:n1, :, start:stop].flatten(0, 1)
-        )
+        probs_flat, v = probs.flatten(0, 1), self.v[n0:n1, :, k0:k1].flatten(0, 1)
+        rows = self.out[n0:n1, :, start:stop]
+        if self.transposed_out:
+            # out^T = V^T P^T, into the columns [start, stop) of each head's (Dv, L) matrix.
+            torch.bmm(v.transpose(1, 2), probs_flat.transpose(1, 2), out=rows.transpose(2, 3).flatten(0, 1))
+        else:
+            torch.bmm(probs_flat, v, out=rows.flatten(0, 1))
         if self.lse is not None and lse is not None:
             self.lse[n0:n1, :, start:stop] = lse
         if self.w is not None and self.weights == "mean":
@@ -214,6 +232,21 @@ class _Buffers:
         if self.w is not None and self.weights == "mean":
             self.w.div_(self.Hq)
         return self.out, self.w, self.lse
+
+
+def _as(t: Tensor, dtype: torch.dtype) -> Tensor:
+    """``t`` in ``dtype``, without a call when it already is (``Tensor.to`` costs a microsecond)."""
+    return t if t.dtype == dtype else t.to(dtype)
+
+
+def _transposed_heads(t: Tensor) -> bool:
+    """Whether the heads of ``(N, H, X, D)`` are stored transposed: ``(N, H, D, X)`` contiguous."""
+    return not t.is_contiguous() and t.transpose(2, 3).is_contiguous()
+
+
+def _dense_heads(t: Tensor) -> Tensor:
+    """``t`` with each head a dense matrix, stored as is or transposed: copied only when not."""
+    return t if _transposed_heads(t) else t.contiguous()
 
 
 def _key_range(band: Band | None, start: int, stop: int, key_limit: int) -> tuple[int, int]:

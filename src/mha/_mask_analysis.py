@@ -92,10 +92,11 @@ def summarize_key_padding_mask(mask: Tensor, lengths_wanted: bool = True) -> Key
     ):
         lengths = None
     if lengths is None:
-        empty = is_blocked.all(dim=-1)
-        if not bool(empty.any()):
+        # One read of N booleans (tolist), not any() and a second read through bool().
+        empty = is_blocked.all(dim=-1).tolist()
+        if True not in empty:
             return _EVERY_BATCH_OPEN
-        return KeyPaddingSummary(tuple(empty.nonzero().flatten().tolist()), None, None)
+        return KeyPaddingSummary(tuple(n for n, e in enumerate(empty) if e), None, None)
     host = tuple(lengths.tolist())
     return KeyPaddingSummary(tuple(n for n, count in enumerate(host) if count == 0), lengths, host)
 

@@ -190,7 +190,7 @@ BLOCKING_MASKS = [
 ]
 
 
-@pytest.mark.parametrize("rows_per_block", [1, 3, "batch"])
+@pytest.mark.parametrize("rows_per_block", [1, 3, "sequence", "two_sequences"])
 @pytest.mark.parametrize("mask_name", BLOCKING_MASKS)
 def test_tiled_in_small_blocks(mask_name, rows_per_block, monkeypatch):
     """The tiled backend cut into many row and batch blocks (skipping key blocks that
@@ -199,8 +199,11 @@ def test_tiled_in_small_blocks(mask_name, rows_per_block, monkeypatch):
 
     N, Hq, Hkv, L, S, Dk, Dv = 3, 4, 2, 7, 9, 3, 2
     per_row = Hq * S
-    elements = per_row * L if rows_per_block == "batch" else per_row * rows_per_block
-    monkeypatch.setattr(tiled, "_BLOCK_ELEMENTS", elements)
+    rows = {"sequence": L, "two_sequences": L}.get(rows_per_block, rows_per_block)
+    sequences = 2 if rows_per_block == "two_sequences" else 1  # N = 3: blocks of 2 and 1
+    monkeypatch.setattr(tiled, "_BLOCK_ELEMENTS", per_row * rows)
+    monkeypatch.setattr(tiled, "_BATCH_BLOCK_ELEMENTS", per_row * L * sequences)
+    assert tiled._block_shape(N, Hq, L, S) == (sequences, rows)
     mask = MASKS[mask_name](N, Hq, L, S, torch.Generator().manual_seed(11))
     q, k, v = make_qkv(N, Hq, Hkv, L, S, Dk, Dv)
     for weights in ("per_head", "mean"):
@@ -225,10 +228,12 @@ def test_tiled_reads_heads_stored_transposed(mask_name, rows_per_block, monkeypa
     N, Hq, Hkv, L, S, Dk, Dv = 2, 4, 2, 7, 7, 3, 5
     if rows_per_block != "all":
         monkeypatch.setattr(tiled, "_BLOCK_ELEMENTS", Hq * S * rows_per_block)
+        monkeypatch.setattr(tiled, "_BATCH_BLOCK_ELEMENTS", Hq * S * rows_per_block)
     mask = MASKS[mask_name](N, Hq, L, S, torch.Generator().manual_seed(5))
     q, k, v = (t.detach() for t in make_qkv(N, Hq, Hkv, L, S, Dk, Dv))
     qt, kt, vt = (t.transpose(2, 3).contiguous().transpose(2, 3) for t in (q, k, v))
-    assert not qt.is_contiguous() and qt.transpose(2, 3).is_contiguous()
+    assert not qt.is_contiguous()
+    assert qt.transpose(2, 3).is_contiguous()
     for weights in ("mean", "per_head"):
         want = mha.attention(q, k, v, mask, weights=weights, return_lse=True, backend="reference")
         with torch.no_grad():

@@ -500,7 +500,7 @@ def test_awkward_sizes_fp32():
 @pytest.mark.parametrize("layout", ["sequence_first", "batch_first", "unbatched"])
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("masks", ["none", "key_padding", "attn_mask"])
-@pytest.mark.parametrize("L", [5, 800])  # one block of scores; two (H * L * L > 2**21)
+@pytest.mark.parametrize("L", [5, 1500])  # one block of scores; two (H * L * L > 2**23)
 def test_one_sequence_with_weights_without_autograd(layout, bias, masks, L):
     """One sequence with weights on the CPU takes the feature-major projection (the
     heads stored transposed) and, in one block, an output that out_proj reads as it

@@ -3,7 +3,7 @@
 It serves every call, and is the path for what SDPA cannot give: attention
 weights (averaged over heads without keeping per-head weights beyond one
 block), the log-sum-exp, and any mask. Memory beyond the outputs is one block
-of scores (about ``_BLOCK_ELEMENTS``), whatever N and L are, and without autograd
+of scores (at most ``_BLOCK_ELEMENTS``), whatever N and L are, and without autograd
 a contiguous copy of the keys and values. Masks are read at their own broadcast
 shape, one block of rows at a time.
 
@@ -21,12 +21,28 @@ from .._types import AttentionOutput, Call, Capabilities
 from ._grouped import by_groups
 from ._ops import masked_logsumexp, masked_softmax
 
-# Elements of one block of scores (fp32: 8 MiB). Memory beyond the outputs never
-# grows with L. Taller blocks feed the products more query rows at once: without
-# autograd (E=512, H=8, 1 thread) 2^21 ran 1.08x (N=1, L=1024), 1.09x (N=8, L=512)
-# and 1.11x (N=1, L=4096) faster than 2^20, 2^22 1.05x, 1.09x and 1.17x, 2^18
-# 0.75x, 0.78x and 0.64x: past 2^21 only the longest rows gain, for twice the memory.
-_BLOCK_ELEMENTS = 1 << 21
+# Elements of one block of scores: rows of one sequence up to _BLOCK_ELEMENTS (fp32:
+# 16 MiB), several whole sequences together up to _BATCH_BLOCK_ELEMENTS (8 MiB).
+# Memory beyond the outputs never grows with L. Taller blocks feed the products more
+# query rows at once; several sequences in one block only add memory that falls out of
+# the caches. Without autograd (E=512, H=8, 2 threads, malloc never trimming, torch/mha
+# for one budget of rows and sequences alike): N=1, L=4096 1.15x at 2^21, 1.23x at
+# 2^22, 1.20x at 2^23; N=1, L=1024 0.87x, 0.86x, 0.95x; N=8, L=512, sequences grouped,
+# 1.17x, 1.13x, 1.08x. Not 2^23: glibc serves 32 MiB and more with a fresh mmap on
+# every call, whose page faults then cost mha more than the taller block gains
+# (N=1, L=1024 with the default allocator: 1.40x at 2^21, 1.02x at 2^23).
+_BLOCK_ELEMENTS = 1 << 22
+_BATCH_BLOCK_ELEMENTS = 1 << 21
+
+
+def _block_shape(N: int, H: int, L: int, S: int) -> tuple[int, int]:
+    """``(sequences, rows)`` of one block of scores: the rows of one sequence up to
+    :data:`_BLOCK_ELEMENTS` scores; whole sequences together up to
+    :data:`_BATCH_BLOCK_ELEMENTS`."""
+    per_row = max(1, H * S)
+    rows = max(1, min(L, _BLOCK_ELEMENTS // per_row))
+    sequences = max(1, min(N, _BATCH_BLOCK_ELEMENTS // (per_row * L))) if rows == L else 1
+    return sequences, rows
 
 
 def _expand_kv(t: Tensor, groups: int) -> Tensor:
@@ -59,7 +75,8 @@ class _Tiled:
     caps = Capabilities(label="the tiled backend")
 
     def workspace(self, N: int, H: int, L: int, S: int, score_bytes: int) -> tuple[str, int]:
-        block = min(N * H * L * S, max(_BLOCK_ELEMENTS, H * S))
+        sequences, rows = _block_shape(N, H, L, S)
+        block = sequences * H * rows * S
         return f"one block of ~{block} scores (x2)", 2 * block * score_bytes
 
     def forward(self, call: Call) -> AttentionOutput:
@@ -75,14 +92,12 @@ class _Tiled:
         may_empty = _may_empty_rows(call)
         softmax = masked_softmax if may_empty else _softmax
         logsumexp = masked_logsumexp if may_empty else _logsumexp
-        per_row = max(1, Hq * S)
-        rows = max(1, min(L, _BLOCK_ELEMENTS // per_row))
-        batches = max(1, _BLOCK_ELEMENTS // (per_row * L)) if rows == L else 1
+        batches, rows = _block_shape(N, Hq, L, S)
         lengths = None if call.plan.lengths is None else call.plan.lengths.tolist()
         grad = torch.is_grad_enabled() and any(
             t.requires_grad for t in (call.query, call.key, call.value, *call.plan.bias)
         )
-        sink = _Blocks(call, dtype) if grad else _Buffers(call, dtype, min(N, batches) * Hq * rows * S, rows == L)
+        sink = _Blocks(call, dtype) if grad else _Buffers(call, dtype, batches * Hq * rows * S, rows == L)
         for n0 in range(0, N, batches):
             n1 = min(N, n0 + batches)
             plan = call.plan if batches >= N else call.plan.batch_slice(n0, n1)

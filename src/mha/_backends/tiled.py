@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .._plan import Band
+from .._plan import Band, MaskPlan
 from .._types import AttentionOutput, Call, Capabilities
 from ._grouped import by_groups
 from ._ops import masked_logsumexp, masked_softmax
@@ -98,6 +98,7 @@ class _Tiled:
             t.requires_grad for t in (call.query, call.key, call.value, *call.plan.bias)
         )
         sink = _Blocks(call, dtype) if grad else _Buffers(call, dtype, batches * Hq * rows * S, rows == L)
+        tensors = call.plan.has_tensors  # bias or boolean pieces to read per block
         for n0 in range(0, N, batches):
             n1 = min(N, n0 + batches)
             plan = call.plan if batches >= N else call.plan.batch_slice(n0, n1)
@@ -109,12 +110,8 @@ class _Tiled:
                 k0, k1 = _key_range(call.plan.band, start, stop, key_limit)
                 block = (n0, n1, start, stop, k0, k1)
                 scores = sink.scores(block)
-                bias = plan.bias_rows(start, stop, dtype, device)
-                if bias is not None:
-                    scores = scores + _keys(bias, k0, k1)
-                allowed = plan.allowed_rows(start, stop, S, device)
-                if allowed is not None:
-                    scores = scores.masked_fill(~_keys(allowed, k0, k1), float("-inf"))
+                if tensors or plan.lengths is not None or plan.band is not None:
+                    scores = _masked(scores, plan, block, S, dtype, device)
                 lse = logsumexp(scores) if call.return_lse else None
                 # No key open (k0 == k1): empty, and the output 0. Without autograd the
                 # probabilities overwrite the scores: no second buffer of a block's size.
@@ -124,7 +121,21 @@ class _Tiled:
                 sink.put(block, probs, lse)
             sink.end_batch()
         out, w, lse = sink.result()
-        return AttentionOutput(out.to(in_dtype), None if w is None else w.to(in_dtype), None if lse is None else lse.to(in_dtype))
+        return AttentionOutput(
+            _as(out, in_dtype), None if w is None else _as(w, in_dtype), None if lse is None else _as(lse, in_dtype)
+        )
+
+
+def _masked(scores: Tensor, plan: MaskPlan, block: Block, S: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """A block's scores with the plan's bias added and its blocked positions at ``-inf``."""
+    _, _, start, stop, k0, k1 = block
+    bias = plan.bias_rows(start, stop, dtype, device)
+    if bias is not None:
+        scores = scores + _keys(bias, k0, k1)
+    allowed = plan.allowed_rows(start, stop, S, device)
+    if allowed is not None:
+        scores = scores.masked_fill(~_keys(allowed, k0, k1), float("-inf"))
+    return scores
 
 
 Block = tuple[int, int, int, int, int, int]  # n0, n1, start, stop, k0, k1

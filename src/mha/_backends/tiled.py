@@ -226,23 +226,26 @@ class _Buffers:
             shape = (N, L, S) if call.weights == "mean" else (N, Hq, L, S)
             self.w = self.v.new_zeros(shape) if closed else self.v.new_empty(shape)
         self.lse = self.v.new_empty(N, Hq, L) if call.return_lse else None
+        # Heads flattened once, (N * Hq, rows, features): a block is a slice of each.
+        self.q3, self.k3, self.v3, self.out3 = (t.flatten(0, 1) for t in (self.q, self.k, self.v, self.out))
 
     def scores(self, block: Block) -> Tensor:
         n0, n1, start, stop, k0, k1 = block
-        q = self.q[n0:n1, :, start:stop].flatten(0, 1)
-        kt = self.k[n0:n1, :, k0:k1].flatten(0, 1).transpose(1, 2)
-        scores = self.buffer[: q.shape[0] * q.shape[1] * kt.shape[2]].view(q.shape[0], q.shape[1], kt.shape[2])
-        return scores.baddbmm_(q, kt, beta=0, alpha=self.scale).view(n1 - n0, self.Hq, stop - start, k1 - k0)
+        heads = slice(n0 * self.Hq, n1 * self.Hq)
+        q, kt = self.q3[heads, start:stop], self.k3[heads, k0:k1].transpose(1, 2)
+        B, rows, keys = q.shape[0], stop - start, k1 - k0
+        scores = self.buffer[: B * rows * keys].view(B, rows, keys)
+        return scores.baddbmm_(q, kt, beta=0, alpha=self.scale).view(n1 - n0, self.Hq, rows, keys)
 
     def put(self, block: Block, probs: Tensor, lse: Tensor | None) -> None:
         n0, n1, start, stop, k0, k1 = block
-        probs_flat, v = probs.flatten(0, 1), self.v[n0:n1, :, k0:k1].flatten(0, 1)
-        rows = self.out[n0:n1, :, start:stop]
+        heads = slice(n0 * self.Hq, n1 * self.Hq)
+        probs_flat, v, rows = probs.flatten(0, 1), self.v3[heads, k0:k1], self.out3[heads, start:stop]
         if self.transposed_out:
             # out^T = V^T P^T, into the columns [start, stop) of each head's (Dv, L) matrix.
-            torch.bmm(v.transpose(1, 2), probs_flat.transpose(1, 2), out=rows.transpose(2, 3).flatten(0, 1))
+            torch.bmm(v.transpose(1, 2), probs_flat.transpose(1, 2), out=rows.transpose(1, 2))
         else:
-            torch.bmm(probs_flat, v, out=rows.flatten(0, 1))
+            torch.bmm(probs_flat, v, out=rows)
         if self.lse is not None and lse is not None:
             self.lse[n0:n1, :, start:stop] = lse
         if self.w is not None and self.weights == "mean":

@@ -244,8 +244,12 @@ class _Buffers:
         if self.transposed_out:
             # out^T = V^T P^T, into the columns [start, stop) of each head's (Dv, L) matrix.
             torch.bmm(v.transpose(1, 2), probs_flat.transpose(1, 2), out=rows.transpose(1, 2))
-        else:
+        elif rows.is_contiguous():
             torch.bmm(probs_flat, v, out=rows)
+        else:
+            # Rows of a taller output: bmm into a strided out= runs a slow path (at N=1,
+            # L=1024, H=8 in blocks of 512 rows, 3.7 ms against 3.0 for bmm and a copy).
+            rows.copy_(torch.bmm(probs_flat, v))
         if self.lse is not None and lse is not None:
             self.lse[n0:n1, :, start:stop] = lse
         if self.w is not None and self.weights == "mean":

@@ -190,32 +190,32 @@ class _Buffers:
     """Without autograd: every block's scores in one buffer allocated once (``scores``
     elements), its products and weights written straight into results allocated once.
     Memory beyond the results is that buffer; no fresh block-sized tensor a block, no
-    copy of a block's output, never a second copy of the weights.
+    copy of the weights, a copy of a block's output only where noted below.
 
     Keys and values whose heads are not dense matrices are copied once into contiguous
     ``(N, Hq, S, D)`` tensors, so that the products read rows of contiguous heads, not
     rows strided across the projection's ``(N, S, 3E)`` (P @ V ran 20-50% slower on
     strided V at L = 128-1024); heads stored transposed (the module's feature-major
-    projection) are dense already and are read as they are. When a block holds every
-    query row, the output takes the query's layout: transposed heads get their output
-    transposed, ``V^T P^T``, which the module's ``out_proj`` reads without a copy. With
-    blocks of fewer rows, transposed queries and values are copied to contiguous heads
-    and the output is contiguous (a block's rows as columns of a transposed output,
-    written through a strided ``out=``, ran 5-10% slower at N=1, L=4096, and P @ V on
-    transposed values 10% slower, a loop over heads in torch). The scale multiplies
-    the product (``baddbmm``'s alpha), not a copy of the queries."""
+    projection) are dense already and are read as they are, queries and keys always,
+    values when a block holds every query row (P @ V on transposed values in blocks of
+    rows ran 10% slower than on a copy). When a block holds every query row the output
+    takes the query's layout: transposed heads get their output transposed, ``V^T P^T``,
+    which the module's ``out_proj`` reads without a copy. With blocks of fewer rows the
+    output is contiguous: a block's rows as columns of a transposed output, or as rows
+    of a taller one, are slow through ``bmm``'s ``out=`` (5-25% at N=1, L=1024-4096), so
+    a strided block of rows is computed and then copied. The scale multiplies the
+    product (``baddbmm``'s alpha), not a copy of the queries."""
 
     def __init__(self, call: Call, dtype: torch.dtype, scores: int, all_rows: bool) -> None:
         N, Hq, Hkv, L, S, _, Dv = call.shape
-        q = _as(call.query, dtype)
-        self.q, self.scale, self.Hq = q if all_rows else q.contiguous(), call.scale, Hq
+        self.q, self.scale, self.Hq = _as(call.query, dtype), call.scale, Hq
         self.k = _dense_heads(_expand_kv(_as(call.key, dtype), Hq // Hkv))
         v = _expand_kv(_as(call.value, dtype), Hq // Hkv)
         self.v = _dense_heads(v) if all_rows else v.contiguous()
         self.buffer = self.v.new_empty(scores)
         self.weights = call.weights
         # (N, Hq, L, Dv), stored as (N, Hq, Dv, L) when the query's heads are transposed.
-        self.transposed_out = _transposed_heads(self.q)
+        self.transposed_out = all_rows and _transposed_heads(self.q)
         self.out = (
             self.v.new_empty(N, Hq, Dv, L).transpose(2, 3) if self.transposed_out else self.v.new_empty(N, Hq, L, Dv)
         )

@@ -135,3 +135,31 @@ def test_masks_changed_behind_the_version_counter_are_never_stale(change, kind):
         assert mask._version == version  # the change is invisible to the version counter
     torch.testing.assert_close(got[0], want[0], **TOL[torch.float32])
     torch.testing.assert_close(got[1], want[1], **TOL[torch.float32])
+
+
+@pytest.mark.parametrize("lengths_wanted", [False, True])
+@pytest.mark.parametrize("kind", ["bool", "float"])
+@pytest.mark.parametrize(
+    ("rows", "empty"),
+    [
+        ([[0, 0, 1], [0, 1, 1]], ()),  # right padding
+        ([[1, 0, 0], [1, 1, 0]], ()),  # left padding: first keys padded, no sequence empty
+        ([[0, 0, 1], [1, 1, 1]], (1,)),  # the second sequence has no key
+        ([[1, 1, 1], [1, 0, 1]], (0,)),
+        ([[1, 1, 1], [1, 1, 1]], (0, 1)),
+    ],
+)
+def test_key_padding_summary_finds_the_sequences_without_keys(rows, empty, kind, lengths_wanted):
+    """The summary names exactly the sequences whose every key is padded, whether it
+    reads the first column alone (lengths not wanted) or the whole mask."""
+    from mha._mask_analysis import summarize_key_padding_mask
+
+    padding = torch.tensor(rows, dtype=torch.bool)
+    mask = padding if kind == "bool" else torch.zeros(padding.shape).masked_fill(padding, float("-inf"))
+    assert summarize_key_padding_mask(mask, lengths_wanted).empty_batches == empty
+
+
+def test_key_padding_summary_of_no_keys():
+    from mha._mask_analysis import summarize_key_padding_mask
+
+    assert summarize_key_padding_mask(torch.zeros(2, 0, dtype=torch.bool), False).empty_batches == (0, 1)

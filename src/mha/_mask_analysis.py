@@ -82,9 +82,15 @@ def masked_out(mask: Tensor) -> Tensor:
 
 def summarize_key_padding_mask(mask: Tensor, lengths_wanted: bool = True) -> KeyPaddingSummary:
     """Summary of a bool (True = padding) or float (additive) ``(N, S)`` ``key_padding_mask``.
-    ``lengths_wanted=False`` skips the right-padding test (one host read instead of two)."""
+    ``lengths_wanted=False`` skips the right-padding test: then a mask whose first key is
+    open in every sequence (right padding, the usual case) is cleared by reading that
+    column alone, N values (a sequence with every key padded has its first key padded)."""
+    if not lengths_wanted or mask.requires_grad:
+        if mask.shape[-1] > 0 and True not in masked_out(mask[:, 0]).tolist():
+            return _EVERY_BATCH_OPEN
+        return _empty_batches(masked_out(mask))
     is_blocked = masked_out(mask)
-    lengths = right_padding_lengths(is_blocked) if lengths_wanted and not mask.requires_grad else None
+    lengths = right_padding_lengths(is_blocked)
     if (
         lengths is not None
         and mask.dtype != torch.bool
@@ -92,13 +98,18 @@ def summarize_key_padding_mask(mask: Tensor, lengths_wanted: bool = True) -> Key
     ):
         lengths = None
     if lengths is None:
-        # One read of N booleans (tolist), not any() and a second read through bool().
-        empty = is_blocked.all(dim=-1).tolist()
-        if True not in empty:
-            return _EVERY_BATCH_OPEN
-        return KeyPaddingSummary(tuple(n for n, e in enumerate(empty) if e), None, None)
+        return _empty_batches(is_blocked)
     host = tuple(lengths.tolist())
     return KeyPaddingSummary(tuple(n for n, count in enumerate(host) if count == 0), lengths, host)
+
+
+def _empty_batches(is_blocked: Tensor) -> KeyPaddingSummary:
+    """The summary without lengths of a boolean ``(N, S)`` padding mask (True = padding),
+    read once: N booleans through ``tolist``, not ``any()`` and a second read through ``bool()``."""
+    empty = is_blocked.all(dim=-1).tolist()
+    if True not in empty:
+        return _EVERY_BATCH_OPEN
+    return KeyPaddingSummary(tuple(n for n, e in enumerate(empty) if e), None, None)
 
 
 def _standard_causal(L: int, S: int, dtype: torch.dtype, device: torch.device) -> Tensor:

@@ -6,37 +6,47 @@ modules with the same weights, timed in interleaved rounds in one process (so a
 busy machine slows both alike). Prints, per shape, the median time of each and
 the median over rounds of torch's time divided by mha's (above 1: mha is faster).
 
-At N=1, L=256 (one block of scores in mha's tiled backend) torch runs its fused
-``_native_multi_head_attention`` (batch_first, inference). Without autograd the tiled
-backend now puts each block's scores in one buffer allocated per call (``baddbmm_``,
-the scale as its alpha), the softmax overwrites them, P @ V goes straight into the
-output and the head mean is a sum with one division at the end: the same ops as
-torch's path (one projection GEMM, two attention products, one softmax, one head
-sum, two copies to contiguous heads). Replaying mha's ops without its Python layers
-ran at 0.96-1.05x torch at L=128 and 256; with the layers (front end, dispatch, the
-backend's loop) mha runs at 0.87-0.97x there: a few hundred microseconds of Python a
-call, dearer after the projections have evicted the caches than when timed alone.
+At N=1, L=256 torch runs its fused ``_native_multi_head_attention`` (batch_first,
+inference): one projection GEMM, a copy of q, k, v into heads, two attention
+products, a softmax, a head sum, a copy back. mha at N=1 writes the projection
+transposed, ``(3E, L)``, so that each head's q, k and v are dense ``(D, L)``
+matrices that the tiled backend reads without copies; with every row in one block
+it writes the output transposed too, which ``out_proj`` reads as it is. Larger
+calls run in blocks of up to 2^22 scores of one sequence's rows (whole sequences
+grouped up to 2^21), a block of a taller output going through ``bmm`` and a copy
+rather than a strided ``out=`` (a slow path in torch).
 
-Measured with ``OMP_NUM_THREADS=1`` (2026-11-29, a 2-core machine shared with other
-jobs, 9 rounds, six runs alternating the commit before this work, 5bc8861, and
-after it; 1x128 in three), torch/mha before -> after:
+Two effects decide a run, more than the code does:
 
-* 1x128: 0.85-0.86 -> 0.80-0.88; 1x256: 0.90-1.09 -> 0.87-1.11 (the spread is the
-  page faults below; timed in one process with both versions interleaved, thread
-  CPU time, 15 rounds, three runs: 1x128 0.86-0.89 -> 0.89-0.92, 1x256 0.87-0.90
-  (1.13 in the run where torch faulted) -> 0.93-0.96);
-* 1x1024: 1.06-1.16 -> 1.26-1.41;
-* 1x4096: 0.82-0.98 -> 1.25-1.53;
-* 8x512: 1.17-1.33 -> 1.28-1.41.
+* Page faults. glibc serves 32 MiB and more (torch's full score matrix from
+  L = 1024) with a fresh ``mmap`` on every call, and sometimes gives the heap back
+  between smaller calls: the call then faults its pages in again (about 1,000
+  faults, 1.5-2 ms, for torch at 1x256). Torch's larger allocations make it the
+  usual loser, but the smaller shapes flip from process to process. To compare the
+  arithmetic alone, run with ``MALLOC_MMAP_THRESHOLD_=1073741824
+  MALLOC_TRIM_THRESHOLD_=1073741824`` (malloc then never maps or trims: no faults).
+* Threads under load. With two threads while the machine's other core is busy,
+  every parallel op waits for the descheduled thread, and mha's block loop (more,
+  smaller ops than torch's) slowed 5-9x in such runs. Compare on an idle machine
+  or at ``OMP_NUM_THREADS=1``.
 
-Two effects to know when reading a run. glibc sometimes gives the heap back between
-calls, and a call then faults its pages in again (about 1,000 faults, 2.5 ms for
-torch at 1x256): whichever side it hits in a given process loses 20-35%. And with
-two threads on a machine whose other core is busy, every parallel op waits for the
-descheduled thread: mha's block loop (up to a few hundred ops a call at L=4096)
-then ran 5-9x slower than with one thread while torch's few large ops did not
-(2 threads under load average 4-6: 0.2-0.9x for both commits). Compare runs at
-``OMP_NUM_THREADS=1`` or on an idle machine.
+Measured 2026-11-29 on the development machine (2 cores, idle, torch 2.13.0+cpu,
+15 rounds), torch/mha:
+
+=================================  =========  =========  =========  =========
+run                                1 x 256    1 x 1024   1 x 4096   8 x 512
+=================================  =========  =========  =========  =========
+2 threads, default malloc (3 runs)  1.01-1.53  1.40-1.51  1.55-1.63  1.35-1.38
+2 threads, no faults (2 runs)       0.99-1.00  1.00       1.32-1.34  1.19
+1 thread, default malloc            0.95       1.29       1.65       1.40
+1 thread, no faults                 0.95       1.10       1.33       1.19
+=================================  =========  =========  =========  =========
+
+Before this round (same machine, no faults, 2 threads, 9 rounds, seven runs):
+0.90-0.93, 0.88-0.93, 1.06-1.15, 1.11-1.18. At 1 x 256 without faults the ops alone (mha's
+sequence replayed without its Python layers) run 1.04x torch at 2 threads and
+1.00x at one; the rest is Python between kernels, which costs several times its
+tight-loop time once the products have evicted the caches.
 
 Usage::
 

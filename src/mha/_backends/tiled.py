@@ -4,8 +4,9 @@ It serves every call, and is the path for what SDPA cannot give: attention
 weights (averaged over heads without keeping per-head weights beyond one
 block), the log-sum-exp, and any mask. Memory beyond the outputs is one block
 of scores (at most ``_BLOCK_ELEMENTS``), whatever N and L are, and without autograd
-a contiguous copy of the keys and values. Masks are read at their own broadcast
-shape, one block of rows at a time.
+a contiguous copy of the queries, keys and values whose heads are not dense
+matrices already. Masks are read at their own broadcast shape, one block of rows
+at a time.
 
 Half-precision inputs are computed in fp32 and cast back.
 """

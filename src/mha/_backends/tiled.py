@@ -4,9 +4,9 @@ It serves every call, and is the path for what SDPA cannot give: attention
 weights (averaged over heads without keeping per-head weights beyond one
 block), the log-sum-exp, and any mask. Memory beyond the outputs is one block
 of scores (at most ``_BLOCK_ELEMENTS``), whatever N and L are, and without autograd
-a contiguous copy of the queries, keys and values whose heads are not dense
-matrices already. Masks are read at their own broadcast shape, one block of rows
-at a time.
+a contiguous copy of the keys and values whose heads are not dense matrices
+already (queries are copied a block at a time where they must be). Masks are
+read at their own broadcast shape, one block of rows at a time.
 
 Half-precision inputs are computed in fp32 and cast back.
 """
@@ -227,13 +227,16 @@ class _Buffers:
             shape = (N, L, S) if call.weights == "mean" else (N, Hq, L, S)
             self.w = self.v.new_zeros(shape) if closed else self.v.new_empty(shape)
         self.lse = self.v.new_empty(N, Hq, L) if call.return_lse else None
-        # Heads flattened once, (N * Hq, rows, features): a block is a slice of each.
-        self.q3, self.k3, self.v3, self.out3 = (t.flatten(0, 1) for t in (self.q, self.k, self.v, self.out))
+        # Heads flattened once, (N * Hq, rows, features): a block is a slice of each. The
+        # queries only where that is a view: a block's queries are copied, not all at once.
+        self.k3, self.v3, self.out3 = (t.flatten(0, 1) for t in (self.k, self.v, self.out))
+        self.q3 = self.q.flatten(0, 1) if _heads_merge(self.q) else None
 
     def scores(self, block: Block) -> Tensor:
         n0, n1, start, stop, k0, k1 = block
         heads = slice(n0 * self.Hq, n1 * self.Hq)
-        q, kt = self.q3[heads, start:stop], self.k3[heads, k0:k1].transpose(1, 2)
+        q = self.q[n0:n1, :, start:stop].flatten(0, 1) if self.q3 is None else self.q3[heads, start:stop]
+        kt = self.k3[heads, k0:k1].transpose(1, 2)
         B, rows, keys = q.shape[0], stop - start, k1 - k0
         scores = self.buffer[: B * rows * keys].view(B, rows, keys)
         return scores.baddbmm_(q, kt, beta=0, alpha=self.scale).view(n1 - n0, self.Hq, rows, keys)
@@ -276,6 +279,12 @@ def _as(t: Tensor, dtype: torch.dtype) -> Tensor:
 def _transposed_heads(t: Tensor) -> bool:
     """Whether the heads of ``(N, H, X, D)`` are stored transposed: ``(N, H, D, X)`` contiguous."""
     return not t.is_contiguous() and t.transpose(2, 3).is_contiguous()
+
+
+def _heads_merge(t: Tensor) -> bool:
+    """Whether the batch and head dimensions of ``(N, H, X, D)`` flatten into one by a view."""
+    N, H = t.shape[0], t.shape[1]
+    return N == 1 or H == 1 or t.stride(0) == H * t.stride(1)
 
 
 def _dense_heads(t: Tensor) -> Tensor:

@@ -525,6 +525,40 @@ def test_one_sequence_with_weights_without_autograd(layout, bias, masks, L):
         torch.testing.assert_close(w, t_w, **TOL[torch.float64])
 
 
+@pytest.mark.parametrize("inputs", ["self", "kv"])
+@pytest.mark.parametrize("need_weights", [True, False])
+def test_unbatched_inputs_keep_their_identity(monkeypatch, inputs, need_weights):
+    """An unbatched call whose key is its query (or value its key) is projected as the
+    same call with a batch of one: self-attention in one GEMM (with weights, the
+    feature-major one), key and value together, not one projection per input."""
+    import torch.nn.functional as F
+
+    calls: list[tuple[int, ...]] = []
+    linear = F.linear
+
+    def spy(x, weight, bias=None):
+        calls.append(tuple(weight.shape))
+        return linear(x, weight, bias)
+
+    monkeypatch.setattr(F, "linear", spy)
+    theirs, ours = build_pair(8, 2)
+
+    def call(module, query, memory):
+        key = query if inputs == "self" else memory
+        return module(query, key, key, need_weights=need_weights)
+
+    x, y = torch.randn(5, 8), torch.randn(6, 8)
+    got = call(ours, x, y)
+    unbatched = calls[:]
+    calls.clear()
+    call(ours, x[:, None], y[:, None])
+    assert unbatched == calls
+    want = call(theirs, x, y)
+    torch.testing.assert_close(got[0], want[0], **TOL[torch.float32])
+    if need_weights:
+        torch.testing.assert_close(got[1], want[1], **TOL[torch.float32])
+
+
 # Dropout: checked statistically, not bit for bit. Copies of one sequence along the batch
 # draw independent dropout masks, so one call gives many samples.
 

@@ -226,13 +226,17 @@ class _Buffers:
             shape = (N, L, S) if call.weights == "mean" else (N, Hq, L, S)
             self.w = self.v.new_zeros(shape) if closed else self.v.new_empty(shape)
         self.lse = self.v.new_empty(N, Hq, L) if call.return_lse else None
-        # Heads flattened once, (N * Hq, rows, features): a block is a slice of each.
-        self.q3, self.k3, self.v3, self.out3 = (t.flatten(0, 1) for t in (self.q, self.k, self.v, self.out))
+        # Heads flattened once, (N * Hq, rows, features): a block is a slice of each. Queries
+        # whose heads flatten only through a copy (position-major, several sequences) are
+        # flattened a block at a time instead: a block of one sequence is then a view.
+        self.q3 = self.q.flatten(0, 1) if _flattens(self.q) else None
+        self.k3, self.v3, self.out3 = (t.flatten(0, 1) for t in (self.k, self.v, self.out))
 
     def scores(self, block: Block) -> Tensor:
         n0, n1, start, stop, k0, k1 = block
         heads = slice(n0 * self.Hq, n1 * self.Hq)
-        q, kt = self.q3[heads, start:stop], self.k3[heads, k0:k1].transpose(1, 2)
+        q = self.q[n0:n1, :, start:stop].flatten(0, 1) if self.q3 is None else self.q3[heads, start:stop]
+        kt = self.k3[heads, k0:k1].transpose(1, 2)
         B, rows, keys = q.shape[0], stop - start, k1 - k0
         scores = self.buffer[: B * rows * keys].view(B, rows, keys)
         return scores.baddbmm_(q, kt, beta=0, alpha=self.scale).view(n1 - n0, self.Hq, rows, keys)
@@ -275,6 +279,12 @@ def _as(t: Tensor, dtype: torch.dtype) -> Tensor:
 def _transposed_heads(t: Tensor) -> bool:
     """Whether the heads of ``(N, H, X, D)`` are stored transposed: ``(N, H, D, X)`` contiguous."""
     return not t.is_contiguous() and t.transpose(2, 3).is_contiguous()
+
+
+def _flattens(t: Tensor) -> bool:
+    """Whether ``(N, H, X, D)`` flattens to ``(N * H, X, D)`` as a view, without a copy."""
+    N, H = t.shape[:2]
+    return N == 1 or H == 1 or t.stride(0) == H * t.stride(1)
 
 
 def _dense_heads(t: Tensor) -> Tensor:

@@ -500,12 +500,16 @@ def test_awkward_sizes_fp32():
 @pytest.mark.parametrize("layout", ["sequence_first", "batch_first", "unbatched"])
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("masks", ["none", "key_padding", "attn_mask"])
-@pytest.mark.parametrize("L", [5, 1500])  # one block of scores; two (H * L * L > 2**23)
-def test_one_sequence_with_weights_without_autograd(layout, bias, masks, L):
+@pytest.mark.parametrize("rows_per_block", [None, 2])  # one block of scores; blocks of 2 rows
+def test_one_sequence_with_weights_without_autograd(layout, bias, masks, rows_per_block, monkeypatch):
     """One sequence with weights on the CPU takes the feature-major projection (the
     heads stored transposed) and, in one block, an output that out_proj reads as it
     is: the same results as torch, averaged and per head."""
-    E, H = 24, 4
+    from mha._backends import tiled
+
+    E, H, L = 24, 4, 7
+    if rows_per_block is not None:
+        monkeypatch.setattr(tiled, "_BLOCK_ELEMENTS", H * L * rows_per_block)
     batch_first = layout == "batch_first"
     theirs, ours = build_pair(E, H, dtype=torch.float64, bias=bias, batch_first=batch_first)
     g = torch.Generator().manual_seed(3)

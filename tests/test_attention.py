@@ -243,6 +243,35 @@ def test_tiled_reads_heads_stored_transposed(mask_name, rows_per_block, monkeypa
             torch.testing.assert_close(getattr(got, name), getattr(want, name), **FP64)
 
 
+def test_tiled_never_copies_position_major_queries_whole(monkeypatch):
+    """Without autograd, queries stored position-major ``(N, L, H, D)`` (the module's
+    batched projection) read a block of one sequence as they are: no copy of every
+    query, which would grow with N * L beyond one block of scores."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from mha._backends import tiled
+
+    N, H, L, S, D = 3, 2, 16, 8, 4
+    monkeypatch.setattr(tiled, "_BLOCK_ELEMENTS", H * S * 4)  # blocks of 4 rows of one sequence
+    q, k, v = (t.detach() for t in make_qkv(N, H, H, L, S, D, D))
+    q_position_major = q.transpose(1, 2).contiguous().transpose(1, 2)
+    copied: list[int] = []
+
+    class Copies(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if func in (torch.ops.aten.clone.default, torch.ops.aten.copy_.default):
+                copied.append(out.numel())
+            return out
+
+    with torch.no_grad(), Copies():
+        got = mha.attention(q_position_major, k, v, weights="mean", backend="tiled")
+    assert max(copied, default=0) < q.numel()
+    want = mha.attention(q, k, v, weights="mean", backend="reference")
+    torch.testing.assert_close(got.output, want.output, **FP64)
+    torch.testing.assert_close(got.weights, want.weights, **FP64)
+
+
 def test_mean_weights_are_the_mean_of_per_head():
     N, Hq, L, S = 2, 6, 5, 7
     mask = MASKS["causal&allowed&bias"](N, Hq, L, S, torch.Generator().manual_seed(0))

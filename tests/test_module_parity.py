@@ -500,12 +500,16 @@ def test_awkward_sizes_fp32():
 @pytest.mark.parametrize("layout", ["sequence_first", "batch_first", "unbatched"])
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("masks", ["none", "key_padding", "attn_mask"])
-@pytest.mark.parametrize("L", [5, 1500])  # one block of scores; two (H * L * L > 2**23)
-def test_one_sequence_with_weights_without_autograd(layout, bias, masks, L):
+@pytest.mark.parametrize("rows_per_block", [None, 2])  # one block of scores; blocks of 2 rows
+def test_one_sequence_with_weights_without_autograd(layout, bias, masks, rows_per_block, monkeypatch):
     """One sequence with weights on the CPU takes the feature-major projection (the
     heads stored transposed) and, in one block, an output that out_proj reads as it
     is: the same results as torch, averaged and per head."""
-    E, H = 24, 4
+    from mha._backends import tiled
+
+    E, H, L = 24, 4, 7
+    if rows_per_block is not None:
+        monkeypatch.setattr(tiled, "_BLOCK_ELEMENTS", H * L * rows_per_block)
     batch_first = layout == "batch_first"
     theirs, ours = build_pair(E, H, dtype=torch.float64, bias=bias, batch_first=batch_first)
     g = torch.Generator().manual_seed(3)
@@ -523,6 +527,40 @@ def test_one_sequence_with_weights_without_autograd(layout, bias, masks, L):
             t_out, t_w = theirs(x, x, x, average_attn_weights=average, **kwargs)
         torch.testing.assert_close(out, t_out, **TOL[torch.float64])
         torch.testing.assert_close(w, t_w, **TOL[torch.float64])
+
+
+@pytest.mark.parametrize("inputs", ["self", "kv"])
+@pytest.mark.parametrize("need_weights", [True, False])
+def test_unbatched_inputs_keep_their_identity(monkeypatch, inputs, need_weights):
+    """An unbatched call whose key is its query (or value its key) is projected as the
+    same call with a batch of one: self-attention in one GEMM (with weights, the
+    feature-major one), key and value together, not one projection per input."""
+    import torch.nn.functional as F
+
+    calls: list[tuple[int, ...]] = []
+    linear = F.linear
+
+    def spy(x, weight, bias=None):
+        calls.append(tuple(weight.shape))
+        return linear(x, weight, bias)
+
+    monkeypatch.setattr(F, "linear", spy)
+    theirs, ours = build_pair(8, 2)
+
+    def call(module, query, memory):
+        key = query if inputs == "self" else memory
+        return module(query, key, key, need_weights=need_weights)
+
+    x, y = torch.randn(5, 8), torch.randn(6, 8)
+    got = call(ours, x, y)
+    unbatched = calls[:]
+    calls.clear()
+    call(ours, x[:, None], y[:, None])
+    assert unbatched == calls
+    want = call(theirs, x, y)
+    torch.testing.assert_close(got[0], want[0], **TOL[torch.float32])
+    if need_weights:
+        torch.testing.assert_close(got[1], want[1], **TOL[torch.float32])
 
 
 # Dropout: checked statistically, not bit for bit. Copies of one sequence along the batch

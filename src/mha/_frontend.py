@@ -161,7 +161,9 @@ def plan_forward(
     batched, N, L, S = validate_forward(config, query, key, value, key_padding_mask, attn_mask)
     H = config.num_heads
     if not batched:
-        query, key, value = query.unsqueeze(1), key.unsqueeze(1), value.unsqueeze(1)
+        # One view per distinct input: a key that is the query (a value that is the key)
+        # stays the same tensor, so self-attention is still projected in one GEMM.
+        query, key, value = _batch_of_one(query, key, value)
         if key_padding_mask is not None:
             key_padding_mask = key_padding_mask.unsqueeze(0)
         if attn_mask is not None and attn_mask.dim() == 3:
@@ -210,6 +212,15 @@ def plan_forward(
         route, query, key, value, batched, batch_first, N, L, S, extra_keys,
         mask, key_lengths, weights, dropout_p, messages, values_read,
     )
+
+
+def _batch_of_one(query: Tensor, key: Tensor, value: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Unbatched ``(L, E)``, ``(S, kdim)``, ``(S, vdim)`` as ``(L, 1, E)``, ``(S, 1, kdim)``,
+    ``(S, 1, vdim)``, inputs that are one tensor still one tensor."""
+    q = query.unsqueeze(1)
+    k = q if key is query else key.unsqueeze(1)
+    v = k if value is key else q if value is query else value.unsqueeze(1)
+    return q, k, v
 
 
 # benchmarks/overhead.py --sections route (CPU, E=256, a third of the keys padded): the

@@ -227,10 +227,11 @@ class _Buffers:
             shape = (N, L, S) if call.weights == "mean" else (N, Hq, L, S)
             self.w = self.v.new_zeros(shape) if closed else self.v.new_empty(shape)
         self.lse = self.v.new_empty(N, Hq, L) if call.return_lse else None
-        # Heads flattened once, (N * Hq, rows, features): a block is a slice of each. The
-        # queries only where that is a view: a block's queries are copied, not all at once.
+        # Heads flattened once, (N * Hq, rows, features): a block is a slice of each. Queries
+        # whose heads flatten only through a copy (position-major, several sequences) are
+        # flattened a block at a time instead: a block of one sequence is then a view.
+        self.q3 = self.q.flatten(0, 1) if _flattens(self.q) else None
         self.k3, self.v3, self.out3 = (t.flatten(0, 1) for t in (self.k, self.v, self.out))
-        self.q3 = self.q.flatten(0, 1) if _heads_merge(self.q) else None
 
     def scores(self, block: Block) -> Tensor:
         n0, n1, start, stop, k0, k1 = block
@@ -281,9 +282,9 @@ def _transposed_heads(t: Tensor) -> bool:
     return not t.is_contiguous() and t.transpose(2, 3).is_contiguous()
 
 
-def _heads_merge(t: Tensor) -> bool:
-    """Whether the batch and head dimensions of ``(N, H, X, D)`` flatten into one by a view."""
-    N, H = t.shape[0], t.shape[1]
+def _flattens(t: Tensor) -> bool:
+    """Whether ``(N, H, X, D)`` flattens to ``(N * H, X, D)`` as a view, without a copy."""
+    N, H = t.shape[:2]
     return N == 1 or H == 1 or t.stride(0) == H * t.stride(1)
 
 

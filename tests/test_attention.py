@@ -201,9 +201,9 @@ def test_tiled_in_small_blocks(mask_name, rows_per_block, monkeypatch):
     per_row = Hq * S
     rows = {"sequence": L, "two_sequences": L}.get(rows_per_block, rows_per_block)
     sequences = 2 if rows_per_block == "two_sequences" else 1  # N = 3: blocks of 2 and 1
-    monkeypatch.setattr(tiled, "_BLOCK_ELEMENTS", per_row * rows)
-    monkeypatch.setattr(tiled, "_BATCH_BLOCK_ELEMENTS", per_row * L * sequences)
-    assert tiled._block_shape(N, Hq, L, S) == (sequences, rows)
+    monkeypatch.setattr(tiled, "_BLOCK_BYTES", per_row * rows * 8)  # fp64 scores
+    monkeypatch.setattr(tiled, "_BATCH_BLOCK_BYTES", per_row * L * sequences * 8)
+    assert tiled._block_shape(N, Hq, L, S, 8) == (sequences, rows)
     mask = MASKS[mask_name](N, Hq, L, S, torch.Generator().manual_seed(11))
     q, k, v = make_qkv(N, Hq, Hkv, L, S, Dk, Dv)
     for weights in ("per_head", "mean"):
@@ -227,8 +227,8 @@ def test_tiled_reads_heads_stored_transposed(mask_name, rows_per_block, monkeypa
 
     N, Hq, Hkv, L, S, Dk, Dv = 2, 4, 2, 7, 7, 3, 5
     if rows_per_block != "all":
-        monkeypatch.setattr(tiled, "_BLOCK_ELEMENTS", Hq * S * rows_per_block)
-        monkeypatch.setattr(tiled, "_BATCH_BLOCK_ELEMENTS", Hq * S * rows_per_block)
+        monkeypatch.setattr(tiled, "_BLOCK_BYTES", Hq * S * rows_per_block * 8)
+        monkeypatch.setattr(tiled, "_BATCH_BLOCK_BYTES", Hq * S * rows_per_block * 8)
     mask = MASKS[mask_name](N, Hq, L, S, torch.Generator().manual_seed(5))
     q, k, v = (t.detach() for t in make_qkv(N, Hq, Hkv, L, S, Dk, Dv))
     qt, kt, vt = (t.transpose(2, 3).contiguous().transpose(2, 3) for t in (q, k, v))
@@ -252,7 +252,7 @@ def test_tiled_never_copies_position_major_queries_whole(monkeypatch):
     from mha._backends import tiled
 
     N, H, L, S, D = 3, 2, 16, 8, 4
-    monkeypatch.setattr(tiled, "_BLOCK_ELEMENTS", H * S * 4)  # blocks of 4 rows of one sequence
+    monkeypatch.setattr(tiled, "_BLOCK_BYTES", H * S * 4 * 8)  # blocks of 4 rows of one sequence, fp64
     q, k, v = (t.detach() for t in make_qkv(N, H, H, L, S, D, D))
     q_position_major = q.transpose(1, 2).contiguous().transpose(1, 2)
     copied: list[int] = []

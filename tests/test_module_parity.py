@@ -509,7 +509,7 @@ def test_one_sequence_with_weights_without_autograd(layout, bias, masks, rows_pe
 
     E, H, L = 24, 4, 7
     if rows_per_block is not None:
-        monkeypatch.setattr(tiled, "_BLOCK_ELEMENTS", H * L * rows_per_block)
+        monkeypatch.setattr(tiled, "_BLOCK_BYTES", H * L * rows_per_block * 8)  # fp64 scores
     batch_first = layout == "batch_first"
     theirs, ours = build_pair(E, H, dtype=torch.float64, bias=bias, batch_first=batch_first)
     g = torch.Generator().manual_seed(3)

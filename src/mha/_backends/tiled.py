@@ -3,7 +3,7 @@
 It serves every call, and is the path for what SDPA cannot give: attention
 weights (averaged over heads without keeping per-head weights beyond one
 block), the log-sum-exp, and any mask. Memory beyond the outputs is one block
-of scores (at most ``_BLOCK_ELEMENTS``), whatever N and L are, and without autograd
+of scores (at most ``_BLOCK_BYTES``), whatever N and L are, and without autograd
 a contiguous copy of the keys and values whose heads are not dense matrices
 already (queries are copied a block at a time where they must be). Masks are
 read at their own broadcast shape, one block of rows at a time.
@@ -22,27 +22,28 @@ from .._types import AttentionOutput, Call, Capabilities
 from ._grouped import by_groups
 from ._ops import masked_logsumexp, masked_softmax
 
-# Elements of one block of scores: rows of one sequence up to _BLOCK_ELEMENTS (fp32:
-# 16 MiB), several whole sequences together up to _BATCH_BLOCK_ELEMENTS (8 MiB).
-# Memory beyond the outputs never grows with L. Taller blocks feed the products more
-# query rows at once; several sequences in one block only add memory that falls out of
-# the caches. Without autograd (E=512, H=8, 2 threads, malloc never trimming, torch/mha
-# for one budget of rows and sequences alike): N=1, L=4096 1.15x at 2^21, 1.23x at
-# 2^22, 1.20x at 2^23; N=1, L=1024 0.87x, 0.86x, 0.95x; N=8, L=512, sequences grouped,
-# 1.17x, 1.13x, 1.08x. Not 2^23: glibc serves 32 MiB and more with a fresh mmap on
-# every call, whose page faults then cost mha more than the taller block gains
-# (N=1, L=1024 with the default allocator: 1.40x at 2^21, 1.02x at 2^23).
-_BLOCK_ELEMENTS = 1 << 22
-_BATCH_BLOCK_ELEMENTS = 1 << 21
+# One block of scores: rows of one sequence up to _BLOCK_BYTES (fp32: 2^22 scores),
+# several whole sequences together up to _BATCH_BLOCK_BYTES. Memory beyond the outputs
+# never grows with L. Taller blocks feed the products more query rows at once; several
+# sequences in one block only add memory that falls out of the caches. Without autograd
+# (E=512, H=8, fp32, 2 threads, malloc never trimming, torch/mha for one budget of rows
+# and sequences alike): N=1, L=4096 1.15x at 8 MiB, 1.23x at 16, 1.20x at 32; N=1,
+# L=1024 0.87x, 0.86x, 0.95x; N=8, L=512, sequences grouped, 1.17x, 1.13x, 1.08x. Not
+# 32 MiB: glibc serves 32 MiB and more with a fresh mmap on every call, whose page
+# faults then cost more than the taller block gains (N=1, L=1024 with the default
+# allocator: 1.40x at 8 MiB, 1.02x at 32). A budget in bytes, so that fp64 blocks stay
+# below that too.
+_BLOCK_BYTES = 1 << 24
+_BATCH_BLOCK_BYTES = 1 << 23
 
 
-def _block_shape(N: int, H: int, L: int, S: int) -> tuple[int, int]:
-    """``(sequences, rows)`` of one block of scores: the rows of one sequence up to
-    :data:`_BLOCK_ELEMENTS` scores; whole sequences together up to
-    :data:`_BATCH_BLOCK_ELEMENTS`."""
-    per_row = max(1, H * S)
-    rows = max(1, min(L, _BLOCK_ELEMENTS // per_row))
-    sequences = max(1, min(N, _BATCH_BLOCK_ELEMENTS // (per_row * L))) if rows == L else 1
+def _block_shape(N: int, H: int, L: int, S: int, itemsize: int) -> tuple[int, int]:
+    """``(sequences, rows)`` of one block of scores of ``itemsize`` bytes each: the rows of
+    one sequence up to :data:`_BLOCK_BYTES`; whole sequences together up to
+    :data:`_BATCH_BLOCK_BYTES`."""
+    per_row = max(1, H * S) * itemsize
+    rows = max(1, min(L, _BLOCK_BYTES // per_row))
+    sequences = max(1, min(N, _BATCH_BLOCK_BYTES // (per_row * L))) if rows == L else 1
     return sequences, rows
 
 
@@ -76,7 +77,7 @@ class _Tiled:
     caps = Capabilities(label="the tiled backend")
 
     def workspace(self, N: int, H: int, L: int, S: int, score_bytes: int) -> tuple[str, int]:
-        sequences, rows = _block_shape(N, H, L, S)
+        sequences, rows = _block_shape(N, H, L, S, score_bytes)
         block = sequences * H * rows * S
         return f"one block of ~{block} scores (x2)", 2 * block * score_bytes
 
@@ -93,7 +94,7 @@ class _Tiled:
         may_empty = _may_empty_rows(call)
         softmax = masked_softmax if may_empty else _softmax
         logsumexp = masked_logsumexp if may_empty else _logsumexp
-        batches, rows = _block_shape(N, Hq, L, S)
+        batches, rows = _block_shape(N, Hq, L, S, dtype.itemsize)
         lengths = None if call.plan.lengths is None else call.plan.lengths.tolist()
         grad = torch.is_grad_enabled() and any(
             t.requires_grad for t in (call.query, call.key, call.value, *call.plan.bias)

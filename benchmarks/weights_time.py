@@ -12,8 +12,8 @@ products, a softmax, a head sum, a copy back. mha at N=1 writes the projection
 transposed, ``(3E, L)``, so that each head's q, k and v are dense ``(D, L)``
 matrices that the tiled backend reads without copies; with every row in one block
 it writes the output transposed too, which ``out_proj`` reads as it is. Larger
-calls run in blocks of up to 2^22 scores of one sequence's rows (whole sequences
-grouped up to 2^21), a block of a taller output going through ``bmm`` and a copy
+calls run in blocks of up to 16 MiB of scores of one sequence's rows (2^22 in fp32;
+whole sequences grouped up to 8 MiB), a block of a taller output going through ``bmm`` and a copy
 rather than a strided ``out=`` (a slow path in torch).
 
 Two effects decide a run, more than the code does:

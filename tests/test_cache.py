@@ -211,6 +211,12 @@ def test_padded_tokens_are_not_stored():
         ({"key": None}, ValueError, "key and value may be None only together, on a static"),
         ({"mask": torch.ones(3, 1, 2, M, dtype=torch.bool)}, TypeError, "mask must be an mha.masks object"),
         ({"mask": Blocked(torch.ones(3, 1, 2, 7, dtype=torch.bool))}, ValueError, "does not broadcast to .* = \\(3, 6, 2, 29\\)"),
+        # Rejected before the new tokens are written, not after.
+        ({"query": torch.ones(3, 6, 2, 40)}, TypeError, "query has dtype torch.float32 .* the cache torch.float64"),
+        ({"query": torch.ones(3, 6, 2, 7, dtype=F64)}, ValueError, r"query .* must have the cache's Dk = 40"),
+        ({"dropout_p": 2.0}, ValueError, r"dropout_p must be a float in \[0, 1\)"),
+        ({"weights": "all"}, ValueError, "weights must be None, 'mean' or 'per_head'"),
+        ({"backend": "fast"}, ValueError, "unknown backend 'fast'"),
     ],
 )
 def test_errors(kwargs, error, match):

@@ -357,6 +357,7 @@ def _cached_inputs(
                 "tensors over its positions instead"
             )
     _check_batch(cache, tuple(query.shape))
+    _check_query(cache, query)
     if key is None or value is None:
         if key is not None or value is not None or not cache.static:
             raise _missing_key_value()
@@ -431,6 +432,22 @@ def _check_batch(cache: KVCache, query_shape: tuple[int, ...]) -> None:
         raise ValueError(
             f"attention: query (N, Hq, T, Dk) = {query_shape} has N={query_shape[0]} but the cache holds "
             f"batch_size={cache.batch_size} sequences; reorder() the cache or make one per batch"
+        )
+
+
+def _check_query(cache: KVCache, query: Tensor) -> None:
+    """Query ``(N, Hq, T, Dk)`` in the cache's dtype, on its device, with its ``Dk``: checked
+    before the cache is written, so that a call that fails leaves the cache as it was."""
+    Dk = cache.key.shape[-1]
+    if query.dtype != cache.key.dtype or query.device != cache.key.device:
+        raise TypeError(
+            f"attention: query has dtype {query.dtype} on {query.device}, the cache {cache.key.dtype} on "
+            f"{cache.key.device}; make the cache with dtype= and device= of the inputs"
+        )
+    if query.shape[-1] != Dk:
+        raise ValueError(
+            f"attention: query (N, Hq, T, Dk) = {tuple(query.shape)} must have the cache's Dk = {Dk} "
+            f"(cache key {tuple(cache.key.shape)})"
         )
 
 

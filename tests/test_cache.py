@@ -32,12 +32,15 @@ class History:
             self.k[n] += [k[n, :, t] for t in range(count)]
             self.v[n] += [v[n, :, t] for t in range(count)]
 
-    def reference(self, q: torch.Tensor, n: int, count: int, window: int | None = None):
+    def reference(self, q: torch.Tensor, n: int, count: int, window: int | Window | None = None):
         """The reference for the real queries of sequence ``n``: its ``count`` new queries
         are the last ``count`` positions; causal bottom-right over every real key."""
         K = torch.stack(self.k[n], 1)[None]
         V = torch.stack(self.v[n], 1)[None]
-        mask = Causal("bottom_right") if window is None else Window(window, 0, "bottom_right")
+        if isinstance(window, Window):
+            mask = Causal("bottom_right") & Window(window.before, window.after, "bottom_right", window.shift)
+        else:
+            mask = Causal("bottom_right") if window is None else Window(window, 0, "bottom_right")
         return mha.attention(
             q[n : n + 1, :, :count], K, V, mask, backend="reference", return_lse=True, weights="per_head"
         )
@@ -55,8 +58,9 @@ def _steps(cache, history, g, chunks, Hq=HQ, Hkv=HKV, Dk=DK, Dv=DV, window=None,
         if noncontig:  # (N, T, H, D) in memory, as the module's head split gives
             q, k, v = (x.transpose(1, 2).contiguous().transpose(1, 2) for x in (q, k, v))
         lengths = None if new_lengths is None else torch.tensor(new_lengths)
+        mask = window if window is None or isinstance(window, Window) else Window(window, 0)
         out = mha.attention(
-            q, k, v, None if window is None else Window(window, 0), cache=cache, new_lengths=lengths,
+            q, k, v, mask, cache=cache, new_lengths=lengths,
             return_lse=True, weights="per_head", backend=backend,
         )
         counts = [T] * N if new_lengths is None else list(new_lengths)
@@ -98,6 +102,16 @@ def test_noncontiguous_inputs():
 
 @pytest.mark.parametrize("window", [0, 1, 3])
 def test_window_counts_from_each_query(window):
+    g = torch.Generator().manual_seed(2)
+    cache = mha.KVCache(N, M, HKV, DK, DV, dtype=F64)
+    for _ in _steps(cache, History(N), g, CHUNKS, window=window):
+        pass
+
+
+@pytest.mark.parametrize("window", [Window(3, 0, shift=-2), Window(2, 1, "bottom_right", shift=-1), Window(1, 0, shift=1)])
+def test_shifted_window_counts_from_each_query(window):
+    """A Window's shift (and then its after) move the band from each query's position,
+    as over the whole sequence, in ragged steps and in steps of equal lengths."""
     g = torch.Generator().manual_seed(2)
     cache = mha.KVCache(N, M, HKV, DK, DV, dtype=F64)
     for _ in _steps(cache, History(N), g, CHUNKS, window=window):

@@ -346,6 +346,14 @@ def test_module_cache_errors():
         ours(x[:, 0], x[:, 0], x[:, 0], cache=cache)
     with pytest.raises(TypeError, match=r"cache must be an mha\.KVCache"):
         ours(x, x, x, cache=object())  # type: ignore[arg-type]
+    # A memory that does not fit leaves a static cache's padding mask as it was.
+    static = ours.new_cache(N, 8, static=True)
+    memory = torch.ones(9, N, 30, dtype=F64)
+    with pytest.raises(ValueError, match="the memory has S=9 tokens, more than the cache's max_length=8"):
+        ours(x, memory, memory, key_padding_mask=torch.eye(N, 9, dtype=torch.bool), cache=static)
+    with pytest.raises(ValueError, match="the memory has N=2 sequences but the cache holds batch_size=3"):
+        ours(x[:, :2], memory[:4, :2], memory[:4, :2], key_padding_mask=torch.eye(2, 4, dtype=torch.bool), cache=static)
+    assert static.key_padding_mask is None
     _, with_bias_kv = build_pair(30, 5, add_bias_kv=True, dtype=F64)
     with pytest.raises(NotImplementedError, match="add_bias_kv and add_zero_attn"):
         with_bias_kv(x, x, x, cache=with_bias_kv.new_cache(N, 8))

@@ -171,7 +171,7 @@ def test_reorder_for_beam_search():
 def test_reorder_to_another_batch_size_and_reset():
     cache = mha.KVCache(N, M, HKV, DK, dtype=F64)
     mha.attention(*(torch.ones(N, h, 2, DK, dtype=F64) for h in (HQ, HKV, HKV)), cache=cache)
-    cache.reorder(torch.tensor([1, 0, 1, 2, 0]))
+    cache.reorder(torch.tensor([1, 0, 1, 2, 0], dtype=torch.uint8))  # any integer dtype
     assert cache.key.shape[0] == 5
     assert cache.lengths.tolist() == [2] * 5
     cache.reset()

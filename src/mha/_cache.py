@@ -157,7 +157,7 @@ class KVCache:
                 raise ValueError(
                     f"KVCache.reorder: index values must be batch rows in [0, {N}), got values in [{low}, {high}]"
                 )
-        index = index.to(self.key.device)
+        index = index.to(self.key.device, torch.int64)  # index_select takes int32 or int64 only
         # Rows of the old lengths: the bound still bounds them, and equal ones stay equal.
         known = self._bound_for == self._lengths_state()
         bound, uniform = self._bound, self._uniform

@@ -32,12 +32,15 @@ class History:
             self.k[n] += [k[n, :, t] for t in range(count)]
             self.v[n] += [v[n, :, t] for t in range(count)]
 
-    def reference(self, q: torch.Tensor, n: int, count: int, window: int | None = None):
+    def reference(self, q: torch.Tensor, n: int, count: int, window: int | Window | None = None):
         """The reference for the real queries of sequence ``n``: its ``count`` new queries
         are the last ``count`` positions; causal bottom-right over every real key."""
         K = torch.stack(self.k[n], 1)[None]
         V = torch.stack(self.v[n], 1)[None]
-        mask = Causal("bottom_right") if window is None else Window(window, 0, "bottom_right")
+        if isinstance(window, Window):
+            mask = Causal("bottom_right") & Window(window.before, window.after, "bottom_right", window.shift)
+        else:
+            mask = Causal("bottom_right") if window is None else Window(window, 0, "bottom_right")
         return mha.attention(
             q[n : n + 1, :, :count], K, V, mask, backend="reference", return_lse=True, weights="per_head"
         )
@@ -55,8 +58,9 @@ def _steps(cache, history, g, chunks, Hq=HQ, Hkv=HKV, Dk=DK, Dv=DV, window=None,
         if noncontig:  # (N, T, H, D) in memory, as the module's head split gives
             q, k, v = (x.transpose(1, 2).contiguous().transpose(1, 2) for x in (q, k, v))
         lengths = None if new_lengths is None else torch.tensor(new_lengths)
+        mask = window if window is None or isinstance(window, Window) else Window(window, 0)
         out = mha.attention(
-            q, k, v, None if window is None else Window(window, 0), cache=cache, new_lengths=lengths,
+            q, k, v, mask, cache=cache, new_lengths=lengths,
             return_lse=True, weights="per_head", backend=backend,
         )
         counts = [T] * N if new_lengths is None else list(new_lengths)
@@ -98,6 +102,16 @@ def test_noncontiguous_inputs():
 
 @pytest.mark.parametrize("window", [0, 1, 3])
 def test_window_counts_from_each_query(window):
+    g = torch.Generator().manual_seed(2)
+    cache = mha.KVCache(N, M, HKV, DK, DV, dtype=F64)
+    for _ in _steps(cache, History(N), g, CHUNKS, window=window):
+        pass
+
+
+@pytest.mark.parametrize("window", [Window(3, 0, shift=-2), Window(2, 1, "bottom_right", shift=-1), Window(1, 0, shift=1)])
+def test_shifted_window_counts_from_each_query(window):
+    """A Window's shift (and then its after) move the band from each query's position,
+    as over the whole sequence, in ragged steps and in steps of equal lengths."""
     g = torch.Generator().manual_seed(2)
     cache = mha.KVCache(N, M, HKV, DK, DV, dtype=F64)
     for _ in _steps(cache, History(N), g, CHUNKS, window=window):
@@ -157,7 +171,7 @@ def test_reorder_for_beam_search():
 def test_reorder_to_another_batch_size_and_reset():
     cache = mha.KVCache(N, M, HKV, DK, dtype=F64)
     mha.attention(*(torch.ones(N, h, 2, DK, dtype=F64) for h in (HQ, HKV, HKV)), cache=cache)
-    cache.reorder(torch.tensor([1, 0, 1, 2, 0]))
+    cache.reorder(torch.tensor([1, 0, 1, 2, 0], dtype=torch.uint8))  # any integer dtype
     assert cache.key.shape[0] == 5
     assert cache.lengths.tolist() == [2] * 5
     cache.reset()
@@ -211,6 +225,12 @@ def test_padded_tokens_are_not_stored():
         ({"key": None}, ValueError, "key and value may be None only together, on a static"),
         ({"mask": torch.ones(3, 1, 2, M, dtype=torch.bool)}, TypeError, "mask must be an mha.masks object"),
         ({"mask": Blocked(torch.ones(3, 1, 2, 7, dtype=torch.bool))}, ValueError, "does not broadcast to .* = \\(3, 6, 2, 29\\)"),
+        # Rejected before the new tokens are written, not after.
+        ({"query": torch.ones(3, 6, 2, 40)}, TypeError, "query has dtype torch.float32 .* the cache torch.float64"),
+        ({"query": torch.ones(3, 6, 2, 7, dtype=F64)}, ValueError, r"query .* must have the cache's Dk = 40"),
+        ({"dropout_p": 2.0}, ValueError, r"dropout_p must be a float in \[0, 1\)"),
+        ({"weights": "all"}, ValueError, "weights must be None, 'mean' or 'per_head'"),
+        ({"backend": "fast"}, ValueError, "unknown backend 'fast'"),
     ],
 )
 def test_errors(kwargs, error, match):
@@ -326,6 +346,14 @@ def test_module_cache_errors():
         ours(x[:, 0], x[:, 0], x[:, 0], cache=cache)
     with pytest.raises(TypeError, match=r"cache must be an mha\.KVCache"):
         ours(x, x, x, cache=object())  # type: ignore[arg-type]
+    # A memory that does not fit leaves a static cache's padding mask as it was.
+    static = ours.new_cache(N, 8, static=True)
+    memory = torch.ones(9, N, 30, dtype=F64)
+    with pytest.raises(ValueError, match="the memory has S=9 tokens, more than the cache's max_length=8"):
+        ours(x, memory, memory, key_padding_mask=torch.eye(N, 9, dtype=torch.bool), cache=static)
+    with pytest.raises(ValueError, match="the memory has N=2 sequences but the cache holds batch_size=3"):
+        ours(x[:, :2], memory[:4, :2], memory[:4, :2], key_padding_mask=torch.eye(2, 4, dtype=torch.bool), cache=static)
+    assert static.key_padding_mask is None
     _, with_bias_kv = build_pair(30, 5, add_bias_kv=True, dtype=F64)
     with pytest.raises(NotImplementedError, match="add_bias_kv and add_zero_attn"):
         with_bias_kv(x, x, x, cache=with_bias_kv.new_cache(N, 8))

@@ -120,6 +120,17 @@ def test_cache_errors():
         ours(x, x, cache=cache.layers[0])  # type: ignore[arg-type]
     with pytest.raises(TypeError, match="cache must be a LayerCache"):
         ours.layers[0](x, x, cache=cache)  # type: ignore[arg-type]
+    # A memory the cross-attention cache cannot take fails before the target is cached.
+    memory = torch.ones(9, N, E, dtype=F64)
+    with pytest.raises(ValueError, match=r"the memory has S=9 tokens, more than the cache's max_length=8; .*memory_length=9"):
+        ours(x, memory, cache=cache)
+    with pytest.raises(ValueError, match="the memory has N=2 sequences but the cache holds batch_size=3"):
+        ours(x, memory[:4, :2], cache=cache)
+    with pytest.raises(ValueError, match=r"key_padding_mask must be \(N, T\) = \(3, 4\)"):
+        ours(x, memory[:4], memory_key_padding_mask=torch.zeros(N, 9, dtype=torch.bool), cache=cache)
+    assert cache.lengths.tolist() == [0] * N
+    ours(x, memory[:4], cache=cache)
+    assert cache.lengths.tolist() == [2] * N
 
 
 def _transformer(dtype=F64, random_biases=True):

@@ -157,7 +157,7 @@ class KVCache:
                 raise ValueError(
                     f"KVCache.reorder: index values must be batch rows in [0, {N}), got values in [{low}, {high}]"
                 )
-        index = index.to(self.key.device)
+        index = index.to(self.key.device, torch.int64)  # index_select takes int32 or int64 only
         # Rows of the old lengths: the bound still bounds them, and equal ones stay equal.
         known = self._bound_for == self._lengths_state()
         bound, uniform = self._bound, self._uniform
@@ -265,15 +265,21 @@ def _cache_masks(
     position and whose tensors span ``(N, Hq, T, max_length)``.
 
     ``lengths``: ``(before, total)`` ``(N,)``, each sequence's positions before and after
-    this call's write: ``KeyPadding(total)``, query ``t`` at ``before[n] + t``. None when
+    this call's write: ``KeyPadding(total)``, query ``t`` at ``before[n] + t``; a window
+    with ``shift`` spans ``[p + shift - before, p + shift + after]`` around that position
+    ``p``, as over the whole sequence (either alignment: queries and keys are then one
+    square sequence). None when
     every sequence holds all ``S`` positions: no padding is left to mask, and query ``t``
     of every sequence sits at ``S - T + t``, so causality and windows are bottom-right
     bands, not tensors; a one-token step then has no mask at all."""
     out: _masks.Mask | None = None if lengths is None else _masks.KeyPadding(lengths[1])
-    window: int | None = None
+    window: int | None = None  # the narrowest ``before`` of the unshifted windows
+    shifted: list[_masks.Window] = []  # windows moved by ``shift``: their ``after`` counts too
     for part in () if mask is None else mask.parts():
         if isinstance(part, _masks.Window):
-            if part.before is not None:
+            if part.shift:
+                shifted.append(part)
+            elif part.before is not None:
                 window = part.before if window is None else min(window, part.before)
         elif isinstance(part, _masks.KeyPadding):
             out = part if out is None else out & part
@@ -281,10 +287,12 @@ def _cache_masks(
             tensor = part.tensor4d
             part = type(part)(tensor[..., :S] if tensor.shape[-1] > 1 else tensor)
             out = part if out is None else out & part
-    if (causal and T > 1) or window is not None:
+    if (causal and T > 1) or window is not None or shifted:
         band: _masks.Mask
         if lengths is None:
             band = _masks.Window(window, 0 if causal else None, "bottom_right")
+            for part in shifted:
+                band = band & _masks.Window(part.before, part.after, "bottom_right", part.shift)
         else:
             before = lengths[0]
             position = before[:, None] + torch.arange(T, device=before.device)  # (N, T)
@@ -294,6 +302,11 @@ def _cache_masks(
                 ok &= j <= position[:, :, None]
             if window is not None:
                 ok &= j >= position[:, :, None] - window
+            for part in shifted:
+                if part.before is not None:
+                    ok &= j >= position[:, :, None] + part.shift - part.before
+                if part.after is not None:
+                    ok &= j <= position[:, :, None] + part.shift + part.after
             band = _masks.Allowed(ok[:, None])
         out = band if out is None else out & band
     return out
@@ -357,6 +370,7 @@ def _cached_inputs(
                 "tensors over its positions instead"
             )
     _check_batch(cache, tuple(query.shape))
+    _check_query(cache, query)
     if key is None or value is None:
         if key is not None or value is not None or not cache.static:
             raise _missing_key_value()
@@ -431,6 +445,22 @@ def _check_batch(cache: KVCache, query_shape: tuple[int, ...]) -> None:
         raise ValueError(
             f"attention: query (N, Hq, T, Dk) = {query_shape} has N={query_shape[0]} but the cache holds "
             f"batch_size={cache.batch_size} sequences; reorder() the cache or make one per batch"
+        )
+
+
+def _check_query(cache: KVCache, query: Tensor) -> None:
+    """Query ``(N, Hq, T, Dk)`` in the cache's dtype, on its device, with its ``Dk``: checked
+    before the cache is written, so that a call that fails leaves the cache as it was."""
+    Dk = cache.key.shape[-1]
+    if query.dtype != cache.key.dtype or query.device != cache.key.device:
+        raise TypeError(
+            f"attention: query has dtype {query.dtype} on {query.device}, the cache {cache.key.dtype} on "
+            f"{cache.key.device}; make the cache with dtype= and device= of the inputs"
+        )
+    if query.shape[-1] != Dk:
+        raise ValueError(
+            f"attention: query (N, Hq, T, Dk) = {tuple(query.shape)} must have the cache's Dk = {Dk} "
+            f"(cache key {tuple(cache.key.shape)})"
         )
 
 

@@ -107,6 +107,10 @@ def attention(
         :class:`AttentionOutput` ``(output (N, Hq, L, Dv), weights, lse)``.
     """
     if cache is not None:
+        # What the call would reject, checked before the cache is written.
+        _validate_options(dropout_p, weights)
+        if backend is not None:
+            _dispatch.check_backend_name(backend)
         key, value, mask, backend = cached_inputs(cache, query, key, value, mask, new_lengths, backend)
     elif new_lengths is not None or key is None or value is None:
         raise ValueError(
@@ -338,6 +342,14 @@ def _validate_tensors(query: Tensor, key: Tensor, value: Tensor, packed: bool) -
         )
 
 
+def _validate_options(dropout_p: float, weights: WeightsMode | None) -> None:
+    """Checks ``weights`` and ``dropout_p`` of :func:`attention`."""
+    if weights not in (None, "mean", "per_head"):
+        raise ValueError(f"attention: weights must be None, 'mean' or 'per_head', got {weights!r}")
+    if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"attention: dropout_p must be a float in [0, 1), got {dropout_p!r}")
+
+
 def _validate_sizes(
     q_size: tuple[int, ...],
     k_size: tuple[int, ...],
@@ -376,10 +388,7 @@ def _validate_sizes(
         )
     if mask is not None:
         mask._check_shape(N, Hq, L, S)
-    if weights not in (None, "mean", "per_head"):
-        raise ValueError(f"attention: weights must be None, 'mean' or 'per_head', got {weights!r}")
-    if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p < 1.0:
-        raise ValueError(f"attention: dropout_p must be a float in [0, 1), got {dropout_p!r}")
+    _validate_options(dropout_p, weights)
     if scale is None:
         return 1.0 / math.sqrt(Dk) if Dk > 0 else 1.0
     return float(scale)

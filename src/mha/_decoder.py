@@ -24,6 +24,7 @@ from torch.nn.modules.transformer import _detect_is_causal_mask, _get_seq_len
 
 from ._cache import KVCache
 from ._module import MultiheadAttention
+from ._module_cache import check_memory
 
 
 class LayerCache:
@@ -168,6 +169,8 @@ class TransformerDecoderLayer(nn.TransformerDecoderLayer):
                 f"TransformerDecoderLayer: cache must be a LayerCache from new_cache(), got {type(cache).__name__}"
             )
         _reject_masks(tgt_mask, memory_mask)
+        if not cache.memory_stored:  # before the self-attention cache is written
+            check_memory(self.multihead_attn, memory, memory, memory_key_padding_mask, cache.cross_attn)
         x = tgt
         if self.norm_first:
             x = x + self._cached_sa(self.norm1(x), tgt_key_padding_mask, cache)

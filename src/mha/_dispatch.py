@@ -59,7 +59,7 @@ def backend_names() -> list[str]:
     return list(REGISTRY)
 
 
-def _check_name(name: str) -> None:
+def check_backend_name(name: str) -> None:
     if not isinstance(name, str) or name not in REGISTRY:
         raise ValueError(f"unknown backend {name!r}; choose one of {sorted(REGISTRY)}")
 
@@ -81,7 +81,7 @@ def use_backend(name: str) -> Iterator[None]:
         with mha.use_backend("tiled"):
             out, weights = model(x)
     """
-    _check_name(name)
+    check_backend_name(name)
     token = _forced.set(name)
     try:
         yield
@@ -169,7 +169,7 @@ def select_backend(call: Call, backend: str | None = None) -> Backend:
     if backend is None:
         backend = forced_backend()
     if backend is not None:
-        _check_name(backend)
+        check_backend_name(backend)
         chosen = REGISTRY[backend]
         reasons = not_supported_reasons(chosen.caps, call)
         if reasons:

@@ -85,6 +85,39 @@ def _new_lengths_checked(key_padding_mask: Tensor, N: int, T: int) -> None:
         )
 
 
+def check_memory(module: Any, key: Tensor, value: Tensor, key_padding_mask: Tensor | None, cache: KVCache) -> None:
+    """Raise what filling the static ``cache`` of ``module`` with the memory ``key``
+    ``(S, N, kdim)`` and ``value`` ``(S, N, vdim)`` (batch-first: ``N`` first) and its
+    ``key_padding_mask`` ``(N, S)`` cannot run, before anything is stored: a failed fill
+    leaves the cache's padding mask (and a decoder layer's self-attention cache) as it was."""
+    for name, t, dim in (("key", key, module.kdim), ("value", value, module.vdim)):
+        if not isinstance(t, Tensor) or t.dim() != 3 or t.shape[-1] != dim:
+            shape = tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__
+            raise ValueError(
+                f"MultiheadAttention with a static cache: {name} (the memory) must be batched, "
+                f"{'(N, S, ' if module.batch_first else '(S, N, '}{dim}), got {shape}"
+            )
+    if key.shape[:2] != value.shape[:2]:
+        raise ValueError(
+            f"MultiheadAttention with a static cache: key {tuple(key.shape)} and value {tuple(value.shape)} "
+            "must hold the same memory tokens"
+        )
+    batch, length = (key.shape[0], key.shape[1]) if module.batch_first else (key.shape[1], key.shape[0])
+    if batch != cache.batch_size:
+        raise ValueError(
+            f"MultiheadAttention with a static cache: the memory has N={batch} sequences but the cache holds "
+            f"batch_size={cache.batch_size}; reorder() the cache or make one per batch"
+        )
+    if length > cache.max_length:
+        raise ValueError(
+            f"MultiheadAttention with a static cache: the memory has S={length} tokens, more than the cache's "
+            f"max_length={cache.max_length}; make the cache with max_length >= {length} (a decoder's: "
+            f"new_cache(..., memory_length={length}))"
+        )
+    if key_padding_mask is not None:
+        _new_lengths_checked(key_padding_mask, batch, length)
+
+
 def _memory_padding(
     key_padding_mask: Tensor | None, N: int, S: int, max_length: int
 ) -> tuple[Tensor | None, Tensor | None]:
@@ -126,6 +159,7 @@ def cached_forward(
         N = query.shape[0 if batch_first else 1]
         S = key.shape[1 if batch_first else 0]
         if cache.static:
+            check_memory(module, key, value, key_padding_mask, cache)
             new_lengths, cache.key_padding_mask = _memory_padding(key_padding_mask, N, S, cache.max_length)
         else:
             new_lengths = _new_lengths(key_padding_mask, N, S)

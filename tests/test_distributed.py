@@ -32,6 +32,7 @@ import torch.multiprocessing as mp
 from torch import nn
 
 import mha
+from mha.distributed import _ring as ring_module
 from mha.distributed import context_parallel, ring_attention, shard, unshard
 from mha.distributed._ring import plan_ring
 from mha.masks import Causal, KeyPadding, Mask, Window
@@ -139,6 +140,18 @@ def case_window_one_sided(world: int) -> None:
 def case_window_two_sided(world: int) -> None:
     _check_ring(9, Window(2, 3), L=17)
     _check_ring(10, Window(1, 4) & KeyPadding(torch.tensor([11, 7])), layout="zigzag", L=6 * world)
+
+
+def case_backward_tiles(world: int) -> None:
+    """The backward pass cuts a block's queries into tiles of at most ``_BACKWARD_TILE``
+    scores; a key-padding mask (one row for all queries) must apply to every tile."""
+    tile = ring_module._BACKWARD_TILE
+    ring_module._BACKWARD_TILE = 2 * 3 * 13  # N * Hq * S: tiles of a few query rows
+    try:
+        _check_ring(23, KeyPadding(torch.tensor([9, 3])), L=13)
+        _check_ring(24, KeyPadding(torch.tensor([2, 8])) & Causal(), layout="zigzag", L=4 * world)
+    finally:
+        ring_module._BACKWARD_TILE = tile
 
 
 def case_cross_bottom_right(world: int) -> None:

@@ -384,6 +384,8 @@ def _block_backward(
     k_b = k[:, :, _rows(kp)].to(acc)
     v_b = v[:, :, _rows(kp)].to(acc)
     allowed = ring.rule.block_allowed(qp, kp, q.device)
+    # (N or 1, 1, 1, Lb or 1, Sb): a key-padding-only mask has one row for every query.
+    allowed5 = None if allowed is None else allowed[:, :, None]
     step = max(1, _BACKWARD_TILE // max(1, N * Hq * kp.length))
     for a in range(0, qp.length, step):
         rows = slice(qp.local + a, qp.local + min(qp.length, a + step))
@@ -394,8 +396,8 @@ def _block_backward(
         d5 = delta[:, :, rows].reshape(N, Hkv, G, n, 1)
         s = torch.matmul(q5, k_b[:, :, None].transpose(-1, -2)) * ring.scale
         p = torch.exp(s - lse5.masked_fill(torch.isneginf(lse5), float("inf")))
-        if allowed is not None:
-            p = p.masked_fill(~allowed[:, :, None, a : a + n], 0.0)
+        if allowed5 is not None:
+            p = p.masked_fill(~(allowed5 if allowed5.shape[3] == 1 else allowed5[:, :, :, a : a + n]), 0.0)
         dv[:, :, _rows(kp)] += torch.matmul(p.transpose(-1, -2), do5).sum(2)
         ds = p * (torch.matmul(do5, v_b[:, :, None].transpose(-1, -2)) - d5)
         dq[:, :, rows] += (torch.matmul(ds, k_b[:, :, None]) * ring.scale).reshape(N, Hq, n, -1)

@@ -293,6 +293,12 @@ def case_errors(world: int) -> None:
     _raises(ValueError, "same layout", lambda: ring_attention(q, q, q, layout=layouts[rank % 2]))
     pad = KeyPadding(torch.tensor([rank + 1]))
     _raises(ValueError, "same mask", lambda: ring_attention(q, q, q, pad))
+    many = torch.full((17,), 4)  # more lengths than a KeyPadding's repr spells out
+    many[0] = rank + 1
+    q17 = torch.randn(17, 2, 3, 4, dtype=F64)
+    _raises(ValueError, "same mask", lambda: ring_attention(q17, q17, q17, KeyPadding(many)))
+    long_enough = KeyPadding(torch.tensor([100, 100, 100]))  # no key padded, but not N = 1 lengths
+    _raises(ValueError, "3 lengths but the batch has N=1", lambda: ring_attention(q, q, q, long_enough))
     _raises(NotImplementedError, "need_weights=True", lambda: _module_weights())
     _raises(NotImplementedError, "nested", lambda: _module_nested())
     _raises(ValueError, "layout must be", lambda: context_parallel(layout="ring").__enter__())

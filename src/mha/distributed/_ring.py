@@ -32,7 +32,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from .._core import AttentionOutput, attention
-from ..masks import Mask
+from ..masks import KeyPadding, Mask
 from ._layout import LAYOUTS, Layout, Piece, check_divisible, local_length, pieces, validate_layout
 from ._rules import Rule, rule_from_mask
 
@@ -148,12 +148,23 @@ def _crc(text: str) -> int:
     return zlib.crc32(text.encode())
 
 
+def _mask_text(mask: Mask | None) -> str:
+    """``mask`` as text that equal masks share on every rank: key lengths in full (a
+    ``KeyPadding``'s repr omits more than 16, and names the device, which differs by rank)."""
+    if mask is None:
+        return "None"
+    return " & ".join(
+        f"KeyPadding({part.lengths.tolist()})" if isinstance(part, KeyPadding) else repr(part)
+        for part in mask.parts()
+    )
+
+
 def _agree(query: Tensor, key: Tensor, value: Tensor, mask: Mask | None, offsets: Tensor | None,
            layout: Layout, scale: float | None, group: Any, world: int) -> Tensor:
     """Every rank's ``(query shape, key shape, value shape, layout, dtype, scale, mask)``
     as a ``(P, 16)`` int64 table, gathered in one collective."""
     scale_bits = -1 if scale is None else struct.unpack("<q", struct.pack("<d", float(scale)))[0]
-    mask_text = repr(mask) + ("" if offsets is None else repr(offsets.tolist()))
+    mask_text = _mask_text(mask) + ("" if offsets is None else repr(offsets.tolist()))
     row = [*query.shape, *key.shape, *value.shape, LAYOUTS.index(layout), _crc(str(query.dtype)), scale_bits,
            _crc(mask_text)]
     mine = torch.tensor(row, dtype=torch.int64, device=query.device)
@@ -240,6 +251,8 @@ def plan_ring(query: Tensor, key: Tensor, value: Tensor, mask: Mask | None, offs
     L, S = _check_agreement(table, layout)
     _validate_offsets(offsets, L, S)
     rule = rule_from_mask(mask, L, S, offsets)
+    if mask is not None:
+        mask._check_shape(query.shape[0], query.shape[1], L, S)  # as mha.attention on the whole sequence
     q_pieces, k_pieces, needed, hops = schedule(rule, L, S, world, layout)
     N, Hkv, _, Dk = key.shape
     Dv = value.shape[-1]

@@ -302,6 +302,18 @@ def case_errors(world: int) -> None:
     _raises(NotImplementedError, "need_weights=True", lambda: _module_weights())
     _raises(NotImplementedError, "nested", lambda: _module_nested())
     _raises(ValueError, "layout must be", lambda: context_parallel(layout="ring").__enter__())
+    # unshard: shards not as shard() cuts them for zigzag would lose or scramble positions;
+    # shards of different tensors would make gloo abort the process.
+    odd = torch.zeros(2, 3)  # zigzag shards are two equal chunks
+    _raises(ValueError, r"sizes \(3, 3(, 3)?\) along dim 1", lambda: unshard(odd, 1, layout="zigzag"))
+    uneven = torch.zeros(2, 2 + 2 * (rank == 0))
+    _raises(ValueError, r"sizes \(4, 2", lambda: unshard(uneven, 1, layout="zigzag"))
+    wide = torch.zeros(1 + rank, 2)
+    _raises(ValueError, r"along dim 1 only, got rank 0 \(1, 2\), rank 1 \(2, 2\)", lambda: unshard(wide, 1))
+    flat = torch.zeros(2) if rank == 0 else torch.zeros(1, 2)
+    _raises(ValueError, "rank 0 a 1-D shard along dim 0, rank 1 a 2-D", lambda: unshard(flat, 0))
+    typed = torch.zeros(2, dtype=F64 if rank == 0 else torch.float32)
+    _raises(ValueError, "ranks 0 / 1", lambda: unshard(typed, 0))
 
 
 def _module_nested() -> None:

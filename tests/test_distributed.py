@@ -32,6 +32,7 @@ import torch.multiprocessing as mp
 from torch import nn
 
 import mha
+from mha.distributed import _ring as ring_module
 from mha.distributed import context_parallel, ring_attention, shard, unshard
 from mha.distributed._ring import plan_ring
 from mha.masks import Causal, KeyPadding, Mask, Window
@@ -139,6 +140,18 @@ def case_window_one_sided(world: int) -> None:
 def case_window_two_sided(world: int) -> None:
     _check_ring(9, Window(2, 3), L=17)
     _check_ring(10, Window(1, 4) & KeyPadding(torch.tensor([11, 7])), layout="zigzag", L=6 * world)
+
+
+def case_backward_tiles(world: int) -> None:
+    """The backward pass cuts a block's queries into tiles of at most ``_BACKWARD_TILE``
+    scores; a key-padding mask (one row for all queries) must apply to every tile."""
+    tile = ring_module._BACKWARD_TILE
+    ring_module._BACKWARD_TILE = 2 * 3 * 13  # N * Hq * S: tiles of a few query rows
+    try:
+        _check_ring(23, KeyPadding(torch.tensor([9, 3])), L=13)
+        _check_ring(24, KeyPadding(torch.tensor([2, 8])) & Causal(), layout="zigzag", L=4 * world)
+    finally:
+        ring_module._BACKWARD_TILE = tile
 
 
 def case_cross_bottom_right(world: int) -> None:
@@ -280,9 +293,27 @@ def case_errors(world: int) -> None:
     _raises(ValueError, "same layout", lambda: ring_attention(q, q, q, layout=layouts[rank % 2]))
     pad = KeyPadding(torch.tensor([rank + 1]))
     _raises(ValueError, "same mask", lambda: ring_attention(q, q, q, pad))
+    many = torch.full((17,), 4)  # more lengths than a KeyPadding's repr spells out
+    many[0] = rank + 1
+    q17 = torch.randn(17, 2, 3, 4, dtype=F64)
+    _raises(ValueError, "same mask", lambda: ring_attention(q17, q17, q17, KeyPadding(many)))
+    long_enough = KeyPadding(torch.tensor([100, 100, 100]))  # no key padded, but not N = 1 lengths
+    _raises(ValueError, "3 lengths but the batch has N=1", lambda: ring_attention(q, q, q, long_enough))
     _raises(NotImplementedError, "need_weights=True", lambda: _module_weights())
     _raises(NotImplementedError, "nested", lambda: _module_nested())
     _raises(ValueError, "layout must be", lambda: context_parallel(layout="ring").__enter__())
+    # unshard: shards not as shard() cuts them for zigzag would lose or scramble positions;
+    # shards of different tensors would make gloo abort the process.
+    odd = torch.zeros(2, 3)  # zigzag shards are two equal chunks
+    _raises(ValueError, r"sizes \(3, 3(, 3)?\) along dim 1", lambda: unshard(odd, 1, layout="zigzag"))
+    uneven = torch.zeros(2, 2 + 2 * (rank == 0))
+    _raises(ValueError, r"sizes \(4, 2", lambda: unshard(uneven, 1, layout="zigzag"))
+    wide = torch.zeros(1 + rank, 2)
+    _raises(ValueError, r"along dim 1 only, got rank 0 \(1, 2\), rank 1 \(2, 2\)", lambda: unshard(wide, 1))
+    flat = torch.zeros(2) if rank == 0 else torch.zeros(1, 2)
+    _raises(ValueError, "rank 0 a 1-D shard along dim 0, rank 1 a 2-D", lambda: unshard(flat, 0))
+    typed = torch.zeros(2, dtype=F64 if rank == 0 else torch.float32)
+    _raises(ValueError, "ranks 0 / 1", lambda: unshard(typed, 0))
 
 
 def _module_nested() -> None:

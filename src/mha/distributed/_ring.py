@@ -32,7 +32,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from .._core import AttentionOutput, attention
-from ..masks import Mask
+from ..masks import KeyPadding, Mask
 from ._layout import LAYOUTS, Layout, Piece, check_divisible, local_length, pieces, validate_layout
 from ._rules import Rule, rule_from_mask
 
@@ -148,12 +148,23 @@ def _crc(text: str) -> int:
     return zlib.crc32(text.encode())
 
 
+def _mask_text(mask: Mask | None) -> str:
+    """``mask`` as text that equal masks share on every rank: key lengths in full (a
+    ``KeyPadding``'s repr omits more than 16, and names the device, which differs by rank)."""
+    if mask is None:
+        return "None"
+    return " & ".join(
+        f"KeyPadding({part.lengths.tolist()})" if isinstance(part, KeyPadding) else repr(part)
+        for part in mask.parts()
+    )
+
+
 def _agree(query: Tensor, key: Tensor, value: Tensor, mask: Mask | None, offsets: Tensor | None,
            layout: Layout, scale: float | None, group: Any, world: int) -> Tensor:
     """Every rank's ``(query shape, key shape, value shape, layout, dtype, scale, mask)``
     as a ``(P, 16)`` int64 table, gathered in one collective."""
     scale_bits = -1 if scale is None else struct.unpack("<q", struct.pack("<d", float(scale)))[0]
-    mask_text = repr(mask) + ("" if offsets is None else repr(offsets.tolist()))
+    mask_text = _mask_text(mask) + ("" if offsets is None else repr(offsets.tolist()))
     row = [*query.shape, *key.shape, *value.shape, LAYOUTS.index(layout), _crc(str(query.dtype)), scale_bits,
            _crc(mask_text)]
     mine = torch.tensor(row, dtype=torch.int64, device=query.device)
@@ -240,6 +251,8 @@ def plan_ring(query: Tensor, key: Tensor, value: Tensor, mask: Mask | None, offs
     L, S = _check_agreement(table, layout)
     _validate_offsets(offsets, L, S)
     rule = rule_from_mask(mask, L, S, offsets)
+    if mask is not None:
+        mask._check_shape(query.shape[0], query.shape[1], L, S)  # as mha.attention on the whole sequence
     q_pieces, k_pieces, needed, hops = schedule(rule, L, S, world, layout)
     N, Hkv, _, Dk = key.shape
     Dv = value.shape[-1]
@@ -384,6 +397,8 @@ def _block_backward(
     k_b = k[:, :, _rows(kp)].to(acc)
     v_b = v[:, :, _rows(kp)].to(acc)
     allowed = ring.rule.block_allowed(qp, kp, q.device)
+    # (N or 1, 1, 1, Lb or 1, Sb): a key-padding-only mask has one row for every query.
+    allowed5 = None if allowed is None else allowed[:, :, None]
     step = max(1, _BACKWARD_TILE // max(1, N * Hq * kp.length))
     for a in range(0, qp.length, step):
         rows = slice(qp.local + a, qp.local + min(qp.length, a + step))
@@ -394,8 +409,8 @@ def _block_backward(
         d5 = delta[:, :, rows].reshape(N, Hkv, G, n, 1)
         s = torch.matmul(q5, k_b[:, :, None].transpose(-1, -2)) * ring.scale
         p = torch.exp(s - lse5.masked_fill(torch.isneginf(lse5), float("inf")))
-        if allowed is not None:
-            p = p.masked_fill(~allowed[:, :, None, a : a + n], 0.0)
+        if allowed5 is not None:
+            p = p.masked_fill(~(allowed5 if allowed5.shape[3] == 1 else allowed5[:, :, :, a : a + n]), 0.0)
         dv[:, :, _rows(kp)] += torch.matmul(p.transpose(-1, -2), do5).sum(2)
         ds = p * (torch.matmul(do5, v_b[:, :, None].transpose(-1, -2)) - d5)
         dq[:, :, rows] += (torch.matmul(ds, k_b[:, :, None]) * ring.scale).reshape(N, Hq, n, -1)

@@ -113,7 +113,8 @@ class Rule:
         return functools.reduce(operator.and_, parts) if parts else None
 
     def block_allowed(self, q: Piece, k: Piece, device: torch.device) -> Tensor | None:
-        """Boolean ``(N or 1, 1, Lb, Sb)``, True where block ``(q, k)`` may attend; None if all may."""
+        """Boolean ``(N or 1, 1, Lb or 1, Sb)``, True where block ``(q, k)`` may attend (one row
+        for every query when only key padding applies); None if all may."""
         allowed: Tensor | None = None
         lo, hi = self._band(q, k)
         if lo is not None or hi is not None:

@@ -93,11 +93,6 @@ class Offsets:
         """Whether the list is at hand (reading it costs nothing)."""
         return self._host is not None
 
-    @property
-    def free_to_read(self) -> bool:
-        """Whether :meth:`host` costs no wait: the list is at hand, or the tensor is on the CPU."""
-        return self._host is not None or self._tensor().device.type == "cpu"
-
     def host(self) -> list[int]:
         """The offsets as a host list (reads the device tensor back once if needed)."""
         if self._host is None:

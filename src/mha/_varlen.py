@@ -85,9 +85,9 @@ def check_offsets(offsets: Offsets, name: str, rows: int) -> None:
     """``offsets`` ``(N + 1,)`` of a packed ``name`` of ``rows`` tokens: at least one, the
     first at least 0, none below the one before, the last at most ``rows``.
 
-    Checked where they are free to read (a host list, or a tensor on the CPU); offsets
-    on an accelerator are not read back, as that would wait for it."""
-    if not offsets.free_to_read:
+    Checked only where the host list is at hand: a device tensor is not read back for
+    it, as that would wait for the device (the paths that read it check it then)."""
+    if not offsets.on_host:
         return
     host = offsets.host()
     if not host or host[0] < 0 or host[-1] > rows or any(b < a for a, b in itertools.pairwise(host)):

@@ -421,6 +421,17 @@ def test_empty_query_or_key_sequences(backend, L, S):
         assert torch.isneginf(res.lse).all()
 
 
+@pytest.mark.parametrize("backend", ["reference", "tiled", "sdpa", "decode"])
+@pytest.mark.parametrize(("N", "L"), [(0, 3), (2, 0)])
+def test_empty_batch_or_queries_keep_the_graph(backend, N, L):
+    """An empty batch in training: backward() runs and every input gets a zero gradient."""
+    q, k, v = make_qkv(N, 2, 1, L, 4, 3, 5)
+    out = mha.attention(q, k, v, backend=backend).output
+    assert out.shape == (N, 2, L, 5)
+    grads = torch.autograd.grad(out.sum(), (q, k, v))
+    assert all(torch.equal(g, torch.zeros_like(t)) for g, t in zip(grads, (q, k, v), strict=True))
+
+
 @pytest.mark.parametrize("Hkv", [1, 2, 3, 6])
 def test_gqa_and_mqa(Hkv):
     N, Hq, L, S = 2, 6, 5, 7

@@ -195,3 +195,26 @@ def test_always_call_hook_fires_when_the_swapped_module_raises():
     with pytest.raises(ValueError, match="query"):
         block.attn(torch.randn(2, 5, 7), torch.randn(2, 5, 12), torch.randn(2, 5, 12))
     assert fired == [True]
+
+
+def test_keeps_buffers_attributes_submodules_and_weight_norm():
+    torch.manual_seed(3)
+    attention = nn.MultiheadAttention(8, 2, batch_first=True)
+    attention.register_buffer("scale_table", torch.arange(3.0))
+    attention.register_buffer("scratch", torch.zeros(2), persistent=False)
+    attention.adapter = nn.Linear(8, 8)
+    attention.tag = "layer0"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch.nn.utils.weight_norm is deprecated
+        nn.utils.weight_norm(attention, "in_proj_weight")  # in_proj_weight_g/_v; in_proj_weight computed
+    x = torch.randn(2, 3, 8)
+    ref = attention(x, x, x)[0]
+    keys = list(attention.state_dict())
+    for to, cls in (("mha", mha.MultiheadAttention), ("torch", nn.MultiheadAttention)):
+        attention = mha.swap(attention, to=to)
+        assert type(attention) is cls
+        assert list(attention.state_dict()) == keys
+        assert dict(attention.named_buffers()).keys() == {"scale_table", "scratch"}
+        assert isinstance(attention.adapter, nn.Linear)
+        assert attention.tag == "layer0"
+        torch.testing.assert_close(attention(x, x, x)[0], ref)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 
@@ -220,3 +221,32 @@ def test_a_jagged_call_prints_nothing():
     assert run.returncode == 0, run.stderr
     assert run.stdout == ""
     assert run.stderr == ""
+
+
+def test_jagged_value_at_other_rows_than_key_is_rejected():
+    """Equal lengths are not enough: the call reads value at the key's offsets."""
+    values = torch.randn(8, 2, 3)
+    k = torch.nested.nested_tensor_from_jagged(values, offsets=torch.tensor([0, 3, 7])).transpose(1, 2)
+    v = torch.nested.nested_tensor_from_jagged(values, offsets=torch.tensor([1, 4, 8])).transpose(1, 2)
+    q = _jagged_heads([2, 3])
+    with pytest.raises(ValueError, match=r"same rows, got key offsets \[0, 3, 7\] and value offsets \[1, 4, 8\]"):
+        mha.attention(q, k, v)
+    module = mha.MultiheadAttention(6, 2, batch_first=True)
+    values = torch.randn(8, 6)
+    k = torch.nested.nested_tensor_from_jagged(values, offsets=torch.tensor([0, 3, 7]))
+    v = torch.nested.nested_tensor_from_jagged(values, offsets=torch.tensor([1, 4, 8]))
+    q = torch.nested.nested_tensor([torch.randn(2, 6), torch.randn(3, 6)], layout=torch.jagged)
+    with pytest.raises(ValueError, match=r"same rows, got key offsets \[0, 3, 7\] and value offsets \[1, 4, 8\]"):
+        module(q, k, v)
+
+
+@pytest.mark.parametrize("offsets", [[0, 5, 3, 8], [0, 3, 12], [-1, 3, 8], []])
+def test_malformed_offsets_are_rejected(offsets):
+    values = torch.randn(8, 2, 3)
+    pattern = rf"query offsets \(N \+ 1,\) must rise .* 8 packed rows.*got {re.escape(str(offsets))}"
+    with pytest.raises(ValueError, match=pattern):
+        mha._core.packed_attention(values, values, values, offsets, [0, 4, 8])
+    if offsets:
+        q = torch.nested.nested_tensor_from_jagged(values, offsets=torch.tensor(offsets)).transpose(1, 2)
+        with pytest.raises(ValueError, match=pattern):
+            mha.attention(q, q, q)

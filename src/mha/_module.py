@@ -19,7 +19,13 @@ from ._module_cache import cached_forward, new_module_cache
 from ._script import ScriptableAttention
 from ._types import device_type
 from ._validate import module_member, validate_constructor
-from ._varlen import Offsets, jagged_from_packed, nested_packed, nested_weights
+from ._varlen import (
+    Offsets,
+    check_same_sequences,
+    jagged_from_packed,
+    nested_packed,
+    nested_weights,
+)
 from .distributed._context import context_parallel_attention
 
 
@@ -314,7 +320,11 @@ class MultiheadAttention(ScriptableAttention):
         query, key, value = plan.query, plan.key, plan.value
         q_in, q_offsets = nested_packed(query)
         k_in, k_offsets = (q_in, q_offsets) if key is query else nested_packed(key)
-        v_in = k_in if value is key else q_in if value is query else nested_packed(value)[0]
+        if value is key or value is query:
+            v_in, v_offsets = (k_in, k_offsets) if value is key else (q_in, q_offsets)
+        else:
+            v_in, v_offsets = nested_packed(value)
+        check_same_sequences(q_offsets, k_offsets, v_offsets)
         q, k, v = self._in_projection(q_in, k_in, v_in)
         H = self.num_heads
         q, k, v = (t.unflatten(-1, (H, t.shape[-1] // H)) for t in (q, k, v))

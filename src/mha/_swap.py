@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from typing import Literal, cast
 
 import torch
@@ -12,22 +13,10 @@ from ._module import MultiheadAttention
 
 _CLASSES: dict[str, type[nn.Module]] = {"mha": MultiheadAttention, "torch": nn.MultiheadAttention}
 
-# Every per-module hook table of nn.Module (torch 2.5 to 2.13): handles hold weak
-# references to these very dicts, so sharing them keeps the handles working.
-_HOOK_TABLES = (
-    "_forward_hooks",
-    "_forward_hooks_with_kwargs",
-    "_forward_hooks_always_called",
-    "_forward_pre_hooks",
-    "_forward_pre_hooks_with_kwargs",
-    "_backward_hooks",
-    "_backward_pre_hooks",
-    "_is_full_backward_hook",
-    "_state_dict_hooks",
-    "_state_dict_pre_hooks",
-    "_load_state_dict_pre_hooks",
-    "_load_state_dict_post_hooks",
-)
+# The registries that a module's state holds and that are copied, not shared, so that the
+# old module's own keep their entries. Everything else in its state, hook tables
+# included, is taken over as is: hook handles hold weak references to those very dicts.
+_REGISTRIES = ("_parameters", "_buffers", "_modules", "_non_persistent_buffers_set")
 
 
 def swap(model: nn.Module, to: Literal["mha", "torch"] = "mha") -> nn.Module:
@@ -40,8 +29,9 @@ def swap(model: nn.Module, to: Literal["mha", "torch"] = "mha") -> nn.Module:
     :class:`mha.TransformerDecoder` (decoding with a cache; they change class in
     place), and back with ``to="torch"``. The new modules take over the old ones'
     parameter objects (so device, dtype, ``requires_grad`` and optimizer state carry
-    over, and outputs are unchanged), their configuration and training mode. A module
-    used in several places stays shared. Subclasses of either class are left alone.
+    over, and outputs are unchanged), their buffers, submodules, other attributes
+    (such as those ``torch.nn.utils.weight_norm`` adds), configuration and training
+    mode. A module used in several places stays shared. Subclasses of either class are left alone.
 
     Hooks move with the module: forward hooks and forward pre-hooks (with
     ``with_kwargs=True`` and ``always_call=True`` as registered), backward hooks
@@ -81,8 +71,10 @@ def swap(model: nn.Module, to: Literal["mha", "torch"] = "mha") -> nn.Module:
 
 
 def _convert(old: nn.Module, target: type[nn.Module]) -> nn.Module:
-    """``old`` rebuilt as ``target`` on the meta device, then given ``old``'s parameters
-    and hook tables."""
+    """``old`` rebuilt as ``target`` on the meta device, then given all of ``old``'s state:
+    its parameters, buffers, submodules, hook tables, training flag and other attributes
+    (including those that reparametrizations such as ``weight_norm`` add or remove). Only
+    attributes that ``target`` sets and ``old`` lacks keep ``target``'s meta-built values."""
     new = target(
         old.embed_dim,
         old.num_heads,
@@ -96,10 +88,8 @@ def _convert(old: nn.Module, target: type[nn.Module]) -> nn.Module:
         device=torch.device("meta"),
         dtype=cast(nn.Linear, old.out_proj).weight.dtype,
     )
-    for name, param in old.named_parameters(recurse=False):
-        setattr(new, name, param)
-    new.out_proj = old.out_proj
-    for table in _HOOK_TABLES:
-        setattr(new, table, getattr(old, table))
-    new.train(old.training)
+    state = dict(vars(old))
+    for registry in _REGISTRIES:
+        state[registry] = copy.copy(state[registry])
+    new.__dict__.update(state)
     return new

@@ -32,6 +32,7 @@ from ._types import Offsets
 
 __all__ = [
     "Offsets",
+    "check_offsets",
     "check_same_sequences",
     "is_jagged",
     "jagged_from_packed",
@@ -80,8 +81,26 @@ def unpack_heads(t: Tensor, name: str) -> tuple[Tensor, Offsets]:
     return values.transpose(0, 1), _jagged_offsets(nt)
 
 
+def check_offsets(offsets: Offsets, name: str, rows: int) -> None:
+    """``offsets`` ``(N + 1,)`` of a packed ``name`` of ``rows`` tokens: at least one, the
+    first at least 0, none below the one before, the last at most ``rows``.
+
+    Checked only where the host list is at hand: a device tensor is not read back for
+    it, as that would wait for the device (the paths that read it check it then)."""
+    if not offsets.on_host:
+        return
+    host = offsets.host()
+    if not host or host[0] < 0 or host[-1] > rows or any(b < a for a, b in itertools.pairwise(host)):
+        raise ValueError(
+            f"attention: {name} offsets (N + 1,) must rise from 0 or more to at most its {rows} packed "
+            f"rows, never decreasing (sequence n owns rows offsets[n]:offsets[n + 1]), got {host}; "
+            "build nested tensors with torch.nested.nested_tensor or from offsets that span their values"
+        )
+
+
 def check_same_sequences(q_offsets: Offsets, k_offsets: Offsets, v_offsets: Offsets) -> None:
-    """Query and key hold the same number of sequences, key and value the same lengths.
+    """Query and key hold the same number of sequences, key and value the same offsets
+    (the call reads both at the key's).
 
     Offsets tensors are compared only when they are distinct objects (a read on the host)."""
     if q_offsets.count != k_offsets.count or k_offsets.count != v_offsets.count:
@@ -94,6 +113,12 @@ def check_same_sequences(q_offsets: Offsets, k_offsets: Offsets, v_offsets: Offs
         raise ValueError(
             f"attention: key and value must have the same sequence lengths S_n, got key "
             f"{k_offsets.lengths()} and value {v_offsets.lengths()}"
+        )
+    if not k_offsets.same_as(v_offsets) and k_offsets.host() != v_offsets.host():
+        raise ValueError(
+            f"attention: key and value must hold their sequences at the same rows, got key offsets "
+            f"{k_offsets.host()} and value offsets {v_offsets.host()}; build value on the key's offsets, "
+            "e.g. torch.nested.nested_tensor_from_jagged(value.values(), key.offsets())"
         )
 
 

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .._plan import Band, MaskPlan
-from .._types import AttentionOutput, Call, Capabilities
+from .._types import AttentionOutput, Call, Capabilities, zeros_in_graph
 from ._grouped import by_groups
 from ._ops import masked_logsumexp, masked_softmax
 
@@ -323,9 +323,10 @@ def _cat(parts: list[Tensor], dim: int) -> Tensor:
 
 
 def _empty(call: Call, device: torch.device) -> AttentionOutput:
-    """The result for N == 0 or L == 0: every output is empty."""
+    """The result for N == 0 or L == 0: every output is empty. The output ``(N, Hq, L, Dv)``
+    stays in the inputs' graph, so that ``backward()`` gives them zero gradients."""
     N, Hq, _, L, S, _, Dv = call.shape
-    out = torch.zeros(N, Hq, L, Dv, dtype=call.query.dtype, device=device)
+    out = zeros_in_graph((N, Hq, L, Dv), call.query, call.key, call.value, *call.plan.bias)
     w = None
     if call.weights == "mean":
         w = torch.zeros(N, L, S, dtype=call.query.dtype, device=device)

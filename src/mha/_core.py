@@ -186,8 +186,8 @@ def packed_attention(
     q_offsets = q_offsets if isinstance(q_offsets, Offsets) else Offsets(q_offsets)
     k_offsets = k_offsets if isinstance(k_offsets, Offsets) else Offsets(k_offsets)
     _validate_tensors(query, key, value, packed=True)
-    _varlen.check_offsets(q_offsets, "query", query.shape[0])
-    _varlen.check_offsets(k_offsets, "key", key.shape[0])
+    q_offsets.check("query", query.shape[0])
+    k_offsets.check("key", key.shape[0])
     if q_offsets.on_host:  # keep only the sequences' rows
         q0, q1 = q_offsets.host()[0], q_offsets.host()[-1]
         if q0 != 0 or q1 != query.shape[0]:
@@ -225,8 +225,8 @@ def _attention_jagged(
     v, v_offsets = (k, k_offsets) if value is key else (q, q_offsets) if value is query else _varlen.unpack_heads(
         value, "value"
     )
-    _varlen.check_offsets(q_offsets, "query", q.shape[0])
-    _varlen.check_offsets(k_offsets, "key", k.shape[0])
+    q_offsets.check("query", q.shape[0])
+    k_offsets.check("key", k.shape[0])
     _varlen.check_same_sequences(q_offsets, k_offsets, v_offsets)
     call = _validate_varlen_call(q, k, v, q_offsets, k_offsets, mask, scale, dropout_p, weights, return_lse)
     result = _dispatch.select_backend(call, backend).forward(call)

@@ -108,6 +108,23 @@ class Offsets:
             self._int32 = self._device.to(device=device, dtype=torch.int32)
         return self._int32
 
+    def check(self, name: str, rows: int) -> None:
+        """ValueError unless these offsets ``(N + 1,)`` of a packed ``name`` of ``rows``
+        tokens are at least one, the first at least 0, none below the one before, the
+        last at most ``rows``.
+
+        Checked only where the host list is at hand: a device tensor is not read back
+        for it, as that would wait for the device (the paths that read it check it then)."""
+        if self._host is None:
+            return
+        host = self._host
+        if not host or host[0] < 0 or host[-1] > rows or any(b < a for a, b in itertools.pairwise(host)):
+            raise ValueError(
+                f"attention: {name} offsets (N + 1,) must rise from 0 or more to at most its {rows} packed "
+                f"rows, never decreasing (sequence n owns rows offsets[n]:offsets[n + 1]), got {host}; "
+                "build nested tensors with torch.nested.nested_tensor or from offsets that span their values"
+            )
+
     def lengths(self) -> list[int]:
         """Each sequence's length, on the host."""
         return [b - a for a, b in itertools.pairwise(self.host())]

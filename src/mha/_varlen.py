@@ -32,7 +32,6 @@ from ._types import Offsets
 
 __all__ = [
     "Offsets",
-    "check_offsets",
     "check_same_sequences",
     "is_jagged",
     "jagged_from_packed",
@@ -79,23 +78,6 @@ def unpack_heads(t: Tensor, name: str) -> tuple[Tensor, Offsets]:
     # values of an (N, H, j, D) jagged tensor are (H, T, D): packed tokens second.
     values = nt.values() if _grad_flows(nt) else nt._values
     return values.transpose(0, 1), _jagged_offsets(nt)
-
-
-def check_offsets(offsets: Offsets, name: str, rows: int) -> None:
-    """``offsets`` ``(N + 1,)`` of a packed ``name`` of ``rows`` tokens: at least one, the
-    first at least 0, none below the one before, the last at most ``rows``.
-
-    Checked only where the host list is at hand: a device tensor is not read back for
-    it, as that would wait for the device (the paths that read it check it then)."""
-    if not offsets.on_host:
-        return
-    host = offsets.host()
-    if not host or host[0] < 0 or host[-1] > rows or any(b < a for a, b in itertools.pairwise(host)):
-        raise ValueError(
-            f"attention: {name} offsets (N + 1,) must rise from 0 or more to at most its {rows} packed "
-            f"rows, never decreasing (sequence n owns rows offsets[n]:offsets[n + 1]), got {host}; "
-            "build nested tensors with torch.nested.nested_tensor or from offsets that span their values"
-        )
 
 
 def check_same_sequences(q_offsets: Offsets, k_offsets: Offsets, v_offsets: Offsets) -> None:

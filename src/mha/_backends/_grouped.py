@@ -15,7 +15,6 @@ from torch import Tensor
 
 from .._plan import plan_mask
 from .._types import AttentionOutput, Call, zeros_in_graph
-from .._varlen import check_offsets
 
 
 def by_groups(call: Call, dense: Callable[[Call], AttentionOutput]) -> AttentionOutput:
@@ -28,8 +27,8 @@ def by_groups(call: Call, dense: Callable[[Call], AttentionOutput]) -> Attention
     query, key, value = call.query, call.key, call.value
     q_offsets, k_offsets = call.offsets()
     q_off, k_off = q_offsets.host(), k_offsets.host()
-    check_offsets(q_offsets, "query", query.shape[0])
-    check_offsets(k_offsets, "key", key.shape[0])
+    q_offsets.check("query", query.shape[0])
+    k_offsets.check("key", key.shape[0])
     n_seq = len(q_off) - 1
     Hq, Dv = query.shape[1], value.shape[-1]
     groups: dict[tuple[int, int], list[int]] = {}

@@ -81,6 +81,9 @@ BAD = {
     "batch_mismatch": (lambda m: m.new_cache(N + 1, 5), {}),
     "attn_mask": (lambda m: m.new_cache(N, 5), {"attn_mask": torch.zeros(1, 1, dtype=torch.bool)}),
     "key_none_on_self_cache": (lambda m: m.new_cache(N, 5), {"key": None, "value": None}),
+    "kpm_transposed": (lambda m: m.new_cache(N, 5), {"key_padding_mask": torch.zeros(1, N, dtype=torch.bool)}),
+    "kpm_float": (lambda m: m.new_cache(N, 5), {"key_padding_mask": torch.zeros(N, 1)}),
+    "memory_wider_than_kdim": (lambda m: m.new_cache(N, 5, static=True), {"key": torch.randn(3, N, E + 1)}),
 }
 
 

@@ -33,7 +33,7 @@ from ._dispatch import (
 )
 from ._frontend import plan_forward
 from ._module import MultiheadAttention
-from ._module_cache import check_cached_call
+from ._module_cache import _new_lengths, check_cached_call, check_memory
 
 
 @dataclass(frozen=True)
@@ -406,6 +406,11 @@ def _explain_cached(
     Dh = E // H
     N, T = (query.shape[0], query.shape[1]) if bf else (query.shape[1], query.shape[0])
     T_new = None if key is None or value is None else key.shape[1 if bf else 0]
+    if key is not None and value is not None:  # the call's checks of the new tokens, nothing stored
+        if cache.static:
+            check_memory(module, key, value, key_padding_mask, cache)
+        else:
+            _new_lengths(key_padding_mask, N, key.shape[1 if bf else 0])
     S, mask, forced = preview(cache, (N, H, T, Dh), T_new)
     weights: Literal["mean", "per_head"] | None = None
     if need_weights:

@@ -150,3 +150,25 @@ def test_memory_workspace_is_the_chosen_backends_own_estimate():
     assert report.backend == "reference"
     rows = {row[0]: row for row in report.sections[-1].rows}
     assert rows["scores workspace"][1] == "(2, 3, 5, 5) scores x3"
+
+
+def test_malformed_nested_call_raises_what_the_module_raises():
+    module = _module(batch_first=True)
+    x = torch.nested.nested_tensor([_t(3, E), _t(5, E)], layout=torch.jagged)
+    bad = torch.nested.nested_tensor([_t(3, E + 1), _t(5, E + 1)], layout=torch.jagged)
+    with pytest.raises(ValueError, match="nested key has 25 features") as from_module:
+        module(x, bad, bad)
+    with pytest.raises(ValueError, match="nested key") as from_explain:
+        mha.explain(module, x, bad, bad)
+    assert str(from_explain.value) == str(from_module.value)
+    with pytest.raises(NotImplementedError, match="nested"):
+        mha.explain(module, x, x, x)
+
+
+def test_context_parallel_call_is_not_explained_as_a_dense_one():
+    # Under context_parallel the module runs ring attention and refuses need_weights=True;
+    # explain must not describe a one-device dense call instead.
+    module = _module()
+    x = _t(7, 3, E)
+    with mha.distributed.context_parallel(), pytest.raises(NotImplementedError, match="context_parallel"):
+        mha.explain(module, x, x, x, need_weights=False)

@@ -81,6 +81,9 @@ BAD = {
     "batch_mismatch": (lambda m: m.new_cache(N + 1, 5), {}),
     "attn_mask": (lambda m: m.new_cache(N, 5), {"attn_mask": torch.zeros(1, 1, dtype=torch.bool)}),
     "key_none_on_self_cache": (lambda m: m.new_cache(N, 5), {"key": None, "value": None}),
+    "kpm_transposed": (lambda m: m.new_cache(N, 5), {"key_padding_mask": torch.zeros(1, N, dtype=torch.bool)}),
+    "kpm_float": (lambda m: m.new_cache(N, 5), {"key_padding_mask": torch.zeros(N, 1)}),
+    "memory_wider_than_kdim": (lambda m: m.new_cache(N, 5, static=True), {"key": torch.randn(3, N, E + 1)}),
 }
 
 
@@ -95,3 +98,17 @@ def test_invalid_cached_calls_raise_what_the_module_raises(case):
     with pytest.raises(from_module.type) as from_explain:
         mha.explain(module, **args, cache=make(module))
     assert str(from_explain.value) == str(from_module.value)
+
+
+def test_use_backend_names_the_backend_the_step_runs(monkeypatch):
+    # A forced backend skips the decode kernel: explain names the forced one, as the call runs it.
+    module = _module()
+    cache = module.new_cache(N, 13)
+    x, new = torch.randn(2, N, E), torch.randn(1, N, E)
+    with torch.no_grad():
+        module(x, x, x, cache=cache)
+        with mha.use_backend("reference"):
+            report = mha.explain(module, new, new, new, cache=cache)
+            used = spy_on_dispatch(monkeypatch)
+            module(new, new, new, cache=cache)
+    assert used == [report.backend] == ["reference"]

@@ -24,10 +24,16 @@ from torch import Tensor
 
 from ._cache import KVCache, preview
 from ._core import _validate_call
-from ._dispatch import REGISTRY, explain_dispatch, not_supported_reasons, select_backend
+from ._dispatch import (
+    REGISTRY,
+    explain_dispatch,
+    forced_backend,
+    not_supported_reasons,
+    select_backend,
+)
 from ._frontend import plan_forward
 from ._module import MultiheadAttention
-from ._module_cache import check_cached_call
+from ._module_cache import _new_lengths, check_cached_call, check_memory
 
 
 @dataclass(frozen=True)
@@ -141,11 +147,14 @@ def explain(
     for ``dispatch_device`` (default ``"cpu"``); otherwise for the inputs' device.
     With ``cache=`` (an :class:`mha.KVCache`) the decoding step is explained: the
     positions it reads, the backend and the cache's memory; the cache is not
-    written. Returns an :class:`Explanation`; print it.
+    written. Nested (variable-length) inputs, and calls inside
+    :func:`mha.distributed.context_parallel`, raise ``NotImplementedError`` once
+    they pass the module's checks. Returns an :class:`Explanation`; print it.
 
     Example::
 
         >>> m = mha.MultiheadAttention(64, 8)
+        >>> padding = torch.arange(15) >= torch.randint(1, 16, (32, 1))  # (N, S), True = padding
         >>> print(mha.explain(m, torch.randn(10, 32, 64), torch.randn(15, 32, 64),
         ...                   torch.randn(15, 32, 64), key_padding_mask=padding))
     """
@@ -162,15 +171,20 @@ def explain(
             "explain: key and value must be tensors (S, N, E); None is for a filled static "
             "(cross-attention) cache, passed as cache="
         )
-    if isinstance(query, Tensor) and query.is_nested:
-        raise NotImplementedError(
-            "explain takes dense tensors; for nested (variable-length) inputs every sequence is "
-            "attended at its own length with no padding"
-        )
     plan = plan_forward(
         module, query, key, value, key_padding_mask, attn_mask, is_causal,
         need_weights, average_attn_weights, module.training,
     )
+    if plan.route == "nested":
+        raise NotImplementedError(
+            "explain takes dense tensors; for nested (variable-length) inputs every sequence is "
+            "attended at its own length with no padding"
+        )
+    if plan.route == "context_parallel":
+        raise NotImplementedError(
+            "explain describes calls on one device; inside mha.distributed.context_parallel the call "
+            "runs as ring attention over the group's ranks: explain it outside the block"
+        )
     H, E = module.num_heads, module.embed_dim
     Dh = E // H
     N, L, S, extra = plan.N, plan.L, plan.S, plan.extra_keys
@@ -392,6 +406,11 @@ def _explain_cached(
     Dh = E // H
     N, T = (query.shape[0], query.shape[1]) if bf else (query.shape[1], query.shape[0])
     T_new = None if key is None or value is None else key.shape[1 if bf else 0]
+    if key is not None and value is not None:  # the call's checks of the new tokens, nothing stored
+        if cache.static:
+            check_memory(module, key, value, key_padding_mask, cache)
+        else:
+            _new_lengths(key_padding_mask, N, key.shape[1 if bf else 0])
     S, mask, forced = preview(cache, (N, H, T, Dh), T_new)
     weights: Literal["mean", "per_head"] | None = None
     if need_weights:
@@ -408,7 +427,7 @@ def _explain_cached(
         dispatch[forced] = not_supported_reasons(REGISTRY[forced].caps, call)
         backend = forced
     else:
-        backend = next(name for name, reasons in dispatch.items() if not reasons)
+        backend = select_backend(call).name  # honours mha.use_backend, raises as the call would
     M = cache.max_length
     if not cache.static:
         path = (f"cached self-attention: the {T_new} new token(s) of each sequence are projected once and "
@@ -456,7 +475,12 @@ def _explain_cached(
         f"a decoding step on a {'static (cross-attention)' if cache.static else 'self-attention'} KV cache; "
         f"{'training' if module.training else 'eval'} mode, {cache.key.dtype} on {cache.key.device}"
     )
-    why = "few query rows per key/value head" if forced else "dispatch's first that can serve"
+    if forced is not None:
+        why = "few query rows per key/value head"
+    elif forced_backend() is not None:
+        why = "forced by mha.use_backend"
+    else:
+        why = "dispatch's first that can serve"
     sections = (
         Section("Inputs", ("argument", "shape", "dims", "role"), tuple(inputs)),
         Section("Outputs", ("output", "shape", "dims", "meaning"), _output_rows(

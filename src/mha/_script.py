@@ -261,6 +261,11 @@ def _tuple(sizes: list[int]) -> str:
 
 
 def _check_mask_type(name: str, mask: Tensor, query: Tensor) -> None:
+    if mask.layout != torch.strided:
+        raise TypeError(
+            f"{name} {_shape(mask)} is sparse, not a dense (strided) tensor; masks are read as dense tensors: "
+            f"pass {name}.to_dense()"
+        )
     if mask.dtype != torch.bool and not mask.is_floating_point():
         raise TypeError(
             f"{name} {_shape(mask)} has dtype {mask.dtype}; pass a bool tensor (True = masked out), e.g. "

@@ -228,9 +228,11 @@ def _common_input(t: Any, dtype: torch.dtype, device: torch.device) -> bool:
 
 
 def _common_mask(mask: Any, rows: int, columns: int, device: torch.device) -> bool:
-    """Whether ``mask`` is a dense boolean or floating ``(rows, columns)`` tensor on ``device``."""
+    """Whether ``mask`` is a dense (strided, not nested) boolean or floating ``(rows, columns)``
+    tensor on ``device``."""
     return (
         type(mask) is Tensor
+        and mask.layout == torch.strided
         and not mask.is_nested
         and mask.shape == (rows, columns)
         and (mask.dtype == torch.bool or mask.is_floating_point())
@@ -278,6 +280,11 @@ def _validate_dtypes_devices(module: Any, query: Tensor, key: Tensor, value: Ten
 def _validate_mask_type(name: str, mask: Any, expected: str, device: torch.device) -> None:
     if not isinstance(mask, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor of shape {expected} or None, got {type(mask).__name__}")
+    if mask.layout != torch.strided:
+        raise TypeError(
+            f"{name} {expected} = {_shape(mask)} is a {mask.layout} tensor; masks are read as dense "
+            f"tensors: pass {name}.to_dense()"
+        )
     if mask.dtype != torch.bool and not mask.is_floating_point():
         raise TypeError(
             f"{name} {expected} = {_shape(mask)} has dtype {mask.dtype}; pass a bool tensor (True = masked "

@@ -173,6 +173,11 @@ class ScriptableAttention(nn.Module):
                     "mha.MultiheadAttention; run the module in eager mode, or pad the batch and pass "
                     "key_padding_mask (N, S)"
                 )
+            if t.layout != torch.strided:
+                raise TypeError(
+                    "query, key and value must be dense (strided) tensors, got a sparse one; pass "
+                    "query.to_dense() (key, value likewise)"
+                )
         batched = query.dim() == 3
         bf = self.batch_first and batched
         q_name = ("(N, L, E)" if bf else "(L, N, E)") if batched else "(L, E)"

@@ -100,3 +100,28 @@ def test_export_dense(need_weights):
 def test_compile_inductor_dense():
     q, k, v, _, _ = _inputs()
     _check(_module(), (q, k, v), {"need_weights": False}, backend="inductor")
+
+
+@pytest.mark.parametrize("kwargs", [{"is_causal": True}, {"key_padding_mask": True}])
+def test_compile_first_calls_in_a_process_do_not_recompile(monkeypatch, kwargs):
+    """The memo dicts of device types and causal band plans start empty in a fresh
+    process: read while tracing, dynamo guarded on their contents, and the next call
+    after one that filled them (compiled or eager) recompiled."""
+    import torch._dynamo.testing
+
+    from mha import _plan, _types
+
+    monkeypatch.setattr(_types, "_DEVICE_TYPES", {})
+    monkeypatch.setattr(_plan, "_TOP_LEFT_BAND_PLANS", {})
+    q, k, v, kpm, _ = _inputs()
+    module = _module()
+    torch._dynamo.reset()
+    counter = torch._dynamo.testing.CompileCounter()
+    compiled = torch.compile(module, fullgraph=True, backend=counter)
+    for step in range(3):
+        call = dict(kwargs)
+        if "key_padding_mask" in call:
+            call["key_padding_mask"] = kpm.roll(step, dims=1)
+        out, _ = compiled(q, k, v, **call)
+        torch.testing.assert_close(out, _eager(module, q, k, v, **call)[0])
+    assert counter.frame_count == 1

@@ -190,6 +190,22 @@ def test_key_padding_mask_of_integer_dtype(module, qkv, dtype):
     )
 
 
+@pytest.mark.parametrize("which", [0, 1, 2])
+def test_sparse_query_key_or_value_is_a_type_error_with_to_dense(module, qkv, which):
+    name = ("query", "key", "value")[which]
+    args = list(qkv)
+    args[which] = args[which].to_sparse()
+    check(TypeError, lambda: module(*args), name, "torch.sparse_coo", f"{name}.to_dense()")
+
+
+@pytest.mark.parametrize("name", ["key_padding_mask", "attn_mask"])
+@pytest.mark.parametrize("layout", ["coo", "csr"])
+def test_sparse_mask_is_a_type_error_with_to_dense(module, qkv, name, layout):
+    dense = torch.zeros((N, S) if name == "key_padding_mask" else (L, S))
+    mask = dense.to_sparse() if layout == "coo" else dense.to_sparse_csr()
+    check(TypeError, lambda: module(*qkv, **{name: mask}), name, str(mask.layout), f"{name}.to_dense()")
+
+
 # attn_mask
 
 

@@ -243,6 +243,9 @@ BAD_CALLS = {
     "attn_1d": (lambda q, k, v: (q, k, v), {"attn_mask": torch.zeros(S, dtype=torch.bool)}, ValueError, r"got 1-D \(7,\)"),
     "attn_heads": (lambda q, k, v: (q, k, v), {"attn_mask": torch.zeros(H, L, S, dtype=torch.bool)}, ValueError, r"\(N\*num_heads, L, S\) = \(9, 5, 7\)"),
     "attn_s_l": (lambda q, k, v: (q, k, v), {"attn_mask": torch.zeros(S, L, dtype=torch.bool)}, ValueError, r"transpose"),
+    "query_sparse": (lambda q, k, v: (q.to_sparse(), k, v), {}, TypeError, r"query\.to_dense\(\)"),
+    "kpm_sparse": (lambda q, k, v: (q, k, v), {"key_padding_mask": torch.zeros(N, S).to_sparse()}, TypeError, r"key_padding_mask\.to_dense\(\)"),
+    "attn_sparse": (lambda q, k, v: (q, k, v), {"attn_mask": torch.zeros(L, S).to_sparse()}, TypeError, r"attn_mask\.to_dense\(\)"),
 }
 
 

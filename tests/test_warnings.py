@@ -69,6 +69,25 @@ def test_fully_padded_batch_element(module, x):
     assert "True means masked out" in message
 
 
+@pytest.mark.parametrize("name", ["key_padding_mask", "attn_mask"])
+def test_float_mask_of_zeros_and_ones(module, x, name):
+    """A boolean mask cast to float adds 1 to the scores it meant to mask out."""
+    blocked = torch.zeros((N, L) if name == "key_padding_mask" else (L, L), dtype=torch.bool)
+    blocked[..., -2:] = True
+    (message,) = _caught(lambda: module(x, x, x, **{name: blocked.float()}))
+    assert f"{name} is a float mask of 0s and 1s" in message
+    assert f"{name}.bool()" in message
+    assert "-inf" in message
+
+
+@pytest.mark.parametrize("name", ["key_padding_mask", "attn_mask"])
+def test_float_masks_of_zeros_only_or_other_values_are_silent(module, x, name):
+    shape = (N, L) if name == "key_padding_mask" else (L, L)
+    padding = torch.zeros(shape).index_fill(-1, torch.tensor([L - 1]), float("-inf"))
+    for mask in (torch.zeros(shape), torch.ones(shape), torch.full(shape, 0.5), padding, padding - 1.0):
+        assert _caught(lambda m=mask: module(x, x, x, **{name: m})) == []
+
+
 @pytest.mark.parametrize("kind", ["bool", "float", "3d"])
 def test_attn_mask_with_empty_rows(module, x, kind):
     blocked = torch.zeros(L, L, dtype=torch.bool)

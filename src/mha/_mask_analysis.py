@@ -50,11 +50,14 @@ class AttnMaskSummary:
     """standard_causal: equal to ``triu(ones(L, S), 1)`` (bool) or to ``-inf`` above the
     diagonal and 0 elsewhere (float, as ``nn.Transformer.generate_square_subsequent_mask``),
     and not requiring grad. inverted_causal: a square bool ``tril(ones(L, L))``.
-    empty_rows: query rows whose every key is blocked, in any batch element or head."""
+    empty_rows: query rows whose every key is blocked, in any batch element or head.
+    zeros_and_ones: a float mask of 0s and 1s, both present: likely a boolean mask cast
+    to float, which adds 1 where it meant to block."""
 
     standard_causal: bool
     inverted_causal: bool
     empty_rows: tuple[int, ...]
+    zeros_and_ones: bool = False
 
 
 @dataclass(frozen=True)
@@ -63,11 +66,12 @@ class KeyPaddingSummary:
     right padding (each row open keys, then only padding; True in a boolean mask, or a
     float mask of exactly 0 then ``-inf``) and does not require grad: ``lengths``, the
     number of open keys ``(N,)`` on the mask's device, and ``lengths_list``, the same on
-    the host; both None otherwise."""
+    the host; both None otherwise. zeros_and_ones: as in :class:`AttnMaskSummary`."""
 
     empty_batches: tuple[int, ...]
     lengths: Tensor | None
     lengths_list: tuple[int, ...] | None
+    zeros_and_ones: bool = False
 
 
 # The commonest summaries, built once.
@@ -80,15 +84,34 @@ def masked_out(mask: Tensor) -> Tensor:
     return mask if mask.dtype == torch.bool else torch.isneginf(mask)
 
 
+def _zeros_and_ones(mask: Tensor) -> Tensor:
+    """Whether a float mask holds only 0s and 1s, both present: a 0-dim boolean on its device."""
+    zeros, ones = mask == 0, mask == 1
+    return (zeros | ones).all() & zeros.any() & ones.any()
+
+
+def _read_with_zeros_and_ones(flags: Tensor, mask: Tensor) -> tuple[list[bool], bool]:
+    """``flags`` (1-D boolean) on the host, and for a float ``mask`` whether it is
+    :func:`_zeros_and_ones`, in the same read."""
+    if mask.dtype == torch.bool:
+        return flags.tolist(), False
+    *values, zeros_and_ones = torch.cat([flags, _zeros_and_ones(mask).view(1)]).tolist()
+    return values, zeros_and_ones
+
+
 def summarize_key_padding_mask(mask: Tensor, lengths_wanted: bool = True) -> KeyPaddingSummary:
     """Summary of a bool (True = padding) or float (additive) ``(N, S)`` ``key_padding_mask``.
     ``lengths_wanted=False`` skips the right-padding test: then a mask whose first key is
     open in every sequence (right padding, the usual case) is cleared by reading that
     column alone, N values (a sequence with every key padded has its first key padded)."""
     if not lengths_wanted or mask.requires_grad:
-        if mask.shape[-1] > 0 and True not in masked_out(mask[:, 0]).tolist():
-            return _EVERY_BATCH_OPEN
-        return _empty_batches(masked_out(mask))
+        if mask.shape[-1] > 0:
+            first, zeros_and_ones = _read_with_zeros_and_ones(masked_out(mask[:, 0]), mask)
+            if zeros_and_ones:  # no -inf: no sequence is empty
+                return KeyPaddingSummary((), None, None, True)
+            if True not in first:
+                return _EVERY_BATCH_OPEN
+        return _empty_batches(masked_out(mask), mask)
     is_blocked = masked_out(mask)
     lengths = right_padding_lengths(is_blocked)
     if (
@@ -98,18 +121,19 @@ def summarize_key_padding_mask(mask: Tensor, lengths_wanted: bool = True) -> Key
     ):
         lengths = None
     if lengths is None:
-        return _empty_batches(is_blocked)
+        return _empty_batches(is_blocked, mask)
     host = tuple(lengths.tolist())
     return KeyPaddingSummary(tuple(n for n, count in enumerate(host) if count == 0), lengths, host)
 
 
-def _empty_batches(is_blocked: Tensor) -> KeyPaddingSummary:
-    """The summary without lengths of a boolean ``(N, S)`` padding mask (True = padding),
-    read once: N booleans through ``tolist``, not ``any()`` and a second read through ``bool()``."""
-    empty = is_blocked.all(dim=-1).tolist()
-    if True not in empty:
+def _empty_batches(is_blocked: Tensor, mask: Tensor) -> KeyPaddingSummary:
+    """The summary without lengths of ``mask`` ``(N, S)``, ``is_blocked`` its booleans (True =
+    padding), read once: N booleans through ``tolist``, not ``any()`` and a second read
+    through ``bool()``."""
+    empty, zeros_and_ones = _read_with_zeros_and_ones(is_blocked.all(dim=-1), mask)
+    if True not in empty and not zeros_and_ones:
         return _EVERY_BATCH_OPEN
-    return KeyPaddingSummary(tuple(n for n, e in enumerate(empty) if e), None, None)
+    return KeyPaddingSummary(tuple(n for n, e in enumerate(empty) if e), None, None, zeros_and_ones)
 
 
 def _standard_causal(L: int, S: int, dtype: torch.dtype, device: torch.device) -> Tensor:
@@ -157,5 +181,5 @@ def summarize_attn_mask(mask: Tensor) -> AttnMaskSummary:
         if mask.dtype == torch.bool and L == S and L > 1 and torch.equal(mask, ~standard):
             return AttnMaskSummary(False, True, (L - 1,))
     empty = masked_out(mask).all(dim=-1)
-    rows = empty.reshape(-1, empty.shape[-1]).any(dim=0).nonzero().flatten().tolist()
-    return AttnMaskSummary(False, False, tuple(rows))
+    rows, zeros_and_ones = _read_with_zeros_and_ones(empty.reshape(-1, empty.shape[-1]).any(dim=0), mask)
+    return AttnMaskSummary(False, False, tuple(i for i, e in enumerate(rows) if e), zeros_and_ones)

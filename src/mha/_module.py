@@ -44,7 +44,8 @@ class MultiheadAttention(ScriptableAttention):
       the expected and actual shapes, and the fix;
     * a query row whose keys are all masked gets zero attention (output =
       ``out_proj.bias``, weights 0), never NaN;
-    * an inverted ``tril`` causal mask and masks that empty rows warn;
+    * an inverted ``tril`` causal mask, a float mask of 0s and 1s and masks that
+      empty rows warn;
     * ``is_causal=True`` works without ``attn_mask``; ``attn_mask`` may also be
       ``(N, num_heads, L, S)``; boolean and float masks mix freely;
     * right padding is dropped before the key/value projections where that pays,

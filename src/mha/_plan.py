@@ -192,7 +192,13 @@ def plan_mask(mask: m.Mask | None, L: int, S: int) -> MaskPlan:
     """Reduce a mask object to a :class:`MaskPlan` for a call with ``L`` queries and ``S`` keys."""
     if mask is None:
         return _NO_MASK
-    if (type(mask) is m.Causal or type(mask) is m.Window) and mask.align == "top_left":
+    # Not while compiling: dynamo would guard on the memo's contents, and a call that fills
+    # it (compiled or eager) would force a recompile.
+    if (
+        (type(mask) is m.Causal or type(mask) is m.Window)
+        and mask.align == "top_left"
+        and not torch.compiler.is_compiling()
+    ):
         key = (mask.before, mask.after, mask.shift)
         plan = _TOP_LEFT_BAND_PLANS.get(key)
         if plan is None:

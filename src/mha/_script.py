@@ -173,6 +173,11 @@ class ScriptableAttention(nn.Module):
                     "mha.MultiheadAttention; run the module in eager mode, or pad the batch and pass "
                     "key_padding_mask (N, S)"
                 )
+            if t.layout != torch.strided:
+                raise TypeError(
+                    "query, key and value must be dense (strided) tensors, got a sparse one; pass "
+                    "query.to_dense() (key, value likewise)"
+                )
         batched = query.dim() == 3
         bf = self.batch_first and batched
         q_name = ("(N, L, E)" if bf else "(L, N, E)") if batched else "(L, E)"
@@ -261,6 +266,11 @@ def _tuple(sizes: list[int]) -> str:
 
 
 def _check_mask_type(name: str, mask: Tensor, query: Tensor) -> None:
+    if mask.layout != torch.strided:
+        raise TypeError(
+            f"{name} {_shape(mask)} is sparse, not a dense (strided) tensor; masks are read as dense tensors: "
+            f"pass {name}.to_dense()"
+        )
     if mask.dtype != torch.bool and not mask.is_floating_point():
         raise TypeError(
             f"{name} {_shape(mask)} has dtype {mask.dtype}; pass a bool tensor (True = masked out), e.g. "

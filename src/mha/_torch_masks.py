@@ -1,6 +1,6 @@
 """torch-style ``key_padding_mask`` / ``attn_mask`` turned into mask objects, and the
-messages for their pitfalls: the inverted ``tril`` causal mask and masks that leave
-query rows with no key.
+messages for their pitfalls: the inverted ``tril`` causal mask, float masks of 0s and
+1s (a boolean mask cast to float) and masks that leave query rows with no key.
 
 Both work from the summaries of :mod:`mha._mask_analysis` (``None`` where values
 are not read); the pitfall messages read mask values beyond them (never the
@@ -83,16 +83,28 @@ def pitfall_messages(
 
     ``extra_key``: the module appends a key open to every query (``add_bias_kv`` or
     ``add_zero_attn``), so no row is ever left without a key."""
-    messages: tuple[str, ...] = ()
+    messages = tuple(
+        _zeros_and_ones_message(name)
+        for name, summary in (("key_padding_mask", padding), ("attn_mask", attn))
+        if summary is not None and summary.zeros_and_ones
+    )
     inverted = attn_mask is not None and attn is not None and attn.inverted_causal
     if inverted and attn_mask is not None:
-        messages = (_inverted_causal_message(attn_mask.shape[0], extra_key),)
+        messages += (_inverted_causal_message(attn_mask.shape[0], extra_key),)
     if not extra_key:
         # The inverted-causal message already names the row it empties.
         empty = _empty_rows_message(key_padding_mask, None if inverted else attn_mask, is_causal, padding, attn)
         if empty:
             messages += (empty,)
     return messages
+
+
+def _zeros_and_ones_message(name: str) -> str:
+    return (
+        f"{name} is a float mask of 0s and 1s. A float mask is added to the scores, so its 1s add 1 "
+        f"and mask nothing out. If it marks positions to mask out, pass {name}.bool() (True = masked "
+        f"out), or a float mask of 0 and -inf."
+    )
 
 
 def _inverted_causal_message(L: int, extra_key: bool) -> str:

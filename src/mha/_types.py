@@ -261,7 +261,10 @@ def device_type(device: torch.device) -> str:
     """``device.type`` (``"cpu"``, ``"cuda"``, ...), remembered per device: torch builds
     that string through a C++ ostringstream on every read, 0.25 us in a loop and a few
     microseconds between large kernels, on every dispatch. (A dict, not functools.cache,
-    which torch.compile warns about.)"""
+    which torch.compile warns about.) Not read while compiling: dynamo would guard on the
+    dict's contents, and a call that fills it (compiled or eager) would force a recompile."""
+    if torch.compiler.is_compiling():
+        return device.type
     kind = _DEVICE_TYPES.get(device)
     if kind is None:
         kind = _DEVICE_TYPES[device] = device.type

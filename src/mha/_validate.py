@@ -104,6 +104,11 @@ def validate_forward(
                 f"{name} must be a torch.Tensor of shape {names[name]}, got {type(t).__name__}; "
                 f"convert it with torch.as_tensor({name}, dtype=torch.float32)"
             )
+        if t.layout != torch.strided:
+            raise TypeError(
+                f"{name} {names[name]} = {_shape(t)} is a {t.layout} tensor; attention reads dense "
+                f"tensors: pass {name}.to_dense()"
+            )
         if not (t.is_floating_point()):
             raise TypeError(
                 f"{name} must be a floating-point tensor, got dtype {t.dtype} with shape {_shape(t)}; "
@@ -196,7 +201,13 @@ def _common_call_shapes(
     which :func:`validate_forward` then checks one by one, with its messages: what this
     accepts is a subset of what it accepts. A key or value that is the query (or value
     the key) is the same tensor: checked once."""
-    if type(query) is not Tensor or query.is_nested or query.dim() != 3 or not query.is_floating_point():
+    if (
+        type(query) is not Tensor
+        or query.layout != torch.strided
+        or query.is_nested
+        or query.dim() != 3
+        or not query.is_floating_point()
+    ):
         return None
     param = module_member(module_member(module, "out_proj"), "weight")
     dtype, device = query.dtype, query.device
@@ -223,14 +234,16 @@ def _common_call_shapes(
 
 
 def _common_input(t: Any, dtype: torch.dtype, device: torch.device) -> bool:
-    """Whether ``t`` is a dense 3-D tensor, no subclass, of ``dtype`` on ``device``."""
-    return type(t) is Tensor and not t.is_nested and t.dim() == 3 and t.dtype == dtype and t.device == device
+    """Whether ``t`` is a dense (strided, not nested) 3-D tensor, no subclass, of ``dtype`` on ``device``."""
+    return type(t) is Tensor and t.layout == torch.strided and not t.is_nested and t.dim() == 3 and t.dtype == dtype and t.device == device
 
 
 def _common_mask(mask: Any, rows: int, columns: int, device: torch.device) -> bool:
-    """Whether ``mask`` is a dense boolean or floating ``(rows, columns)`` tensor on ``device``."""
+    """Whether ``mask`` is a dense (strided, not nested) boolean or floating ``(rows, columns)``
+    tensor on ``device``."""
     return (
         type(mask) is Tensor
+        and mask.layout == torch.strided
         and not mask.is_nested
         and mask.shape == (rows, columns)
         and (mask.dtype == torch.bool or mask.is_floating_point())
@@ -278,6 +291,11 @@ def _validate_dtypes_devices(module: Any, query: Tensor, key: Tensor, value: Ten
 def _validate_mask_type(name: str, mask: Any, expected: str, device: torch.device) -> None:
     if not isinstance(mask, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor of shape {expected} or None, got {type(mask).__name__}")
+    if mask.layout != torch.strided:
+        raise TypeError(
+            f"{name} {expected} = {_shape(mask)} is a {mask.layout} tensor; masks are read as dense "
+            f"tensors: pass {name}.to_dense()"
+        )
     if mask.dtype != torch.bool and not mask.is_floating_point():
         raise TypeError(
             f"{name} {expected} = {_shape(mask)} has dtype {mask.dtype}; pass a bool tensor (True = masked "

@@ -84,19 +84,16 @@ def masked_out(mask: Tensor) -> Tensor:
     return mask if mask.dtype == torch.bool else torch.isneginf(mask)
 
 
-def _zeros_and_ones(mask: Tensor) -> Tensor:
-    """Whether a float mask holds only 0s and 1s, both present: a 0-dim boolean on its device."""
-    zeros, ones = mask == 0, mask == 1
-    return (zeros | ones).all() & zeros.any() & ones.any()
-
-
 def _read_with_zeros_and_ones(flags: Tensor, mask: Tensor) -> tuple[list[bool], bool]:
-    """``flags`` (1-D boolean) on the host, and for a float ``mask`` whether it is
-    :func:`_zeros_and_ones`, in the same read."""
+    """``flags`` (1-D boolean) on the host, and for a float ``mask`` whether it holds only
+    0s and 1s, both present. The mask's smallest and largest values ride in the same read
+    as the flags (a 0 / -inf mask is cleared by its -inf); only a mask spanning exactly
+    [0, 1] is read a second time, to tell 0s and 1s from values between them."""
     if mask.dtype == torch.bool:
         return flags.tolist(), False
-    *values, zeros_and_ones = torch.cat([flags, _zeros_and_ones(mask).view(1)]).tolist()
-    return values, zeros_and_ones
+    *values, low, high = torch.cat([flags.to(mask.dtype), torch.stack(torch.aminmax(mask))]).tolist()
+    zeros_and_ones = low == 0 and high == 1 and bool(((mask == 0) | (mask == 1)).all())
+    return [bool(v) for v in values], zeros_and_ones
 
 
 def summarize_key_padding_mask(mask: Tensor, lengths_wanted: bool = True) -> KeyPaddingSummary:

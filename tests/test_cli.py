@@ -168,16 +168,24 @@ def test_plot_default_and_saved_weights(tmp_path, capsys):
 
 
 def test_plot_errors(tmp_path, capsys, monkeypatch):
+    """Errors go to stderr, as every other subcommand's, with the documented exit codes."""
     assert main(["plot", "--weights", str(tmp_path / "missing.pt")]) == 2
+    assert "mha plot: cannot read" in capsys.readouterr().err
     bad = tmp_path / "bad.pt"
     torch.save(torch.zeros(2, 2, 2, 2, 2), bad)
     assert main(["plot", "--weights", str(bad), "--out", str(tmp_path / "x.png")]) == 2
-    assert "must be (L, S), (N, L, S) averaged over heads or (N, H, L, S) per head" in capsys.readouterr().out
+    assert "must be (L, S), (N, L, S) averaged over heads or (N, H, L, S) per head" in capsys.readouterr().err
     assert main(["plot", "--weights", str(bad), "--layout", "NHLS", "--out", str(tmp_path / "x.png")]) == 2
-    assert "layout='NHLS' means weights (N, H, L, S) per head, got 5-D" in capsys.readouterr().out
+    assert "layout='NHLS' means weights (N, H, L, S) per head, got 5-D" in capsys.readouterr().err
+    not_a_tensor = tmp_path / "dict.pt"
+    torch.save({"w": torch.zeros(2, 2)}, not_a_tensor)
+    assert main(["plot", "--weights", str(not_a_tensor), "--out", str(tmp_path / "x.png")]) == 2
+    assert "holds a dict, not a tensor" in capsys.readouterr().err
     monkeypatch.setitem(sys.modules, "matplotlib.figure", None)
     assert main(["plot", "--out", str(tmp_path / "y.png")]) == 1
-    assert "pip install 'mha[plot]'" in capsys.readouterr().out
+    captured = capsys.readouterr()
+    assert "pip install 'mha[plot]'" in captured.err
+    assert captured.out == ""
 
 
 def _titles(figure) -> list[str]:

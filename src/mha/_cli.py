@@ -269,19 +269,19 @@ def _plot(args: argparse.Namespace, console: Console) -> int:
         try:
             weights = torch.load(args.weights, map_location="cpu", weights_only=True)
         except (OSError, RuntimeError) as err:
-            console.print(f"mha plot: cannot read {args.weights}: {err}")
+            print(f"mha plot: cannot read {args.weights}: {err}", file=sys.stderr)
             return 2
         if not isinstance(weights, torch.Tensor):
-            console.print(f"mha plot: {args.weights} holds a {type(weights).__name__}, not a tensor")
+            print(f"mha plot: {args.weights} holds a {type(weights).__name__}, not a tensor", file=sys.stderr)
             return 2
         title = str(args.weights)
     try:
         figure = plot.weights(weights, layout=args.layout, batch=args.batch, title=args.title or title)
     except ImportError as err:
-        console.print(str(err))
+        print(f"mha plot: {err}", file=sys.stderr)
         return 1
     except ValueError as err:
-        console.print(f"mha plot: {err}")
+        print(f"mha plot: {err}", file=sys.stderr)
         return 2
     try:
         figure.savefig(args.out, dpi=110)

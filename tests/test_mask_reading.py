@@ -159,7 +159,19 @@ def test_key_padding_summary_finds_the_sequences_without_keys(rows, empty, kind,
     assert summarize_key_padding_mask(mask, lengths_wanted).empty_batches == empty
 
 
-def test_key_padding_summary_of_no_keys():
+@pytest.mark.parametrize("dtype", [torch.bool, torch.float32])
+def test_key_padding_summary_of_no_keys_or_no_sequences(dtype):
     from mha._mask_analysis import summarize_key_padding_mask
 
-    assert summarize_key_padding_mask(torch.zeros(2, 0, dtype=torch.bool), False).empty_batches == (0, 1)
+    assert summarize_key_padding_mask(torch.zeros(2, 0, dtype=dtype), False).empty_batches == (0, 1)
+    assert summarize_key_padding_mask(torch.zeros(0, 3, dtype=dtype), False).empty_batches == ()
+
+
+def test_float_padding_mask_over_no_keys_gives_zero_attention():
+    _, ours = build_pair(8, 2)
+    q, kv, padding = torch.randn(3, 2, 8), torch.randn(0, 2, 8), torch.zeros(2, 0)
+    with pytest.warns(UserWarning, match=r"blocks every key of batch element\(s\) \[0, 1\]"):
+        out = ours(q, kv, kv, key_padding_mask=padding, need_weights=False)[0]
+    assert out.shape == (3, 2, 8)
+    # No key: zero attention, the output is out_proj's bias (torch gives NaN there).
+    torch.testing.assert_close(out, ours.out_proj.bias.detach().expand(3, 2, 8), **TOL[torch.float32])

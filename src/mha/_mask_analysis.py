@@ -89,7 +89,7 @@ def _read_with_zeros_and_ones(flags: Tensor, mask: Tensor) -> tuple[list[bool], 
     0s and 1s, both present. The mask's smallest and largest values ride in the same read
     as the flags (a 0 / -inf mask is cleared by its -inf); only a mask spanning exactly
     [0, 1] is read a second time, to tell 0s and 1s from values between them."""
-    if mask.dtype == torch.bool:
+    if mask.dtype == torch.bool or mask.numel() == 0:  # aminmax refuses an empty tensor
         return flags.tolist(), False
     *values, low, high = torch.cat([flags.to(mask.dtype), torch.stack(torch.aminmax(mask))]).tolist()
     zeros_and_ones = low == 0 and high == 1 and bool(((mask == 0) | (mask == 1)).all())

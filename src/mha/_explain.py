@@ -33,7 +33,7 @@ from ._dispatch import (
 )
 from ._frontend import plan_forward
 from ._module import MultiheadAttention
-from ._module_cache import _new_lengths, check_cached_call, check_memory
+from ._module_cache import check_cached_call, check_memory, new_token_lengths
 
 
 @dataclass(frozen=True)
@@ -410,7 +410,7 @@ def _explain_cached(
         if cache.static:
             check_memory(module, key, value, key_padding_mask, cache)
         else:
-            _new_lengths(key_padding_mask, N, key.shape[1 if bf else 0])
+            new_token_lengths(key_padding_mask, N, key.shape[1 if bf else 0])
     S, mask, forced = preview(cache, (N, H, T, Dh), T_new)
     weights: Literal["mean", "per_head"] | None = None
     if need_weights:

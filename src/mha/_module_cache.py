@@ -56,7 +56,7 @@ def _fail_unsupported(module: Any, query: Tensor, attn_mask: Tensor | None) -> N
         )
 
 
-def _new_lengths(key_padding_mask: Tensor | None, N: int, T: int) -> Tensor | None:
+def new_token_lengths(key_padding_mask: Tensor | None, N: int, T: int) -> Tensor | None:
     """Real tokens per sequence from a right-padding ``key_padding_mask`` ``(N, T)``."""
     if key_padding_mask is None:
         return None
@@ -124,7 +124,7 @@ def _memory_padding(
     """``(new_lengths, stored mask)`` for the memory of a static cache: right padding
     becomes lengths; any other boolean pattern is stored, padded to ``(N, max_length)``."""
     if key_padding_mask is None or torch.compiler.is_compiling():
-        return _new_lengths(key_padding_mask, N, S), None
+        return new_token_lengths(key_padding_mask, N, S), None
     _new_lengths_checked(key_padding_mask, N, S)
     lengths = right_padding_lengths(key_padding_mask)
     if lengths is not None:
@@ -162,7 +162,7 @@ def cached_forward(
             check_memory(module, key, value, key_padding_mask, cache)
             new_lengths, cache.key_padding_mask = _memory_padding(key_padding_mask, N, S, cache.max_length)
         else:
-            new_lengths = _new_lengths(key_padding_mask, N, S)
+            new_lengths = new_token_lengths(key_padding_mask, N, S)
         q, k, v = module._project_heads(query, key, value, batch_first)
     result = attention(
         q,

@@ -83,3 +83,24 @@ def test_decode_kernel_splits_the_keys():
     splits = min(cdiv(S, 64), cdiv(264, 1))
     assert splits > 1
     _check(1, 1, 1, 1, S, 16, 16, [S])
+
+
+@pytest.mark.parametrize("lengths", [[100, 70], [2**31 + 5, 3]], ids=["past_S", "past_int32"])
+def test_decode_kernel_clamps_lengths_past_the_cache(lengths):
+    """KeyPadding takes lengths past S (every key allowed): the kernel reads no key
+    past S, and an int64 length of 2**31 or more does not wrap in int32."""
+    _check(2, 2, 1, 1, 70, 16, 16, lengths)
+
+
+@pytest.mark.parametrize(("L", "S"), [(1, 0), (0, 5)], ids=["no_keys", "no_queries"])
+def test_decode_backend_kernel_route_without_keys_or_queries(monkeypatch, L, S):
+    """The decode backend's Triton route (CUDA only, forced here) on an empty cache or
+    no queries: zeros and lse -inf, shaped like the reference's."""
+    from mha._backends import decode
+
+    monkeypatch.setattr(decode, "_triton_serves", lambda call: True)
+    q, k, v = torch.randn(2, 4, L, 16), torch.randn(2, 2, S, 16), torch.randn(2, 2, S, 16)
+    got = mha.attention(q, k, v, backend="decode", return_lse=True)
+    ref = mha.attention(q, k, v, backend="reference", return_lse=True)
+    torch.testing.assert_close(got.output, ref.output)
+    torch.testing.assert_close(got.lse, ref.lse)

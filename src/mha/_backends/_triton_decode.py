@@ -100,14 +100,18 @@ def decode(q: Tensor, k: Tensor, v: Tensor, lengths: Tensor, scale: float) -> tu
     Hkv, S, Dv = k.shape[1], k.shape[2], v.shape[-1]
     G = Hq // Hkv
     R = G * L
+    # Lengths past S (KeyPadding allows them) mean every key: clamped, the last split
+    # reads no key past S, and int64 lengths of 2**31 or more do not wrap in int32.
+    lengths = lengths.clamp(0, S)
     BLOCK_R, BLOCK_DK, BLOCK_DV = _pow2(R), _pow2(Dk), _pow2(Dv)
     BLOCK_N = 64 if max(BLOCK_DK, BLOCK_DV) <= 128 else 32
     splits = max(1, min(triton.cdiv(S, BLOCK_N), triton.cdiv(_TARGET_PROGRAMS, max(N * Hkv, 1))))
-    keys_per_split = triton.cdiv(triton.cdiv(S, splits), BLOCK_N) * BLOCK_N
+    # At least one block per split: an empty cache (S = 0) gets one split without keys.
+    keys_per_split = max(1, triton.cdiv(triton.cdiv(S, splits), BLOCK_N)) * BLOCK_N
     splits = max(1, triton.cdiv(S, keys_per_split))
     opart = q.new_empty(N * Hkv * splits * BLOCK_R * BLOCK_DV, dtype=torch.float32)
     lsepart = q.new_empty(N * Hkv * splits * BLOCK_R, dtype=torch.float32)
-    if N * Hkv > 0:
+    if N * Hkv * R > 0:  # no program without query rows (the kernel divides by L)
         _decode_kernel[(N * Hkv, splits)](
             q, k, v, lengths, opart, lsepart,
             scale * _LOG2E,

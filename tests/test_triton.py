@@ -208,6 +208,25 @@ def test_weights_alone_give_gradients():
     assert torch.equal(got["triton"][2], torch.zeros_like(got["triton"][2]))
 
 
+def _huge_bias_against_fp32_reference(bias, weights):
+    """Output, weights, q/k/v gradients and lse of the reference and triton backends,
+    both in fp32 (in fp64, -1e10 + q.k keeps q.k): the triton ones close to the
+    reference's; returns triton's weights and lse."""
+    mask = Bias(bias)
+    q64, k64, v64 = _inputs()
+    res = {}
+    for backend in ("reference", "triton"):
+        q, k, v = (t.float().requires_grad_() for t in (q64, k64, v64))
+        out, _, lse = mha.attention(q, k, v, mask, return_lse=True, backend=backend)
+        grads = torch.autograd.grad((out * out).sum(), (q, k, v))
+        with torch.no_grad():
+            w = mha.attention(q, k, v, mask, weights=weights, backend=backend).weights
+        res[backend] = (out, w, *grads)
+    for ours, ref in zip(res["triton"], res["reference"], strict=True):
+        torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
+    return res["triton"][1], lse
+
+
 @pytest.mark.parametrize("value", [torch.finfo(torch.float32).min, -1e10])
 def test_huge_negative_bias_rows_average_uniformly(value):
     """Rows whose every key has a huge finite bias average their keys, as the reference
@@ -217,21 +236,21 @@ def test_huge_negative_bias_rows_average_uniformly(value):
     bias[2] = value  # every key of row 2
     bias[5, :4] = value  # some keys of row 5: they get no weight
     bias[7, 1:] = float("-inf")  # row 7: one key left
-    mask = Bias(bias)
-    q64, k64, v64 = _inputs()
-    res = {}
-    for backend in ("reference", "triton"):  # fp32 both: in fp64, -1e10 + q.k keeps q.k
-        q, k, v = (t.float().requires_grad_() for t in (q64, k64, v64))
-        out, _, lse = mha.attention(q, k, v, mask, return_lse=True, backend=backend)
-        grads = torch.autograd.grad((out * out).sum(), (q, k, v))
-        with torch.no_grad():
-            w = mha.attention(q, k, v, mask, weights="mean", backend=backend).weights
-        res[backend] = (out, w, *grads)
-    for ours, ref in zip(res["triton"], res["reference"], strict=True):
-        torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(res["triton"][1][:, 2], torch.full((N, S), 1 / S, dtype=torch.float32))
+    w, lse = _huge_bias_against_fp32_reference(bias, "mean")
+    torch.testing.assert_close(w[:, 2], torch.full((N, S), 1 / S, dtype=torch.float32))
     # the lse of such a row: finite, near value (fp32 keeps no room below -2.35e38 in log2 units)
     assert ((lse[:, :, 2] / value - 1).abs() < 0.35).all()
+
+
+def test_huge_positive_bias_keeps_rows_finite():
+    """A finite bias above 2.35e38 (its score overflowed to +inf in log2 units, and the
+    softmax to NaN) takes the keys it is on, averaged, as the fp32 reference does."""
+    bias = torch.randn(L, S, generator=torch.Generator().manual_seed(4))
+    bias[2] = 3e38  # every key of row 2
+    bias[5, :4] = 3e38  # some keys of row 5: only they get weight
+    w, lse = _huge_bias_against_fp32_reference(bias, "per_head")
+    assert torch.isfinite(lse).all()
+    torch.testing.assert_close(w[:, :, 5, :4], torch.full((N, HQ, 4), 0.25))
 
 
 def test_key_lengths_past_int32_are_clamped():

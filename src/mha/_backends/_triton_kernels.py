@@ -32,10 +32,11 @@ parameter names:
   neither loaded nor visited;
 * one boolean ``allowed`` and one additive ``bias`` tensor, read through their
   broadcast strides (0 where a dimension is 1), never expanded. ``-inf`` in the
-  bias blocks a key; finite biases below ``-2.35e38`` (whose scores would leave
-  fp32's range in log2 units) count as ``-2.35e38``, so a row of
+  bias blocks a key; finite biases beyond ``+-2.35e38`` (whose scores would leave
+  fp32's range in log2 units) count as ``+-2.35e38``, so a row of
   ``torch.finfo(torch.float32).min`` averages its keys uniformly, as plain PyTorch
-  does (its lse is then about ``-2.35e38`` where plain PyTorch gives ``-3.4e38``).
+  does (its lse is then about ``-2.35e38`` where plain PyTorch gives ``-3.4e38``),
+  and a row whose keys have a bias of ``3e38`` averages those keys.
 
 Variable-length batches take the band only, aligned per sequence: ``lo``/``hi``
 are a square sequence's offsets, and ``BOTTOM_RIGHT`` shifts both by
@@ -198,9 +199,9 @@ def _scores(
     PRECISION: tl.constexpr,
 ):
     """Scores ``q k^T * qk_scale`` (log2 units) of one tile with the bias added and ``-inf``
-    where a key is blocked. A bias of ``-inf`` blocks; finite ones are clamped at
-    ``-2.35e38`` (just above ``-FLT_MAX ln 2``), so that in log2 units they stay finite
-    instead of overflowing to ``-inf``."""
+    where a key is blocked. A bias of ``-inf`` blocks; finite ones are clamped to
+    ``[-2.35e38, 2.35e38]`` (just inside ``FLT_MAX ln 2``), so that in log2 units they
+    stay finite instead of overflowing to ``-inf`` (or to ``+inf``, which made rows NaN)."""
     s = _dot(q, tl.trans(k), PRECISION) * qk_scale
     keep = (offs_m < L)[:, None] & (offs_n < kv_len)[None, :]
     if HAS_LO:
@@ -212,7 +213,7 @@ def _scores(
     if HAS_BIAS:
         b = _tile(Bias, n, h, offs_m, offs_n, sbn, sbh, sbl, sbs, keep, 0.0).to(tl.float32)
         keep &= b != float("-inf")
-        s += tl.maximum(b, -2.35e38) * 1.4426950408889634
+        s += tl.minimum(tl.maximum(b, -2.35e38), 2.35e38) * 1.4426950408889634
     return tl.where(keep, s, float("-inf"))
 
 

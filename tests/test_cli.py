@@ -44,7 +44,11 @@ def test_help_exits_0(argv, capsys):
 @pytest.mark.parametrize(
     "argv",
     [[], ["frobnicate"], ["explain", "--embed-dim", "64"], ["explain", "--embed-dim", "64", "--num-heads", "8", "--query", "10,x"],
-     ["demo", "--bogus"]],
+     ["demo", "--bogus"],
+     # sizes past what a tensor can hold: an argparse error, not torch's overflow traceback
+     ["explain", "--embed-dim", "8", "--num-heads", "2", "--query", "4294967296,4294967296,8"],
+     ["explain", "--embed-dim", "8", "--num-heads", "2", "--query", "3,2,8", "--key", "99999999999999999999,2,8"],
+     ["explain", "--embed-dim", "8", "--num-heads", "2", "--query", "3,2,8", "--attn-mask", "0,18446744073709551616"]],
 )
 def test_bad_usage_exits_2(argv, capsys):
     assert main(argv) == 2

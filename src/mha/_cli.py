@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import math
 import os
 import sys
 from pathlib import Path
@@ -22,6 +23,7 @@ from . import __version__
 
 _DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16, "bfloat16": torch.bfloat16}
 _MASK_KINDS = ("bool", "float")
+_MAX_ELEMENTS = 2**60  # at 8 bytes an element, the most a tensor's int64 size in bytes holds
 
 
 def _shape(text: str) -> tuple[int, ...]:
@@ -32,6 +34,11 @@ def _shape(text: str) -> tuple[int, ...]:
         raise argparse.ArgumentTypeError(f"expected comma-separated sizes like 10,32,64, got {text!r}") from None
     if not dims or any(d < 0 for d in dims):
         raise argparse.ArgumentTypeError(f"expected comma-separated non-negative sizes like 10,32,64, got {text!r}")
+    if max(dims) >= 2**63 or math.prod(dims) > _MAX_ELEMENTS:
+        raise argparse.ArgumentTypeError(
+            "expected sizes below 2**63 whose product is at most 2**60 (a tensor's size in bytes must fit in int64), "
+            f"got {text!r}"
+        )
     return dims
 
 

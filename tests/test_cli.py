@@ -185,6 +185,14 @@ def test_plot_errors(tmp_path, capsys, monkeypatch):
     torch.save({"w": torch.zeros(2, 2)}, not_a_tensor)
     assert main(["plot", "--weights", str(not_a_tensor), "--out", str(tmp_path / "x.png")]) == 2
     assert "holds a dict, not a tensor" in capsys.readouterr().err
+    for shape in ((0, 3, 4), (2, 0, 4)):  # no batch row, no query: nothing to draw
+        torch.save(torch.zeros(shape), bad)
+        assert main(["plot", "--weights", str(bad), "--out", str(tmp_path / "x.png")]) == 2
+        assert "hold no element: nothing to draw" in capsys.readouterr().err
+    for content in (b"", b"hello", b"\x80\x02}q\x00."):  # empty, text, not torch's format
+        bad.write_bytes(content)
+        assert main(["plot", "--weights", str(bad), "--out", str(tmp_path / "x.png")]) == 2
+        assert "mha plot: cannot read" in capsys.readouterr().err
     monkeypatch.setitem(sys.modules, "matplotlib.figure", None)
     assert main(["plot", "--out", str(tmp_path / "y.png")]) == 1
     captured = capsys.readouterr()
@@ -211,6 +219,8 @@ def test_plot_compare_draws_named_maps_and_refuses_none():
     assert _titles(mha.plot.compare(maps, title="t")) == ["torch", "mha"]
     with pytest.raises(ValueError, match=r"compare takes at least one named \(L, S\) map in panels, got none"):
         mha.plot.compare({})
+    with pytest.raises(ValueError, match=r"compare takes non-empty \(L, S\) maps, got 'mha' of shape \(0, 7\)"):
+        mha.plot.compare({**maps, "mha": torch.zeros(0, 7)})
 
 
 def test_plot_labels_the_module_default_weights_as_batch_rows(tmp_path, capsys):

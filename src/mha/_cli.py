@@ -13,6 +13,7 @@ import argparse
 import importlib
 import math
 import os
+import pickle
 import sys
 from pathlib import Path
 
@@ -275,8 +276,12 @@ def _plot(args: argparse.Namespace, console: Console) -> int:
     else:
         try:
             weights = torch.load(args.weights, map_location="cpu", weights_only=True)
-        except (OSError, RuntimeError) as err:
-            print(f"mha plot: cannot read {args.weights}: {err}", file=sys.stderr)
+        except (OSError, RuntimeError, EOFError, KeyError, pickle.UnpicklingError) as err:
+            # what torch.load raises on a file it cannot read: missing, empty, truncated or not its format
+            print(
+                f"mha plot: cannot read {args.weights} as a tensor saved with torch.save: {type(err).__name__}: {err}",
+                file=sys.stderr,
+            )
             return 2
         if not isinstance(weights, torch.Tensor):
             print(f"mha plot: {args.weights} holds a {type(weights).__name__}, not a tensor", file=sys.stderr)

@@ -67,6 +67,8 @@ def _panels(tensor: Tensor, layout: str | None, batch: int, mean: bool) -> list[
         raise TypeError(f"weights must be a torch.Tensor, got {type(tensor).__name__}")
     t = tensor.detach().to("cpu", torch.float32)
     layout = _layout(t, layout)
+    if t.numel() == 0:
+        raise ValueError(f"weights {tuple(t.shape)} hold no element: nothing to draw")
     if layout == "LS":
         return [("weights", t)]
     if layout == "NLS":
@@ -112,7 +114,8 @@ def weights(
 
     Returns:
         The matplotlib Figure. Raises ImportError naming ``pip install 'mha[plot]'``
-        without matplotlib, ValueError when ``layout`` does not fit the tensor.
+        without matplotlib, ValueError when ``layout`` does not fit the tensor or the
+        tensor is empty.
     """
     Figure = _figure_class()
     panels = _panels(tensor, layout, batch, mean)
@@ -137,8 +140,8 @@ def compare(panels: Mapping[str, Tensor], *, title: str | None = None) -> Figure
     if not maps:
         raise ValueError("compare takes at least one named (L, S) map in panels, got none")
     for name, t in maps.items():
-        if t.dim() != 2:
-            raise ValueError(f"compare takes (L, S) maps, got {name!r} of shape {tuple(t.shape)}")
+        if t.dim() != 2 or t.numel() == 0:
+            raise ValueError(f"compare takes non-empty (L, S) maps, got {name!r} of shape {tuple(t.shape)}")
     fig = Figure(figsize=(3.6 * len(maps) + 0.8, 3.6), layout="constrained")
     axes = fig.subplots(1, len(maps), squeeze=False)[0]
     vmax = max(max(float(t.max()) for t in maps.values()), 1e-6)

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from mha import _bench
+from mha._cli import main
 
 
 def _run(tmp_path, *extra: str) -> dict:
@@ -91,6 +92,21 @@ def test_unknown_case_is_a_usage_error(capsys):
     with pytest.raises(SystemExit):
         parser.parse_args(["--cases", "dense,sparse"])
     assert "unknown case(s) sparse" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        (["--threads", "2147483648"], "expected a positive integer below 2**31"),  # torch.set_num_threads raised
+        (["--threads", "0"], "expected a positive integer below 2**31"),
+        (["--repeats", "ten"], "expected a positive integer, got 'ten'"),
+        (["--warmup", "-1"], "expected an integer >= 0, got -1"),
+    ],
+)
+def test_bad_counts_are_usage_errors(argv, expected, capsys):
+    """Checked while parsing, before any case runs: exit 2 and the reason on stderr."""
+    assert main(["bench", *argv]) == 2
+    assert expected in capsys.readouterr().err
 
 
 def test_useful_flops_counts_real_pairs_only():

@@ -138,18 +138,27 @@ def _case_list(text: str) -> list[str]:
     return names
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
+def _integer(text: str, low: int, high: int | None, expected: str) -> int:
+    """``text`` as an int within ``low..high`` (no upper bound when None)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
+    if value < low or (high is not None and value > high):
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {text}")
     return value
+
+
+def _positive_int(text: str) -> int:
+    return _integer(text, 1, None, "a positive integer")
 
 
 def _non_negative_int(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text}")
-    return value
+    return _integer(text, 0, None, "an integer >= 0")
+
+
+def _thread_count(text: str) -> int:
+    return _integer(text, 1, 2**31 - 1, "a positive integer below 2**31 (torch.set_num_threads takes an int32)")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -162,7 +171,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--threads",
-        type=_positive_int,
+        type=_thread_count,
         default=None,
         help="torch.set_num_threads for the run (default: torch's current setting)",
     )

@@ -261,6 +261,16 @@ def test_key_lengths_past_int32_are_clamped():
     assert torch.equal(huge.weights, full.weights)
 
 
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.int8])
+def test_narrow_integer_key_lengths_with_more_keys_than_they_hold(dtype):
+    """uint8/int8 lengths against S = 300 keys: clamping them to S in their own dtype
+    raised 'value cannot be converted to type uint8_t without overflow'."""
+    q, k, v = (t.float() for t in _inputs(L=2, S=300, Dk=16, Dv=16))
+    mask = KeyPadding(torch.tensor([5, 100], dtype=dtype))
+    got = mha.attention(q, k, v, mask, backend="triton").output
+    torch.testing.assert_close(got, mha.attention(q, k, v, mask, backend="reference").output)
+
+
 def test_lse_gradient_enters_backward():
     _check(Window(5, 0) & KeyPadding(torch.tensor([20, 9])), lse_grad=True)
 

@@ -33,12 +33,12 @@ def _interpret(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
 
 
-def _check(N, Hq, Hkv, L, S, Dk, Dv, lengths, noncontig=False, seed=0):
+def _check(N, Hq, Hkv, L, S, Dk, Dv, lengths, noncontig=False, seed=0, lengths_dtype=torch.int64):
     g = torch.Generator().manual_seed(seed)
     q = torch.randn(N, Hq, L, Dk, generator=g, dtype=torch.float64)
     k = torch.randn(N, Hkv, S, Dk, generator=g, dtype=torch.float64)
     v = torch.randn(N, Hkv, S, Dv, generator=g, dtype=torch.float64)
-    lengths = torch.tensor(lengths)
+    lengths = torch.tensor(lengths, dtype=lengths_dtype)
     ref = mha.attention(q, k, v, KeyPadding(lengths), backend="reference", return_lse=True)
     q32, k32, v32 = (t.float() for t in (q, k, v))
     if noncontig:  # (N, S, H, D) in memory, as a module's head split gives
@@ -90,6 +90,12 @@ def test_decode_kernel_clamps_lengths_past_the_cache(lengths):
     """KeyPadding takes lengths past S (every key allowed): the kernel reads no key
     past S, and an int64 length of 2**31 or more does not wrap in int32."""
     _check(2, 2, 1, 1, 70, 16, 16, lengths)
+
+
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.int8])
+def test_decode_kernel_takes_narrow_integer_lengths(dtype):
+    """uint8/int8 lengths against more keys than their dtype holds (S = 300)."""
+    _check(2, 2, 1, 1, 300, 16, 16, [5, 100], lengths_dtype=dtype)
 
 
 @pytest.mark.parametrize(("L", "S"), [(1, 0), (0, 5)], ids=["no_keys", "no_queries"])

@@ -102,7 +102,8 @@ def decode(q: Tensor, k: Tensor, v: Tensor, lengths: Tensor, scale: float) -> tu
     R = G * L
     # Lengths past S (KeyPadding allows them) mean every key: clamped, the last split
     # reads no key past S, and int64 lengths of 2**31 or more do not wrap in int32.
-    lengths = lengths.clamp(0, S)
+    # In int64: a uint8 or int8 tensor cannot hold the bound S when S is past its range.
+    lengths = lengths.to(torch.int64).clamp(0, S)
     BLOCK_R, BLOCK_DK, BLOCK_DV = _pow2(R), _pow2(Dk), _pow2(Dv)
     BLOCK_N = 64 if max(BLOCK_DK, BLOCK_DV) <= 128 else 32
     splits = max(1, min(triton.cdiv(S, BLOCK_N), triton.cdiv(_TARGET_PROGRAMS, max(N * Hkv, 1))))

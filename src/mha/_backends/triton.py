@@ -356,8 +356,10 @@ class _Triton:
         q, k, v = call.query, call.key, call.value
         plan = call.plan
         lengths = None
-        if plan.lengths is not None:  # clamped before the cast: int32 would wrap lengths of 2**31 or more
-            lengths = plan.lengths.to(q.device).clamp(0, k.shape[2]).to(torch.int32)
+        if plan.lengths is not None:
+            # clamped in int64: int32 would wrap lengths of 2**31 or more, and a uint8 or
+            # int8 tensor cannot hold the bound S itself when S is past its range
+            lengths = plan.lengths.to(q.device, torch.int64).clamp(0, k.shape[2]).to(torch.int32)
         allowed = functools.reduce(operator.and_, plan.allowed).to(q.device) if plan.allowed else None
         bias = functools.reduce(operator.add, plan.bias).to(q.device) if plan.bias else None
         lo = None if plan.band is None else plan.band.lo

@@ -271,6 +271,17 @@ def test_narrow_integer_key_lengths_with_more_keys_than_they_hold(dtype):
     torch.testing.assert_close(got, mha.attention(q, k, v, mask, backend="reference").output)
 
 
+@pytest.mark.parametrize(
+    "mask",
+    [Window(None, 2**31 - 1), Window(2**31 - 1, 2**31 - 1), Window(2**31 - 9, 2**31 - 9, align="bottom_right")],
+    ids=["after", "both", "both_bottom_right"],
+)
+def test_bands_wider_than_int32_allow_every_key(mask):
+    """A window side of 2**31 - 1 (as good as unbounded) wrapped the kernels' int32 index
+    arithmetic to no key at all: zeros instead of full attention."""
+    _check(mask, shapes={"L": 9, "S": 11})
+
+
 def test_lse_gradient_enters_backward():
     _check(Window(5, 0) & KeyPadding(torch.tensor([20, 9])), lse_grad=True)
 
@@ -526,6 +537,10 @@ def test_varlen_shapes_match_reference_per_sequence_fp32(mask, shape):
 @pytest.mark.parametrize("name", ["causal_bottom_right", "window"])
 def test_varlen_half_precision_within_twice_plain_torch_error(name, dtype):
     _varlen_check(VARLEN_MASKS[name], dtype=dtype)
+
+
+def test_varlen_band_wider_than_int32_allows_every_key():
+    _varlen_check(Window(2**31 - 1, 2**31 - 1, align="bottom_right"), lq=[5, 3], lk=[2, 7])
 
 
 def test_varlen_rows_without_keys_give_zeros_and_zero_gradients():

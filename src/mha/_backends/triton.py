@@ -42,6 +42,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .._plan import Band
 from .._types import AttentionOutput, Call, Capabilities, device_type
 from ._grouped import by_groups
 from ._layout import new_output
@@ -337,6 +338,16 @@ CAPABILITIES = Capabilities(
 )
 
 
+def _band_offsets(band: Band | None, bound: int) -> tuple[int | None, int | None]:
+    """The band's offsets clamped to ``[-bound, bound]``, ``bound = L + S``: the same keys
+    (past ``L + S`` either way a band side allows every key or none), and offsets the
+    kernels' int32 index arithmetic holds (``Window(None, 2**31 - 1)`` wrapped to no key)."""
+    if band is None:
+        return None, None
+    lo, hi = (None if x is None else min(max(x, -bound), bound) for x in band)
+    return lo, hi
+
+
 class _Triton:
     """Fused kernels; a varlen call runs in one launch, or per group of equal lengths
     when weights are asked for (the varlen kernels compute none)."""
@@ -362,8 +373,7 @@ class _Triton:
             lengths = plan.lengths.to(q.device, torch.int64).clamp(0, k.shape[2]).to(torch.int32)
         allowed = functools.reduce(operator.and_, plan.allowed).to(q.device) if plan.allowed else None
         bias = functools.reduce(operator.add, plan.bias).to(q.device) if plan.bias else None
-        lo = None if plan.band is None else plan.band.lo
-        hi = None if plan.band is None else plan.band.hi
+        lo, hi = _band_offsets(plan.band, q.shape[2] + k.shape[2])
         out, lse, _, w = attention_fwd(q, k, v, lengths, allowed, bias, call.scale, lo, hi, call.weights or "none")
         return AttentionOutput(
             out, None if call.weights is None else w, (lse * _LN2).to(q.dtype) if call.return_lse else None
@@ -375,13 +385,12 @@ class _Triton:
         lengths known."""
         q_offsets, k_offsets = call.offsets()
         q = call.query
-        band = call.plan.band  # a square sequence's band, shifted per sequence if bottom-right
-        lo = None if band is None else band.lo
-        hi = None if band is None else band.hi
+        max_q, max_k = q_offsets.longest(), k_offsets.longest()
+        # a square sequence's band, shifted per sequence by S_n - L_n (within the bound) if bottom-right
+        lo, hi = _band_offsets(call.plan.band, max_q + max_k)
         out, lse, _ = varlen_fwd(
             q, call.key, call.value, q_offsets.on(q.device), k_offsets.on(q.device),
-            q_offsets.longest(), k_offsets.longest(), call.scale, lo, hi,
-            call.plan.align == "bottom_right",
+            max_q, max_k, call.scale, lo, hi, call.plan.align == "bottom_right",
         )
         return AttentionOutput(out, None, (lse * _LN2).to(q.dtype) if call.return_lse else None)
 

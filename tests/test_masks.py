@@ -220,6 +220,10 @@ def test_materialize_dtype_and_default():
         (lambda: Window(0, -2), ValueError, "after must be a non-negative int"),
         (lambda: Window(1.5, 0), ValueError, "before"),
         (lambda: Window(True, 0), ValueError, "before"),
+        # past int64 once offset: OverflowError, or wrapped to the wrong keys
+        (lambda: Window(2**63 - 1, 2**63 - 1), ValueError, r"before must be at most 2\*\*60 .* use None"),
+        (lambda: Window(None, 10**30), ValueError, r"after must be at most 2\*\*60"),
+        (lambda: Window(1, 1, shift=-(2**61)), ValueError, r"shift must be within -2\*\*60..2\*\*60"),
         (lambda: Window(1, 1, "center"), ValueError, "top_left' or 'bottom_right"),
         (lambda: Causal("bottom-right"), ValueError, "top_left' or 'bottom_right"),
         (lambda: KeyPadding([1, 2]), TypeError, "Tensor of shape"),
@@ -236,6 +240,14 @@ def test_materialize_dtype_and_default():
 def test_constructor_validation(make, exc, match):
     with pytest.raises(exc, match=match):
         make()
+
+
+@pytest.mark.parametrize("align", ["top_left", "bottom_right"])
+def test_widest_windows_and_shifts_stay_exact(align):
+    """The largest sides and shifts a Window takes: no int64 overflow in the band test."""
+    assert Window(2**60, 2**60, align).allowed(3, 5).all()
+    assert not Window(2**60, 0, align, shift=-(2**60)).allowed(3, 5).any()  # j <= i - 2**60
+    assert not Window(0, 2**60, align, shift=2**60).allowed(3, 5).any()  # j >= i + 2**60
 
 
 @pytest.mark.parametrize(

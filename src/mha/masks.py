@@ -125,6 +125,11 @@ def _validate_align(align: str) -> None:
         raise ValueError(f"align must be 'top_left' or 'bottom_right', got {align!r}")
 
 
+# The widest window side and shift: with them, i + shift + (S - L) +- before/after stays
+# inside int64 for any L and S a tensor can have (an int beyond it overflowed or wrapped).
+_MAX_OFFSET = 2**60
+
+
 @dataclass(frozen=True, repr=False)
 class Window(Mask):
     """Local band: query ``i`` may attend key ``j`` iff
@@ -146,8 +151,15 @@ class Window(Mask):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
                 raise ValueError(f"Window {name} must be a non-negative int or None, got {value!r}")
+            if value is not None and value > _MAX_OFFSET:
+                raise ValueError(
+                    f"Window {name} must be at most 2**60 (band offsets are int64 indices), got {value}; "
+                    "use None for no limit on that side"
+                )
         if not isinstance(self.shift, int) or isinstance(self.shift, bool):
             raise TypeError(f"Window shift must be an int, got {type(self.shift).__name__}")
+        if abs(self.shift) > _MAX_OFFSET:
+            raise ValueError(f"Window shift must be within -2**60..2**60 (band offsets are int64 indices), got {self.shift}")
 
     def offset(self, L: int, S: int) -> int:
         return self.shift + (0 if self.align == "top_left" else S - L)

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import mha
+from mha import _cli
 from mha.__main__ import main
 
 EXPLAIN = [
@@ -53,6 +54,13 @@ def test_help_exits_0(argv, capsys):
 def test_bad_usage_exits_2(argv, capsys):
     assert main(argv) == 2
     assert "usage:" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv", [["--version", "bench"], ["-h", "bench"]])
+def test_top_level_options_answer_before_the_subcommand_runs(argv, monkeypatch, capsys):
+    monkeypatch.setattr(_cli, "_bench", lambda *_: pytest.fail("mha bench ran"))
+    assert main(argv) == 0
+    assert "mha" in capsys.readouterr().out
 
 
 def test_bench_is_wired_and_missing_bench_exits_2(monkeypatch, capsys):

@@ -152,8 +152,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _command(argv: list[str]) -> str | None:
-    """The subcommand named in ``argv`` (the first argument that is not an option)."""
-    return next((a for a in argv if not a.startswith("-")), None)
+    """The subcommand ``argv`` starts with, or None when it starts with an option (``-h``,
+    ``--version``: the top-level parser's, which answer before any subcommand runs)."""
+    return argv[0] if argv and not argv[0].startswith("-") else None
 
 
 def main(argv: list[str] | None = None) -> int:

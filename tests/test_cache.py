@@ -3,6 +3,8 @@ against torch's full causal forward over the whole sequence so far."""
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 from torch import nn
@@ -231,6 +233,9 @@ def test_padded_tokens_are_not_stored():
         ({"dropout_p": 2.0}, ValueError, r"dropout_p must be a float in \[0, 1\)"),
         ({"weights": "all"}, ValueError, "weights must be None, 'mean' or 'per_head'"),
         ({"backend": "fast"}, ValueError, "unknown backend 'fast'"),
+        ({"backend": "sdpa", "weights": "mean"}, NotImplementedError, "SDPA returns no attention weights"),
+        ({"mask": Blocked(torch.ones(3, 1, 2, M, dtype=torch.bool, device="meta"))}, ValueError, "holds a tensor on meta but the query is on cpu"),
+        ({"scale": "big"}, TypeError, "scale must be a number or None, got 'big'"),
     ],
 )
 def test_errors(kwargs, error, match):
@@ -245,6 +250,75 @@ def test_errors(kwargs, error, match):
     with pytest.raises(error, match=match):
         mha.attention(call.pop("query"), call.pop("key"), call.pop("value"), mask, cache=cache, **call)
     assert cache.lengths.tolist() == [0] * N
+    assert not cache.key.any()
+    assert not cache.value.any()
+
+
+def _cache_state(cache: mha.KVCache) -> tuple:
+    return cache.lengths.clone(), cache.key.clone(), cache.value.clone(), cache.key_padding_mask
+
+
+def _assert_unchanged(cache: mha.KVCache, state: tuple) -> None:
+    lengths, key, value, padding = state
+    assert torch.equal(cache.lengths, lengths)
+    assert torch.equal(cache.key, key)
+    assert torch.equal(cache.value, value)
+    assert cache.key_padding_mask is padding
+
+
+@pytest.mark.parametrize("forced", ["argument", "use_backend"])
+@pytest.mark.parametrize(
+    ("prompt", "step"),
+    [(None, None), ([3, 1, 2], None), (None, [1, 2, 0])],
+    ids=["equal-lengths", "ragged-cache", "ragged-step"],
+)
+def test_forced_backend_that_cannot_serve_leaves_the_cache_as_it_was(forced, prompt, step):
+    """A forced backend that cannot serve a cached call raises before the new tokens are
+    written: a caller that catches NotImplementedError and retries finds the cache as it
+    was, and the retry stores the tokens once."""
+    g = torch.Generator().manual_seed(15)
+    cache = mha.KVCache(N, M, HKV, DK, DV, dtype=F64)
+    history = History(N)
+    for _ in _steps(cache, history, g, [(3, prompt)]):
+        pass
+    state, drawn = _cache_state(cache), g.get_state()
+    q, k, v = _randn(g, N, HQ, 2, DK), _randn(g, N, HKV, 2, DK), _randn(g, N, HKV, 2, DV)
+    lengths = None if step is None else torch.tensor(step)
+    backend = "sdpa" if forced == "argument" else None
+    with (
+        mha.use_backend("sdpa") if forced == "use_backend" else contextlib.nullcontext(),
+        pytest.raises(NotImplementedError, match="SDPA returns no attention weights"),
+    ):
+        mha.attention(q, k, v, cache=cache, new_lengths=lengths, weights="mean", backend=backend)
+    _assert_unchanged(cache, state)
+    g.set_state(drawn)  # the same tokens again, on the default backend
+    for _ in _steps(cache, history, g, [(2, step)]):
+        pass
+
+
+def test_forced_backend_that_cannot_serve_leaves_a_static_cache_as_it_was():
+    """The same for a static cache: neither the stored memory nor, through the module,
+    its padding mask is replaced by a fill that then fails."""
+    g = torch.Generator().manual_seed(16)
+    cache = mha.KVCache(N, 11, HKV, DK, DV, static=True, dtype=F64)
+    q = _randn(g, N, HQ, 1, DK)
+    mha.attention(q, _randn(g, N, HKV, 9, DK), _randn(g, N, HKV, 9, DV), cache=cache, new_lengths=torch.tensor([9, 4, 1]))
+    state = _cache_state(cache)
+    with pytest.raises(NotImplementedError, match="SDPA returns no attention weights"):
+        mha.attention(q, _randn(g, N, HKV, 5, DK), _randn(g, N, HKV, 5, DV), cache=cache, weights="mean", backend="sdpa")
+    _assert_unchanged(cache, state)
+
+    theirs, ours = build_pair(30, 5, dtype=F64)
+    memory, x = _randn(g, 9, N, 30), _randn(g, 1, N, 30)
+    padding = torch.rand(N, 9, generator=g) < 0.4  # not right padding: stored as a mask
+    static = ours.new_cache(N, 12, static=True)
+    ours(x, memory, memory, key_padding_mask=padding, cache=static)
+    state = _cache_state(static)
+    with mha.use_backend("sdpa"), pytest.raises(NotImplementedError, match="SDPA returns no attention weights"):
+        ours(x, memory[:4], memory[:4], key_padding_mask=~padding[:, :4], cache=static)
+    _assert_unchanged(static, state)
+    out, _ = ours(x, None, None, cache=static)
+    torch.testing.assert_close(out, theirs(x, memory, memory, key_padding_mask=padding)[0], **TOL[F64])
 
 
 def test_constructor_errors_and_no_cache_arguments():

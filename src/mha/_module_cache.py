@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ._cache import KVCache
-from ._core import attention
+from ._core import plan_cached
 from .masks import right_padding_lengths
 
 
@@ -132,6 +132,29 @@ def _memory_padding(
     return None, F.pad(key_padding_mask, (0, max_length - S), value=True)
 
 
+def _step_inputs(
+    module: Any,
+    query: Tensor,
+    key: Tensor | None,
+    value: Tensor | None,
+    key_padding_mask: Tensor | None,
+    cache: KVCache,
+) -> tuple[Tensor | None, Tensor | None]:
+    """``(new_lengths, padding)`` of ``module(query, key, value, key_padding_mask=...,
+    cache=cache)``, checked: the real new tokens per sequence ``(N,)`` (None: all), and
+    the key padding mask ``(N, max_length)`` a static cache reads (the memory's, which
+    a fill stores; else the cache's own)."""
+    if key is None or value is None:
+        return None, cache.key_padding_mask
+    batch_first = module.batch_first
+    N = query.shape[0 if batch_first else 1]
+    S = key.shape[1 if batch_first else 0]
+    if cache.static:
+        check_memory(module, key, value, key_padding_mask, cache)
+        return _memory_padding(key_padding_mask, N, S, cache.max_length)
+    return new_token_lengths(key_padding_mask, N, S), cache.key_padding_mask
+
+
 def cached_forward(
     module: Any,
     query: Tensor,
@@ -148,30 +171,25 @@ def cached_forward(
     None on a filled one), key_padding_mask ``(N, T)`` / ``(N, S)`` right padding
     (any boolean pattern on a static cache). Returns output ``(T, N, E)`` and
     weights ``(N, T, S')`` (or ``(N, h, T, S')``) over the cache's first ``S'``
-    positions."""
+    positions. A step that raises leaves the cache as it was."""
     check_cached_call(module, query, attn_mask, cache)
+    new_lengths, padding = _step_inputs(module, query, key, value, key_padding_mask, cache)
     batch_first = module.batch_first
-    new_lengths = None
     if key is None or value is None:
         q = module._query_heads(query, batch_first)
         k = v = None
     else:
-        N = query.shape[0 if batch_first else 1]
-        S = key.shape[1 if batch_first else 0]
-        if cache.static:
-            check_memory(module, key, value, key_padding_mask, cache)
-            new_lengths, cache.key_padding_mask = _memory_padding(key_padding_mask, N, S, cache.max_length)
-        else:
-            new_lengths = new_token_lengths(key_padding_mask, N, S)
         q, k, v = module._project_heads(query, key, value, batch_first)
-    result = attention(
+    result = plan_cached(
         q,
         k,
         v,
+        None,
+        cache,
+        new_lengths,
+        padding,
         dropout_p=module.dropout if module.training else 0.0,
         weights=("mean" if average_attn_weights else "per_head") if need_weights else None,
-        cache=cache,
-        new_lengths=new_lengths,
-    )
+    ).run()
     out = result.output.permute((0, 2, 1, 3) if batch_first else (2, 0, 1, 3))
     return module._out_projection(out.reshape(*out.shape[:2], module.embed_dim)), result.weights

@@ -352,6 +352,26 @@ def test_static_cache_functional():
         mha.attention(q1, None, None, Causal(), cache=cache)
 
 
+def test_empty_static_cache_is_not_read():
+    """key=None, value=None on a static cache never filled (or reset) raises, naming the
+    cache and the fix, instead of attending nothing (zeros)."""
+    cache = mha.KVCache(N, 11, HKV, DK, DV, static=True, dtype=F64)
+    q = torch.ones(N, HQ, 1, DK, dtype=F64)
+    match = r"KVCache\(batch_size=3, max_length=11, .*static=True.*\) is empty: .*pass key and value, the encoder memory"
+    with pytest.raises(ValueError, match=match):
+        mha.attention(q, None, None, cache=cache)
+    mha.attention(q, torch.ones(N, HKV, 4, DK, dtype=F64), torch.ones(N, HKV, 4, DV, dtype=F64), cache=cache)
+    mha.attention(q, None, None, cache=cache)
+    cache.reset()
+    with pytest.raises(ValueError, match=match):
+        mha.attention(q, None, None, cache=cache)
+    _, ours = build_pair(30, 5, dtype=F64)
+    static = ours.new_cache(N, 8, static=True)
+    x = torch.ones(1, N, 30, dtype=F64)
+    with pytest.raises(ValueError, match=r"static=True.* is empty: .*pass key and value, the encoder memory"):
+        ours(x, None, None, cache=static)
+
+
 def _causal(L: int, dtype=F64) -> torch.Tensor:
     return nn.Transformer.generate_square_subsequent_mask(L, dtype=dtype)
 

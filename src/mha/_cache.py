@@ -355,7 +355,7 @@ def cached_step(
     if key is None or value is None:
         if key is not None or value is not None or not cache.static:
             raise _missing_key_value()
-        S = M if compiling else cache._host_state()[0]
+        S = M if compiling else stored_length(cache)
         mask = _static_mask(_read_lengths(cache), padding, mask, T, S)
         return CachedStep(cache.key[:, :, :S], cache.value[:, :, :S], mask, chosen, _nothing, False)
     _validate_new(cache, key, value, N, Hq)
@@ -513,6 +513,24 @@ def _missing_key_value() -> ValueError:
     )
 
 
+def holds_nothing(cache: KVCache) -> bool:
+    """Whether ``cache`` is known to hold no position: its host-side bound is 0 (from the
+    host while it is valid, else one read of the lengths)."""
+    return cache._host_state()[0] == 0
+
+
+def stored_length(cache: KVCache) -> int:
+    """The host-side bound ``S' > 0`` on the positions a static ``cache`` holds; ValueError
+    naming the cache and the fix if it holds none (never filled, or reset)."""
+    if holds_nothing(cache):
+        raise ValueError(
+            f"attention: the static (cross-attention) cache {cache!r} is empty: nothing was stored since it "
+            "was made or reset(); pass key and value, the encoder memory, on the first call (key=None, "
+            "value=None then reuse what it holds)"
+        )
+    return cache._host_state()[0]
+
+
 def _read_lengths(cache: KVCache) -> Tensor | None:
     """The lengths a read of the static ``cache`` masks: None while every sequence is known
     (on the host) to hold as many positions as the others."""
@@ -546,7 +564,7 @@ def preview(
     if T_new is None:
         if not cache.static:
             raise _missing_key_value()
-        S = cache._host_state()[0]
+        S = stored_length(cache)
         return S, _static_mask(_read_lengths(cache), cache.key_padding_mask, None, T, S), backend
     if cache.static:  # filled with every new token: no padding
         return min(T_new, M), None, backend

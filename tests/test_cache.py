@@ -321,6 +321,53 @@ def test_forced_backend_that_cannot_serve_leaves_a_static_cache_as_it_was():
     torch.testing.assert_close(out, theirs(x, memory, memory, key_padding_mask=padding)[0], **TOL[F64])
 
 
+def _shape_run(device: str) -> list:
+    """The shapes of ragged steps, a reorder, a static cache and the module's padded
+    prompt and memory, on ``device``."""
+    shapes = []
+
+    def zeros(*shape: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return torch.zeros(*shape, dtype=dtype, device=device)
+
+    cache = mha.KVCache(N, M, HKV, DK, DV, device=device)
+    for T, new_lengths in [*CHUNKS, (2, [0, 2, 1])]:
+        lengths = None if new_lengths is None else torch.tensor(new_lengths, device=device)
+        out = mha.attention(
+            zeros(N, HQ, T, DK), zeros(N, HKV, T, DK), zeros(N, HKV, T, DV), cache=cache, new_lengths=lengths,
+            weights="mean", return_lse=True,
+        )
+        shapes.append([tuple(t.shape) for t in out])
+        if T == 3:
+            cache.reorder(torch.tensor([2, 0, 0], device=device))
+    static = mha.KVCache(N, 11, HKV, DK, DV, static=True, device=device)
+    for memory in (9, None):
+        kv = (None, None) if memory is None else (zeros(N, HKV, memory, DK), zeros(N, HKV, memory, DV))
+        lengths = None if memory is None else torch.tensor([9, 4, 1], device=device)
+        out = mha.attention(zeros(N, HQ, 2, DK), *kv, cache=static, new_lengths=lengths, weights="mean")
+        shapes.append([tuple(out.output.shape), tuple(out.weights.shape)])
+    module = mha.MultiheadAttention(30, 5, device=device)
+    self_cache, memory_cache = module.new_cache(N, 13), module.new_cache(N, 12, static=True)
+    prompt_padding = torch.arange(4, device=device)[None, :] >= torch.tensor([4, 1, 3], device=device)[:, None]
+    memory_padding = torch.eye(N, 9, dtype=torch.bool, device=device)
+    for x, padding in ((zeros(4, N, 30), prompt_padding), (zeros(1, N, 30), None)):
+        out, weights = module(x, x, x, key_padding_mask=padding, cache=self_cache)
+        shapes.append([tuple(out.shape), tuple(weights.shape)])
+        out, weights = module(x, zeros(9, N, 30), zeros(9, N, 30), key_padding_mask=memory_padding, cache=memory_cache)
+        shapes.append([tuple(out.shape), tuple(weights.shape)])
+    return shapes
+
+
+def test_ragged_steps_on_the_meta_device():
+    """Shape inference with meta tensors: ragged new_lengths and padding masks, reorder and
+    static caches read no values there and give the shapes a real cache gives."""
+    assert _shape_run("meta") == _shape_run("cpu")
+    cache = mha.KVCache(N, M, HKV, DK, device="meta")
+    x = torch.zeros(N, HKV, 2, DK, device="meta")
+    mha.attention(x, x, x, cache=cache, new_lengths=torch.tensor([1, 2, 0], device="meta"))
+    cache.lengths[0] = 2  # by hand: the lengths are unknown, every position may be read
+    assert mha.attention(x, x, x, cache=cache, weights="mean").weights.shape == (N, 2, M)
+
+
 def test_constructor_errors_and_no_cache_arguments():
     with pytest.raises(ValueError, match="max_length must be >= 1, got 0"):
         mha.KVCache(1, 0, 1, 8)

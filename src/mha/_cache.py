@@ -33,6 +33,7 @@ from torch import Tensor
 from . import masks as _masks
 from ._backends.decode import MAX_ROWS
 from ._dispatch import forced_backend
+from ._mask_analysis import values_readable
 
 
 def _positive_int(name: str, value: object, minimum: int = 1) -> int:
@@ -65,8 +66,11 @@ class KVCache:
             positions no query may attend (the memory's padding, as in
             ``nn.MultiheadAttention``).
 
-    Under ``torch.compile`` the overflow check (a host sync) is skipped; tokens that
-    would go past ``max_length`` are then dropped.
+    Under ``torch.compile``, and on the ``meta`` device (whose tensors hold no values),
+    the overflow check, which reads the lengths, is skipped; tokens that would go past
+    ``max_length`` are then dropped. Where the lengths are unknown on the host there (a
+    meta cache whose lengths were written by hand), a step reads all ``max_length``
+    positions.
     """
 
     def __init__(
@@ -122,10 +126,14 @@ class KVCache:
 
     def _host_state(self) -> tuple[int, bool]:
         """``(bound, uniform)``: an upper bound on ``lengths.max()`` and whether every length
-        equals it; from the host when still valid, else read from ``lengths`` (one sync)."""
+        equals it; from the host when still valid, else read from ``lengths`` (one sync),
+        or ``(max_length, False)`` where its values cannot be read (meta, fake tensors)."""
         if self._bound is None or self._bound_for != self._lengths_state():
-            low, high = (int(x) for x in torch.aminmax(self.lengths)) if self.batch_size else (0, 0)
-            self._set_bound(high, uniform=low == high)
+            if not values_readable(self.lengths):
+                self._set_bound(self.max_length)
+            else:
+                low, high = (int(x) for x in torch.aminmax(self.lengths)) if self.batch_size else (0, 0)
+                self._set_bound(high, uniform=low == high)
         return cast(int, self._bound), self._uniform
 
     def _set_bound(self, bound: int | None, uniform: bool = False) -> None:
@@ -152,7 +160,7 @@ class KVCache:
                 f"{tuple(index.shape)} dtype {index.dtype}"
             )
         N = self.batch_size
-        if index.numel() and not torch.compiler.is_compiling():
+        if index.numel() and values_readable(index):
             low, high = int(index.min()), int(index.max())
             if low < 0 or high >= N:
                 raise ValueError(
@@ -210,7 +218,7 @@ def _validate_new_lengths(new_lengths: Tensor | None, N: int, T: int) -> None:
         raise TypeError(f"attention: new_lengths must be an integer tensor, got dtype {new_lengths.dtype}")
     if new_lengths.shape != (N,):
         raise ValueError(f"attention: new_lengths must have shape (N,) = ({N},), got {tuple(new_lengths.shape)}")
-    if not torch.compiler.is_compiling() and N > 0:
+    if values_readable(new_lengths) and N > 0:
         low, high = int(new_lengths.min()), int(new_lengths.max())
         if low < 0 or high > T:
             raise ValueError(
@@ -221,10 +229,13 @@ def _validate_new_lengths(new_lengths: Tensor | None, N: int, T: int) -> None:
 
 def _check_room(cache: KVCache, counts: Tensor, T: int, bound: int) -> int:
     """The host-side bound on the lengths after this write, given ``bound`` before it.
-    Raises ValueError if some sequence would go past ``max_length``."""
+    Raises ValueError if some sequence would go past ``max_length`` (not checked where
+    the lengths hold no values to read: meta, fake tensors)."""
     M = cache.max_length
     if bound + T <= M:
         return bound + T
+    if not values_readable(cache.lengths, counts):
+        return M
     after = cache.lengths + counts
     if bool((after > M).any()):
         raise ValueError(

@@ -18,6 +18,7 @@ from torch import Tensor
 
 from ._cache import KVCache
 from ._core import plan_cached
+from ._mask_analysis import values_readable
 from .masks import right_padding_lengths
 
 
@@ -61,7 +62,7 @@ def new_token_lengths(key_padding_mask: Tensor | None, N: int, T: int) -> Tensor
     if key_padding_mask is None:
         return None
     _new_lengths_checked(key_padding_mask, N, T)
-    if torch.compiler.is_compiling():
+    if not values_readable(key_padding_mask):  # compiling, or meta: taken as right padding
         return (~key_padding_mask).sum(-1)
     lengths = right_padding_lengths(key_padding_mask)
     if lengths is None:
@@ -123,7 +124,7 @@ def _memory_padding(
 ) -> tuple[Tensor | None, Tensor | None]:
     """``(new_lengths, stored mask)`` for the memory of a static cache: right padding
     becomes lengths; any other boolean pattern is stored, padded to ``(N, max_length)``."""
-    if key_padding_mask is None or torch.compiler.is_compiling():
+    if key_padding_mask is None or not values_readable(key_padding_mask):
         return new_token_lengths(key_padding_mask, N, S), None
     _new_lengths_checked(key_padding_mask, N, S)
     lengths = right_padding_lengths(key_padding_mask)

@@ -133,6 +133,47 @@ def test_cache_errors():
     assert cache.lengths.tolist() == [2] * N
 
 
+def _layer_states(cache) -> list[torch.Tensor | bool | None]:
+    """Everything a decoder cache holds: per layer, both caches' lengths and buffers, the
+    stored padding mask and whether the memory is stored."""
+    out: list[torch.Tensor | bool | None] = []
+    for layer in cache.layers:
+        for kv in (layer.self_attn, layer.cross_attn):
+            out += [kv.lengths.clone(), kv.key.clone(), kv.value.clone(), kv.key_padding_mask]
+        out.append(layer.memory_stored)
+    return out
+
+
+def _assert_same(before: list, after: list) -> None:
+    assert len(before) == len(after)
+    for a, b in zip(before, after, strict=True):
+        assert torch.equal(a, b) if isinstance(a, torch.Tensor) else a is b
+
+
+@pytest.mark.parametrize("norm_first", [False, True])
+def test_memory_of_another_dtype_fails_before_the_cache_is_written(norm_first):
+    """A float32 memory for a float64 decoder: torch's full forward raises (in F.linear), so
+    does mha's; with a cache the call raises naming memory, its dtype and the fix before
+    the self-attention cache is written."""
+    theirs, ours = _pair(norm_first)
+    tgt, memory = torch.ones(2, N, E, dtype=F64), torch.ones(5, N, E)
+    with pytest.raises(RuntimeError, match="must have the same dtype"):
+        theirs(tgt, memory)
+    with pytest.raises(TypeError, match=r"torch\.float64, key torch\.float32"):
+        ours(tgt, memory)
+    cache = ours.new_cache(N, 8, memory_length=5)
+    before = _layer_states(cache)
+    match = r"memory has dtype torch.float32 but the layer's parameters are torch.float64; pass memory.to\(torch.float64\)"
+    with pytest.raises(TypeError, match=match):
+        ours(tgt, memory, cache=cache)
+    with pytest.raises(TypeError, match=match):
+        ours.layers[0](tgt, memory, cache=cache.layers[0])
+    with pytest.raises(ValueError, match=r"memory is on meta but the layer's parameters on cpu; pass memory\.to\('cpu'\)"):
+        ours(tgt, memory.double().to("meta"), cache=cache)
+    _assert_same(before, _layer_states(cache))
+    torch.testing.assert_close(ours(tgt, memory.double(), cache=cache), theirs(tgt, memory.double(), tgt_mask=_causal(2)), **TOL[F64])
+
+
 def _transformer(dtype=F64, random_biases=True):
     torch.manual_seed(5)
     with warnings.catch_warnings():  # torch's note that its nested-tensor fast path needs batch_first

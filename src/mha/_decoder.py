@@ -171,6 +171,7 @@ class TransformerDecoderLayer(nn.TransformerDecoderLayer):
         _reject_masks(tgt_mask, memory_mask)
         if not cache.memory_stored:  # before the self-attention cache is written
             check_memory(self.multihead_attn, memory, memory, memory_key_padding_mask, cache.cross_attn)
+            _check_memory_dtype(cast(MultiheadAttention, self.multihead_attn), memory)
         x = tgt
         if self.norm_first:
             x = x + self._cached_sa(self.norm1(x), tgt_key_padding_mask, cache)
@@ -198,6 +199,22 @@ class TransformerDecoderLayer(nn.TransformerDecoderLayer):
             )[0]
             cache.memory_stored = True
         return self.dropout2(out)
+
+
+def _check_memory_dtype(attention: MultiheadAttention, memory: Tensor) -> None:
+    """``memory`` in the dtype and on the device of the layer's parameters (those of its
+    cross-attention ``attention``)."""
+    weight = attention.out_proj.weight
+    if memory.dtype != weight.dtype:
+        raise TypeError(
+            f"TransformerDecoderLayer with cache=: memory has dtype {memory.dtype} but the layer's parameters "
+            f"are {weight.dtype}; pass memory.to({weight.dtype}) (or cast the model with .to({memory.dtype}))"
+        )
+    if memory.device != weight.device:
+        raise ValueError(
+            f"TransformerDecoderLayer with cache=: memory is on {memory.device} but the layer's parameters on "
+            f"{weight.device}; pass memory.to({str(weight.device)!r})"
+        )
 
 
 class TransformerDecoder(nn.TransformerDecoder):

@@ -156,6 +156,31 @@ def _step_inputs(
     return new_token_lengths(key_padding_mask, N, S), cache.key_padding_mask
 
 
+def check_step(
+    module: Any, query: Tensor, key: Tensor | None, value: Tensor | None, key_padding_mask: Tensor | None,
+    cache: KVCache,
+) -> None:
+    """Raise what ``module(query, key, value, key_padding_mask=key_padding_mask,
+    need_weights=False, cache=cache)`` would raise after its projections (the backend
+    it would run refusing the call included), from the shapes of its heads: nothing is
+    projected or written. Shapes as for :func:`cached_forward`."""
+    check_cached_call(module, query, None, cache)
+    new_lengths, padding = _step_inputs(module, query, key, value, key_padding_mask, cache)
+    batch_first = module.batch_first
+    N, T = (query.shape[0], query.shape[1]) if batch_first else (query.shape[1], query.shape[0])
+    weight = module.out_proj.weight
+
+    def heads(length: int) -> Tensor:
+        """``(N, H, length, E // H)`` heads of the module's dtype, on its device: no memory."""
+        return torch.empty((), dtype=weight.dtype, device=weight.device).expand(
+            N, module.num_heads, length, module.head_dim
+        )
+
+    k = v = None if key is None or value is None else heads(key.shape[1 if batch_first else 0])
+    dropout_p = module.dropout if module.training else 0.0
+    plan_cached(heads(T), k, v, None, cache, new_lengths, padding, dropout_p=dropout_p)
+
+
 def cached_forward(
     module: Any,
     query: Tensor,

@@ -296,6 +296,30 @@ def test_forced_backend_that_cannot_serve_leaves_the_cache_as_it_was(forced, pro
         pass
 
 
+def test_backend_is_checked_against_the_cache_as_the_write_leaves_it(monkeypatch):
+    """Before the write the cache's views require no grad; after it they do when the new
+    tokens do. A backend whose weights are not differentiable is refused for that call,
+    before the write, as it is for the same call without a cache."""
+    import dataclasses
+
+    from mha._backends import tiled
+
+    monkeypatch.setattr(tiled.BACKEND, "caps", dataclasses.replace(tiled.BACKEND.caps, weights_grad=False))
+    g = torch.Generator().manual_seed(17)
+    cache = mha.KVCache(N, M, HKV, DK, DV, dtype=F64)
+    q, k, v = _randn(g, N, HQ, 2, DK), _randn(g, N, HKV, 2, DK).requires_grad_(), _randn(g, N, HKV, 2, DV)
+    match = "weights='mean' are not differentiable and the inputs require grad"
+    with pytest.raises(NotImplementedError, match=match):
+        mha.attention(q, k, v, Causal(), weights="mean", backend="tiled")
+    state = _cache_state(cache)
+    with pytest.raises(NotImplementedError, match=match):
+        mha.attention(q, k, v, cache=cache, weights="mean", backend="tiled")
+    _assert_unchanged(cache, state)
+    with torch.no_grad():
+        mha.attention(q, k, v, cache=cache, weights="mean", backend="tiled")
+    assert cache.lengths.tolist() == [2] * N
+
+
 def test_forced_backend_that_cannot_serve_leaves_a_static_cache_as_it_was():
     """The same for a static cache: neither the stored memory nor, through the module,
     its padding mask is replaced by a fill that then fails."""

@@ -3,6 +3,8 @@ against torch's full causal forward over the whole sequence so far."""
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 from torch import nn
@@ -231,6 +233,9 @@ def test_padded_tokens_are_not_stored():
         ({"dropout_p": 2.0}, ValueError, r"dropout_p must be a float in \[0, 1\)"),
         ({"weights": "all"}, ValueError, "weights must be None, 'mean' or 'per_head'"),
         ({"backend": "fast"}, ValueError, "unknown backend 'fast'"),
+        ({"backend": "sdpa", "weights": "mean"}, NotImplementedError, "SDPA returns no attention weights"),
+        ({"mask": Blocked(torch.ones(3, 1, 2, M, dtype=torch.bool, device="meta"))}, ValueError, "holds a tensor on meta but the query is on cpu"),
+        ({"scale": "big"}, TypeError, "scale must be a number or None, got 'big'"),
     ],
 )
 def test_errors(kwargs, error, match):
@@ -245,6 +250,146 @@ def test_errors(kwargs, error, match):
     with pytest.raises(error, match=match):
         mha.attention(call.pop("query"), call.pop("key"), call.pop("value"), mask, cache=cache, **call)
     assert cache.lengths.tolist() == [0] * N
+    assert not cache.key.any()
+    assert not cache.value.any()
+
+
+def _cache_state(cache: mha.KVCache) -> tuple:
+    return cache.lengths.clone(), cache.key.clone(), cache.value.clone(), cache.key_padding_mask
+
+
+def _assert_unchanged(cache: mha.KVCache, state: tuple) -> None:
+    lengths, key, value, padding = state
+    assert torch.equal(cache.lengths, lengths)
+    assert torch.equal(cache.key, key)
+    assert torch.equal(cache.value, value)
+    assert cache.key_padding_mask is padding
+
+
+@pytest.mark.parametrize("forced", ["argument", "use_backend"])
+@pytest.mark.parametrize(
+    ("prompt", "step"),
+    [(None, None), ([3, 1, 2], None), (None, [1, 2, 0])],
+    ids=["equal-lengths", "ragged-cache", "ragged-step"],
+)
+def test_forced_backend_that_cannot_serve_leaves_the_cache_as_it_was(forced, prompt, step):
+    """A forced backend that cannot serve a cached call raises before the new tokens are
+    written: a caller that catches NotImplementedError and retries finds the cache as it
+    was, and the retry stores the tokens once."""
+    g = torch.Generator().manual_seed(15)
+    cache = mha.KVCache(N, M, HKV, DK, DV, dtype=F64)
+    history = History(N)
+    for _ in _steps(cache, history, g, [(3, prompt)]):
+        pass
+    state, drawn = _cache_state(cache), g.get_state()
+    q, k, v = _randn(g, N, HQ, 2, DK), _randn(g, N, HKV, 2, DK), _randn(g, N, HKV, 2, DV)
+    lengths = None if step is None else torch.tensor(step)
+    backend = "sdpa" if forced == "argument" else None
+    with (
+        mha.use_backend("sdpa") if forced == "use_backend" else contextlib.nullcontext(),
+        pytest.raises(NotImplementedError, match="SDPA returns no attention weights"),
+    ):
+        mha.attention(q, k, v, cache=cache, new_lengths=lengths, weights="mean", backend=backend)
+    _assert_unchanged(cache, state)
+    g.set_state(drawn)  # the same tokens again, on the default backend
+    for _ in _steps(cache, history, g, [(2, step)]):
+        pass
+
+
+def test_backend_is_checked_against_the_cache_as_the_write_leaves_it(monkeypatch):
+    """Before the write the cache's views require no grad; after it they do when the new
+    tokens do. A backend whose weights are not differentiable is refused for that call,
+    before the write, as it is for the same call without a cache."""
+    import dataclasses
+
+    from mha._backends import tiled
+
+    monkeypatch.setattr(tiled.BACKEND, "caps", dataclasses.replace(tiled.BACKEND.caps, weights_grad=False))
+    g = torch.Generator().manual_seed(17)
+    cache = mha.KVCache(N, M, HKV, DK, DV, dtype=F64)
+    q, k, v = _randn(g, N, HQ, 2, DK), _randn(g, N, HKV, 2, DK).requires_grad_(), _randn(g, N, HKV, 2, DV)
+    match = "weights='mean' are not differentiable and the inputs require grad"
+    with pytest.raises(NotImplementedError, match=match):
+        mha.attention(q, k, v, Causal(), weights="mean", backend="tiled")
+    state = _cache_state(cache)
+    with pytest.raises(NotImplementedError, match=match):
+        mha.attention(q, k, v, cache=cache, weights="mean", backend="tiled")
+    _assert_unchanged(cache, state)
+    with torch.no_grad():
+        mha.attention(q, k, v, cache=cache, weights="mean", backend="tiled")
+    assert cache.lengths.tolist() == [2] * N
+
+
+def test_forced_backend_that_cannot_serve_leaves_a_static_cache_as_it_was():
+    """The same for a static cache: neither the stored memory nor, through the module,
+    its padding mask is replaced by a fill that then fails."""
+    g = torch.Generator().manual_seed(16)
+    cache = mha.KVCache(N, 11, HKV, DK, DV, static=True, dtype=F64)
+    q = _randn(g, N, HQ, 1, DK)
+    mha.attention(q, _randn(g, N, HKV, 9, DK), _randn(g, N, HKV, 9, DV), cache=cache, new_lengths=torch.tensor([9, 4, 1]))
+    state = _cache_state(cache)
+    with pytest.raises(NotImplementedError, match="SDPA returns no attention weights"):
+        mha.attention(q, _randn(g, N, HKV, 5, DK), _randn(g, N, HKV, 5, DV), cache=cache, weights="mean", backend="sdpa")
+    _assert_unchanged(cache, state)
+
+    theirs, ours = build_pair(30, 5, dtype=F64)
+    memory, x = _randn(g, 9, N, 30), _randn(g, 1, N, 30)
+    padding = torch.rand(N, 9, generator=g) < 0.4  # not right padding: stored as a mask
+    static = ours.new_cache(N, 12, static=True)
+    ours(x, memory, memory, key_padding_mask=padding, cache=static)
+    state = _cache_state(static)
+    with mha.use_backend("sdpa"), pytest.raises(NotImplementedError, match="SDPA returns no attention weights"):
+        ours(x, memory[:4], memory[:4], key_padding_mask=~padding[:, :4], cache=static)
+    _assert_unchanged(static, state)
+    out, _ = ours(x, None, None, cache=static)
+    torch.testing.assert_close(out, theirs(x, memory, memory, key_padding_mask=padding)[0], **TOL[F64])
+
+
+def _shape_run(device: str) -> list:
+    """The shapes of ragged steps, a reorder, a static cache and the module's padded
+    prompt and memory, on ``device``."""
+    shapes = []
+
+    def zeros(*shape: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return torch.zeros(*shape, dtype=dtype, device=device)
+
+    cache = mha.KVCache(N, M, HKV, DK, DV, device=device)
+    for T, new_lengths in [*CHUNKS, (2, [0, 2, 1])]:
+        lengths = None if new_lengths is None else torch.tensor(new_lengths, device=device)
+        out = mha.attention(
+            zeros(N, HQ, T, DK), zeros(N, HKV, T, DK), zeros(N, HKV, T, DV), cache=cache, new_lengths=lengths,
+            weights="mean", return_lse=True,
+        )
+        shapes.append([tuple(t.shape) for t in out])
+        if T == 3:
+            cache.reorder(torch.tensor([2, 0, 0], device=device))
+    static = mha.KVCache(N, 11, HKV, DK, DV, static=True, device=device)
+    for memory in (9, None):
+        kv = (None, None) if memory is None else (zeros(N, HKV, memory, DK), zeros(N, HKV, memory, DV))
+        lengths = None if memory is None else torch.tensor([9, 4, 1], device=device)
+        out = mha.attention(zeros(N, HQ, 2, DK), *kv, cache=static, new_lengths=lengths, weights="mean")
+        shapes.append([tuple(out.output.shape), tuple(out.weights.shape)])
+    module = mha.MultiheadAttention(30, 5, device=device)
+    self_cache, memory_cache = module.new_cache(N, 13), module.new_cache(N, 12, static=True)
+    prompt_padding = torch.arange(4, device=device)[None, :] >= torch.tensor([4, 1, 3], device=device)[:, None]
+    memory_padding = torch.eye(N, 9, dtype=torch.bool, device=device)
+    for x, padding in ((zeros(4, N, 30), prompt_padding), (zeros(1, N, 30), None)):
+        out, weights = module(x, x, x, key_padding_mask=padding, cache=self_cache)
+        shapes.append([tuple(out.shape), tuple(weights.shape)])
+        out, weights = module(x, zeros(9, N, 30), zeros(9, N, 30), key_padding_mask=memory_padding, cache=memory_cache)
+        shapes.append([tuple(out.shape), tuple(weights.shape)])
+    return shapes
+
+
+def test_ragged_steps_on_the_meta_device():
+    """Shape inference with meta tensors: ragged new_lengths and padding masks, reorder and
+    static caches read no values there and give the shapes a real cache gives."""
+    assert _shape_run("meta") == _shape_run("cpu")
+    cache = mha.KVCache(N, M, HKV, DK, device="meta")
+    x = torch.zeros(N, HKV, 2, DK, device="meta")
+    mha.attention(x, x, x, cache=cache, new_lengths=torch.tensor([1, 2, 0], device="meta"))
+    cache.lengths[0] = 2  # by hand: the lengths are unknown, every position may be read
+    assert mha.attention(x, x, x, cache=cache, weights="mean").weights.shape == (N, 2, M)
 
 
 def test_constructor_errors_and_no_cache_arguments():
@@ -276,6 +421,26 @@ def test_static_cache_functional():
     assert cache.lengths.tolist() == [2] * N
     with pytest.raises(NotImplementedError, match=r"a static .* cache has no query positions"):
         mha.attention(q1, None, None, Causal(), cache=cache)
+
+
+def test_empty_static_cache_is_not_read():
+    """key=None, value=None on a static cache never filled (or reset) raises, naming the
+    cache and the fix, instead of attending nothing (zeros)."""
+    cache = mha.KVCache(N, 11, HKV, DK, DV, static=True, dtype=F64)
+    q = torch.ones(N, HQ, 1, DK, dtype=F64)
+    match = r"KVCache\(batch_size=3, max_length=11, .*static=True.*\) is empty: .*pass key and value, the encoder memory"
+    with pytest.raises(ValueError, match=match):
+        mha.attention(q, None, None, cache=cache)
+    mha.attention(q, torch.ones(N, HKV, 4, DK, dtype=F64), torch.ones(N, HKV, 4, DV, dtype=F64), cache=cache)
+    mha.attention(q, None, None, cache=cache)
+    cache.reset()
+    with pytest.raises(ValueError, match=match):
+        mha.attention(q, None, None, cache=cache)
+    _, ours = build_pair(30, 5, dtype=F64)
+    static = ours.new_cache(N, 8, static=True)
+    x = torch.ones(1, N, 30, dtype=F64)
+    with pytest.raises(ValueError, match=r"static=True.* is empty: .*pass key and value, the encoder memory"):
+        ours(x, None, None, cache=static)
 
 
 def _causal(L: int, dtype=F64) -> torch.Tensor:

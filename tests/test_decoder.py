@@ -133,6 +133,113 @@ def test_cache_errors():
     assert cache.lengths.tolist() == [2] * N
 
 
+def _layer_states(cache) -> list[torch.Tensor | bool | None]:
+    """Everything a decoder cache holds: per layer, both caches' lengths and buffers, the
+    stored padding mask and whether the memory is stored."""
+    out: list[torch.Tensor | bool | None] = []
+    for layer in cache.layers:
+        for kv in (layer.self_attn, layer.cross_attn):
+            out += [kv.lengths.clone(), kv.key.clone(), kv.value.clone(), kv.key_padding_mask]
+        out.append(layer.memory_stored)
+    return out
+
+
+def _assert_same(before: list, after: list) -> None:
+    assert len(before) == len(after)
+    for a, b in zip(before, after, strict=True):
+        assert torch.equal(a, b) if isinstance(a, torch.Tensor) else a is b
+
+
+@pytest.mark.parametrize("norm_first", [False, True])
+def test_memory_of_another_dtype_fails_before_the_cache_is_written(norm_first):
+    """A float32 memory for a float64 decoder: torch's full forward raises (in F.linear), so
+    does mha's; with a cache the call raises naming memory, its dtype and the fix before
+    the self-attention cache is written."""
+    theirs, ours = _pair(norm_first)
+    tgt, memory = torch.ones(2, N, E, dtype=F64), torch.ones(5, N, E)
+    with pytest.raises(RuntimeError, match="must have the same dtype"):
+        theirs(tgt, memory)
+    with pytest.raises(TypeError, match=r"torch\.float64, key torch\.float32"):
+        ours(tgt, memory)
+    cache = ours.new_cache(N, 8, memory_length=5)
+    before = _layer_states(cache)
+    match = r"memory has dtype torch.float32 but the layer's parameters are torch.float64; pass memory.to\(torch.float64\)"
+    with pytest.raises(TypeError, match=match):
+        ours(tgt, memory, cache=cache)
+    with pytest.raises(TypeError, match=match):
+        ours.layers[0](tgt, memory, cache=cache.layers[0])
+    with pytest.raises(ValueError, match=r"memory is on meta but the layer's parameters on cpu; pass memory\.to\('cpu'\)"):
+        ours(tgt, memory.double().to("meta"), cache=cache)
+    _assert_same(before, _layer_states(cache))
+    torch.testing.assert_close(ours(tgt, memory.double(), cache=cache), theirs(tgt, memory.double(), tgt_mask=_causal(2)), **TOL[F64])
+
+
+def _decoding(ours, steps: int = 2):
+    """A cache after a prompt of 2 tokens and ``steps`` more, the memory padded, and the
+    next token."""
+    g = torch.Generator().manual_seed(9)
+    memory = torch.randn(5, N, E, generator=g, dtype=F64)
+    padding = torch.arange(5)[None, :] >= torch.tensor([5, 2, 4])[:, None]
+    cache = ours.new_cache(N, 8, memory_length=5)
+    ours(torch.randn(2, N, E, generator=g, dtype=F64), memory, memory_key_padding_mask=padding, cache=cache)
+    for _ in range(steps):
+        ours(torch.randn(1, N, E, generator=g, dtype=F64), memory, cache=cache)
+    return cache, torch.randn(1, N, E, generator=g, dtype=F64), memory
+
+
+def test_a_layer_whose_memory_cache_was_emptied_fails_before_writing():
+    """A cross-attention cache emptied by hand (its LayerCache still says the memory is
+    stored) fails, naming the fix, before any self-attention cache is written."""
+    _, ours = _pair()
+    cache, x, memory = _decoding(ours)
+    cache.layers[1].cross_attn.reset()
+    before = _layer_states(cache)
+    with pytest.raises(ValueError, match=r"is empty: .*reset\(\) the LayerCache"):
+        ours(x, memory, cache=cache)
+    with pytest.raises(ValueError, match=r"is empty: .*reset\(\) the LayerCache"):
+        ours.layers[1](x, memory, cache=cache.layers[1])
+    _assert_same(before, _layer_states(cache))
+
+
+def test_a_layer_cache_of_another_batch_fails_before_any_layer_writes():
+    """Layer caches that disagree (one reordered alone): the decoder checks every layer
+    before the first writes, so the failure leaves every layer's cache as it was."""
+    _, ours = _pair()
+    cache, x, memory = _decoding(ours)
+    cache.layers[1].reorder(torch.tensor([0, 2]))
+    before = _layer_states(cache)
+    with pytest.raises(ValueError, match="tgt holds N=3 sequences but the layer's self-attention cache holds batch_size=2"):
+        ours(x, memory, cache=cache)
+    _assert_same(before, _layer_states(cache))
+    # A torch layer (no cache= route) after an mha one: also found before the first writes.
+    cache, x, memory = _decoding(ours)
+    ours.layers[1] = nn.TransformerDecoderLayer(E, H, FF, dropout=0.0, dtype=F64)
+    before = _layer_states(cache)
+    with pytest.raises(TypeError, match=r"layers\[1\] is a torch.nn.modules.transformer.TransformerDecoderLayer, not an mha"):
+        ours(x, memory, cache=cache)
+    _assert_same(before, _layer_states(cache))
+
+
+def test_forced_backend_refusing_the_memory_attention_fails_before_writing(monkeypatch):
+    """A forced backend that serves a step's self-attention but not its cross-attention
+    (SDPA on CUDA takes no masks, and the stored memory is padded; emulated on CPU)
+    raises before the self-attention cache of any layer is written."""
+    import dataclasses
+
+    from mha._backends import sdpa
+
+    _, ours = _pair()
+    cache, x, memory = _decoding(ours)
+    monkeypatch.setattr(sdpa.BACKEND, "caps", dataclasses.replace(sdpa.CAPABILITIES, masked_devices=frozenset()))
+    before = _layer_states(cache)
+    with mha.use_backend("sdpa"), pytest.raises(NotImplementedError, match="SDPA takes masks only on"):
+        ours(x, memory, cache=cache)
+    _assert_same(before, _layer_states(cache))
+    with mha.use_backend("sdpa"), pytest.raises(NotImplementedError, match="SDPA takes masks only on"):
+        ours.layers[0](x, memory, cache=cache.layers[0])
+    _assert_same(before, _layer_states(cache))
+
+
 def _transformer(dtype=F64, random_biases=True):
     torch.manual_seed(5)
     with warnings.catch_warnings():  # torch's note that its nested-tensor fast path needs batch_first

@@ -84,6 +84,7 @@ BAD = {
     "kpm_transposed": (lambda m: m.new_cache(N, 5), {"key_padding_mask": torch.zeros(1, N, dtype=torch.bool)}),
     "kpm_float": (lambda m: m.new_cache(N, 5), {"key_padding_mask": torch.zeros(N, 1)}),
     "memory_wider_than_kdim": (lambda m: m.new_cache(N, 5, static=True), {"key": torch.randn(3, N, E + 1)}),
+    "empty_static_cache": (lambda m: m.new_cache(N, 5, static=True), {"key": None, "value": None}),
 }
 
 

@@ -24,7 +24,8 @@ tokens as one slice of positions and masks no padding.
 
 from __future__ import annotations
 
-from typing import cast
+from collections.abc import Callable
+from typing import NamedTuple, cast
 
 import torch
 from torch import Tensor
@@ -32,6 +33,7 @@ from torch import Tensor
 from . import masks as _masks
 from ._backends.decode import MAX_ROWS
 from ._dispatch import forced_backend
+from ._mask_analysis import values_readable
 
 
 def _positive_int(name: str, value: object, minimum: int = 1) -> int:
@@ -64,8 +66,11 @@ class KVCache:
             positions no query may attend (the memory's padding, as in
             ``nn.MultiheadAttention``).
 
-    Under ``torch.compile`` the overflow check (a host sync) is skipped; tokens that
-    would go past ``max_length`` are then dropped.
+    Under ``torch.compile``, and on the ``meta`` device (whose tensors hold no values),
+    the overflow check, which reads the lengths, is skipped; tokens that would go past
+    ``max_length`` are then dropped. Where the lengths are unknown on the host there (a
+    meta cache whose lengths were written by hand), a step reads all ``max_length``
+    positions.
     """
 
     def __init__(
@@ -121,10 +126,14 @@ class KVCache:
 
     def _host_state(self) -> tuple[int, bool]:
         """``(bound, uniform)``: an upper bound on ``lengths.max()`` and whether every length
-        equals it; from the host when still valid, else read from ``lengths`` (one sync)."""
+        equals it; from the host when still valid, else read from ``lengths`` (one sync),
+        or ``(max_length, False)`` where its values cannot be read (meta, fake tensors)."""
         if self._bound is None or self._bound_for != self._lengths_state():
-            low, high = (int(x) for x in torch.aminmax(self.lengths)) if self.batch_size else (0, 0)
-            self._set_bound(high, uniform=low == high)
+            if not values_readable(self.lengths):
+                self._set_bound(self.max_length)
+            else:
+                low, high = (int(x) for x in torch.aminmax(self.lengths)) if self.batch_size else (0, 0)
+                self._set_bound(high, uniform=low == high)
         return cast(int, self._bound), self._uniform
 
     def _set_bound(self, bound: int | None, uniform: bool = False) -> None:
@@ -151,7 +160,7 @@ class KVCache:
                 f"{tuple(index.shape)} dtype {index.dtype}"
             )
         N = self.batch_size
-        if index.numel() and not torch.compiler.is_compiling():
+        if index.numel() and values_readable(index):
             low, high = int(index.min()), int(index.max())
             if low < 0 or high >= N:
                 raise ValueError(
@@ -209,7 +218,7 @@ def _validate_new_lengths(new_lengths: Tensor | None, N: int, T: int) -> None:
         raise TypeError(f"attention: new_lengths must be an integer tensor, got dtype {new_lengths.dtype}")
     if new_lengths.shape != (N,):
         raise ValueError(f"attention: new_lengths must have shape (N,) = ({N},), got {tuple(new_lengths.shape)}")
-    if not torch.compiler.is_compiling() and N > 0:
+    if values_readable(new_lengths) and N > 0:
         low, high = int(new_lengths.min()), int(new_lengths.max())
         if low < 0 or high > T:
             raise ValueError(
@@ -220,10 +229,13 @@ def _validate_new_lengths(new_lengths: Tensor | None, N: int, T: int) -> None:
 
 def _check_room(cache: KVCache, counts: Tensor, T: int, bound: int) -> int:
     """The host-side bound on the lengths after this write, given ``bound`` before it.
-    Raises ValueError if some sequence would go past ``max_length``."""
+    Raises ValueError if some sequence would go past ``max_length`` (not checked where
+    the lengths hold no values to read: meta, fake tensors)."""
     M = cache.max_length
     if bound + T <= M:
         return bound + T
+    if not values_readable(cache.lengths, counts):
+        return M
     after = cache.lengths + counts
     if bool((after > M).any()):
         raise ValueError(
@@ -312,7 +324,26 @@ def _cache_masks(
     return out
 
 
-def cached_inputs(
+class CachedStep(NamedTuple):
+    """A cached call planned and checked, nothing written yet.
+
+    ``key``/``value``: ``(N, Hkv, S, Dk)``/``(N, Hkv, S, Dv)`` views of the cache's
+    buffers, the positions the call reads (they hold the new tokens once ``write()``
+    has run); ``mask`` over them; ``backend``: the forced one, or ``"decode"`` when
+    none is forced and there are few query rows per key/value head (None: dispatch's
+    choice); ``write()`` stores the new tokens (and a static cache's ``padding``);
+    ``gains_grad``: whether the views will require grad once written though they do not
+    now (new tokens that require grad, with grad mode on)."""
+
+    key: Tensor
+    value: Tensor
+    mask: _masks.Mask | None
+    backend: str | None
+    write: Callable[[], None]
+    gains_grad: bool
+
+
+def cached_step(
     cache: KVCache,
     query: Tensor,
     key: Tensor | None,
@@ -320,62 +351,24 @@ def cached_inputs(
     mask: _masks.Mask | None,
     new_lengths: Tensor | None,
     backend: str | None,
-) -> tuple[Tensor, Tensor, _masks.Mask | None, str | None]:
-    """Write the new tokens into ``cache`` and return ``(key, value, mask, backend)`` for
-    the call: the cache's written positions ``(N, Hkv, S, D)`` (views of its buffers),
-    the mask over them, and ``backend``, or ``"decode"`` when none is forced and there
-    are few query rows per key/value head. ``query`` is ``(N, Hq, T, Dk)``."""
-    key, value, mask = _cached_inputs(cache, query, key, value, mask, new_lengths)
-    return key, value, mask, _cached_backend(backend, query.shape[2], query.shape[1], key.shape[1])
-
-
-def _cached_backend(backend: str | None, T: int, Hq: int, Hkv: int) -> str | None:
-    """``backend``, or ``"decode"`` when none is forced (by ``backend=`` or
-    :func:`mha.use_backend`) and there are few query rows (``T * Hq / Hkv <= MAX_ROWS``)
-    per key/value head."""
-    if backend is None and forced_backend() is None and T * (Hq // Hkv) <= MAX_ROWS:
-        return "decode"
-    return backend
-
-
-def _cached_inputs(
-    cache: KVCache,
-    query: Tensor,
-    key: Tensor | None,
-    value: Tensor | None,
-    mask: _masks.Mask | None,
-    new_lengths: Tensor | None,
-) -> tuple[Tensor, Tensor, _masks.Mask | None]:
-    if not isinstance(cache, KVCache):
-        raise TypeError(f"attention: cache must be an mha.KVCache, got {type(cache).__name__}")
-    if not isinstance(query, Tensor) or query.dim() != 4:
-        raise ValueError(
-            "attention: with a cache, query must be a 4-D tensor (N, Hq, T, Dk) of the new tokens, got "
-            f"{tuple(query.shape) if isinstance(query, Tensor) else type(query).__name__}"
-        )
-    if mask is not None and not isinstance(mask, _masks.Mask):
-        raise TypeError(
-            f"attention: mask must be an mha.masks object, got {type(mask).__name__}; wrap a boolean "
-            "tensor over cache positions (N, Hq, T, max_length) as Blocked(t) or Allowed(t)"
-        )
+    padding: Tensor | None,
+) -> CachedStep:
+    """Check a call on ``cache`` with query ``(N, Hq, T, Dk)`` and the new tokens ``key``/
+    ``value`` ``(N, Hkv, T, D)`` (None on a filled static cache) and plan it, writing
+    nothing: whatever the call would reject raises here, before the cache changes.
+    ``padding``: a static cache's key padding mask ``(N, M)`` for this call (stored by a
+    fill), else None."""
+    _check_call(cache, query, mask)
     N, Hq, T, _ = query.shape
     M = cache.max_length
     compiling = torch.compiler.is_compiling()
-    if mask is not None:
-        mask._check_shape(N, Hq, T, M)
-        if cache.static and any(isinstance(part, _masks.Window) for part in mask.parts()):
-            raise NotImplementedError(
-                "attention: Window and Causal masks count from each query's position in a self-attention "
-                "cache; a static (cross-attention) cache has no query positions. Pass Allowed/Blocked/Bias "
-                "tensors over its positions instead"
-            )
-    _check_batch(cache, tuple(query.shape))
-    _check_query(cache, query)
+    chosen = _cached_backend(backend, T, Hq, cache.key.shape[1])
     if key is None or value is None:
         if key is not None or value is not None or not cache.static:
             raise _missing_key_value()
-        S = M if compiling else cache._host_state()[0]
-        return cache.key[:, :, :S], cache.value[:, :, :S], _static_mask(cache, mask, T, S)
+        S = M if compiling else stored_length(cache)
+        mask = _static_mask(_read_lengths(cache), padding, mask, T, S)
+        return CachedStep(cache.key[:, :, :S], cache.value[:, :, :S], mask, chosen, _nothing, False)
     _validate_new(cache, key, value, N, Hq)
     T_new = key.shape[2]
     if T_new > M:
@@ -389,55 +382,115 @@ def _cached_inputs(
             f"attention: with a self-attention cache, query (N, Hq, T, Dk) = {tuple(query.shape)} and key "
             f"{tuple(key.shape)} must hold the same T new tokens"
         )
+    gains_grad = (
+        torch.is_grad_enabled()
+        and (key.requires_grad or value.requires_grad)
+        and not (cache.key.requires_grad or cache.value.requires_grad)
+    )
     if not (compiling or cache.static) and new_lengths is None:
         start, uniform = cache._host_state()
         if uniform and start + T <= M:
             # Every sequence holds `start` positions and every new token is real: the new
             # tokens of all sequences go to one slice of positions, and no padding is masked.
             S = start + T
-            cache.key[:, :, start:S].copy_(key)
-            cache.value[:, :, start:S].copy_(value)
-            cache.lengths.fill_(S)
-            cache._set_bound(S, uniform=True)
-            return cache.key[:, :, :S], cache.value[:, :, :S], _cache_masks(mask, None, T, S, causal=True)
+
+            def write_slice() -> None:
+                cache.key[:, :, start:S].copy_(key)
+                cache.value[:, :, start:S].copy_(value)
+                cache.lengths.fill_(S)
+                cache._set_bound(S, uniform=True)
+
+            mask = _cache_masks(mask, None, T, S, causal=True)
+            return CachedStep(cache.key[:, :, :S], cache.value[:, :, :S], mask, chosen, write_slice, gains_grad)
     counts = (
         torch.full((N,), T_new, dtype=torch.int64, device=cache.key.device)
         if new_lengths is None
         else new_lengths.to(device=cache.key.device, dtype=torch.int64)
     )
     if cache.static:
-        if new_lengths is None:  # every token real: the first T_new positions of every sequence
-            cache.key[:, :, :T_new].copy_(key)
-            cache.value[:, :, :T_new].copy_(value)
-            cache.lengths.fill_(T_new)
-        else:
-            cache.lengths.zero_()
-            _write(cache.key, key, cache.lengths, counts)
-            _write(cache.value, value, cache.lengths, counts)
-            cache.lengths.copy_(counts)
         S = M if compiling else T_new
-        cache._set_bound(None if compiling else T_new, uniform=new_lengths is None)
-        return cache.key[:, :, :S], cache.value[:, :, :S], _static_mask(cache, mask, T, S)
+
+        def fill() -> None:
+            if new_lengths is None:  # every token real: the first T_new positions of every sequence
+                cache.key[:, :, :T_new].copy_(key)
+                cache.value[:, :, :T_new].copy_(value)
+                cache.lengths.fill_(T_new)
+            else:
+                cache.lengths.zero_()
+                _write(cache.key, key, cache.lengths, counts)
+                _write(cache.value, value, cache.lengths, counts)
+                cache.lengths.copy_(counts)
+            cache.key_padding_mask = padding
+            cache._set_bound(None if compiling else T_new, uniform=new_lengths is None)
+
+        lengths = counts if compiling or new_lengths is not None else None
+        mask = _static_mask(lengths, padding, mask, T, S)
+        return CachedStep(cache.key[:, :, :S], cache.value[:, :, :S], mask, chosen, fill, gains_grad)
     bound = None if compiling else _check_room(cache, counts, T_new, cache._host_state()[0])
     before = cache.lengths.clone()
     if bound is not None and new_lengths is None:
         # Every token is real and fits (the room was checked): one scatter per buffer.
         slots = (before[:, None] + torch.arange(T_new, device=before.device))[:, None, :, None]
-        _append(cache.key, key, slots)
-        _append(cache.value, value, slots)
         total = before + T_new
+
+        def write_new() -> None:
+            _append(cache.key, key, slots)
+            _append(cache.value, value, slots)
+            cache.lengths.copy_(total)
+            cache._set_bound(bound)
+
     else:
-        _write(cache.key, key, before, counts)
-        _write(cache.value, value, before, counts)
         total = torch.clamp(before + counts, max=M)
-    cache.lengths.copy_(total)
-    cache._set_bound(bound)
+
+        def write_new() -> None:
+            _write(cache.key, key, before, counts)
+            _write(cache.value, value, before, counts)
+            cache.lengths.copy_(total)
+            cache._set_bound(bound)
+
     S = M if bound is None else bound
-    return (
-        cache.key[:, :, :S],
-        cache.value[:, :, :S],
-        _cache_masks(mask, (before, total), T, S, causal=True),
-    )
+    mask = _cache_masks(mask, (before, total), T, S, causal=True)
+    return CachedStep(cache.key[:, :, :S], cache.value[:, :, :S], mask, chosen, write_new, gains_grad)
+
+
+def _nothing() -> None:
+    """The write of a call that reads a static cache as it is."""
+
+
+def _cached_backend(backend: str | None, T: int, Hq: int, Hkv: int) -> str | None:
+    """``backend``, or ``"decode"`` when none is forced (by ``backend=`` or
+    :func:`mha.use_backend`) and there are few query rows (``T * Hq / Hkv <= MAX_ROWS``)
+    per key/value head."""
+    if backend is None and forced_backend() is None and T * (Hq // Hkv) <= MAX_ROWS:
+        return "decode"
+    return backend
+
+
+def _check_call(cache: KVCache, query: Tensor, mask: _masks.Mask | None) -> None:
+    """The cache, query ``(N, Hq, T, Dk)`` and ``mask`` of a cached call, before its new tokens."""
+    if not isinstance(cache, KVCache):
+        raise TypeError(f"attention: cache must be an mha.KVCache, got {type(cache).__name__}")
+    if not isinstance(query, Tensor) or query.dim() != 4:
+        raise ValueError(
+            "attention: with a cache, query must be a 4-D tensor (N, Hq, T, Dk) of the new tokens, got "
+            f"{tuple(query.shape) if isinstance(query, Tensor) else type(query).__name__}"
+        )
+    if mask is not None and not isinstance(mask, _masks.Mask):
+        raise TypeError(
+            f"attention: mask must be an mha.masks object, got {type(mask).__name__}; wrap a boolean "
+            "tensor over cache positions (N, Hq, T, max_length) as Blocked(t) or Allowed(t)"
+        )
+    N, Hq, T, _ = query.shape
+    if mask is not None:
+        mask._check_shape(N, Hq, T, cache.max_length)
+        if cache.static and any(isinstance(part, _masks.Window) for part in mask.parts()):
+            raise NotImplementedError(
+                "attention: Window and Causal masks count from each query's position in a self-attention "
+                "cache; a static (cross-attention) cache has no query positions. Pass Allowed/Blocked/Bias "
+                "tensors over its positions instead"
+            )
+    _check_batch(cache, tuple(query.shape))
+    _check_query(cache, query)
 
 
 def _check_batch(cache: KVCache, query_shape: tuple[int, ...]) -> None:
@@ -471,13 +524,40 @@ def _missing_key_value() -> ValueError:
     )
 
 
-def _static_mask(cache: KVCache, mask: _masks.Mask | None, T: int, S: int) -> _masks.Mask | None:
-    """The mask over a static cache: its lengths, its key padding mask and ``mask``; not causal."""
-    uniform = not torch.compiler.is_compiling() and cache._host_state()[1]
-    out = _cache_masks(mask, None if uniform else (cache.lengths, cache.lengths), T, S, causal=False)
-    if cache.key_padding_mask is not None:
-        padding = _masks.Blocked(cache.key_padding_mask[:, None, None, :S])
-        out = padding if out is None else out & padding
+def holds_nothing(cache: KVCache) -> bool:
+    """Whether ``cache`` is known to hold no position: its host-side bound is 0 (from the
+    host while it is valid, else one read of the lengths)."""
+    return cache._host_state()[0] == 0
+
+
+def stored_length(cache: KVCache) -> int:
+    """The host-side bound ``S' > 0`` on the positions a static ``cache`` holds; ValueError
+    naming the cache and the fix if it holds none (never filled, or reset)."""
+    if holds_nothing(cache):
+        raise ValueError(
+            f"attention: the static (cross-attention) cache {cache!r} is empty: nothing was stored since it "
+            "was made or reset(); pass key and value, the encoder memory, on the first call (key=None, "
+            "value=None then reuse what it holds)"
+        )
+    return cache._host_state()[0]
+
+
+def _read_lengths(cache: KVCache) -> Tensor | None:
+    """The lengths a read of the static ``cache`` masks: None while every sequence is known
+    (on the host) to hold as many positions as the others."""
+    return None if not torch.compiler.is_compiling() and cache._host_state()[1] else cache.lengths
+
+
+def _static_mask(
+    lengths: Tensor | None, padding: Tensor | None, mask: _masks.Mask | None, T: int, S: int
+) -> _masks.Mask | None:
+    """The mask over a static cache's first ``S`` positions: its ``lengths`` ``(N,)`` (None:
+    every sequence holds all ``S``), its key ``padding`` mask ``(N, M)`` and ``mask``; not
+    causal."""
+    out = _cache_masks(mask, None if lengths is None else (lengths, lengths), T, S, causal=False)
+    if padding is not None:
+        blocked = _masks.Blocked(padding[:, None, None, :S])
+        out = blocked if out is None else out & blocked
     return out
 
 
@@ -495,8 +575,8 @@ def preview(
     if T_new is None:
         if not cache.static:
             raise _missing_key_value()
-        S = cache._host_state()[0]
-        return S, _static_mask(cache, None, T, S), backend
+        S = stored_length(cache)
+        return S, _static_mask(_read_lengths(cache), cache.key_padding_mask, None, T, S), backend
     if cache.static:  # filled with every new token: no padding
         return min(T_new, M), None, backend
     before, (start, uniform) = cache.lengths, cache._host_state()

@@ -19,7 +19,8 @@ from torch import Tensor
 
 from . import _dispatch, _varlen
 from . import masks as _masks
-from ._cache import KVCache, cached_inputs
+from ._cache import CachedStep, KVCache, cached_step
+from ._dispatch import Backend
 from ._plan import plan_mask, plan_varlen_mask
 from ._types import AttentionOutput, Call, Offsets, WeightsMode, split_weights
 
@@ -89,7 +90,9 @@ def attention(
             position; tensors span ``(N, Hq, T, max_length)``). A static
             (cross-attention) cache is overwritten by ``key``/``value`` and attended
             without causality; ``key=value=None`` attends what it holds. Weights and
-            lse span the cache's written positions ``S <= max_length``.
+            lse span the cache's written positions ``S <= max_length``. A call that
+            raises (a forced backend that cannot serve it included) leaves the cache
+            as it was.
         new_lengths: with ``cache``, ``(N,)`` how many of the ``T`` new tokens are
             real (right padding); only those are stored. Default: all ``T``.
 
@@ -107,12 +110,12 @@ def attention(
         :class:`AttentionOutput` ``(output (N, Hq, L, Dv), weights, lse)``.
     """
     if cache is not None:
-        # What the call would reject, checked before the cache is written.
-        _validate_options(dropout_p, weights)
-        if backend is not None:
-            _dispatch.check_backend_name(backend)
-        key, value, mask, backend = cached_inputs(cache, query, key, value, mask, new_lengths, backend)
-    elif new_lengths is not None or key is None or value is None:
+        padding = cache.key_padding_mask if isinstance(cache, KVCache) else None
+        return plan_cached(
+            query, key, value, mask, cache, new_lengths, padding,
+            scale=scale, dropout_p=dropout_p, weights=weights, return_lse=return_lse, backend=backend,
+        ).run()
+    if new_lengths is not None or key is None or value is None:
         raise ValueError(
             "attention: new_lengths=, key=None and value=None need cache=; pass key and value "
             "(N, Hkv, S, D) or a KVCache"
@@ -124,6 +127,54 @@ def attention(
     if mask is not None:
         _validate_mask_devices(mask, query.device)
     return _dispatch.select_backend(call, backend).forward(call)
+
+
+class CachedCall(NamedTuple):
+    """A cached call checked and planned, nothing written yet: its ``step`` on the cache,
+    the ``call`` over the cache's positions (views that read the new tokens once the
+    step is written) and the ``backend`` that serves it."""
+
+    step: CachedStep
+    call: Call
+    backend: Backend
+
+    def run(self) -> AttentionOutput:
+        """Write the step into the cache, then attend."""
+        self.step.write()
+        return self.backend.forward(self.call)
+
+
+def plan_cached(
+    query: Tensor,
+    key: Tensor | None,
+    value: Tensor | None,
+    mask: _masks.Mask | None,
+    cache: KVCache,
+    new_lengths: Tensor | None,
+    padding: Tensor | None,
+    *,
+    scale: float | None = None,
+    dropout_p: float = 0.0,
+    weights: WeightsMode | None = None,
+    return_lse: bool = False,
+    backend: str | None = None,
+) -> CachedCall:
+    """:func:`attention` with ``cache``, checked and planned without writing: everything
+    the call could reject raises here (its backend refusing it included), before the
+    cache changes. Query ``(N, Hq, T, Dk)``, the new tokens ``key``/``value`` ``(N, Hkv,
+    T, D)`` (None on a filled static cache); ``padding``: a static cache's key padding
+    mask ``(N, max_length)`` for this call, which a fill stores (the module passes its
+    memory's; :func:`attention` the cache's own)."""
+    _validate_options(dropout_p, weights)
+    if backend is not None:
+        _dispatch.check_backend_name(backend)
+    step = cached_step(cache, query, key, value, mask, new_lengths, backend, padding)
+    call = _validate_call(query, step.key, step.value, step.mask, scale, dropout_p, weights, return_lse)
+    if step.mask is not None:
+        _validate_mask_devices(step.mask, query.device)
+    # Dispatch sees the views as the write leaves them: requiring grad if the new tokens do.
+    checked = call._replace(key=step.key.detach().requires_grad_()) if step.gains_grad else call
+    return CachedCall(step, call, _dispatch.select_backend(checked, step.backend))
 
 
 def checked_attention(
@@ -396,4 +447,7 @@ def _validate_sizes(
     _validate_options(dropout_p, weights)
     if scale is None:
         return 1.0 / math.sqrt(Dk) if Dk > 0 else 1.0
-    return float(scale)
+    try:
+        return float(scale)
+    except (TypeError, ValueError):
+        raise TypeError(f"attention: scale must be a number or None, got {scale!r}") from None

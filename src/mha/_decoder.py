@@ -12,7 +12,10 @@ results; a ``state_dict`` loads both ways) whose attention is
 Each layer holds a self-attention cache (keys and values of the tokens so far)
 and a cross-attention cache (the projected memory, stored on the first call and
 reused after: ``memory`` is then not read again). ``y`` equals the matching rows
-of the full forward over every token so far with a causal ``tgt_mask``.
+of the full forward over every token so far with a causal ``tgt_mask``. A call
+that raises leaves every cache as it was: what a layer's step could reject is
+checked before its self-attention cache is written, and a decoder checks every
+layer before the first runs.
 """
 
 
@@ -22,9 +25,10 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules.transformer import _detect_is_causal_mask, _get_seq_len
 
-from ._cache import KVCache
+from ._cache import KVCache, holds_nothing
+from ._dispatch import forced_backend
 from ._module import MultiheadAttention
-from ._module_cache import check_memory
+from ._module_cache import check_memory, check_step
 
 
 class LayerCache:
@@ -164,13 +168,8 @@ class TransformerDecoderLayer(nn.TransformerDecoderLayer):
         memory_key_padding_mask: Tensor | None,
         cache: Any,
     ) -> Tensor:
-        if not isinstance(cache, LayerCache):
-            raise TypeError(
-                f"TransformerDecoderLayer: cache must be a LayerCache from new_cache(), got {type(cache).__name__}"
-            )
         _reject_masks(tgt_mask, memory_mask)
-        if not cache.memory_stored:  # before the self-attention cache is written
-            check_memory(self.multihead_attn, memory, memory, memory_key_padding_mask, cache.cross_attn)
+        self._check_cached(tgt, memory, tgt_key_padding_mask, memory_key_padding_mask, cache)
         x = tgt
         if self.norm_first:
             x = x + self._cached_sa(self.norm1(x), tgt_key_padding_mask, cache)
@@ -179,6 +178,49 @@ class TransformerDecoderLayer(nn.TransformerDecoderLayer):
         x = self.norm1(x + self._cached_sa(x, tgt_key_padding_mask, cache))
         x = self.norm2(x + self._cached_mha(x, memory, memory_key_padding_mask, cache))
         return self.norm3(x + self._ff_block(x))
+
+    def _check_cached(
+        self,
+        tgt: Tensor,
+        memory: Tensor,
+        tgt_key_padding_mask: Tensor | None,
+        memory_key_padding_mask: Tensor | None,
+        cache: Any,
+    ) -> None:
+        """Raise, before anything is written, what this layer's cached step would raise
+        after its self-attention cache is written: a cache of another batch, a memory
+        the cross-attention cache cannot take (shape, dtype, device), a cross-attention
+        cache emptied while the memory is marked stored, and a forced backend refusing
+        either attention call. Shapes as for :meth:`forward`."""
+        if not isinstance(cache, LayerCache):
+            raise TypeError(
+                f"TransformerDecoderLayer: cache must be a LayerCache from new_cache(), got {type(cache).__name__}"
+            )
+        if isinstance(tgt, Tensor) and tgt.dim() == 3:  # else the self-attention's own check names it
+            N = tgt.shape[0 if self.self_attn.batch_first else 1]
+            for name, kv in (("self-attention", cache.self_attn), ("cross-attention", cache.cross_attn)):
+                if kv.batch_size != N:
+                    raise ValueError(
+                        f"TransformerDecoderLayer with cache=: tgt holds N={N} sequences but the layer's {name} "
+                        f"cache holds batch_size={kv.batch_size}; reorder() the whole cache (the DecoderCache or "
+                        "LayerCache), not one of its caches"
+                    )
+        if not cache.memory_stored:
+            check_memory(self.multihead_attn, memory, memory, memory_key_padding_mask, cache.cross_attn)
+            _check_memory_dtype(cast(MultiheadAttention, self.multihead_attn), memory)
+        elif not torch.compiler.is_compiling() and holds_nothing(cache.cross_attn):
+            raise ValueError(
+                f"TransformerDecoderLayer with cache=: the cross-attention cache {cache.cross_attn!r} is empty: "
+                "it was emptied while its LayerCache says the memory is stored; reset() the LayerCache (or "
+                "the DecoderCache), so that the next call stores the memory again"
+            )
+        if forced_backend() is not None:  # it may serve one attention call of the step and not the other
+            check_step(self.self_attn, tgt, tgt, tgt, tgt_key_padding_mask, cache.self_attn)
+            stored = cache.memory_stored
+            check_step(
+                self.multihead_attn, tgt, None if stored else memory, None if stored else memory,
+                None if stored else memory_key_padding_mask, cache.cross_attn,
+            )
 
     def _cached_sa(self, x: Tensor, key_padding_mask: Tensor | None, cache: LayerCache) -> Tensor:
         out = self.self_attn(
@@ -198,6 +240,22 @@ class TransformerDecoderLayer(nn.TransformerDecoderLayer):
             )[0]
             cache.memory_stored = True
         return self.dropout2(out)
+
+
+def _check_memory_dtype(attention: MultiheadAttention, memory: Tensor) -> None:
+    """``memory`` in the dtype and on the device of the layer's parameters (those of its
+    cross-attention ``attention``)."""
+    weight = attention.out_proj.weight
+    if memory.dtype != weight.dtype:
+        raise TypeError(
+            f"TransformerDecoderLayer with cache=: memory has dtype {memory.dtype} but the layer's parameters "
+            f"are {weight.dtype}; pass memory.to({weight.dtype}) (or cast the model with .to({memory.dtype}))"
+        )
+    if memory.device != weight.device:
+        raise ValueError(
+            f"TransformerDecoderLayer with cache=: memory is on {memory.device} but the layer's parameters on "
+            f"{weight.device}; pass memory.to({str(weight.device)!r})"
+        )
 
 
 class TransformerDecoder(nn.TransformerDecoder):
@@ -260,6 +318,15 @@ class TransformerDecoder(nn.TransformerDecoder):
                 f"({len(self.layers)}), got {type(cache).__name__}"
             )
         _reject_masks(tgt_mask, memory_mask)
+        for i, layer in enumerate(self.layers):
+            if not isinstance(layer, TransformerDecoderLayer):
+                raise TypeError(
+                    f"TransformerDecoder with cache=: layers[{i}] is a {type(layer).__module__}."
+                    f"{type(layer).__qualname__}, not an "
+                    "mha.TransformerDecoderLayer; convert the model with mha.swap(model)"
+                )
+            if i > 0:  # the first checks itself before it writes; the others before it does
+                layer._check_cached(tgt, memory, tgt_key_padding_mask, memory_key_padding_mask, cache.layers[i])
         x = tgt
         for layer, layer_cache in zip(self.layers, cache.layers, strict=True):
             x = layer(

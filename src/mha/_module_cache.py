@@ -17,7 +17,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ._cache import KVCache
-from ._core import attention
+from ._core import plan_cached
+from ._mask_analysis import values_readable
 from .masks import right_padding_lengths
 
 
@@ -61,7 +62,7 @@ def new_token_lengths(key_padding_mask: Tensor | None, N: int, T: int) -> Tensor
     if key_padding_mask is None:
         return None
     _new_lengths_checked(key_padding_mask, N, T)
-    if torch.compiler.is_compiling():
+    if not values_readable(key_padding_mask):  # compiling, or meta: taken as right padding
         return (~key_padding_mask).sum(-1)
     lengths = right_padding_lengths(key_padding_mask)
     if lengths is None:
@@ -123,13 +124,61 @@ def _memory_padding(
 ) -> tuple[Tensor | None, Tensor | None]:
     """``(new_lengths, stored mask)`` for the memory of a static cache: right padding
     becomes lengths; any other boolean pattern is stored, padded to ``(N, max_length)``."""
-    if key_padding_mask is None or torch.compiler.is_compiling():
+    if key_padding_mask is None or not values_readable(key_padding_mask):
         return new_token_lengths(key_padding_mask, N, S), None
     _new_lengths_checked(key_padding_mask, N, S)
     lengths = right_padding_lengths(key_padding_mask)
     if lengths is not None:
         return lengths, None
     return None, F.pad(key_padding_mask, (0, max_length - S), value=True)
+
+
+def _step_inputs(
+    module: Any,
+    query: Tensor,
+    key: Tensor | None,
+    value: Tensor | None,
+    key_padding_mask: Tensor | None,
+    cache: KVCache,
+) -> tuple[Tensor | None, Tensor | None]:
+    """``(new_lengths, padding)`` of ``module(query, key, value, key_padding_mask=...,
+    cache=cache)``, checked: the real new tokens per sequence ``(N,)`` (None: all), and
+    the key padding mask ``(N, max_length)`` a static cache reads (the memory's, which
+    a fill stores; else the cache's own)."""
+    if key is None or value is None:
+        return None, cache.key_padding_mask
+    batch_first = module.batch_first
+    N = query.shape[0 if batch_first else 1]
+    S = key.shape[1 if batch_first else 0]
+    if cache.static:
+        check_memory(module, key, value, key_padding_mask, cache)
+        return _memory_padding(key_padding_mask, N, S, cache.max_length)
+    return new_token_lengths(key_padding_mask, N, S), cache.key_padding_mask
+
+
+def check_step(
+    module: Any, query: Tensor, key: Tensor | None, value: Tensor | None, key_padding_mask: Tensor | None,
+    cache: KVCache,
+) -> None:
+    """Raise what ``module(query, key, value, key_padding_mask=key_padding_mask,
+    need_weights=False, cache=cache)`` would raise after its projections (the backend
+    it would run refusing the call included), from the shapes of its heads: nothing is
+    projected or written. Shapes as for :func:`cached_forward`."""
+    check_cached_call(module, query, None, cache)
+    new_lengths, padding = _step_inputs(module, query, key, value, key_padding_mask, cache)
+    batch_first = module.batch_first
+    N, T = (query.shape[0], query.shape[1]) if batch_first else (query.shape[1], query.shape[0])
+    weight = module.out_proj.weight
+
+    def heads(length: int) -> Tensor:
+        """``(N, H, length, E // H)`` heads of the module's dtype, on its device: no memory."""
+        return torch.empty((), dtype=weight.dtype, device=weight.device).expand(
+            N, module.num_heads, length, module.head_dim
+        )
+
+    k = v = None if key is None or value is None else heads(key.shape[1 if batch_first else 0])
+    dropout_p = module.dropout if module.training else 0.0
+    plan_cached(heads(T), k, v, None, cache, new_lengths, padding, dropout_p=dropout_p)
 
 
 def cached_forward(
@@ -148,30 +197,25 @@ def cached_forward(
     None on a filled one), key_padding_mask ``(N, T)`` / ``(N, S)`` right padding
     (any boolean pattern on a static cache). Returns output ``(T, N, E)`` and
     weights ``(N, T, S')`` (or ``(N, h, T, S')``) over the cache's first ``S'``
-    positions."""
+    positions. A step that raises leaves the cache as it was."""
     check_cached_call(module, query, attn_mask, cache)
+    new_lengths, padding = _step_inputs(module, query, key, value, key_padding_mask, cache)
     batch_first = module.batch_first
-    new_lengths = None
     if key is None or value is None:
         q = module._query_heads(query, batch_first)
         k = v = None
     else:
-        N = query.shape[0 if batch_first else 1]
-        S = key.shape[1 if batch_first else 0]
-        if cache.static:
-            check_memory(module, key, value, key_padding_mask, cache)
-            new_lengths, cache.key_padding_mask = _memory_padding(key_padding_mask, N, S, cache.max_length)
-        else:
-            new_lengths = new_token_lengths(key_padding_mask, N, S)
         q, k, v = module._project_heads(query, key, value, batch_first)
-    result = attention(
+    result = plan_cached(
         q,
         k,
         v,
+        None,
+        cache,
+        new_lengths,
+        padding,
         dropout_p=module.dropout if module.training else 0.0,
         weights=("mean" if average_attn_weights else "per_head") if need_weights else None,
-        cache=cache,
-        new_lengths=new_lengths,
-    )
+    ).run()
     out = result.output.permute((0, 2, 1, 3) if batch_first else (2, 0, 1, 3))
     return module._out_projection(out.reshape(*out.shape[:2], module.embed_dim)), result.weights

@@ -8,6 +8,10 @@ a contiguous copy of the keys and values whose heads are not dense matrices
 already (queries are copied a block at a time where they must be). Masks are
 read at their own broadcast shape, one block of rows at a time.
 
+Traced by ``torch.compile`` or ``torch.export``, a call is one block of all its
+``(N, Hq, L, S)`` scores, as torch's own weights path computes them: a Python
+loop over blocks would fix symbolic sizes to the traced ones.
+
 Half-precision inputs are computed in fp32 and cast back.
 """
 
@@ -91,6 +95,11 @@ class _Tiled:
         device = call.query.device
         if N == 0 or L == 0:
             return _empty(call, device)
+        if torch.compiler.is_compiling():
+            # Traced by torch.compile or torch.export, the sizes may be symbolic (dynamo shows
+            # them as ints, so that cannot be told here): a loop whose trip count depends on
+            # them would specialise them to the traced ones.
+            return _output(_one_block(call, dtype), in_dtype)
         may_empty = _may_empty_rows(call)
         batches, rows = _block_shape(N, Hq, L, S, dtype.itemsize)
         lengths = None if call.plan.lengths is None else call.plan.lengths.tolist()
@@ -133,6 +142,20 @@ def _attend(
     if call.dropout_p > 0:
         probs = F.dropout(probs, call.dropout_p)
     sink.put(block, probs, lse)
+
+
+def _one_block(call: Call, dtype: torch.dtype) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """The dense call as one block of all its ``(N, Hq, L, S)`` scores: traced without
+    specialising symbolic sizes (no Python loop over blocks, no key range read off the
+    band), in as much memory as torch's own weights path. Through :class:`_Blocks`, plain
+    ops without ``out=``; any row may be empty (the mask's values are not read here).
+    Returns the output ``(N, Hq, L, Dv)``, the weights ``(N, L, S)`` or ``(N, Hq, L, S)``
+    and the lse ``(N, Hq, L)`` (each where asked for) in ``dtype``."""
+    N, _, _, L, S, _, _ = call.shape
+    sink = _Blocks(call, dtype)
+    _attend(call, call.plan, sink, (0, N, 0, L, 0, S), dtype, may_empty=True, in_place=False)
+    sink.end_batch()
+    return sink.result()
 
 
 def _masked(scores: Tensor, plan: MaskPlan, block: Block, S: int, dtype: torch.dtype, device: torch.device) -> Tensor:

@@ -8,11 +8,13 @@ import pytest
 import torch
 
 import mha
+from mha._backends import tiled
 
 
-def _inputs(batch_first: bool = False):
+def _inputs(batch_first: bool = False, L: int = 7, S: int = 11, N: int = 3):
+    """query, key, value, key_padding_mask ``(N, S)`` and boolean attn_mask ``(L, S)``."""
     g = torch.Generator().manual_seed(0)
-    L, S, N, E = 7, 11, 3, 24
+    E = 24
 
     def seq(length: int) -> torch.Tensor:
         return torch.randn((N, length, E) if batch_first else (length, N, E), generator=g)
@@ -94,6 +96,86 @@ def test_export_dense(need_weights):
     torch.testing.assert_close(out, ref_out)
     if need_weights:
         torch.testing.assert_close(weights, ref_weights)
+
+
+# (batch_first, self-attention, masks, average_attn_weights, dynamic N): a few cases that
+# between them cover both layouts, both weights, every torch-style mask and a dynamic batch.
+_DYNAMIC_CASES = [
+    pytest.param(False, False, (), True, False, id="cross-averaged"),
+    pytest.param(True, False, ("key_padding_mask", "attn_mask"), False, False, id="batch-first-masks-per-head"),
+    pytest.param(False, True, ("is_causal",), True, True, id="self-causal-dynamic-batch"),
+]
+
+
+@pytest.mark.parametrize(("batch_first", "self_attention", "masks", "average", "dynamic_batch"), _DYNAMIC_CASES)
+def test_export_dynamic_lengths_with_weights(monkeypatch, batch_first, self_attention, masks, average, dynamic_batch):
+    """torch.export with a Dim for L and S (and N) and need_weights=True: the tiled backend's
+    loop over blocks specialised the symbolic sizes. The program runs at other sizes, some
+    that eager splits into several blocks, as eager mha and torch's module."""
+    monkeypatch.setattr(tiled, "_BLOCK_BYTES", 1 << 10)  # eager: blocks of a few rows
+    monkeypatch.setattr(tiled, "_BATCH_BLOCK_BYTES", 1 << 9)
+    module = _module(batch_first=batch_first)
+    theirs = torch.nn.MultiheadAttention(24, 4, batch_first=batch_first).eval()
+    theirs.load_state_dict(module.state_dict())
+
+    def call(N, L, S):
+        q, k, v, kpm, am = _inputs(batch_first, L, L if self_attention else S, N)
+        args = (q, q, q) if self_attention else (q, k, v)
+        kwargs = {"average_attn_weights": average}
+        if "key_padding_mask" in masks:
+            kwargs["key_padding_mask"] = kpm
+        if "attn_mask" in masks:
+            kwargs["attn_mask"] = am
+        if "is_causal" in masks:
+            kwargs["is_causal"] = True
+        return args, kwargs
+
+    seq, batch = (1, 0) if batch_first else (0, 1)
+    n, length = torch.export.Dim("N"), torch.export.Dim("L")
+    keys = length if self_attention else torch.export.Dim("S")
+    spec = {batch: n} if dynamic_batch else {}
+    args, kwargs = call(3, 7, 11)
+    shapes = {"query": {seq: length, **spec}, "key": {seq: keys, **spec}, "value": {seq: keys, **spec}}
+    shapes |= {name: None for name in kwargs}
+    if "key_padding_mask" in masks:
+        shapes["key_padding_mask"] = {1: keys}
+    if "attn_mask" in masks:
+        shapes["attn_mask"] = {0: length, 1: keys}
+    program = torch.export.export(module, args, kwargs, dynamic_shapes=shapes).module()
+    assert tiled._block_shape(3, 4, 40, 53, 4)[1] < 40  # eager splits (3, 40, 53) into blocks
+    for N, L, S in [(3, 40, 53), (3, 2, 3), (5 if dynamic_batch else 3, 9, 13)]:
+        args, kwargs = call(N, L, S)
+        out, weights = program(*args, **kwargs)
+        ref_out, ref_weights = _eager(module, *args, **kwargs)
+        torch.testing.assert_close(out, ref_out)
+        torch.testing.assert_close(weights, ref_weights)
+        if kwargs.get("is_causal"):  # torch takes is_causal only as a hint with the mask
+            kwargs["attn_mask"] = torch.nn.Transformer.generate_square_subsequent_mask(L)
+        their_out, their_weights = theirs(*args, **kwargs)
+        rows = their_out.isfinite()  # torch gives NaN where a batch row has no key, mha zeros
+        torch.testing.assert_close(out[rows], their_out[rows])
+        rows = their_weights.isfinite()
+        torch.testing.assert_close(weights[rows], their_weights[rows])
+
+
+def test_compile_dynamic_lengths_with_weights_compiles_once(monkeypatch):
+    """torch.compile(dynamic=True) with need_weights=True: one graph for every length (the
+    tiled backend's loop over blocks specialised L and S, and each new length recompiled)."""
+    import torch._dynamo.testing
+
+    monkeypatch.setattr(tiled, "_BLOCK_BYTES", 1 << 10)
+    monkeypatch.setattr(tiled, "_BATCH_BLOCK_BYTES", 1 << 9)
+    module = _module()
+    torch._dynamo.reset()
+    counter = torch._dynamo.testing.CompileCounter()
+    compiled = torch.compile(module, fullgraph=True, backend=counter, dynamic=True)
+    for L, S in [(7, 11), (9, 13), (40, 53)]:
+        q, k, v, kpm, _ = _inputs(L=L, S=S)
+        out, weights = compiled(q, k, v, key_padding_mask=kpm, average_attn_weights=False)
+        ref_out, ref_weights = _eager(module, q, k, v, key_padding_mask=kpm, average_attn_weights=False)
+        torch.testing.assert_close(out, ref_out)
+        torch.testing.assert_close(weights, ref_weights)
+    assert counter.frame_count == 1
 
 
 @pytest.mark.slow

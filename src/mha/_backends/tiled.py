@@ -8,6 +8,10 @@ a contiguous copy of the keys and values whose heads are not dense matrices
 already (queries are copied a block at a time where they must be). Masks are
 read at their own broadcast shape, one block of rows at a time.
 
+Traced by ``torch.compile`` or ``torch.export``, a call is one block of all its
+``(N, Hq, L, S)`` scores, as torch's own weights path computes them: a Python
+loop over blocks would fix symbolic sizes to the traced ones.
+
 Half-precision inputs are computed in fp32 and cast back.
 """
 
@@ -91,16 +95,18 @@ class _Tiled:
         device = call.query.device
         if N == 0 or L == 0:
             return _empty(call, device)
+        if torch.compiler.is_compiling():
+            # Traced by torch.compile or torch.export, the sizes may be symbolic (dynamo shows
+            # them as ints, so that cannot be told here): a loop whose trip count depends on
+            # them would specialise them to the traced ones.
+            return _output(_one_block(call, dtype), in_dtype)
         may_empty = _may_empty_rows(call)
-        softmax = masked_softmax if may_empty else _softmax
-        logsumexp = masked_logsumexp if may_empty else _logsumexp
         batches, rows = _block_shape(N, Hq, L, S, dtype.itemsize)
         lengths = None if call.plan.lengths is None else call.plan.lengths.tolist()
         grad = torch.is_grad_enabled() and any(
             t.requires_grad for t in (call.query, call.key, call.value, *call.plan.bias)
         )
         sink = _Blocks(call, dtype) if grad else _Buffers(call, dtype, batches * Hq * rows * S, rows == L)
-        tensors = call.plan.has_tensors  # bias or boolean pieces to read per block
         for n0 in range(0, N, batches):
             n1 = min(N, n0 + batches)
             plan = call.plan if batches >= N else call.plan.batch_slice(n0, n1)
@@ -110,22 +116,46 @@ class _Tiled:
                 # Keys that the band and the lengths leave open to some row of this block:
                 # blocks wholly above a causal diagonal or past every length are skipped.
                 k0, k1 = _key_range(call.plan.band, start, stop, key_limit)
-                block = (n0, n1, start, stop, k0, k1)
-                scores = sink.scores(block)
-                if tensors or plan.lengths is not None or plan.band is not None:
-                    scores = _masked(scores, plan, block, S, dtype, device)
-                lse = logsumexp(scores) if call.return_lse else None
                 # No key open (k0 == k1): empty, and the output 0. Without autograd the
                 # probabilities overwrite the scores: no second buffer of a block's size.
-                probs = softmax(scores) if grad or may_empty else torch.softmax(scores, -1, out=scores)
-                if call.dropout_p > 0:
-                    probs = F.dropout(probs, call.dropout_p)
-                sink.put(block, probs, lse)
+                _attend(call, plan, sink, (n0, n1, start, stop, k0, k1), dtype, may_empty, not (grad or may_empty))
             sink.end_batch()
-        out, w, lse = sink.result()
-        return AttentionOutput(
-            _as(out, in_dtype), None if w is None else _as(w, in_dtype), None if lse is None else _as(lse, in_dtype)
-        )
+        return _output(sink.result(), in_dtype)
+
+
+def _attend(
+    call: Call, plan: MaskPlan, sink: _Blocks | _Buffers, block: Block, dtype: torch.dtype, may_empty: bool,
+    in_place: bool,
+) -> None:
+    """One block into ``sink``: its ``(n1 - n0, Hq, stop - start, k1 - k0)`` scores, masked
+    by ``plan`` (the call's, or its slice of the block's sequences); their log-sum-exp and
+    softmax, NaN-safe where some row ``may_empty``, the probabilities written over the
+    scores where ``in_place``; dropout; the products."""
+    scores = sink.scores(block)
+    if not plan.is_empty:
+        scores = _masked(scores, plan, block, call.key.shape[2], dtype, call.query.device)
+    lse = (masked_logsumexp if may_empty else _logsumexp)(scores) if call.return_lse else None
+    if in_place:
+        probs = torch.softmax(scores, -1, out=scores)
+    else:
+        probs = masked_softmax(scores) if may_empty else _softmax(scores)
+    if call.dropout_p > 0:
+        probs = F.dropout(probs, call.dropout_p)
+    sink.put(block, probs, lse)
+
+
+def _one_block(call: Call, dtype: torch.dtype) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """The dense call as one block of all its ``(N, Hq, L, S)`` scores: traced without
+    specialising symbolic sizes (no Python loop over blocks, no key range read off the
+    band), in as much memory as torch's own weights path. Through :class:`_Blocks`, plain
+    ops without ``out=``; any row may be empty (the mask's values are not read here).
+    Returns the output ``(N, Hq, L, Dv)``, the weights ``(N, L, S)`` or ``(N, Hq, L, S)``
+    and the lse ``(N, Hq, L)`` (each where asked for) in ``dtype``."""
+    N, _, _, L, S, _, _ = call.shape
+    sink = _Blocks(call, dtype)
+    _attend(call, call.plan, sink, (0, N, 0, L, 0, S), dtype, may_empty=True, in_place=False)
+    sink.end_batch()
+    return sink.result()
 
 
 def _masked(scores: Tensor, plan: MaskPlan, block: Block, S: int, dtype: torch.dtype, device: torch.device) -> Tensor:
@@ -271,6 +301,12 @@ class _Buffers:
         if self.w is not None and self.weights == "mean":
             self.w.div_(self.Hq)
         return self.out, self.w, self.lse
+
+
+def _output(result: tuple[Tensor, Tensor | None, Tensor | None], dtype: torch.dtype) -> AttentionOutput:
+    """``(output, weights, lse)`` computed in another dtype, as :class:`AttentionOutput` in ``dtype``."""
+    out, w, lse = result
+    return AttentionOutput(_as(out, dtype), None if w is None else _as(w, dtype), None if lse is None else _as(lse, dtype))
 
 
 def _as(t: Tensor, dtype: torch.dtype) -> Tensor:

@@ -118,6 +118,8 @@ def test_fake_tensors_with_masks_give_torch_shapes(case):
         {"key_padding_mask": _right_padding([7, 4, 2]), "attn_mask": torch.zeros(0, S, dtype=torch.bool)},
         {"attn_mask": torch.zeros(0, S, dtype=torch.bool)},
         {"attn_mask": torch.zeros(0, S)},
+        {"attn_mask": torch.zeros(0, S), "is_causal": True},
+        {"attn_mask": torch.zeros(0, S, dtype=torch.bool), "is_causal": True},
     ],
 )
 @pytest.mark.parametrize("average", [True, False])

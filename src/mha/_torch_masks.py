@@ -140,7 +140,8 @@ def _empty_rows_message(
             L, S = attn_mask.shape[-2:]
             ab = masked_out(attn_mask) | causal_blocked(L, S, attn_mask.device)
             empty = ab.all(dim=-1)
-            rows = empty.reshape(-1, empty.shape[-1]).any(dim=0).nonzero().flatten().tolist()
+            # (..., L) -> (rows, L): no -1, which reshape refuses for an empty mask (L = 0)
+            rows = empty.unsqueeze(0).flatten(0, -2).any(dim=0).nonzero().flatten().tolist()
         else:
             rows = list(attn.empty_rows)
         if rows:

@@ -172,3 +172,27 @@ def test_context_parallel_call_is_not_explained_as_a_dense_one():
     x = _t(7, 3, E)
     with mha.distributed.context_parallel(), pytest.raises(NotImplementedError, match="context_parallel"):
         mha.explain(module, x, x, x, need_weights=False)
+
+
+@pytest.mark.parametrize("grad", [False, True])
+def test_one_key_is_explained_as_the_module_runs_it(grad, monkeypatch):
+    """Without autograd, self-attention over one position runs no backend (the value is
+    the output); with autograd it is dense, and explain says which."""
+    module = _module().eval()
+    x = _t(1, 3, E)
+    args = (x, x, x)
+    with torch.set_grad_enabled(grad):
+        report = mha.explain(module, *args)
+        used = spy_on_dispatch(monkeypatch)
+        out, weights = module(*args)
+    assert report.output_shape == tuple(out.shape)
+    assert report.weights_shape == tuple(weights.shape)
+    if grad:
+        assert set(used) == {report.backend}
+        assert report.path.startswith("dense")
+    else:
+        assert used == []
+        assert report.backend == "none"
+        assert report.path.startswith("one key")
+        assert all(reasons for reasons in report.dispatch.values())
+        assert "scores workspace" not in str(report)

@@ -414,6 +414,86 @@ def test_right_padding_is_dropped_where_it_pays(monkeypatch, N, L, S, lengths, r
     torch.testing.assert_close(got[1], want[1], **TOL[torch.float32])
 
 
+def _routes_taken(monkeypatch) -> list[str]:
+    """The module's route methods called from now on, in order."""
+    taken: list[str] = []
+    for name in mha.MultiheadAttention._ROUTES.values():
+        method = getattr(mha.MultiheadAttention, name)
+
+        def spy(self, plan, method=method, name=name):
+            taken.append(name)
+            return method(self, plan)
+
+        monkeypatch.setattr(mha.MultiheadAttention, name, spy)
+    return taken
+
+
+@pytest.mark.parametrize("kwargs", [{}, {"batch_first": True}, {"bias": False}, {"kdim": 16, "vdim": 16}])
+@pytest.mark.parametrize("masks", ["none", "causal-float", "causal-bool", "is_causal"])
+@pytest.mark.parametrize("weights", [None, True, False])  # need_weights, average_attn_weights
+def test_self_attention_over_one_position_is_the_value_without_scores(monkeypatch, kwargs, masks, weights):
+    """L = S = 1, query is key is value, without autograd or dropout: the output is the
+    value projected, exactly what torch computes through a softmax over one score."""
+    theirs, ours = build_pair(16, 4, **kwargs)
+    theirs.eval(), ours.eval()
+    taken = _routes_taken(monkeypatch)
+    x = torch.randn(3, 1, 16) if kwargs.get("batch_first") else torch.randn(1, 3, 16)
+    call = {"need_weights": weights is not None, "average_attn_weights": bool(weights)}
+    if masks != "none":
+        causal = torch.zeros(1, 1, dtype=torch.bool)  # triu(ones(1, 1), 1): nothing blocked
+        call["attn_mask"] = causal if masks == "causal-bool" else torch.zeros(1, 1)
+        call["is_causal"] = masks == "is_causal"
+    with torch.no_grad():
+        got, want = ours(x, x, x, **call), theirs(x, x, x, **call)
+    assert taken == ["_one_key"]
+    torch.testing.assert_close(got[0], want[0], **TOL[torch.float32])
+    if weights is None:
+        assert got[1] is None
+        assert want[1] is None
+    else:
+        torch.testing.assert_close(got[1], want[1], rtol=0, atol=0)
+
+
+def test_one_position_unbatched_matches_torch(monkeypatch):
+    theirs, ours = build_pair(16, 4)
+    taken = _routes_taken(monkeypatch)
+    x = torch.randn(1, 16)
+    with torch.inference_mode():
+        got, want = ours(x, x, x), theirs(x, x, x)
+    assert taken == ["_one_key"]
+    torch.testing.assert_close(got[0], want[0], **TOL[torch.float32])
+    torch.testing.assert_close(got[1], want[1], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(
+    "case",
+    ["grad", "dropout", "key_padding_mask", "attn_mask", "add_bias_kv", "add_zero_attn", "two_positions",
+     "cross_attention", "nan_query"],
+)
+def test_one_position_without_scores_only_where_it_equals_attention(monkeypatch, case):
+    """Autograd (torch gives the query and key projections zero gradients), dropout (its
+    draws), any mask but causal (the key may be blocked), appended keys and a query
+    that is not the value (a NaN in it must reach the output, as through torch's
+    scores) keep the dense route."""
+    kwargs = {"dropout": 0.5} if case == "dropout" else {case: True} if case.startswith("add_") else {}
+    _theirs, ours = build_pair(16, 4, **kwargs)
+    if case == "dropout":
+        ours.train()
+    taken = _routes_taken(monkeypatch)
+    x = torch.randn(2 if case == "two_positions" else 1, 3, 16)
+    q = torch.full_like(x, float("nan")) if case == "nan_query" else x.clone() if case == "cross_attention" else x
+    call = {}
+    if case == "key_padding_mask":
+        call["key_padding_mask"] = torch.tensor([[False], [True], [False]])
+    if case == "attn_mask":
+        call["attn_mask"] = torch.randn(1, 1)
+    with torch.set_grad_enabled(case == "grad"):
+        out, _ = ours(q, x, x, **call)
+    assert taken == ["_dense"]
+    if case == "nan_query":
+        assert out.isnan().all()
+
+
 CONSTRUCTIONS = [
     {},
     {"bias": False},

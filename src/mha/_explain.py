@@ -26,6 +26,7 @@ from ._cache import KVCache, preview
 from ._core import _validate_call
 from ._dispatch import (
     REGISTRY,
+    backend_names,
     explain_dispatch,
     forced_backend,
     not_supported_reasons,
@@ -206,7 +207,14 @@ def explain(
         base = torch.empty((), dtype=query.dtype, device=device).requires_grad_(requires_grad)
         return base.expand(n, H, length, Dh)
 
-    if plan.key_lengths is not None:
+    if plan.route == "one_key":
+        key_heads = heads(N, S)
+        projected_keys = N * S
+        path = (
+            "one key (self-attention over one position, L = S = 1): the output is the value, projected "
+            "(softmax over one score is exactly 1); no query or key projection, no scores, no backend"
+        )
+    elif plan.key_lengths is not None:
         keys = list(plan.key_lengths.host)
         groups = len(set(keys))
         path = (
@@ -225,8 +233,12 @@ def explain(
     if plan.mask is not None:
         path += f"; mask {plan.mask!r}"
     call = _validate_call(heads(N, L), key_heads, key_heads, plan.mask, None, plan.dropout_p, plan.weights, False)
-    dispatch = explain_dispatch(call)
-    backend = select_backend(call).name  # honours mha.use_backend, raises as the call would
+    if plan.route == "one_key":
+        dispatch = {name: ["not needed: with one key the value is the output"] for name in backend_names()}
+        backend = "none"
+    else:
+        dispatch = explain_dispatch(call)
+        backend = select_backend(call).name  # honours mha.use_backend, raises as the call would
 
     S_w = S + extra
     out_shape = ((N, L, E) if module.batch_first else (L, N, E)) if plan.batched else (L, E)
@@ -369,11 +381,17 @@ def _memory_rows(
         ("projected key + value", f"2 x {projected_keys} x {E}", 2 * projected_keys * E * itemsize),
         ("attn_output (+ before out_proj)", _fmt_shape(out_shape), 2 * math.prod(out_shape) * itemsize),
     ]
+    if backend not in REGISTRY:  # one key: the value projected and through out_proj, nothing else
+        rows = [
+            ("projected value (+ out_proj)", f"2 x {projected_keys} x {E}", 2 * projected_keys * E * itemsize),
+            ("attn_output", _fmt_shape(out_shape), math.prod(out_shape) * itemsize),
+        ]
     if w_shape is not None:
         rows.append(("attn_output_weights", _fmt_shape(w_shape), math.prod(w_shape) * itemsize))
     score_bytes = 4 if itemsize < 4 else itemsize
-    description, size = REGISTRY[backend].workspace(N, H, L, S, score_bytes)
-    rows.append(("scores workspace", description, size))
+    if backend in REGISTRY:  # "none": no scores at all
+        description, size = REGISTRY[backend].workspace(N, H, L, S, score_bytes)
+        rows.append(("scores workspace", description, size))
     total = sum(r[2] for r in rows)
     out = [(name, shape, _mib(size)) for name, shape, size in rows]
     out.append(("total activations", "", _mib(total)))

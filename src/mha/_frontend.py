@@ -11,6 +11,9 @@ Routes:
 
 * ``"dense"``: heads ``(N, H, L, S + extra)`` through :func:`mha.attention` with
   the plan's mask;
+* ``"one_key"``: self-attention over one position (``L = S = 1``), without dropout or
+  autograd: softmax over one score is exactly 1, so the output is the value; no
+  scores, no query or key projection, no backend (``out_proj(v)``);
 * ``"key_lengths"``: right-padded keys, where dropping them before the key and
   value projections pays (:func:`key_lengths_may_pay`, :func:`key_lengths_pay`);
   sequences are packed and attended at their own lengths, with the plan's band mask;
@@ -49,7 +52,7 @@ from ._validate import validate_forward, validate_nested_forward
 from .distributed._context import ContextParallel, active_context, refuse_nested
 from .masks import Mask, causal_blocked
 
-Route = Literal["dense", "key_lengths", "nested", "context_parallel"]
+Route = Literal["dense", "one_key", "key_lengths", "nested", "context_parallel"]
 
 
 class ModuleConfig(Protocol):
@@ -191,7 +194,9 @@ def plan_forward(
 
     route: Route = "dense"
     key_lengths: KeyLengths | None = None
-    if extra_keys:
+    if S == 1 and query is key and key is value and _one_open_key(extra_keys, key_padding_mask, attn_mask, attn, dropout_p):
+        route, mask = "one_key", None
+    elif extra_keys:
         mask = _mask_with_extra_keys(key_padding_mask, attn_mask, is_causal, extra_keys, N, H, L, S, query.device)
     elif (
         padding is not None
@@ -211,6 +216,28 @@ def plan_forward(
     return ForwardPlan(
         route, query, key, value, batched, batch_first, N, L, S, extra_keys,
         mask, key_lengths, weights, dropout_p, messages, values_read,
+    )
+
+
+def _one_open_key(
+    extra_keys: int,
+    key_padding_mask: Tensor | None,
+    attn_mask: Tensor | None,
+    attn: AttnMaskSummary | None,
+    dropout_p: float,
+) -> bool:
+    """Whether self-attention over one position (``L = S = 1``, query is key is value) has its
+    value as output, without scores: no appended keys, no padding mask, no ``attn_mask``
+    but the standard causal one (which leaves the one key open), no dropout, and no
+    autograd (the query and key projections would get no gradient, where torch gives
+    them zeros). Only self-attention: a NaN in the input then reaches the output through
+    the value, as it does through torch's scores."""
+    return (
+        not extra_keys
+        and key_padding_mask is None
+        and (attn_mask is None or (attn is not None and attn.standard_causal))
+        and dropout_p == 0.0
+        and not torch.is_grad_enabled()
     )
 
 

@@ -275,6 +275,21 @@ class MultiheadAttention(ScriptableAttention):
         out = result.output.permute((0, 2, 1, 3) if batch_first else (2, 0, 1, 3))
         return self._out_projection(out.reshape(*out.shape[:2], self.embed_dim)), result.weights
 
+    def _one_key(self, plan: ForwardPlan) -> tuple[Tensor, Tensor | None]:
+        """Self-attention over one position (``L = S = 1``, query is key is value, so one
+        ``in_proj_weight``): each head's softmax over one score is exactly 1, so the output
+        is ``out_proj`` of the value projection. No scores, no query or key projection;
+        the weights are ones ``(N, 1, 1)`` or ``(N, H, 1, 1)``."""
+        E, N = self.embed_dim, plan.N
+        b = self._in_bias(plan.value.dtype)
+        weight = module_member(self, "in_proj_weight")[2 * E :]
+        out = self._out_projection(F.linear(plan.value, weight, None if b is None else b[2 * E :]))
+        weights = None
+        if plan.weights is not None:
+            shape = (N, 1, 1) if plan.weights == "mean" else (N, self.num_heads, 1, 1)
+            weights = torch.ones(shape, dtype=out.dtype, device=out.device)
+        return out, weights
+
     def _key_lengths(self, plan: ForwardPlan) -> tuple[Tensor, Tensor | None]:
         """Right-padded keys: only the real keys are projected and attended, every query row
         is computed (as torch does). Sequences are packed batch-major. The key lengths are
@@ -356,6 +371,7 @@ class MultiheadAttention(ScriptableAttention):
     # parallelism) is a method taking the plan, and one entry here.
     _ROUTES: ClassVar[dict[str, str]] = {
         "dense": "_dense",
+        "one_key": "_one_key",
         "key_lengths": "_key_lengths",
         "nested": "_nested",
         "context_parallel": "_context_parallel",

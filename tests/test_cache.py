@@ -525,6 +525,29 @@ def test_module_cache_errors():
     assert cache.lengths.tolist() == [0] * N
 
 
+@pytest.mark.parametrize("padding", ["right", "holes"])
+def test_compiled_static_fill_reads_any_memory_padding(padding):
+    """Under torch.compile the memory's key_padding_mask cannot be read to tell right
+    padding from any other pattern: it is stored, so a mask with holes stays right."""
+    theirs, ours = build_pair(30, 5, batch_first=True)
+    ours.eval()
+    g = torch.Generator().manual_seed(11)
+    x, memory = torch.randn(2, 3, 30, generator=g), torch.randn(2, 6, 30, generator=g)
+    kpm = torch.tensor([[False, False, False, False, True, True], [False, True, False, True, False, True]])
+    if padding == "right":
+        kpm = torch.tensor([[False] * 4 + [True] * 2, [False] * 5 + [True]])
+
+    def fill(q, mem, mask, cache):
+        return ours(q, mem, mem, key_padding_mask=mask, need_weights=False, cache=cache)[0]
+
+    torch._dynamo.reset()
+    compiled = torch.compile(fill, backend="aot_eager", fullgraph=True)
+    with torch.no_grad():
+        got = compiled(x, memory, kpm, ours.new_cache(2, 8, static=True))
+        want, _ = theirs(x, memory, memory, key_padding_mask=kpm)
+    torch.testing.assert_close(got, want, **TOL[torch.float32])
+
+
 def test_compiled_step_does_not_recompile():
     """One compiled decode step serves every step of a generation: the cache's shapes
     never change, its lengths are tensors."""

@@ -123,11 +123,13 @@ def _memory_padding(
     key_padding_mask: Tensor | None, N: int, S: int, max_length: int
 ) -> tuple[Tensor | None, Tensor | None]:
     """``(new_lengths, stored mask)`` for the memory of a static cache: right padding
-    becomes lengths; any other boolean pattern is stored, padded to ``(N, max_length)``."""
-    if key_padding_mask is None or not values_readable(key_padding_mask):
-        return new_token_lengths(key_padding_mask, N, S), None
+    becomes lengths; any other boolean pattern is stored, padded to ``(N, max_length)``,
+    and so is every mask whose values cannot be read (under ``torch.compile``, on meta):
+    stored, it is right whatever its pattern."""
+    if key_padding_mask is None:
+        return None, None
     _new_lengths_checked(key_padding_mask, N, S)
-    lengths = right_padding_lengths(key_padding_mask)
+    lengths = right_padding_lengths(key_padding_mask) if values_readable(key_padding_mask) else None
     if lengths is not None:
         return lengths, None
     return None, F.pad(key_padding_mask, (0, max_length - S), value=True)

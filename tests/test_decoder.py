@@ -201,6 +201,32 @@ def test_a_layer_whose_memory_cache_was_emptied_fails_before_writing():
     _assert_same(before, _layer_states(cache))
 
 
+def test_a_decoder_step_checks_each_layer_once(monkeypatch):
+    """The decoder checks every layer's step before the first write, and the layers do
+    not check again (a step's Python is what a decode step costs beyond its products);
+    a layer called alone still checks itself, also after a decoder step that raised."""
+    _, ours = _pair(layers=3)
+    cache, x, memory = _decoding(ours)
+    checked = []
+    original = mha.TransformerDecoderLayer._check_cached
+
+    def spy(self, *args):
+        checked.append(self)
+        return original(self, *args)
+
+    monkeypatch.setattr(mha.TransformerDecoderLayer, "_check_cached", spy)
+    ours(x, memory, cache=cache)
+    assert checked == list(ours.layers)
+    checked.clear()
+    ours.layers[0](x, memory, cache=cache.layers[0])
+    assert checked == [ours.layers[0]]
+    # A step whose layer raises while running leaves no later layer marked as checked.
+    monkeypatch.setattr(mha.TransformerDecoderLayer, "_ff_block", lambda self, x: 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        ours(x, memory, cache=cache)
+    assert not any(layer_cache._checked_for_step for layer_cache in cache.layers)
+
+
 def test_a_layer_cache_of_another_batch_fails_before_any_layer_writes():
     """Layer caches that disagree (one reordered alone): the decoder checks every layer
     before the first writes, so the failure leaves every layer's cache as it was."""

@@ -39,6 +39,9 @@ class LayerCache:
         self.self_attn = self_attn
         self.cross_attn = cross_attn
         self.memory_stored = False
+        # Set by TransformerDecoder for one step, after it checked every layer's step
+        # before the first write: the layer then does not check again.
+        self._checked_for_step = False
 
     @property
     def lengths(self) -> Tensor:
@@ -169,7 +172,10 @@ class TransformerDecoderLayer(nn.TransformerDecoderLayer):
         cache: Any,
     ) -> Tensor:
         _reject_masks(tgt_mask, memory_mask)
-        self._check_cached(tgt, memory, tgt_key_padding_mask, memory_key_padding_mask, cache)
+        if isinstance(cache, LayerCache) and cache._checked_for_step:
+            cache._checked_for_step = False
+        else:
+            self._check_cached(tgt, memory, tgt_key_padding_mask, memory_key_padding_mask, cache)
         x = tgt
         if self.norm_first:
             x = x + self._cached_sa(self.norm1(x), tgt_key_padding_mask, cache)
@@ -325,14 +331,21 @@ class TransformerDecoder(nn.TransformerDecoder):
                     f"{type(layer).__qualname__}, not an "
                     "mha.TransformerDecoderLayer; convert the model with mha.swap(model)"
                 )
-            if i > 0:  # the first checks itself before it writes; the others before it does
-                layer._check_cached(tgt, memory, tgt_key_padding_mask, memory_key_padding_mask, cache.layers[i])
+            # Every layer's step is checked before the first layer writes; the layers then skip
+            # their own check (each writes its caches as it runs).
+            layer._check_cached(tgt, memory, tgt_key_padding_mask, memory_key_padding_mask, cache.layers[i])
         x = tgt
-        for layer, layer_cache in zip(self.layers, cache.layers, strict=True):
-            x = layer(
-                x, memory, tgt_key_padding_mask=tgt_key_padding_mask,
-                memory_key_padding_mask=memory_key_padding_mask, cache=layer_cache,
-            )
+        try:
+            for layer_cache in cache.layers:
+                layer_cache._checked_for_step = True
+            for layer, layer_cache in zip(self.layers, cache.layers, strict=True):
+                x = layer(
+                    x, memory, tgt_key_padding_mask=tgt_key_padding_mask,
+                    memory_key_padding_mask=memory_key_padding_mask, cache=layer_cache,
+                )
+        finally:  # a layer that raised leaves the later ones unconsumed
+            for layer_cache in cache.layers:
+                layer_cache._checked_for_step = False
         return x if self.norm is None else self.norm(x)
 
 

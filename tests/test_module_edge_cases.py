@@ -42,6 +42,40 @@ def test_in_proj_bias_of_another_dtype_gives_the_inputs_dtype_like_torch(batch_f
         torch.testing.assert_close(got[0], theirs(x, x, x)[0], **TOL[torch.float64])
 
 
+@pytest.mark.parametrize(
+    "case", ["bf16_inputs", "fp32_query_bf16_memory", "fp32_causal", "one_position", "no_grad_per_head"]
+)
+def test_autocast_regions_run_mixed_dtypes_like_torch(case):
+    """Under torch.autocast the projections cast inputs and parameters to one dtype, so
+    torch's module takes a bf16 activation with fp32 parameters, or a fp32 query with a
+    bf16 memory; mha takes them too, with torch's results and dtypes."""
+    theirs, ours = build_pair(E, H)
+    x, x32, memory = torch.randn(L, N, E).bfloat16(), torch.randn(L, N, E), torch.randn(S, N, E).bfloat16()
+    padding = torch.arange(S)[None, :] >= torch.tensor([S, 3, 5])[:, None]
+    calls = {
+        "bf16_inputs": ((x, x, x), {}),
+        "fp32_query_bf16_memory": ((x32, memory, memory), {"key_padding_mask": padding}),
+        "fp32_causal": ((x32, x32, x32), {"attn_mask": nn.Transformer.generate_square_subsequent_mask(L), "is_causal": True}),
+        "one_position": ((x[:1], x[:1], x[:1]), {}),
+        "no_grad_per_head": ((x, memory, memory), {"average_attn_weights": False}),
+    }
+    args, kwargs = calls[case]
+    with torch.autocast("cpu", dtype=torch.bfloat16), torch.set_grad_enabled(case != "no_grad_per_head"):
+        got, want = ours(*args, **kwargs), theirs(*args, **kwargs)
+    for g, w in zip(got, want, strict=True):
+        assert g.dtype == w.dtype == torch.bfloat16
+        # One bfloat16 ulp at 1.0 (2**-7): mha's tiled weights path computes in fp32 and
+        # rounds once, torch's rounds each product to bfloat16.
+        torch.testing.assert_close(g, w, rtol=1.6e-2, atol=2**-7)
+
+
+def test_mixed_dtypes_outside_autocast_are_a_type_error():
+    _, ours = build_pair(E, H)
+    x = torch.randn(L, N, E).bfloat16()
+    with pytest.raises(TypeError, match=r"module's parameters are torch\.float32"):
+        ours(x, x, x)
+
+
 @pytest.mark.parametrize("need_weights", [False, True])
 def test_a_causal_float_mask_that_requires_grad_keeps_its_gradient(need_weights):
     theirs, ours = build_pair(E, H, dtype=torch.float64)

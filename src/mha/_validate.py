@@ -270,6 +270,19 @@ def _batch_first_hint(module: Any, query: Tensor, key: Tensor, value: Tensor) ->
 
 
 def _validate_dtypes_devices(module: Any, query: Tensor, key: Tensor, value: Tensor) -> None:
+    # Under autocast the projections cast inputs and parameters to one dtype, as torch's
+    # do: mixed dtypes are what autocast regions hold (a bf16 activation, fp32 weights).
+    if not torch.is_autocast_enabled(query.device.type):
+        _validate_dtypes(module, query, key, value)
+    param = module.out_proj.weight
+    if not (query.device == key.device == value.device == param.device):
+        raise ValueError(
+            f"query, key, value and the module must be on one device, got query on {query.device}, "
+            f"key on {key.device}, value on {value.device}, module on {param.device}; move them with .to(device)"
+        )
+
+
+def _validate_dtypes(module: Any, query: Tensor, key: Tensor, value: Tensor) -> None:
     if not (query.dtype == key.dtype == value.dtype):
         raise TypeError(
             f"query, key and value must share one dtype, got query {query.dtype}, key {key.dtype}, "
@@ -280,11 +293,6 @@ def _validate_dtypes_devices(module: Any, query: Tensor, key: Tensor, value: Ten
         raise TypeError(
             f"query, key and value are {query.dtype} but the module's parameters are {param.dtype}; "
             f"cast the module with module.to({query.dtype}) or the inputs with .to({param.dtype})"
-        )
-    if not (query.device == key.device == value.device == param.device):
-        raise ValueError(
-            f"query, key, value and the module must be on one device, got query on {query.device}, "
-            f"key on {key.device}, value on {value.device}, module on {param.device}; move them with .to(device)"
         )
 
 

@@ -29,6 +29,7 @@ from ._cache import KVCache, holds_nothing
 from ._dispatch import forced_backend
 from ._module import MultiheadAttention
 from ._module_cache import check_memory, check_step
+from ._validate import module_member
 
 
 class LayerCache:
@@ -176,14 +177,17 @@ class TransformerDecoderLayer(nn.TransformerDecoderLayer):
             cache._checked_for_step = False
         else:
             self._check_cached(tgt, memory, tgt_key_padding_mask, memory_key_padding_mask, cache)
+        # Submodules read from the registry (module_member): through nn.Module.__getattr__ a
+        # lookup costs ~10 us between the step's kernels, and a step makes dozens.
+        norm1, norm2, norm3 = module_member(self, "norm1"), module_member(self, "norm2"), module_member(self, "norm3")
         x = tgt
         if self.norm_first:
-            x = x + self._cached_sa(self.norm1(x), tgt_key_padding_mask, cache)
-            x = x + self._cached_mha(self.norm2(x), memory, memory_key_padding_mask, cache)
-            return x + self._ff_block(self.norm3(x))
-        x = self.norm1(x + self._cached_sa(x, tgt_key_padding_mask, cache))
-        x = self.norm2(x + self._cached_mha(x, memory, memory_key_padding_mask, cache))
-        return self.norm3(x + self._ff_block(x))
+            x = x + self._cached_sa(norm1(x), tgt_key_padding_mask, cache)
+            x = x + self._cached_mha(norm2(x), memory, memory_key_padding_mask, cache)
+            return x + self._ff_block(norm3(x))
+        x = norm1(x + self._cached_sa(x, tgt_key_padding_mask, cache))
+        x = norm2(x + self._cached_mha(x, memory, memory_key_padding_mask, cache))
+        return norm3(x + self._ff_block(x))
 
     def _check_cached(
         self,
@@ -203,7 +207,7 @@ class TransformerDecoderLayer(nn.TransformerDecoderLayer):
                 f"TransformerDecoderLayer: cache must be a LayerCache from new_cache(), got {type(cache).__name__}"
             )
         if isinstance(tgt, Tensor) and tgt.dim() == 3:  # else the self-attention's own check names it
-            N = tgt.shape[0 if self.self_attn.batch_first else 1]
+            N = tgt.shape[0 if module_member(self, "self_attn").batch_first else 1]
             for name, kv in (("self-attention", cache.self_attn), ("cross-attention", cache.cross_attn)):
                 if kv.batch_size != N:
                     raise ValueError(
@@ -229,23 +233,24 @@ class TransformerDecoderLayer(nn.TransformerDecoderLayer):
             )
 
     def _cached_sa(self, x: Tensor, key_padding_mask: Tensor | None, cache: LayerCache) -> Tensor:
-        out = self.self_attn(
+        out = module_member(self, "self_attn")(
             x, x, x, key_padding_mask=key_padding_mask, need_weights=False, cache=cache.self_attn
         )[0]
-        return self.dropout1(out)
+        return module_member(self, "dropout1")(out)
 
     def _cached_mha(
         self, x: Tensor, memory: Tensor, key_padding_mask: Tensor | None, cache: LayerCache
     ) -> Tensor:
+        attention = module_member(self, "multihead_attn")
         if cache.memory_stored:
-            out = self.multihead_attn(x, None, None, need_weights=False, cache=cache.cross_attn)[0]
+            out = attention(x, None, None, need_weights=False, cache=cache.cross_attn)[0]
         else:
-            out = self.multihead_attn(
+            out = attention(
                 x, memory, memory, key_padding_mask=key_padding_mask, need_weights=False,
                 cache=cache.cross_attn,
             )[0]
             cache.memory_stored = True
-        return self.dropout2(out)
+        return module_member(self, "dropout2")(out)
 
 
 def _check_memory_dtype(attention: MultiheadAttention, memory: Tensor) -> None:
@@ -318,13 +323,14 @@ class TransformerDecoder(nn.TransformerDecoder):
         memory_key_padding_mask: Tensor | None,
         cache: Any,
     ) -> Tensor:
-        if not isinstance(cache, DecoderCache) or len(cache.layers) != len(self.layers):
+        layers = module_member(self, "layers")
+        if not isinstance(cache, DecoderCache) or len(cache.layers) != len(layers):
             raise TypeError(
                 f"TransformerDecoder: cache must be a DecoderCache from new_cache() with one entry per layer "
-                f"({len(self.layers)}), got {type(cache).__name__}"
+                f"({len(layers)}), got {type(cache).__name__}"
             )
         _reject_masks(tgt_mask, memory_mask)
-        for i, layer in enumerate(self.layers):
+        for i, layer in enumerate(layers):
             if not isinstance(layer, TransformerDecoderLayer):
                 raise TypeError(
                     f"TransformerDecoder with cache=: layers[{i}] is a {type(layer).__module__}."
@@ -338,7 +344,7 @@ class TransformerDecoder(nn.TransformerDecoder):
         try:
             for layer_cache in cache.layers:
                 layer_cache._checked_for_step = True
-            for layer, layer_cache in zip(self.layers, cache.layers, strict=True):
+            for layer, layer_cache in zip(layers, cache.layers, strict=True):
                 x = layer(
                     x, memory, tgt_key_padding_mask=tgt_key_padding_mask,
                     memory_key_padding_mask=memory_key_padding_mask, cache=layer_cache,
@@ -346,7 +352,8 @@ class TransformerDecoder(nn.TransformerDecoder):
         finally:  # a layer that raised leaves the later ones unconsumed
             for layer_cache in cache.layers:
                 layer_cache._checked_for_step = False
-        return x if self.norm is None else self.norm(x)
+        norm = module_member(self, "norm")
+        return x if norm is None else norm(x)
 
 
 _PAIRS: tuple[tuple[type[nn.Module], type[nn.Module]], ...] = (

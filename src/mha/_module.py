@@ -385,7 +385,7 @@ class MultiheadAttention(ScriptableAttention):
         and one view for self-attention, two when key is value (no ``add_bias_kv`` keys)."""
         H = self.num_heads
         if self._qkv_same_embed_dim and query is key and key is value:
-            qkv = F.linear(query, self.in_proj_weight, self._in_bias(query.dtype))
+            qkv = F.linear(query, module_member(self, "in_proj_weight"), self._in_bias(query.dtype))
             q, k, v = _packed_heads(qkv, 3, H, batch_first)
             return q, k, v
         if self._qkv_same_embed_dim and key is value:
@@ -422,7 +422,7 @@ class MultiheadAttention(ScriptableAttention):
     def _query_heads(self, query: Tensor, batch_first: bool) -> Tensor:
         """The query alone projected and split into heads ``(N, H, L, E // H)``."""
         E, b = self.embed_dim, self._in_bias(query.dtype)
-        weight = self.in_proj_weight[:E] if self._qkv_same_embed_dim else self.q_proj_weight
+        weight = module_member(self, "in_proj_weight")[:E] if self._qkv_same_embed_dim else module_member(self, "q_proj_weight")
         return _split_heads(F.linear(query, weight, None if b is None else b[:E]), self.num_heads, batch_first)
 
     def _in_projection(self, query: Tensor, key: Tensor, value: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -440,9 +440,9 @@ class MultiheadAttention(ScriptableAttention):
         bq, bk, bv = (None, None, None) if b is None else b.chunk(3)
         if not self._qkv_same_embed_dim:
             return (
-                F.linear(query, self.q_proj_weight, bq),
-                F.linear(key, self.k_proj_weight, bk),
-                F.linear(value, self.v_proj_weight, bv),
+                F.linear(query, module_member(self, "q_proj_weight"), bq),
+                F.linear(key, module_member(self, "k_proj_weight"), bk),
+                F.linear(value, module_member(self, "v_proj_weight"), bv),
             )
         wq, wk, wv = w.chunk(3)
         return F.linear(query, wq, bq), F.linear(key, wk, bk), F.linear(value, wv, bv)

@@ -443,6 +443,29 @@ def test_empty_static_cache_is_not_read():
         ours(x, None, None, cache=static)
 
 
+@pytest.mark.parametrize("call", ["key_only", "value_only", "padding_only"])
+def test_filled_static_cache_refuses_a_memory_it_would_not_read(call):
+    """On a filled static cache a key without its value (or a value without its key), or
+    a key_padding_mask without the memory, raises, naming the fix, instead of silently
+    attending the stored memory with its stored padding."""
+    g = torch.Generator().manual_seed(21)
+    theirs, ours = build_pair(30, 5, dtype=F64)
+    memory, other, x = _randn(g, 6, N, 30), _randn(g, 4, N, 30), _randn(g, 1, N, 30)
+    static = ours.new_cache(N, 8, static=True)
+    ours(x, memory, memory, cache=static)
+    state = _cache_state(static)
+    key, value = {"key_only": (other, None), "value_only": (None, other), "padding_only": (None, None)}[call]
+    padding = torch.zeros(N, 4, dtype=torch.bool) if call == "padding_only" else None
+    match = "key_padding_mask with key=None" if call == "padding_only" else "key and value may be None only together"
+    with pytest.raises(ValueError, match=match):
+        ours(x, key, value, key_padding_mask=padding, cache=static)
+    with pytest.raises(ValueError, match=match):
+        mha.explain(ours, x, key, value, key_padding_mask=padding, cache=static)
+    _assert_unchanged(static, state)
+    out, _ = ours(x, None, None, cache=static)
+    torch.testing.assert_close(out, theirs(x, memory, memory)[0], **TOL[F64])
+
+
 def _causal(L: int, dtype=F64) -> torch.Tensor:
     return nn.Transformer.generate_square_subsequent_mask(L, dtype=dtype)
 

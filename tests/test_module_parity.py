@@ -465,6 +465,27 @@ def test_one_position_unbatched_matches_torch(monkeypatch):
     torch.testing.assert_close(got[1], want[1], rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+@pytest.mark.parametrize("average", [True, False])
+@pytest.mark.parametrize("batch_first", [False, True])
+def test_one_position_weights_are_nan_where_the_input_is_not_finite(monkeypatch, value, average, batch_first):
+    """A NaN or an infinity in the input makes every head's one score non-finite, and
+    torch's softmax over it NaN: the weights of the one-key route are NaN there too, not
+    ones; the other sequences keep weights of exactly 1."""
+    theirs, ours = build_pair(16, 4, batch_first=batch_first)
+    taken = _routes_taken(monkeypatch)
+    x = torch.randn(1, 3, 16)
+    x[0, 1, 5] = value
+    if batch_first:
+        x = x.transpose(0, 1).contiguous()
+    with torch.no_grad():
+        got, want = ours(x, x, x, average_attn_weights=average), theirs(x, x, x, average_attn_weights=average)
+    assert taken == ["_one_key"]
+    assert want[1][1].isnan().all()
+    torch.testing.assert_close(got[1], want[1], rtol=0, atol=0, equal_nan=True)
+    torch.testing.assert_close(got[0], want[0], **TOL[torch.float32], equal_nan=True)
+
+
 @pytest.mark.parametrize(
     "case",
     ["grad", "dropout", "key_padding_mask", "attn_mask", "add_bias_kv", "add_zero_attn", "two_positions",

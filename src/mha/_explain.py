@@ -34,7 +34,7 @@ from ._dispatch import (
 )
 from ._frontend import plan_forward
 from ._module import MultiheadAttention
-from ._module_cache import check_cached_call, check_memory, new_token_lengths
+from ._module_cache import check_cached_call, check_memory, check_read, new_token_lengths
 
 
 @dataclass(frozen=True)
@@ -429,6 +429,8 @@ def _explain_cached(
             check_memory(module, key, value, key_padding_mask, cache)
         else:
             new_token_lengths(key_padding_mask, N, key.shape[1 if bf else 0])
+    else:
+        check_read(key, value, key_padding_mask, cache)
     S, mask, forced = preview(cache, (N, H, T, Dh), T_new)
     weights: Literal["mean", "per_head"] | None = None
     if need_weights:

@@ -279,7 +279,9 @@ class MultiheadAttention(ScriptableAttention):
         """Self-attention over one position (``L = S = 1``, query is key is value, so one
         ``in_proj_weight``): each head's softmax over one score is exactly 1, so the output
         is ``out_proj`` of the value projection. No scores, no query or key projection;
-        the weights are ones ``(N, 1, 1)`` or ``(N, H, 1, 1)``."""
+        the weights are ones ``(N, 1, 1)`` or ``(N, H, 1, 1)``, NaN for a sequence whose
+        input holds a NaN or an infinity (its scores are not finite, and torch's softmax
+        over them NaN)."""
         E, N = self.embed_dim, plan.N
         b = self._in_bias(plan.value.dtype)
         weight = module_member(self, "in_proj_weight")[2 * E :]
@@ -287,7 +289,9 @@ class MultiheadAttention(ScriptableAttention):
         weights = None
         if plan.weights is not None:
             shape = (N, 1, 1) if plan.weights == "mean" else (N, self.num_heads, 1, 1)
-            weights = torch.ones(shape, dtype=out.dtype, device=out.device)
+            # 0 per sequence, or NaN where its input is not finite (a sum of x * 0 cannot overflow).
+            not_finite = (plan.value * 0).sum(-1).view((N,) + (1,) * (len(shape) - 1))
+            weights = torch.ones(shape, dtype=out.dtype, device=out.device).add_(not_finite)
         return out, weights
 
     def _key_lengths(self, plan: ForwardPlan) -> tuple[Tensor, Tensor | None]:

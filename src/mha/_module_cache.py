@@ -135,6 +135,24 @@ def _memory_padding(
     return None, F.pad(key_padding_mask, (0, max_length - S), value=True)
 
 
+def check_read(key: Tensor | None, value: Tensor | None, key_padding_mask: Tensor | None, cache: KVCache) -> None:
+    """Raise for a cached call with ``key`` or ``value`` None that would not be a plain read
+    of a filled static cache: one of them given (it would be ignored), or a
+    ``key_padding_mask`` for a static cache (its padding is the stored memory's)."""
+    if key is not None or value is not None:
+        raise ValueError(
+            "MultiheadAttention with cache=: key and value may be None only together (a filled static "
+            f"cache read as it is), got {'value' if value is None else 'key'}=None alone; pass both, the "
+            "memory to store, or neither"
+        )
+    if key_padding_mask is not None and cache.static:
+        raise ValueError(
+            "MultiheadAttention with cache=: key_padding_mask with key=None, value=None is not read: the "
+            "memory's padding is stored when the static cache is filled; pass it with the memory (key, "
+            "value), or drop it on calls that read the cache"
+        )
+
+
 def _step_inputs(
     module: Any,
     query: Tensor,
@@ -148,6 +166,7 @@ def _step_inputs(
     the key padding mask ``(N, max_length)`` a static cache reads (the memory's, which
     a fill stores; else the cache's own)."""
     if key is None or value is None:
+        check_read(key, value, key_padding_mask, cache)
         return None, cache.key_padding_mask
     batch_first = module.batch_first
     N = query.shape[0 if batch_first else 1]

@@ -272,7 +272,7 @@ def _batch_first_hint(module: Any, query: Tensor, key: Tensor, value: Tensor) ->
 def _validate_dtypes_devices(module: Any, query: Tensor, key: Tensor, value: Tensor) -> None:
     # Under autocast the projections cast inputs and parameters to one dtype, as torch's
     # do: mixed dtypes are what autocast regions hold (a bf16 activation, fp32 weights).
-    if not torch.is_autocast_enabled(query.device.type):
+    if not _autocast_enabled(query.device.type):
         _validate_dtypes(module, query, key, value)
     param = module.out_proj.weight
     if not (query.device == key.device == value.device == param.device):
@@ -280,6 +280,15 @@ def _validate_dtypes_devices(module: Any, query: Tensor, key: Tensor, value: Ten
             f"query, key, value and the module must be on one device, got query on {query.device}, "
             f"key on {key.device}, value on {value.device}, module on {param.device}; move them with .to(device)"
         )
+
+
+def _autocast_enabled(device_type: str) -> bool:
+    """Whether autocast is on for ``device_type``; False for types autocast has no key
+    for (``meta``), where torch.is_autocast_enabled raises."""
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except RuntimeError:
+        return False
 
 
 def _validate_dtypes(module: Any, query: Tensor, key: Tensor, value: Tensor) -> None:

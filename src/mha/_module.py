@@ -281,7 +281,8 @@ class MultiheadAttention(ScriptableAttention):
         is ``out_proj`` of the value projection. No scores, no query or key projection;
         the weights are ones ``(N, 1, 1)`` or ``(N, H, 1, 1)``, NaN for a sequence whose
         input holds a NaN or an infinity (its scores are not finite, and torch's softmax
-        over them NaN)."""
+        over them NaN). Non-finite query or key projection weights do not reach the
+        output here (they would through torch's scores)."""
         E, N = self.embed_dim, plan.N
         b = self._in_bias(plan.value.dtype)
         weight = module_member(self, "in_proj_weight")[2 * E :]
@@ -463,7 +464,9 @@ class MultiheadAttention(ScriptableAttention):
         return w_q, b_q, w_kv, b_kv
 
     def _in_bias(self, dtype: torch.dtype) -> Tensor | None:
-        """``in_proj_bias`` in the inputs' dtype: a bias of another dtype promotes to it, as in torch."""
+        """``in_proj_bias`` in the inputs' dtype: a bias of another dtype is cast to it, in every
+        layout (torch casts it with ``batch_first=True``, where its fused path runs, and
+        raises in ``F.linear`` otherwise)."""
         b: Tensor | None = module_member(self, "in_proj_bias")
         return b if b is None or b.dtype == dtype else b.to(dtype)
 

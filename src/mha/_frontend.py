@@ -48,6 +48,7 @@ from ._mask_analysis import (
     values_readable,
 )
 from ._torch_masks import CAUSAL, masks_from_torch, pitfall_messages
+from ._types import in_functorch_transform
 from ._validate import validate_forward, validate_nested_forward
 from .distributed._context import ContextParallel, active_context, refuse_nested
 from .masks import Mask, causal_blocked
@@ -230,14 +231,16 @@ def _one_open_key(
     value as output, without scores: no appended keys, no padding mask, no ``attn_mask``
     but the standard causal one (which leaves the one key open), no dropout, and no
     autograd (the query and key projections would get no gradient, where torch gives
-    them zeros). Only self-attention: a NaN in the input then reaches the output through
-    the value, as it does through torch's scores."""
+    them zeros), and outside ``torch.func`` transforms (its weights are written into a
+    fresh tensor, which ``vmap`` does not batch). Only self-attention: a NaN in the
+    input then reaches the output through the value, as it does through torch's scores."""
     return (
         not extra_keys
         and key_padding_mask is None
         and (attn_mask is None or (attn is not None and attn.standard_causal))
         and dropout_p == 0.0
         and not torch.is_grad_enabled()
+        and not in_functorch_transform()
     )
 
 

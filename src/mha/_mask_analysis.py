@@ -16,8 +16,8 @@ lengths; 3 for a float mask: whether its values are exactly 0 and ``-inf``); 1 f
 leaves without a key.
 
 Values are read only from plain tensors on a real device, outside
-``torch.compile`` (:func:`values_readable`): never from ``meta`` tensors, fake
-tensors or other tensor subclasses. A mask that requires grad is never
+``torch.compile`` and ``torch.func`` transforms (:func:`values_readable`): never
+from ``meta`` tensors, fake tensors or other tensor subclasses. A mask that requires grad is never
 summarised as a causal mask or as padding lengths, so its gradient is kept.
 """
 
@@ -29,6 +29,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from ._types import in_functorch_transform
 from .masks import causal_blocked, right_padding_lengths
 
 _PLAIN = (Tensor, nn.Parameter)
@@ -36,11 +37,12 @@ _PLAIN = (Tensor, nn.Parameter)
 
 def values_readable(*tensors: Tensor | None) -> bool:
     """Whether the values of every given tensor can be read on the host: eager mode, plain
-    tensors (no fake or other subclass) on a device other than ``meta``."""
+    tensors (no fake or other subclass) on a device other than ``meta``, outside
+    ``torch.func`` transforms (a mask batched by ``vmap`` has no storage to read)."""
     if torch.compiler.is_compiling():
         return False
-    for t in tensors:  # noqa: SIM110 (a loop, not all(<generator>): this runs on every call)
-        if t is not None and (type(t) not in _PLAIN or t.is_meta):
+    for t in tensors:  # a loop, not all(<generator>): this runs on every call
+        if t is not None and (type(t) not in _PLAIN or t.is_meta or in_functorch_transform()):
             return False
     return True
 

@@ -271,6 +271,13 @@ def device_type(device: torch.device) -> str:
     return kind
 
 
+def in_functorch_transform() -> bool:
+    """Whether this runs inside a ``torch.func`` transform (``vmap``, ``grad``, ``jacrev``,
+    ...): tensors there may be batched wrappers, whose values cannot be read on the host
+    and which ``out=`` ops and writes into fresh buffers do not batch."""
+    return torch._C._functorch.peek_interpreter_stack() is not None
+
+
 def split_weights(flat: Tensor, call: Call) -> list[Tensor]:
     """A varlen call's weights, packed flat by its backend, as per-sequence views
     ``(L_n, S_n)`` (mean) or ``(Hq, L_n, S_n)`` (per head)."""

@@ -20,9 +20,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.autograd import forward_ad
 
 from .._plan import Band, MaskPlan
-from .._types import AttentionOutput, Call, Capabilities, zeros_in_graph
+from .._types import AttentionOutput, Call, Capabilities, in_functorch_transform, zeros_in_graph
 from ._grouped import by_groups
 from ._ops import masked_logsumexp, masked_softmax
 
@@ -106,7 +107,11 @@ class _Tiled:
         grad = torch.is_grad_enabled() and any(
             t.requires_grad for t in (call.query, call.key, call.value, *call.plan.bias)
         )
-        sink = _Blocks(call, dtype) if grad else _Buffers(call, dtype, batches * Hq * rows * S, rows == L)
+        # Inside a torch.func transform or under forward-mode AD, as for autograd, plain ops
+        # without out= or writes into fresh buffers: vmap batches neither, and forward AD
+        # differentiates neither.
+        collect = grad or in_functorch_transform() or forward_ad._current_level >= 0
+        sink = _Blocks(call, dtype) if collect else _Buffers(call, dtype, batches * Hq * rows * S, rows == L)
         for n0 in range(0, N, batches):
             n1 = min(N, n0 + batches)
             plan = call.plan if batches >= N else call.plan.batch_slice(n0, n1)
@@ -118,7 +123,7 @@ class _Tiled:
                 k0, k1 = _key_range(call.plan.band, start, stop, key_limit)
                 # No key open (k0 == k1): empty, and the output 0. Without autograd the
                 # probabilities overwrite the scores: no second buffer of a block's size.
-                _attend(call, plan, sink, (n0, n1, start, stop, k0, k1), dtype, may_empty, not (grad or may_empty))
+                _attend(call, plan, sink, (n0, n1, start, stop, k0, k1), dtype, may_empty, not (collect or may_empty))
             sink.end_batch()
         return _output(sink.result(), in_dtype)
 

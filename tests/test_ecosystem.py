@@ -1,0 +1,109 @@
+"""mha in the ways the PyTorch ecosystem uses attention modules: torch.func transforms,
+forward-mode AD, serialization, distributed training, each against torch's module."""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pytest
+import torch
+from torch import nn
+from torch.autograd import forward_ad
+from torch.func import functional_call, jvp, stack_module_state, vmap
+
+from conftest import TOL, build_pair
+
+E, H = 8, 2
+
+MASKS = {
+    "none": lambda: {},
+    "padding": lambda: {"key_padding_mask": torch.tensor([False, False, False, True, True])},
+    "causal": lambda: {"attn_mask": nn.Transformer.generate_square_subsequent_mask(5), "is_causal": True},
+    "per_head": lambda: {"average_attn_weights": False},
+}
+
+
+def _quiet(fn):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return fn()
+
+
+@pytest.mark.parametrize("grad", [True, False], ids=["grad", "no_grad"])
+@pytest.mark.parametrize("masks", list(MASKS))
+def test_vmap_over_inputs(masks: str, grad: bool) -> None:
+    """vmap over unbatched inputs, weights returned: torch's module runs there; mha's used
+    to fail in ops with out= (which vmap does not batch)."""
+    xs = torch.randn(3, 5, E)
+    kwargs = MASKS[masks]()
+    results = []
+    with torch.set_grad_enabled(grad):
+        for module in build_pair(E, H):
+            results.append(_quiet(lambda m=module: vmap(lambda x, m=m: m(x, x, x, **kwargs))(xs)))
+    torch.testing.assert_close(results[1], results[0], **TOL[torch.float32])
+
+
+@pytest.mark.parametrize("length", [5, 1])
+def test_vmap_over_batched_masks(length: int) -> None:
+    """Masks batched by vmap have no storage for mha to read its decisions from (right
+    padding, the causal mask): they apply as tensors, as torch applies them."""
+    xs = torch.randn(3, length, E)
+    padding = torch.zeros(3, length, dtype=torch.bool)
+    padding[1, length - 1 :] = length > 1
+    causal = nn.Transformer.generate_square_subsequent_mask(length).expand(3, length, length).clone()
+    results = []
+    with torch.no_grad():
+        for module in build_pair(E, H):
+            run = vmap(lambda x, p, a, m=module: m(x, x, x, key_padding_mask=p, attn_mask=a))
+            results.append(_quiet(lambda run=run: run(xs, padding, causal)))
+    torch.testing.assert_close(results[1], results[0], **TOL[torch.float32])
+
+
+def test_vmap_one_position_without_autograd() -> None:
+    """Self-attention over one position (the route without scores) under vmap."""
+    xs = torch.randn(3, 1, E)
+    with torch.no_grad():
+        theirs, ours = (vmap(lambda x, m=m: m(x, x, x))(xs) for m in build_pair(E, H))
+    torch.testing.assert_close(ours, theirs, **TOL[torch.float32])
+
+
+def test_ensemble_with_stack_module_state() -> None:
+    """The model-ensembling recipe: stacked parameters, vmap over functional_call."""
+    x = torch.randn(5, 2, E)
+    results = []
+    for module in build_pair(E, H):
+        members = [copy.deepcopy(module) for _ in range(3)]
+        with torch.no_grad():
+            for i, member in enumerate(members):
+                for p in member.parameters():
+                    p.add_(0.1 * i)
+        params, buffers = stack_module_state(members)
+        base = copy.deepcopy(members[0]).to("meta")
+        results.append(
+            vmap(lambda p, b, x, base=base: functional_call(base, (p, b), (x, x, x)), in_dims=(0, 0, None))(
+                params, buffers, x
+            )
+        )
+    torch.testing.assert_close(results[1], results[0], **TOL[torch.float32])
+
+
+@pytest.mark.parametrize("grad", [True, False], ids=["grad", "no_grad"])
+def test_forward_mode_ad(grad: bool) -> None:
+    """torch.func.jvp, and forward AD with dual tensors (under no_grad too)."""
+    x, tangent = torch.randn(5, 2, E), torch.randn(5, 2, E)
+    results = []
+    with torch.set_grad_enabled(grad):
+        for module in build_pair(E, H):
+            with forward_ad.dual_level():
+                dual = forward_ad.make_dual(x, tangent)
+                out, weights = module(dual, dual, dual)
+                dual_out = forward_ad.unpack_dual(out)
+                dual_weights = forward_ad.unpack_dual(weights)
+            results.append(
+                (
+                    dual_out.primal, dual_out.tangent, dual_weights.primal, dual_weights.tangent,
+                    jvp(lambda x, m=module: m(x, x, x)[0], (x,), (tangent,)),
+                )
+            )
+    torch.testing.assert_close(results[1], results[0], **TOL[torch.float32])

@@ -107,3 +107,36 @@ def test_forward_mode_ad(grad: bool) -> None:
                 )
             )
     torch.testing.assert_close(results[1], results[0], **TOL[torch.float32])
+
+
+def test_static_quantization_says_to_swap_back() -> None:
+    """Eager-mode static quantization converts torch's attention to a quantized one (by exact
+    type) and leaves mha's float: the quantized activations it then receives are refused
+    with the fix, not with advice to cast to float."""
+    import torch.ao.quantization as quantization
+
+    class Wrapped(nn.Module):
+        def __init__(self, attention: nn.Module) -> None:
+            super().__init__()
+            self.quant, self.attention, self.dequant = quantization.QuantStub(), attention, quantization.DeQuantStub()
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            x = self.quant(x)
+            return self.dequant(self.attention(x, x, x)[0])
+
+    engine = torch.backends.quantized.engine
+    if engine == "none":
+        pytest.skip("no quantized engine in this torch build")
+    x = torch.randn(5, 2, E)
+    theirs, ours = build_pair(E, H)
+    for module in (theirs, ours):
+        model = Wrapped(module).eval()
+        model.qconfig = quantization.get_default_qconfig(engine)
+        prepared = _quiet(lambda model=model: quantization.prepare(model))
+        prepared(x)
+        converted = _quiet(lambda prepared=prepared: quantization.convert(prepared))
+        if module is theirs:
+            assert converted(x).shape == x.shape
+        else:
+            with pytest.raises(TypeError, match=r"query is a quantized tensor .*mha\.swap\(model, to='torch'\)"):
+                converted(x)

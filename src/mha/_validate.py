@@ -110,6 +110,15 @@ def validate_forward(
                 f"tensors: pass {name}.to_dense()"
             )
         if not (t.is_floating_point()):
+            if t.is_quantized:
+                # Eager-mode static quantization converts torch's attention (an exact type
+                # match), not mha's, which then receives the quantized activations.
+                raise TypeError(
+                    f"{name} is a quantized tensor ({t.dtype}, shape {_shape(t)}); mha.MultiheadAttention "
+                    f"has no quantized form: quantize a model with torch's attention "
+                    f"(mha.swap(model, to='torch') before torch.ao.quantization.prepare), or pass "
+                    f"{name}.dequantize()"
+                )
             raise TypeError(
                 f"{name} must be a floating-point tensor, got dtype {t.dtype} with shape {_shape(t)}; "
                 f"cast it, e.g. {name}.float()"

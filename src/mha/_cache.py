@@ -533,13 +533,14 @@ def holds_nothing(cache: KVCache) -> bool:
 def stored_length(cache: KVCache) -> int:
     """The host-side bound ``S' > 0`` on the positions a static ``cache`` holds; ValueError
     naming the cache and the fix if it holds none (never filled, or reset)."""
-    if holds_nothing(cache):
+    bound = cache._host_state()[0]
+    if bound == 0:
         raise ValueError(
             f"attention: the static (cross-attention) cache {cache!r} is empty: nothing was stored since it "
             "was made or reset(); pass key and value, the encoder memory, on the first call (key=None, "
             "value=None then reuse what it holds)"
         )
-    return cache._host_state()[0]
+    return bound
 
 
 def _read_lengths(cache: KVCache) -> Tensor | None:

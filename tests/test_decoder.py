@@ -248,6 +248,28 @@ def test_a_layer_cache_of_another_batch_fails_before_any_layer_writes():
     _assert_same(before, _layer_states(cache))
 
 
+def test_a_layer_cache_with_less_room_fails_before_any_layer_writes():
+    """Layer caches built by hand with different max_length: the step that fits the first
+    layer's cache and not a later one's fails before the first layer writes (a decoder
+    whose caches disagree would otherwise hold the step in some layers only). With right
+    padding that leaves room, the step runs."""
+    _, ours = _pair()
+    layers = [layer.new_cache(N, length, memory_length=11) for layer, length in zip(ours.layers, (8, 5), strict=True)]
+    cache = mha.DecoderCache(layers)
+    g = torch.Generator().manual_seed(7)
+    memory = torch.randn(11, N, E, generator=g, dtype=F64)
+    ours(torch.randn(4, N, E, generator=g, dtype=F64), memory, cache=cache)
+    before = _layer_states(cache)
+    x = torch.randn(2, N, E, generator=g, dtype=F64)
+    with pytest.raises(ValueError, match=r"goes past max_length=5"):
+        ours(x, memory, cache=cache)
+    _assert_same(before, _layer_states(cache))
+    # One real token per sequence (the second is padding) fits both layers' caches.
+    padding = torch.tensor([[False, True]] * N)
+    ours(x, memory, tgt_key_padding_mask=padding, cache=cache)
+    assert cache.lengths.tolist() == [5] * N
+
+
 def test_forced_backend_refusing_the_memory_attention_fails_before_writing(monkeypatch):
     """A forced backend that serves a step's self-attention but not its cross-attention
     (SDPA on CUDA takes no masks, and the stored memory is padded; emulated on CPU)

@@ -524,16 +524,22 @@ def _missing_key_value() -> ValueError:
     )
 
 
+def length_bound(cache: KVCache) -> int:
+    """An upper bound on the longest sequence ``cache`` holds, from the host (one read of
+    its lengths when they were changed by hand; ``max_length`` where they hold no values)."""
+    return cache._host_state()[0]
+
+
 def holds_nothing(cache: KVCache) -> bool:
     """Whether ``cache`` is known to hold no position: its host-side bound is 0 (from the
     host while it is valid, else one read of the lengths)."""
-    return cache._host_state()[0] == 0
+    return length_bound(cache) == 0
 
 
 def stored_length(cache: KVCache) -> int:
     """The host-side bound ``S' > 0`` on the positions a static ``cache`` holds; ValueError
     naming the cache and the fix if it holds none (never filled, or reset)."""
-    bound = cache._host_state()[0]
+    bound = length_bound(cache)
     if bound == 0:
         raise ValueError(
             f"attention: the static (cross-attention) cache {cache!r} is empty: nothing was stored since it "

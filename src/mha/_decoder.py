@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules.transformer import _detect_is_causal_mask, _get_seq_len
 
-from ._cache import KVCache, holds_nothing
+from ._cache import KVCache, holds_nothing, length_bound
 from ._dispatch import forced_backend
 from ._module import MultiheadAttention
 from ._module_cache import check_memory, check_step
@@ -206,8 +206,9 @@ class TransformerDecoderLayer(nn.TransformerDecoderLayer):
             raise TypeError(
                 f"TransformerDecoderLayer: cache must be a LayerCache from new_cache(), got {type(cache).__name__}"
             )
+        self_attn = module_member(self, "self_attn")
         if isinstance(tgt, Tensor) and tgt.dim() == 3:  # else the self-attention's own check names it
-            N = tgt.shape[0 if module_member(self, "self_attn").batch_first else 1]
+            N, T = (tgt.shape[0], tgt.shape[1]) if self_attn.batch_first else (tgt.shape[1], tgt.shape[0])
             for name, kv in (("self-attention", cache.self_attn), ("cross-attention", cache.cross_attn)):
                 if kv.batch_size != N:
                     raise ValueError(
@@ -215,6 +216,11 @@ class TransformerDecoderLayer(nn.TransformerDecoderLayer):
                         f"cache holds batch_size={kv.batch_size}; reorder() the whole cache (the DecoderCache or "
                         "LayerCache), not one of its caches"
                     )
+            # Caches built by hand may differ in max_length: a step that would overflow this
+            # layer's must fail before an earlier layer writes (the full check counts the
+            # real tokens of a padded step).
+            if not torch.compiler.is_compiling() and length_bound(cache.self_attn) + T > cache.self_attn.max_length:
+                check_step(self_attn, tgt, tgt, tgt, tgt_key_padding_mask, cache.self_attn)
         if not cache.memory_stored:
             check_memory(self.multihead_attn, memory, memory, memory_key_padding_mask, cache.cross_attn)
             _check_memory_dtype(cast(MultiheadAttention, self.multihead_attn), memory)

@@ -290,7 +290,7 @@ def _fwd_kernel(
 def _weights_kernel(
     Q, K, Stat, W,
     sqn, sqh, sql, sqd, skn, skh, sks, skd, swn, swh, swl, sws, s_stat,
-    Hq, L, S, Dk, GROUPS, qk_scale,
+    Hq, L, S, Dk, GROUPS, qk_scale, key_tiles,
     Lens, Allowed, san, sah, sal, sas, Bias, sbn, sbh, sbl, sbs, lo, hi,
     HAS_LENS: tl.constexpr, HAS_ALLOWED: tl.constexpr, HAS_BIAS: tl.constexpr,
     HAS_LO: tl.constexpr, HAS_HI: tl.constexpr,
@@ -298,10 +298,12 @@ def _weights_kernel(
     PRECISION: tl.constexpr,
 ):
     """One ``(BLOCK_M, BLOCK_N)`` tile of ``p = 2^((s - m) - log2 l)``: for one head
-    (``PER_HEAD``) or summed over all ``Hq`` heads in registers and divided by ``Hq``."""
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    pid_z = tl.program_id(2)
+    (``PER_HEAD``) or summed over all ``Hq`` heads in registers and divided by ``Hq``.
+    The tiles of one head run along the grid's first axis, ``key_tiles`` per row of
+    tiles (the second axis would stop at 65535 tiles, about 4M keys)."""
+    pid_m = tl.program_id(0) // key_tiles
+    pid_n = tl.program_id(0) % key_tiles
+    pid_z = tl.program_id(1)
     if PER_HEAD:
         n = (pid_z // Hq).to(tl.int64)
         h_first = pid_z % Hq
@@ -696,11 +698,12 @@ def _weights(q: Tensor, k: Tensor, stats: Tensor, masks: MaskArgs, scale: float,
     cfg = _blocks(Dk, 0, q.dtype, backward=False)
     if not _interpreted():
         cfg = {**cfg, "BLOCK_N": 64}
-    grid = (triton.cdiv(L, cfg["BLOCK_M"]), triton.cdiv(S, cfg["BLOCK_N"]), N * Hq if per_head else N)
+    key_tiles = triton.cdiv(S, cfg["BLOCK_N"])
+    grid = (triton.cdiv(L, cfg["BLOCK_M"]) * key_tiles, N * Hq if per_head else N)
     _weights_kernel[grid](
         q, k, stats, w,
         *q.stride(), *k.stride(), *w_strides, stats.stride(0),
-        Hq, L, S, Dk, Hq // Hkv, scale * _LOG2E,
+        Hq, L, S, Dk, Hq // Hkv, scale * _LOG2E, key_tiles,
         PER_HEAD=per_head, BLOCK_DK=_head_block(Dk), PRECISION=_precision(q.dtype),
         **masks._asdict(), **cfg,
     )

@@ -76,12 +76,13 @@ def _close(actual, exact, plain, what, ulps=1.0):
     """``max |actual - exact| <= 2 max |plain - exact| + ulps * ulp``, the ulp taken at the
     largest exact value (a floor for results plain torch gets exactly)."""
     assert actual.shape == exact.shape, what
+    # The ulp of the dtype computed in (fp32's for an fp64 plain result), read before the casts.
+    eps = torch.finfo(plain.dtype if plain.dtype != torch.float64 else torch.float32).eps
     actual, plain = actual.double(), plain.double()
     assert torch.equal(torch.isneginf(actual), torch.isneginf(exact)), what
     finite = torch.isfinite(exact)
     err = (actual - exact)[finite].abs().max().item() if finite.any() else 0.0
     ref = (plain - exact)[finite].abs().max().item() if finite.any() else 0.0
-    eps = torch.finfo(plain.dtype if plain.dtype != torch.float64 else torch.float32).eps
     ulp = eps * max(1.0, exact[finite].abs().max().item() if finite.any() else 0.0)
     assert err <= 2 * ref + ulps * ulp, f"{what}: error {err:.3g} vs plain torch {ref:.3g}"
 

@@ -36,6 +36,22 @@ def build_pair(*args, seed: int = 0, **kwargs) -> tuple[nn.MultiheadAttention, m
     return theirs, ours
 
 
+def assert_same_layer(theirs_class: type[nn.Module], ours_class: type[nn.Module], *args, **kwargs) -> nn.Module:
+    """mha's transformer layer built like torch's: with the same seed the same parameters
+    (names, order, values), a ``state_dict`` that loads both ways, and mha's attention.
+    Returns mha's layer."""
+    torch.manual_seed(1)
+    theirs = theirs_class(*args, **kwargs)
+    torch.manual_seed(1)
+    ours = ours_class(*args, **kwargs)
+    assert all(isinstance(m, mha.MultiheadAttention) for m in ours.modules() if "Multihead" in type(m).__name__)
+    assert list(ours.state_dict()) == list(theirs.state_dict())
+    for (name, a), b in zip(theirs.state_dict().items(), ours.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name  # same seed, same initialisation
+    theirs.load_state_dict(ours.state_dict(), strict=True)
+    return ours
+
+
 def spy_on_dispatch(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     """The names of the backends dispatch picks from now on, in order."""
     from mha import _dispatch

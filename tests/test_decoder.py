@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 import mha
-from conftest import TOL
+from conftest import TOL, assert_same_layer
 
 F64 = torch.float64
 E, H, FF, N = 30, 5, 37, 3
@@ -38,16 +38,9 @@ def _causal(L: int) -> torch.Tensor:
 
 
 def test_same_constructor_parameters_and_state_dict_both_ways():
-    torch.manual_seed(1)
-    theirs = nn.TransformerDecoderLayer(E, H, FF, norm_first=True, batch_first=True)
-    torch.manual_seed(1)
-    ours = mha.TransformerDecoderLayer(E, H, FF, norm_first=True, batch_first=True)
+    ours = assert_same_layer(nn.TransformerDecoderLayer, mha.TransformerDecoderLayer, E, H, FF, norm_first=True, batch_first=True)
     assert isinstance(ours.self_attn, mha.MultiheadAttention)
     assert isinstance(ours.multihead_attn, mha.MultiheadAttention)
-    assert list(ours.state_dict()) == list(theirs.state_dict())
-    for (name, a), b in zip(theirs.state_dict().items(), ours.state_dict().values(), strict=True):
-        assert torch.equal(a, b), name  # same seed, same initialisation
-    theirs.load_state_dict(ours.state_dict(), strict=True)
 
 
 @pytest.mark.parametrize(("norm_first", "batch_first"), [(False, False), (True, True)])

@@ -204,8 +204,9 @@ def test_two_masks_in_eval_under_no_grad_match_training_and_torch_where_torch_ha
 @pytest.mark.filterwarnings("ignore:The PyTorch API of nested tensors is in prototype stage")
 @pytest.mark.parametrize("enable_nested_tensor", [False, True])
 def test_encoder_fast_path_after_swap_equals_torch_and_the_attention_path(enable_nested_tensor):
-    """In eval under no_grad torch's encoder runs its fused layer kernel on the attention weights;
-    after mha.swap it still does, and agrees with the same layers run through mha's forward."""
+    """In eval under no_grad torch's encoder runs its fused layer kernel on the attention weights.
+    After mha.swap the nested path (no mask reaches the layers) still does, a padding mask
+    passed to the layers runs through mha; both agree with torch and with training mode."""
     torch.manual_seed(0)
     layer = nn.TransformerEncoderLayer(E, 4, 2 * E, dropout=0.0, batch_first=True)  # nested needs even heads
     theirs = nn.TransformerEncoder(layer, 2, enable_nested_tensor=enable_nested_tensor).to(F64).eval()

@@ -19,6 +19,7 @@ from ._cache import KVCache
 from ._core import attention
 from ._decoder import DecoderCache, LayerCache, TransformerDecoder, TransformerDecoderLayer
 from ._dispatch import use_backend
+from ._encoder import TransformerEncoderLayer
 from ._explain import Explanation, explain
 from ._module import MultiheadAttention
 from ._swap import swap
@@ -33,6 +34,7 @@ __all__ = [
     "MultiheadAttention",
     "TransformerDecoder",
     "TransformerDecoderLayer",
+    "TransformerEncoderLayer",
     "attention",
     "distributed",
     "explain",

@@ -19,7 +19,7 @@ layer before the first runs.
 """
 
 
-from typing import Any, Literal, cast
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -27,7 +27,7 @@ from torch.nn.modules.transformer import _detect_is_causal_mask, _get_seq_len
 
 from ._cache import KVCache, holds_nothing, length_bound
 from ._dispatch import forced_backend
-from ._module import MultiheadAttention
+from ._module import MultiheadAttention, built_like
 from ._module_cache import check_memory, check_step
 from ._validate import module_member
 
@@ -92,19 +92,6 @@ def _reject_masks(tgt_mask: Tensor | None, memory_mask: Tensor | None) -> None:
         )
 
 
-def _as_mha(attention: nn.MultiheadAttention) -> MultiheadAttention:
-    """The attention torch's decoder layer builds, as mha's module with its parameters
-    (the same values: construction with a seed gives torch's initialisation)."""
-    weight = attention.out_proj.weight
-    new = MultiheadAttention(
-        attention.embed_dim, attention.num_heads, dropout=attention.dropout,
-        bias=attention.in_proj_bias is not None, batch_first=attention.batch_first,
-        device=weight.device, dtype=weight.dtype,
-    )
-    new.load_state_dict(attention.state_dict())
-    return new
-
-
 class TransformerDecoderLayer(nn.TransformerDecoderLayer):
     """:class:`torch.nn.TransformerDecoderLayer` with :class:`mha.MultiheadAttention`
     for ``self_attn`` and ``multihead_attn``, and :meth:`new_cache` for decoding.
@@ -117,8 +104,8 @@ class TransformerDecoderLayer(nn.TransformerDecoderLayer):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         # torch annotates these as its own class; mha's is a drop-in, not a subclass.
-        self.self_attn = _as_mha(self.self_attn)  # type: ignore[assignment]
-        self.multihead_attn = _as_mha(self.multihead_attn)  # type: ignore[assignment]
+        self.self_attn = built_like(self.self_attn)  # type: ignore[assignment]
+        self.multihead_attn = built_like(self.multihead_attn)  # type: ignore[assignment]
 
     def new_cache(self, batch_size: int, max_length: int, memory_length: int | None = None) -> LayerCache:
         """Caches for ``batch_size`` sequences of up to ``max_length`` tokens and a memory
@@ -360,22 +347,3 @@ class TransformerDecoder(nn.TransformerDecoder):
                 layer_cache._checked_for_step = False
         norm = module_member(self, "norm")
         return x if norm is None else norm(x)
-
-
-_PAIRS: tuple[tuple[type[nn.Module], type[nn.Module]], ...] = (
-    (nn.TransformerDecoderLayer, TransformerDecoderLayer),
-    (nn.TransformerDecoder, TransformerDecoder),
-)
-
-
-def swap_decoders(model: nn.Module, to: Literal["mha", "torch"]) -> nn.Module:
-    """Every torch decoder layer and decoder in ``model`` made mha's (``to="mha"``), or back.
-
-    mha's classes only add methods to torch's, so the modules change class in place:
-    they keep their identity, submodules, parameters, buffers and hooks. The attention
-    modules inside are converted by :func:`mha.swap` afterwards."""
-    pairs = {(src if to == "mha" else dst): (dst if to == "mha" else src) for src, dst in _PAIRS}
-    for module in model.modules():
-        if type(module) in pairs:
-            module.__class__ = pairs[type(module)]
-    return model

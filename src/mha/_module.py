@@ -477,6 +477,21 @@ class MultiheadAttention(ScriptableAttention):
         return F.linear(x, module_member(out_proj, "weight"), module_member(out_proj, "bias"))
 
 
+def built_like(attention: nn.MultiheadAttention) -> MultiheadAttention:
+    """A new :class:`MultiheadAttention` with the configuration, device, dtype and parameter
+    values of torch's ``attention`` (copies): how mha's transformer layers replace the
+    attention that torch's constructors build (with a seed, torch's initialisation)."""
+    weight = attention.out_proj.weight
+    new = MultiheadAttention(
+        attention.embed_dim, attention.num_heads, dropout=attention.dropout,
+        bias=attention.in_proj_bias is not None, add_bias_kv=attention.bias_k is not None,
+        add_zero_attn=attention.add_zero_attn, kdim=attention.kdim, vdim=attention.vdim,
+        batch_first=attention.batch_first, device=weight.device, dtype=weight.dtype,
+    )
+    new.load_state_dict(attention.state_dict())
+    return new
+
+
 def _split_heads(x: Tensor, heads: int, batch_first: bool) -> Tensor:
     """``(L, N, E)`` or ``(N, L, E)`` -> ``(N, heads, L, E // heads)``, a view."""
     A, B, E = x.shape  # read once: each read builds a torch.Size

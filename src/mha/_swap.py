@@ -8,10 +8,20 @@ from typing import Literal, cast
 import torch
 from torch import nn
 
-from ._decoder import swap_decoders
+from ._decoder import TransformerDecoder, TransformerDecoderLayer
+from ._encoder import TransformerEncoderLayer
 from ._module import MultiheadAttention
 
 _CLASSES: dict[str, type[nn.Module]] = {"mha": MultiheadAttention, "torch": nn.MultiheadAttention}
+
+# torch's transformer layers and mha's: mha's only add to torch's (or bypass its fused
+# kernel), so a module changes class in place and keeps its identity, submodules,
+# parameters, buffers and hooks; the attention inside is converted after.
+_LAYERS: tuple[tuple[type[nn.Module], type[nn.Module]], ...] = (
+    (nn.TransformerEncoderLayer, TransformerEncoderLayer),
+    (nn.TransformerDecoderLayer, TransformerDecoderLayer),
+    (nn.TransformerDecoder, TransformerDecoder),
+)
 
 # The registries that a module's state holds and that are copied, not shared, so that the
 # old module's own keep their entries. Everything else in its state, hook tables
@@ -24,10 +34,13 @@ def swap(model: nn.Module, to: Literal["mha", "torch"] = "mha") -> nn.Module:
     (``to="mha"``), or every ``mha.MultiheadAttention`` by torch's (``to="torch"``).
 
     Works inside ``nn.Transformer``, ``nn.TransformerEncoder``/``Decoder`` and their
-    layers, and on a bare attention module. Torch's ``TransformerDecoderLayer`` and
-    ``TransformerDecoder`` become :class:`mha.TransformerDecoderLayer` and
-    :class:`mha.TransformerDecoder` (decoding with a cache; they change class in
-    place), and back with ``to="torch"``. The new modules take over the old ones'
+    layers, and on a bare attention module. Torch's ``TransformerEncoderLayer``,
+    ``TransformerDecoderLayer`` and ``TransformerDecoder`` become
+    :class:`mha.TransformerEncoderLayer` (whose masked calls run through mha, never
+    torch's fused inference kernel, which gives NaN for fully padded sequences),
+    :class:`mha.TransformerDecoderLayer` and :class:`mha.TransformerDecoder`
+    (decoding with a cache); they change class in place, and back with
+    ``to="torch"``. The new attention modules take over the old ones'
     parameter objects (so device, dtype, ``requires_grad`` and optimizer state carry
     over, and outputs are unchanged), their buffers, submodules, other attributes
     (such as those ``torch.nn.utils.weight_norm`` adds), configuration and training
@@ -50,7 +63,10 @@ def swap(model: nn.Module, to: Literal["mha", "torch"] = "mha") -> nn.Module:
     """
     if to not in _CLASSES:
         raise ValueError(f"to must be 'mha' or 'torch', got {to!r}")
-    model = swap_decoders(model, to)
+    layers = {(theirs if to == "mha" else ours): (ours if to == "mha" else theirs) for theirs, ours in _LAYERS}
+    for module in model.modules():
+        if type(module) in layers:
+            module.__class__ = layers[type(module)]
     source = _CLASSES["torch" if to == "mha" else "mha"]
     target = _CLASSES[to]
     done: dict[int, nn.Module] = {}

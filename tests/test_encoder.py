@@ -1,0 +1,141 @@
+"""mha.TransformerEncoderLayer: torch's encoder layer, whose masked calls run through mha
+(never torch's fused inference kernel, which gives NaN for a fully padded sequence)."""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import mha
+from conftest import TOL, assert_same_layer
+
+F64 = torch.float64
+E, H, FF, N, S = 12, 2, 20, 3, 5
+TOL64 = TOL[F64]
+
+
+def _pair(norm_first: bool = False, batch_first: bool = True):
+    """torch's layer and mha's with the same parameters (random biases), fp64, eval."""
+    torch.manual_seed(0)
+    kwargs = {"dim_feedforward": FF, "dropout": 0.0, "norm_first": norm_first, "batch_first": batch_first, "dtype": F64}
+    theirs = nn.TransformerEncoderLayer(E, H, **kwargs)
+    with torch.no_grad():
+        for name, p in theirs.named_parameters():
+            if "bias" in name:
+                p.normal_()
+    ours = mha.TransformerEncoderLayer(E, H, **kwargs)
+    ours.load_state_dict(theirs.state_dict(), strict=True)
+    return theirs.eval(), ours.eval()
+
+
+def _calls(monkeypatch) -> list[int]:
+    """A record of mha.MultiheadAttention.forward calls."""
+    calls: list[int] = []
+    forward = mha.MultiheadAttention.forward
+
+    def spy(self, *args, **kwargs):
+        calls.append(1)
+        return forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(mha.MultiheadAttention, "forward", spy)
+    return calls
+
+
+def test_same_constructor_parameters_and_state_dict_both_ways():
+    ours = assert_same_layer(nn.TransformerEncoderLayer, mha.TransformerEncoderLayer, E, H, FF, norm_first=True, batch_first=True)
+    assert isinstance(ours.self_attn, mha.MultiheadAttention)
+
+
+@pytest.mark.parametrize(("norm_first", "batch_first"), [(False, True), (True, False)])
+@pytest.mark.parametrize("mode", ["train", "eval_no_grad"])
+def test_masked_calls_match_torch_and_run_through_mha(monkeypatch, norm_first, batch_first, mode):
+    """Padding and causal masks (boolean and float): torch's outputs, through mha's
+    attention in eval under no_grad too, where torch runs its fused kernel."""
+    theirs, ours = _pair(norm_first, batch_first)
+    for m in (theirs, ours):
+        m.train(mode == "train")
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(*((N, S, E) if batch_first else (S, N, E)), generator=g, dtype=F64)
+    kpm = torch.arange(S)[None, :] >= torch.tensor([S, 2, 4])[:, None]
+    causal = nn.Transformer.generate_square_subsequent_mask(S, dtype=F64)
+    calls = _calls(monkeypatch)
+    for kwargs in (
+        {"src_key_padding_mask": kpm},
+        {"src_key_padding_mask": torch.zeros(N, S, dtype=F64).masked_fill(kpm, float("-inf"))},
+        {"src_mask": causal, "is_causal": True},
+        {"src_mask": causal.isinf(), "src_key_padding_mask": kpm},
+    ):
+        with torch.set_grad_enabled(mode == "train"):
+            expected, got = theirs(x, **kwargs), ours(x, **kwargs)
+        torch.testing.assert_close(got, expected, **TOL64)
+    assert len(calls) == 4
+
+
+def test_a_fully_padded_sequence_gives_no_nan_in_eval(monkeypatch):
+    """torch's fused kernel gives NaN for a sequence whose every key is padded; mha's layer
+    runs such a call through its attention (zero attention there, a warning), and the
+    other sequences keep torch's outputs."""
+    theirs, ours = _pair()
+    x = torch.randn(N, S, E, dtype=F64, generator=torch.Generator().manual_seed(3))
+    kpm = torch.arange(S)[None, :] >= torch.tensor([S, 0, 3])[:, None]
+    with torch.no_grad():
+        expected = theirs(x, src_key_padding_mask=kpm)
+        with pytest.warns(UserWarning, match=r"blocks every key of batch element\(s\) \[1\]"):
+            got = ours(x, src_key_padding_mask=kpm)
+    assert expected[1].isnan().all()  # what torch's fused kernel gives
+    assert got.isfinite().all()
+    torch.testing.assert_close(got[[0, 2]], expected[[0, 2]], **TOL64)
+    # The padded sequence: its attention output is out_proj's bias, then the layer's own path.
+    ours.train()
+    torch.testing.assert_close(got, ours(x, src_key_padding_mask=kpm).detach(), **TOL64)
+
+
+def test_calls_without_masks_keep_torchs_fused_kernel_unless_a_backend_is_forced(monkeypatch):
+    theirs, ours = _pair()
+    x = torch.randn(N, S, E, dtype=F64)
+    calls = _calls(monkeypatch)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), theirs(x), **TOL64)
+        assert calls == []  # torch's fused kernel, on the same parameters
+        with mha.use_backend("reference"):
+            torch.testing.assert_close(ours(x), theirs(x), **TOL64)
+        assert len(calls) == 1
+        # is_causal alone is causal self-attention in mha (torch's fused kernel ignores it).
+        causal = nn.Transformer.generate_square_subsequent_mask(S, dtype=F64)
+        torch.testing.assert_close(ours(x, is_causal=True), theirs(x, src_mask=causal, is_causal=True), **TOL64)
+        assert len(calls) == 2
+
+
+@pytest.mark.filterwarnings("ignore:The PyTorch API of nested tensors is in prototype stage")
+def test_swap_converts_encoder_layers_and_back():
+    torch.manual_seed(4)
+    layer = nn.TransformerEncoderLayer(E, H, FF, dropout=0.0, batch_first=True, dtype=F64)
+    theirs = nn.TransformerEncoder(layer, 2, enable_nested_tensor=True).eval()
+    ours = mha.swap(copy.deepcopy(theirs))
+    assert all(type(m) is mha.TransformerEncoderLayer for m in ours.layers)
+    assert all(type(m.self_attn) is mha.MultiheadAttention for m in ours.layers)
+    x = torch.randn(N, S, E, dtype=F64)
+    kpm = torch.arange(S)[None, :] >= torch.tensor([S, 2, 4])[:, None]
+    with torch.no_grad():
+        # The encoder turns right padding into nested tensors: its layers see no mask.
+        torch.testing.assert_close(ours(x, src_key_padding_mask=kpm), theirs(x, src_key_padding_mask=kpm), **TOL64)
+        causal = nn.Transformer.generate_square_subsequent_mask(S, dtype=F64)
+        torch.testing.assert_close(ours(x, mask=causal), theirs(x, mask=causal), **TOL64)
+    back = mha.swap(ours, to="torch")
+    assert all(type(m) is nn.TransformerEncoderLayer for m in back.layers)
+    assert all(type(m.self_attn) is nn.MultiheadAttention for m in back.layers)
+
+
+def test_scripted_layer_matches_eager():
+    _, ours = _pair()
+    x = torch.randn(N, S, E, dtype=F64)
+    kpm = torch.arange(S)[None, :] >= torch.tensor([S, 2, 4])[:, None]
+    scripted = torch.jit.script(ours)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for kwargs in ({}, {"src_key_padding_mask": kpm}):
+            torch.testing.assert_close(scripted(x, **kwargs), ours(x, **kwargs), **TOL64)

@@ -18,12 +18,17 @@ Cases:
   transformer   nn.Transformer(d_model=256, nhead=8, 3+3 layers, batch 8, batch_first),
                 after mha.swap: a train step (forward, backward, SGD step) with a
                 right-padded source, and greedy decoding of 24 tokens without a cache.
+  encoder ...   nn.TransformerEncoder(d_model=256, nhead=8, 3 layers, batch_first,
+                enable_nested_tensor=False) in eval under no_grad, with a causal mask
+                or a right-padded key_padding_mask: torch's fused layer kernel against
+                mha.TransformerEncoderLayer after mha.swap (masked calls through mha).
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import statistics
 import time
 from collections.abc import Callable
@@ -202,6 +207,23 @@ def transformer(repeats: int, inner: int) -> None:
     compare("transformer greedy decode (24)", lambda: greedy(theirs), lambda: greedy(ours), repeats, max(1, inner // 25))
 
 
+def encoder(repeats: int, inner: int) -> None:
+    """Masked calls of a swapped encoder in eval, where torch's layers run their fused kernel."""
+    torch.manual_seed(0)
+    for n, s in ((8, 30), (8, 128), (1, 512)):
+        layer = nn.TransformerEncoderLayer(E, H, batch_first=True)
+        theirs = nn.TransformerEncoder(layer, 3, enable_nested_tensor=False).eval()
+        ours = mha.swap(copy.deepcopy(theirs))
+        x, padding = torch.randn(n, s, E), _right_padding(n, s)
+        causal = nn.Transformer.generate_square_subsequent_mask(s)
+        with torch.no_grad():
+            for what, kwargs in (("causal", {"mask": causal, "is_causal": True}), ("padding", {"src_key_padding_mask": padding})):
+                compare(
+                    f"encoder N={n} S={s} {what}", functools.partial(theirs, x, **kwargs),
+                    functools.partial(ours, x, **kwargs), repeats, max(1, inner // (1 + s // 16)),
+                )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=15)
@@ -217,7 +239,9 @@ def main() -> None:
         f"torch {torch.__version__}, {args.threads} thread(s), {args.clock} clock, "
         f"medians of {args.repeats} interleaved repeats"
     )
-    sections = {"single": single_calls, "route": route_rule, "reads": mask_reads, "transformer": transformer}
+    sections = {
+        "single": single_calls, "route": route_rule, "reads": mask_reads, "transformer": transformer, "encoder": encoder,
+    }
     for name in args.sections.split(","):
         sections[name](args.repeats, args.inner)
 

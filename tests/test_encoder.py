@@ -1,5 +1,6 @@
-"""mha.TransformerEncoderLayer: torch's encoder layer, whose masked calls run through mha
-(never torch's fused inference kernel, which gives NaN for a fully padded sequence)."""
+"""mha.TransformerEncoderLayer: torch's encoder layer, whose masked calls are mha's: torch's
+fused inference kernel serves only what it serves as mha would (it gives NaN for a fully
+padded sequence, and reads a mask alone where is_causal is set too)."""
 
 from __future__ import annotations
 
@@ -52,27 +53,56 @@ def test_same_constructor_parameters_and_state_dict_both_ways():
 
 @pytest.mark.parametrize(("norm_first", "batch_first"), [(False, True), (True, False)])
 @pytest.mark.parametrize("mode", ["train", "eval_no_grad"])
-def test_masked_calls_match_torch_and_run_through_mha(monkeypatch, norm_first, batch_first, mode):
-    """Padding and causal masks (boolean and float): torch's outputs, through mha's
-    attention in eval under no_grad too, where torch runs its fused kernel."""
+@pytest.mark.parametrize("length", [S, 131])
+def test_masked_calls_match_torch(norm_first, batch_first, mode, length):
+    """Padding and causal masks (boolean and float) give torch's outputs, over short
+    sequences (torch's fused kernel in eval) and long ones (mha's attention)."""
     theirs, ours = _pair(norm_first, batch_first)
     for m in (theirs, ours):
         m.train(mode == "train")
     g = torch.Generator().manual_seed(2)
-    x = torch.randn(*((N, S, E) if batch_first else (S, N, E)), generator=g, dtype=F64)
-    kpm = torch.arange(S)[None, :] >= torch.tensor([S, 2, 4])[:, None]
-    causal = nn.Transformer.generate_square_subsequent_mask(S, dtype=F64)
-    calls = _calls(monkeypatch)
+    x = torch.randn(*((N, length, E) if batch_first else (length, N, E)), generator=g, dtype=F64)
+    kpm = torch.arange(length)[None, :] >= torch.tensor([length, 2, 4])[:, None]
+    causal = nn.Transformer.generate_square_subsequent_mask(length, dtype=F64)
     for kwargs in (
         {"src_key_padding_mask": kpm},
-        {"src_key_padding_mask": torch.zeros(N, S, dtype=F64).masked_fill(kpm, float("-inf"))},
+        {"src_key_padding_mask": torch.zeros(N, length, dtype=F64).masked_fill(kpm, float("-inf"))},
         {"src_mask": causal, "is_causal": True},
         {"src_mask": causal.isinf(), "src_key_padding_mask": kpm},
     ):
         with torch.set_grad_enabled(mode == "train"):
-            expected, got = theirs(x, **kwargs), ours(x, **kwargs)
-        torch.testing.assert_close(got, expected, **TOL64)
-    assert len(calls) == 4
+            torch.testing.assert_close(ours(x, **kwargs), theirs(x, **kwargs), **TOL64)
+
+
+def test_which_calls_torchs_fused_kernel_serves_in_eval(monkeypatch):
+    """In eval under no_grad: calls without a mask, and short masked calls that leave
+    every row a key, run torch's kernel; the rest run through mha's attention."""
+    theirs, ours = _pair()
+    g = torch.Generator().manual_seed(5)
+    x, long = torch.randn(N, S, E, generator=g, dtype=F64), torch.randn(N, 129, E, generator=g, dtype=F64)
+    kpm = torch.arange(S)[None, :] >= torch.tensor([S, 2, 4])[:, None]
+    causal = nn.Transformer.generate_square_subsequent_mask(S, dtype=F64)
+    calls = _calls(monkeypatch)
+
+    def runs_mha(*args, **kwargs) -> bool:
+        before = len(calls)
+        with torch.no_grad():
+            ours(*args, **kwargs)
+        return len(calls) > before
+
+    assert not runs_mha(x)
+    assert not runs_mha(x, src_key_padding_mask=kpm)
+    assert not runs_mha(x, src_mask=causal, is_causal=True)
+    assert runs_mha(long, src_key_padding_mask=torch.zeros(N, 129, dtype=torch.bool))
+    assert runs_mha(x, is_causal=True)  # torch's kernel would ignore is_causal
+    with mha.use_backend("reference"):
+        assert runs_mha(x)
+    # is_causal with another mask: mha applies both, torch's kernel the mask alone.
+    band = torch.ones(S, S, dtype=torch.bool).triu(2)
+    assert runs_mha(x, src_mask=band, is_causal=True)
+    with torch.no_grad():
+        got = ours(x, src_mask=band, is_causal=True)
+    torch.testing.assert_close(got, theirs(x, src_mask=band | causal.isinf()), **TOL64)
 
 
 def test_a_fully_padded_sequence_gives_no_nan_in_eval(monkeypatch):
@@ -92,22 +122,6 @@ def test_a_fully_padded_sequence_gives_no_nan_in_eval(monkeypatch):
     # The padded sequence: its attention output is out_proj's bias, then the layer's own path.
     ours.train()
     torch.testing.assert_close(got, ours(x, src_key_padding_mask=kpm).detach(), **TOL64)
-
-
-def test_calls_without_masks_keep_torchs_fused_kernel_unless_a_backend_is_forced(monkeypatch):
-    theirs, ours = _pair()
-    x = torch.randn(N, S, E, dtype=F64)
-    calls = _calls(monkeypatch)
-    with torch.no_grad():
-        torch.testing.assert_close(ours(x), theirs(x), **TOL64)
-        assert calls == []  # torch's fused kernel, on the same parameters
-        with mha.use_backend("reference"):
-            torch.testing.assert_close(ours(x), theirs(x), **TOL64)
-        assert len(calls) == 1
-        # is_causal alone is causal self-attention in mha (torch's fused kernel ignores it).
-        causal = nn.Transformer.generate_square_subsequent_mask(S, dtype=F64)
-        torch.testing.assert_close(ours(x, is_causal=True), theirs(x, src_mask=causal, is_causal=True), **TOL64)
-        assert len(calls) == 2
 
 
 @pytest.mark.filterwarnings("ignore:The PyTorch API of nested tensors is in prototype stage")

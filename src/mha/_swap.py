@@ -36,8 +36,8 @@ def swap(model: nn.Module, to: Literal["mha", "torch"] = "mha") -> nn.Module:
     Works inside ``nn.Transformer``, ``nn.TransformerEncoder``/``Decoder`` and their
     layers, and on a bare attention module. Torch's ``TransformerEncoderLayer``,
     ``TransformerDecoderLayer`` and ``TransformerDecoder`` become
-    :class:`mha.TransformerEncoderLayer` (whose masked calls run through mha, never
-    torch's fused inference kernel, which gives NaN for fully padded sequences),
+    :class:`mha.TransformerEncoderLayer` (torch's fused inference kernel, which gives
+    NaN for fully padded sequences, serves only calls it gives mha's result for),
     :class:`mha.TransformerDecoderLayer` and :class:`mha.TransformerDecoder`
     (decoding with a cache); they change class in place, and back with
     ``to="torch"``. The new attention modules take over the old ones'

@@ -12,6 +12,7 @@ from torch import nn
 from torch.autograd import forward_ad
 from torch.func import functional_call, jvp, stack_module_state, vmap
 
+import mha
 from conftest import TOL, build_pair
 
 E, H = 8, 2
@@ -140,3 +141,34 @@ def test_static_quantization_says_to_swap_back() -> None:
         else:
             with pytest.raises(TypeError, match=r"query is a quantized tensor .*mha\.swap\(model, to='torch'\)"):
                 converted(x)
+
+
+class _Blocks(nn.Module):
+    """torch's attention and transformer layers as direct children, as models hold them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.attention = nn.MultiheadAttention(E, H, batch_first=True)
+        self.encoder_layer = nn.TransformerEncoderLayer(E, H, 16, dropout=0.0, batch_first=True)
+        self.decoder_layer = nn.TransformerDecoderLayer(E, H, 16, dropout=0.0, batch_first=True)
+        self.decoder = nn.TransformerDecoder(nn.TransformerDecoderLayer(E, H, 16, dropout=0.0, batch_first=True), 2)
+
+    def forward(self, x: torch.Tensor, padding: torch.Tensor) -> torch.Tensor:
+        y = self.attention(x, x, x, key_padding_mask=padding, need_weights=False)[0]
+        y = self.encoder_layer(y, src_key_padding_mask=padding)
+        y = self.decoder_layer(y, x, memory_key_padding_mask=padding)
+        return self.decoder(y, x, tgt_is_causal=False)
+
+
+def test_fx_symbolic_trace_records_the_modules_as_leaves() -> None:
+    """torch.fx records torch.nn's modules as one call_module node each; mha's modules, traced
+    into, would meet proxies where they check shapes and read masks. After mha.swap the
+    trace holds the same nodes as before, and the graph gives the model's outputs."""
+    torch.manual_seed(0)
+    model = _Blocks().eval()
+    x, padding = torch.randn(2, 5, E), torch.tensor([[False] * 5, [False, False, False, True, True]])
+    nodes = [(n.op, n.target) for n in torch.fx.symbolic_trace(model).graph.nodes]
+    mha.swap(model)
+    traced = torch.fx.symbolic_trace(model)
+    assert [(n.op, n.target) for n in traced.graph.nodes] == nodes
+    torch.testing.assert_close(traced(x, padding), model(x, padding))

@@ -27,6 +27,7 @@ from torch.nn.modules.transformer import _detect_is_causal_mask, _get_seq_len
 
 from ._cache import KVCache, holds_nothing, length_bound
 from ._dispatch import forced_backend
+from ._fx import leaf_call
 from ._module import MultiheadAttention, built_like
 from ._module_cache import check_memory, check_step
 from ._validate import module_member
@@ -92,7 +93,33 @@ def _reject_masks(tgt_mask: Tensor | None, memory_mask: Tensor | None) -> None:
         )
 
 
-class TransformerDecoderLayer(nn.TransformerDecoderLayer):
+class _DecoderCall(nn.Module):
+    """What mha's decoder layer and decoder share beyond torch's classes."""
+
+    @torch.jit.unused
+    def _fx_node(
+        self,
+        tgt: Tensor,
+        memory: Tensor,
+        tgt_mask: Tensor | None,
+        memory_mask: Tensor | None,
+        tgt_key_padding_mask: Tensor | None,
+        memory_key_padding_mask: Tensor | None,
+        tgt_is_causal: bool | None,
+        memory_is_causal: bool,
+        cache: Any | None,
+    ) -> Tensor | None:
+        """Under ``torch.fx`` tracing, this call as one node (a proxy of the output), as
+        torch's is recorded; None otherwise."""
+        kwargs = {
+            "tgt_mask": tgt_mask, "memory_mask": memory_mask, "tgt_key_padding_mask": tgt_key_padding_mask,
+            "memory_key_padding_mask": memory_key_padding_mask, "tgt_is_causal": tgt_is_causal,
+            "memory_is_causal": memory_is_causal, "cache": cache,
+        }
+        return leaf_call(self, (tgt, memory), kwargs)  # a proxy of the output, or None
+
+
+class TransformerDecoderLayer(_DecoderCall, nn.TransformerDecoderLayer):
     """:class:`torch.nn.TransformerDecoderLayer` with :class:`mha.MultiheadAttention`
     for ``self_attn`` and ``multihead_attn``, and :meth:`new_cache` for decoding.
 
@@ -134,6 +161,13 @@ class TransformerDecoderLayer(nn.TransformerDecoderLayer):
         """torch's forward; with ``cache``, ``tgt`` ``(T, N, E)`` holds the new tokens
         only (``tgt_key_padding_mask`` ``(N, T)`` their right padding) and attention
         is causal over the cache. ``memory`` is stored on the first cached call."""
+        if not torch.jit.is_scripting():
+            traced = self._fx_node(
+                tgt, memory, tgt_mask, memory_mask, tgt_key_padding_mask, memory_key_padding_mask,
+                tgt_is_causal, memory_is_causal, cache,
+            )
+            if traced is not None:
+                return traced
         if cache is not None:
             return self._forward_cached(
                 tgt, memory, tgt_mask, memory_mask, tgt_key_padding_mask, memory_key_padding_mask, cache
@@ -262,7 +296,7 @@ def _check_memory_dtype(attention: MultiheadAttention, memory: Tensor) -> None:
         )
 
 
-class TransformerDecoder(nn.TransformerDecoder):
+class TransformerDecoder(_DecoderCall, nn.TransformerDecoder):
     """:class:`torch.nn.TransformerDecoder` with :meth:`new_cache` and ``forward(..., cache=)``.
 
     Built from a :class:`TransformerDecoderLayer` (cloned ``num_layers`` times, as
@@ -289,6 +323,13 @@ class TransformerDecoder(nn.TransformerDecoder):
     ) -> Tensor:
         """torch's forward; with ``cache`` (from :meth:`new_cache`), ``tgt`` holds the new
         tokens only, as in :meth:`TransformerDecoderLayer.forward`."""
+        if not torch.jit.is_scripting():
+            traced = self._fx_node(
+                tgt, memory, tgt_mask, memory_mask, tgt_key_padding_mask, memory_key_padding_mask,
+                tgt_is_causal, memory_is_causal, cache,
+            )
+            if traced is not None:
+                return traced
         if cache is not None:
             return self._forward_cached(
                 tgt, memory, tgt_mask, memory_mask, tgt_key_padding_mask, memory_key_padding_mask, cache

@@ -30,6 +30,7 @@ from torch import Tensor, nn
 
 from ._dispatch import forced_backend
 from ._frontend import plan_forward
+from ._fx import leaf_call
 from ._mask_analysis import is_standard_causal
 from ._module import built_like
 
@@ -59,8 +60,12 @@ class TransformerEncoderLayer(nn.TransformerEncoderLayer):
         """torch's forward: torch's own where it gives mha's result (its fused kernel in
         eval under ``no_grad`` where torch's conditions hold), otherwise written out
         past that kernel, through ``self_attn`` with the masks as torch passes them."""
-        if not torch.jit.is_scripting() and self._torch_serves(src, src_mask, src_key_padding_mask, is_causal):
-            return self._torch_forward(src, src_mask, src_key_padding_mask, is_causal)
+        if not torch.jit.is_scripting():
+            traced = self._fx_node(src, src_mask, src_key_padding_mask, is_causal)
+            if traced is not None:
+                return traced
+            if self._torch_serves(src, src_mask, src_key_padding_mask, is_causal):
+                return self._torch_forward(src, src_mask, src_key_padding_mask, is_causal)
         # torch's forward past its fused kernel, written out: TorchScript compiles no super().
         src_key_padding_mask = F._canonical_mask(
             mask=src_key_padding_mask,
@@ -83,6 +88,15 @@ class TransformerEncoderLayer(nn.TransformerEncoderLayer):
             return x + self._ff_block(self.norm2(x))
         x = self.norm1(x + self._sa_block(x, src_mask, src_key_padding_mask, is_causal=is_causal))
         return self.norm2(x + self._ff_block(x))
+
+    @torch.jit.unused
+    def _fx_node(
+        self, src: Tensor, src_mask: Tensor | None, src_key_padding_mask: Tensor | None, is_causal: bool
+    ) -> Tensor | None:
+        """Under ``torch.fx`` tracing, this call as one node (a proxy of the output), as
+        torch's layer is recorded; None otherwise."""
+        kwargs = {"src_mask": src_mask, "src_key_padding_mask": src_key_padding_mask, "is_causal": is_causal}
+        return leaf_call(self, (src,), kwargs)  # a proxy of the output, or None
 
     @torch.jit.unused
     def _torch_serves(

@@ -15,6 +15,7 @@ from torch.nn.modules.linear import NonDynamicallyQuantizableLinear
 from ._cache import KVCache
 from ._core import checked_attention, packed_attention
 from ._frontend import ForwardPlan, KeyLengths, ShardedMasks, plan_forward
+from ._fx import leaf_call
 from ._module_cache import cached_forward, new_module_cache
 from ._script import ScriptableAttention
 from ._types import device_type
@@ -214,6 +215,14 @@ class MultiheadAttention(ScriptableAttention):
             return self._forward_scripted(
                 query, key, value, key_padding_mask, need_weights, attn_mask, average_attn_weights, is_causal
             )
+        if type(query) is not Tensor:  # a proxy of torch.fx (or a nested or other subclass)
+            node = leaf_call(
+                self, (query, key, value),
+                {"key_padding_mask": key_padding_mask, "need_weights": need_weights, "attn_mask": attn_mask,
+                 "average_attn_weights": average_attn_weights, "is_causal": is_causal, "cache": cache},
+            )
+            if node is not None:
+                return node  # a proxy of the (output, weights) pair
         if cache is not None:
             return self._forward_cached(
                 query, key, value, key_padding_mask, need_weights, attn_mask, average_attn_weights, cache

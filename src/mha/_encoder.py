@@ -105,8 +105,8 @@ class TransformerEncoderLayer(nn.TransformerEncoderLayer):
         """Whether torch's forward (its fused kernel in eval under ``no_grad``) gives this
         call mha's result: no backend forced, and either no mask and no ``is_causal`` (no
         row can lose every key), or, in eval without autograd, a short sequence whose
-        masks leave every row a key and deserve no warning (checked by mha's front end,
-        which raises for malformed masks), ``is_causal`` only with the causal mask itself
+        masks were read and leave every row a key and deserve no warning (checked by
+        mha's front end, which raises for malformed masks), ``is_causal`` only with the causal mask itself
         (torch's kernel applies the mask alone, mha both). Over longer sequences mha's
         path is the faster."""
         if forced_backend() is not None:
@@ -123,7 +123,9 @@ class TransformerEncoderLayer(nn.TransformerEncoderLayer):
             self.self_attn, src, src, src, src_key_padding_mask, src_mask, is_causal,
             need_weights=False, average_attn_weights=True, training=False,
         )
-        return plan.route == "dense" and not plan.warnings
+        # Masks whose values were not read (traced by torch.compile, meta or fake tensors)
+        # may leave rows without a key: mha's path.
+        return plan.route == "dense" and plan.values_read and not plan.warnings
 
     @torch.jit.unused
     def _torch_forward(

@@ -316,6 +316,17 @@ def test_formula_and_default_scale():
     )
 
 
+@pytest.mark.parametrize("scale", [0.0, -0.0, -1.5])
+@pytest.mark.parametrize("backend", FAST)
+def test_zero_and_negative_scales(backend, scale):
+    """scale=0 gives every allowed key the same weight. torch's SDPA with is_causal=True
+    multiplies its -inf mask by the scale and returns NaN at scale 0 (0 * -inf) in its
+    fused CPU kernel, which serves Dk == Dv."""
+    q, k, v = make_qkv(2, 2, 2, 3, 5, 4, 4)
+    for mask in (M.Causal(), M.Causal() & M.KeyPadding(torch.tensor([5, 2])), M.Window(1, 0)):
+        assert_matches(run(backend, q, k, v, mask, scale=scale), run("reference", q, k, v, mask, scale=scale), FP64)
+
+
 def test_attention_output_is_a_named_tuple():
     q, k, v = make_qkv(1, 1, 1, 2, 3, 4, 4)
     res = mha.attention(q, k, v)

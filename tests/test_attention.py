@@ -715,6 +715,11 @@ def _t(*shape, dtype=torch.float32):
         ((_t(2, 1, 3, 4), _t(2, 1, 5, 4), _t(2, 1, 5, 4)), {"dropout_p": "0.1"}, ValueError, "dropout_p"),
         ((_t(2, 1, 3, 4), _t(2, 1, 5, 4), _t(2, 1, 5, 4)), {"dropout_p": True}, ValueError, "dropout_p"),
         ((_t(2, 1, 3, 4), _t(2, 1, 5, 4), _t(2, 1, 5, 4)), {"backend": "flash"}, ValueError, r"unknown backend 'flash'; choose one of \["),
+        ((_t(2, 1, 3, 4), _t(2, 1, 5, 4), _t(2, 1, 5, 4)), {"scale": float("nan")}, ValueError, "scale must be finite, got nan"),
+        ((_t(2, 1, 3, 4), _t(2, 1, 5, 4), _t(2, 1, 5, 4)), {"scale": float("inf")}, ValueError, "scale must be finite"),
+        ((_t(2, 1, 3, 4), _t(2, 1, 5, 4), _t(2, 1, 5, 4)), {"scale": -math.inf}, ValueError, "scale must be finite"),
+        ((_t(2, 1, 3, 4), _t(2, 1, 5, 4), _t(2, 1, 5, 4)), {"scale": "0.5"}, TypeError, "scale must be a number or None"),
+        ((_t(2, 1, 3, 4), _t(2, 1, 5, 4), _t(2, 1, 5, 4)), {"scale": True}, TypeError, "scale must be a number or None"),
     ],
 )
 def test_validation_errors(args, kwargs, exc, match):

@@ -333,7 +333,8 @@ class Blocked(_TensorMask):
 
 
 class Bias(_TensorMask):
-    """Float tensor added to the scaled scores; ``-inf`` blocks."""
+    """Float tensor added to the scaled scores; ``-inf`` blocks. Its values are not read:
+    a ``+inf`` or NaN entry makes its row's output NaN (keep biases finite)."""
 
     def _validate_dtype(self, tensor: Tensor) -> None:
         if not tensor.is_floating_point():

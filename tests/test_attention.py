@@ -673,6 +673,11 @@ def _t(*shape, dtype=torch.float32):
     return torch.zeros(shape, dtype=dtype)
 
 
+def _nested_heads(*lengths):
+    """Jagged heads (N, 1, j, 4), N = len(lengths)."""
+    return torch.nested.nested_tensor([torch.zeros(n, 1, 4) for n in lengths], layout=torch.jagged).transpose(1, 2)
+
+
 @pytest.mark.parametrize(
     ("args", "kwargs", "exc", "match"),
     [
@@ -706,6 +711,14 @@ def _t(*shape, dtype=torch.float32):
             {},
             ValueError,
             "3 lengths but the batch has N=2",
+        ),
+        ((_t(2, 1, 3, 4).to_sparse(), _t(2, 1, 5, 4), _t(2, 1, 5, 4)), {}, TypeError, r"query is a torch.sparse_coo tensor.*query.to_dense\(\)"),
+        ((_t(2, 1, 3, 4), _t(2, 1, 5, 4), _t(2, 1, 5, 4).to_sparse()), {}, TypeError, r"value is a torch.sparse_coo tensor"),
+        (
+            (_t(2, 1, 3, 4), _nested_heads(5, 3), _nested_heads(5, 3)),
+            {},
+            TypeError,
+            "key is a nested tensor but query is not",
         ),
         ((_t(2, 1, 3, 4), _t(2, 1, 5, 4), _t(2, 1, 5, 4)), {"weights": "all"}, ValueError, "weights must be None, 'mean' or 'per_head'"),
         ((_t(2, 1, 3, 4), _t(2, 1, 5, 4), _t(2, 1, 5, 4)), {"weights": True}, ValueError, "weights must be"),

@@ -235,6 +235,15 @@ def test_materialize_dtype_and_default():
         (lambda: Blocked(torch.ones(2, 2, dtype=torch.long)), TypeError, "boolean"),
         (lambda: Bias(torch.ones(2, 2, dtype=torch.bool)), TypeError, r"floating-point.*Allowed"),
         (lambda: Bias(torch.ones(1, 1, 1, 2, 2)), ValueError, "5 dimensions"),
+        # sparse and nested tensors failed later inside torch with a RuntimeError
+        (lambda: Allowed(torch.ones(3, 5, dtype=torch.bool).to_sparse()), TypeError, r"sparse_coo.*to_dense\(\)"),
+        (lambda: Bias(torch.zeros(3, 5).to_sparse_csr()), TypeError, r"Bias takes a dense tensor.*sparse_csr"),
+        (lambda: KeyPadding(torch.tensor([5, 2]).to_sparse()), TypeError, "KeyPadding lengths takes a dense"),
+        (
+            lambda: Bias(torch.nested.nested_tensor([torch.zeros(2, 3), torch.zeros(1, 3)], layout=torch.jagged)),
+            TypeError,
+            r"nested one.*to_padded_tensor",
+        ),
     ],
 )
 def test_constructor_validation(make, exc, match):

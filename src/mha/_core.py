@@ -377,6 +377,13 @@ def _validate_tensors(query: Tensor, key: Tensor, value: Tensor, packed: bool) -
     for name, t in (("query", query), ("key", key), ("value", value)):
         if not isinstance(t, Tensor):
             raise TypeError(f"attention: {name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.is_nested:  # a nested query takes the variable-length path before this check
+            raise TypeError(
+                f"attention: {name} is a nested tensor but query is not; pass query, key and value all as "
+                "jagged nested tensors (N, H, j, D) or all as dense tensors"
+            )
+        if t.layout != torch.strided:
+            raise TypeError(f"attention: {name} is a {t.layout} tensor; attention reads dense tensors: pass {name}.to_dense()")
         if packed and t.dim() != 3:
             raise ValueError(
                 f"attention: packed {name} must be 3-D (T, H, D), tokens first, got {t.dim()}-D {_shape(t)}"

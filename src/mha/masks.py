@@ -202,6 +202,7 @@ class KeyPadding(Mask):
     def __init__(self, lengths: Tensor) -> None:
         if not isinstance(lengths, Tensor):
             raise TypeError(f"KeyPadding lengths must be a Tensor of shape (N,), got {type(lengths).__name__}")
+        _require_dense(lengths, "KeyPadding lengths")
         if lengths.dim() != 1:
             raise ValueError(f"KeyPadding lengths must have shape (N,), got {tuple(lengths.shape)}")
         if lengths.is_floating_point() or lengths.dtype == torch.bool or lengths.is_complex():
@@ -259,6 +260,16 @@ class KeyPadding(Mask):
 
 
 
+def _require_dense(tensor: Tensor, what: str) -> None:
+    """TypeError unless ``tensor`` is dense (strided, not nested): masks are read as dense tensors."""
+    if tensor.layout != torch.strided or tensor.is_nested:
+        kind = "nested" if tensor.is_nested else str(tensor.layout)
+        raise TypeError(
+            f"{what} takes a dense tensor, got a {kind} one; masks are read as dense tensors: pass "
+            f"{'a padded one (nested.to_padded_tensor(...))' if tensor.is_nested else 'tensor.to_dense()'}"
+        )
+
+
 def right_padding_lengths(padding_mask: Tensor) -> Tensor | None:
     """Lengths ``(N,)`` if the boolean ``(N, S)`` mask (True = padding) is right
     padding, else None. Reads the mask once: O(N*S), no (L, S) work."""
@@ -277,6 +288,7 @@ class _TensorMask(Mask):
     def __init__(self, tensor: Tensor) -> None:
         if not isinstance(tensor, Tensor):
             raise TypeError(f"{type(self).__name__} takes a Tensor, got {type(tensor).__name__}")
+        _require_dense(tensor, type(self).__name__)
         if tensor.dim() > 4:
             raise ValueError(
                 f"{type(self).__name__} takes a tensor broadcastable to (N, H, L, S), "

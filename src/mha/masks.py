@@ -78,7 +78,15 @@ class Mask:
         dtype: torch.dtype = torch.float32,
     ) -> Tensor:
         """Dense additive form, shape ``(N, H, L, S)``: 0 where allowed, -inf where
-        blocked, plus any bias. For the reference backend and tests only."""
+        blocked, plus any bias, in the floating-point ``dtype``. For the reference
+        backend and tests only. Raises ValueError if the mask cannot apply to
+        ``(N, H, L, S)``."""
+        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+            raise TypeError(
+                f"materialize builds the additive form (0 and -inf) in a floating-point dtype, got {dtype}; "
+                "for a boolean mask of allowed positions take torch.isfinite(materialize(...))"
+            )
+        self._check_shape(N, H, L, S)
         out = torch.zeros(N, H, L, S, device=device, dtype=dtype)
         for part in self.parts():
             out = out + part._additive(N, H, L, S, device=device, dtype=dtype)

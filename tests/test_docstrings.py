@@ -8,6 +8,7 @@ import doctest
 import importlib
 import pkgutil
 import re
+from pathlib import Path
 from types import ModuleType
 
 import pytest
@@ -15,10 +16,14 @@ import torch
 
 import mha
 
+SOURCE = Path(mha.__file__).parent
+# The Triton kernel modules are left out: importing them defines the kernels, which must
+# happen under TRITON_INTERPRET=1 on a CPU (tests/test_triton.py sets it first). Their
+# docstrings are still checked for Example:: blocks, as text.
 MODULES: list[ModuleType] = [
     importlib.import_module(info.name)
     for info in pkgutil.walk_packages(mha.__path__, "mha.")
-    if info.name != "mha.__main__"
+    if info.name != "mha.__main__" and not info.name.rpartition(".")[2].startswith("_triton")
 ] + [mha]
 FINDER = doctest.DocTestFinder(recurse=True)
 # Doctests of the modules they are defined in (the finder skips objects imported from elsewhere).
@@ -33,11 +38,10 @@ def test_there_are_doctests():
     assert {"mha._explain.explain", "mha._dispatch.use_backend", "mha._swap.swap"} <= {t.name for t in TESTS}
 
 
-@pytest.mark.parametrize("module", MODULES, ids=[m.__name__ for m in MODULES])
-def test_every_example_block_is_a_doctest(module):
-    for test in FINDER.find(module):
-        for block in EXAMPLE.findall(test.docstring or ""):
-            assert ">>>" in block, f"{test.name}: an Example:: block that no test runs:\n{block}"
+def test_every_example_block_is_a_doctest():
+    for path in sorted(SOURCE.rglob("*.py")):
+        for block in EXAMPLE.findall(path.read_text()):
+            assert ">>>" in block, f"{path.relative_to(SOURCE)}: an Example:: block that no test runs:\n{block}"
 
 
 @pytest.mark.parametrize("test", TESTS, ids=[t.name for t in TESTS])

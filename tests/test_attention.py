@@ -316,6 +316,17 @@ def test_formula_and_default_scale():
     )
 
 
+@pytest.mark.parametrize("scale", [0.0, -0.0, -1.5])
+@pytest.mark.parametrize("backend", FAST)
+def test_zero_and_negative_scales(backend, scale):
+    """scale=0 gives every allowed key the same weight. torch's SDPA with is_causal=True
+    multiplies its -inf mask by the scale and returns NaN at scale 0 (0 * -inf) in its
+    fused CPU kernel, which serves Dk == Dv."""
+    q, k, v = make_qkv(2, 2, 2, 3, 5, 4, 4)
+    for mask in (M.Causal(), M.Causal() & M.KeyPadding(torch.tensor([5, 2])), M.Window(1, 0)):
+        assert_matches(run(backend, q, k, v, mask, scale=scale), run("reference", q, k, v, mask, scale=scale), FP64)
+
+
 def test_attention_output_is_a_named_tuple():
     q, k, v = make_qkv(1, 1, 1, 2, 3, 4, 4)
     res = mha.attention(q, k, v)
@@ -696,6 +707,8 @@ def _t(*shape, dtype=torch.float32):
             ValueError,
             "3 lengths but the batch has N=2",
         ),
+        ((_t(2, 1, 3, 4).to_sparse(), _t(2, 1, 5, 4), _t(2, 1, 5, 4)), {}, TypeError, r"query is a torch.sparse_coo tensor.*query.to_dense\(\)"),
+        ((_t(2, 1, 3, 4), _t(2, 1, 5, 4), _t(2, 1, 5, 4).to_sparse()), {}, TypeError, r"value is a torch.sparse_coo tensor"),
         ((_t(2, 1, 3, 4), _t(2, 1, 5, 4), _t(2, 1, 5, 4)), {"weights": "all"}, ValueError, "weights must be None, 'mean' or 'per_head'"),
         ((_t(2, 1, 3, 4), _t(2, 1, 5, 4), _t(2, 1, 5, 4)), {"weights": True}, ValueError, "weights must be"),
         ((_t(2, 1, 3, 4), _t(2, 1, 5, 4), _t(2, 1, 5, 4)), {"dropout_p": 1.0}, ValueError, r"dropout_p must be a float in \[0, 1\)"),
@@ -704,11 +717,24 @@ def _t(*shape, dtype=torch.float32):
         ((_t(2, 1, 3, 4), _t(2, 1, 5, 4), _t(2, 1, 5, 4)), {"dropout_p": "0.1"}, ValueError, "dropout_p"),
         ((_t(2, 1, 3, 4), _t(2, 1, 5, 4), _t(2, 1, 5, 4)), {"dropout_p": True}, ValueError, "dropout_p"),
         ((_t(2, 1, 3, 4), _t(2, 1, 5, 4), _t(2, 1, 5, 4)), {"backend": "flash"}, ValueError, r"unknown backend 'flash'; choose one of \["),
+        ((_t(2, 1, 3, 4), _t(2, 1, 5, 4), _t(2, 1, 5, 4)), {"scale": float("nan")}, ValueError, "scale must be finite, got nan"),
+        ((_t(2, 1, 3, 4), _t(2, 1, 5, 4), _t(2, 1, 5, 4)), {"scale": float("inf")}, ValueError, "scale must be finite"),
+        ((_t(2, 1, 3, 4), _t(2, 1, 5, 4), _t(2, 1, 5, 4)), {"scale": -math.inf}, ValueError, "scale must be finite"),
+        ((_t(2, 1, 3, 4), _t(2, 1, 5, 4), _t(2, 1, 5, 4)), {"scale": "0.5"}, TypeError, "scale must be a number or None"),
+        ((_t(2, 1, 3, 4), _t(2, 1, 5, 4), _t(2, 1, 5, 4)), {"scale": True}, TypeError, "scale must be a number or None"),
     ],
 )
 def test_validation_errors(args, kwargs, exc, match):
     with pytest.raises(exc, match=match):
         mha.attention(*args, **kwargs)
+
+
+def test_nested_key_and_value_beside_a_dense_query():
+    """Built here, not in a parametrize list: a jagged tensor made at import imports Triton's
+    language before tests/test_catalogue.py sets TRITON_INTERPRET for its kernels."""
+    kv = torch.nested.nested_tensor([torch.zeros(n, 1, 4) for n in (5, 3)], layout=torch.jagged).transpose(1, 2)
+    with pytest.raises(TypeError, match="key is a nested tensor but query is not"):
+        mha.attention(_t(2, 1, 3, 4), kv, kv)
 
 
 def test_forced_backend_that_cannot_serve_lists_every_reason():

@@ -448,3 +448,14 @@ def test_window_shift(shift: int, before: int | None, after: int | None) -> None
         got = mha.attention(q, k, v, mask, return_lse=True, backend=backend)
         _close(got.output, ref.output, f"output, backend {backend}")
         _close(got.lse, ref.lse, f"lse, backend {backend}")
+
+
+@pytest.mark.parametrize(("scale", "exc", "match"), [
+    (float("nan"), ValueError, "ring_attention: scale must be finite, got nan"),
+    (float("inf"), ValueError, "scale must be finite"),
+    ("0.5", TypeError, "ring_attention: scale must be a number or None"),
+])
+def test_ring_checks_the_scale_before_any_collective(scale, exc, match) -> None:
+    q = torch.randn(1, 2, 3, 4, dtype=F64)
+    with pytest.raises(exc, match=match):
+        ring_attention(q, q, q, scale=scale)

@@ -263,6 +263,19 @@ def test_attn_mask_of_integer_dtype(module, qkv, shape):
     )
 
 
+@pytest.mark.parametrize("bad", [float("inf"), float("nan")])
+@pytest.mark.parametrize("name", ["attn_mask", "key_padding_mask"])
+def test_float_mask_holding_plus_inf_or_nan(module, qkv, name, bad):
+    """torch returns NaN rows for these; a right-padding key_padding_mask (0 then -inf) with
+    one bad entry, and a requires-grad mask, are read too."""
+    shape = (L, S) if name == "attn_mask" else (N, S)
+    mask = torch.zeros(shape).masked_fill(torch.arange(S) >= 12, float("-inf"))
+    mask[1, 3] = bad
+    what = "+inf" if bad > 0 else "NaN"
+    check(ValueError, lambda: module(*qkv, **{name: mask}), f"{name} {shape} holds {what}", "-inf", "finite")
+    check(ValueError, lambda: module(*qkv, **{name: mask.requires_grad_()}), f"{name} {shape} holds {what}")
+
+
 def test_mask_on_another_device(module, qkv):
     check(ValueError, lambda: module(*qkv, attn_mask=_bool(L, S).to("meta")), "attn_mask", "meta", "cpu", ".to(")
     check(ValueError, lambda: module(*qkv, key_padding_mask=_bool(N, S).to("meta")), "key_padding_mask", "meta")

@@ -210,6 +210,20 @@ def test_materialize_dtype_and_default():
     assert Bias(torch.zeros(2, 2)).materialize(1, 1, 2, 2, dtype=torch.float64).dtype == torch.float64
 
 
+@pytest.mark.parametrize("dtype", [torch.bool, torch.int64])
+def test_materialize_refuses_a_dtype_without_minus_inf(dtype):
+    """A bool dtype read -inf and 0 alike as True (every position "blocked"); int64 overflowed."""
+    with pytest.raises(TypeError, match=r"floating-point dtype, got torch\.(bool|int64).*isfinite"):
+        Causal().materialize(1, 1, 2, 3, dtype=dtype)
+
+
+def test_materialize_checks_the_shape():
+    with pytest.raises(ValueError, match="KeyPadding has 2 lengths but the batch has N=3"):
+        KeyPadding(torch.tensor([1, 2])).materialize(3, 1, 2, 3)
+    with pytest.raises(ValueError, match="dimension S is 2, expected 1 or 3"):
+        (Causal() & Bias(torch.zeros(2, 2))).materialize(1, 1, 2, 3)
+
+
 # ---------------------------------------------------------------- validation and repr
 
 
@@ -235,6 +249,15 @@ def test_materialize_dtype_and_default():
         (lambda: Blocked(torch.ones(2, 2, dtype=torch.long)), TypeError, "boolean"),
         (lambda: Bias(torch.ones(2, 2, dtype=torch.bool)), TypeError, r"floating-point.*Allowed"),
         (lambda: Bias(torch.ones(1, 1, 1, 2, 2)), ValueError, "5 dimensions"),
+        # sparse and nested tensors failed later inside torch with a RuntimeError
+        (lambda: Allowed(torch.ones(3, 5, dtype=torch.bool).to_sparse()), TypeError, r"sparse_coo.*to_dense\(\)"),
+        (lambda: Bias(torch.zeros(3, 5).to_sparse_csr()), TypeError, r"Bias takes a dense tensor.*sparse_csr"),
+        (lambda: KeyPadding(torch.tensor([5, 2]).to_sparse()), TypeError, "KeyPadding lengths takes a dense"),
+        (
+            lambda: Bias(torch.nested.nested_tensor([torch.zeros(2, 3), torch.zeros(1, 3)], layout=torch.jagged)),
+            TypeError,
+            r"nested one.*to_padded_tensor",
+        ),
     ],
 )
 def test_constructor_validation(make, exc, match):

@@ -24,7 +24,7 @@ from ._dispatch import Backend
 from ._plan import plan_mask, plan_varlen_mask
 from ._types import AttentionOutput, Call, Offsets, WeightsMode, split_weights
 
-__all__ = ["AttentionOutput", "Call", "PackedOutput", "WeightsMode", "attention", "packed_attention"]
+__all__ = ["AttentionOutput", "Call", "PackedOutput", "WeightsMode", "attention", "check_scale", "packed_attention"]
 
 
 def attention(
@@ -71,7 +71,7 @@ def attention(
             and gradient rows are left unspecified.
         mask: a :mod:`mha.masks` object (``Causal``, ``KeyPadding``, ``Window``,
             ``Allowed``, ``Blocked``, ``Bias`` or an ``&`` of them), or None.
-        scale: multiplies the scores; default ``1 / sqrt(Dk)``.
+        scale: multiplies the scores (any finite number); default ``1 / sqrt(Dk)``.
         dropout_p: dropout on ``p`` (pass 0.0 in eval). The returned weights are
             the probabilities after dropout, as in ``nn.MultiheadAttention``.
         weights: None, ``"mean"`` for ``(N, L, S)`` averaged over the Hq heads
@@ -377,6 +377,13 @@ def _validate_tensors(query: Tensor, key: Tensor, value: Tensor, packed: bool) -
     for name, t in (("query", query), ("key", key), ("value", value)):
         if not isinstance(t, Tensor):
             raise TypeError(f"attention: {name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.is_nested:  # a nested query takes the variable-length path before this check
+            raise TypeError(
+                f"attention: {name} is a nested tensor but query is not; pass query, key and value all as "
+                "jagged nested tensors (N, H, j, D) or all as dense tensors"
+            )
+        if t.layout != torch.strided:
+            raise TypeError(f"attention: {name} is a {t.layout} tensor; attention reads dense tensors: pass {name}.to_dense()")
         if packed and t.dim() != 3:
             raise ValueError(
                 f"attention: packed {name} must be 3-D (T, H, D), tokens first, got {t.dim()}-D {_shape(t)}"
@@ -445,9 +452,25 @@ def _validate_sizes(
     if mask is not None:
         mask._check_shape(N, Hq, L, S)
     _validate_options(dropout_p, weights)
-    if scale is None:
+    checked = check_scale(scale, "attention")
+    if checked is None:
         return 1.0 / math.sqrt(Dk) if Dk > 0 else 1.0
+    return checked
+
+
+def check_scale(scale: float | None, fn: str) -> float | None:
+    """``scale`` as a float, None kept: TypeError unless a number, ValueError unless finite
+    (an infinite or NaN scale turns every score, and so every output, into NaN)."""
+    if scale is None:
+        return None
+    if isinstance(scale, (bool, str, bytes)):  # float() would read True as 1.0 and "0.5" as 0.5
+        raise TypeError(f"{fn}: scale must be a number or None, got {scale!r}")
     try:
-        return float(scale)
+        value = float(scale)
     except (TypeError, ValueError):
-        raise TypeError(f"attention: scale must be a number or None, got {scale!r}") from None
+        raise TypeError(f"{fn}: scale must be a number or None, got {scale!r}") from None
+    if not math.isfinite(value):
+        raise ValueError(
+            f"{fn}: scale must be finite, got {value}; it multiplies every score (None: 1 / sqrt(Dk))"
+        )
+    return value

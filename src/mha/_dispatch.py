@@ -78,8 +78,13 @@ def use_backend(name: str) -> Iterator[None]:
 
     Example::
 
-        with mha.use_backend("tiled"):
-            out, weights = model(x)
+        >>> import torch, mha
+        >>> model = mha.MultiheadAttention(64, 8)
+        >>> x = torch.randn(10, 2, 64)                     # (L, N, E)
+        >>> with mha.use_backend("reference"):
+        ...     out, weights = model(x, x, x)
+        >>> out.shape, weights.shape
+        (torch.Size([10, 2, 64]), torch.Size([2, 10, 10]))
     """
     check_backend_name(name)
     token = _forced.set(name)

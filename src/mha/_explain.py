@@ -154,10 +154,16 @@ def explain(
 
     Example::
 
+        >>> import torch, mha
         >>> m = mha.MultiheadAttention(64, 8)
-        >>> padding = torch.arange(15) >= torch.randint(1, 16, (32, 1))  # (N, S), True = padding
-        >>> print(mha.explain(m, torch.randn(10, 32, 64), torch.randn(15, 32, 64),
-        ...                   torch.randn(15, 32, 64), key_padding_mask=padding))
+        >>> padding = torch.arange(15) >= torch.tensor([[15], [9], [4]])  # (N, S), True = padding
+        >>> print(mha.explain(m, torch.randn(10, 3, 64), torch.randn(15, 3, 64),
+        ...                   torch.randn(15, 3, 64), key_padding_mask=padding))
+        mha.MultiheadAttention(embed_dim=64, num_heads=8): 8 heads of Dh = E / H = 8 features; ...
+        ...
+          key_padding_mask  (3, 15) bool  N=3  S=15  True = key j of batch row n is padding, ignored; blocks 17 of 45
+        ...
+        Path: dense: mha.attention on heads (N, H, L, Dh) = (3, 8, 10, 8); mask Blocked(...)
     """
     if not isinstance(module, MultiheadAttention):
         raise TypeError(

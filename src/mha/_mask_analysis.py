@@ -86,14 +86,22 @@ def masked_out(mask: Tensor) -> Tensor:
     return mask if mask.dtype == torch.bool else torch.isneginf(mask)
 
 
-def _read_with_zeros_and_ones(flags: Tensor, mask: Tensor) -> tuple[list[bool], bool]:
+def _read_with_zeros_and_ones(flags: Tensor, mask: Tensor, name: str) -> tuple[list[bool], bool]:
     """``flags`` (1-D boolean) on the host, and for a float ``mask`` whether it holds only
     0s and 1s, both present. The mask's smallest and largest values ride in the same read
     as the flags (a 0 / -inf mask is cleared by its -inf); only a mask spanning exactly
-    [0, 1] is read a second time, to tell 0s and 1s from values between them."""
+    [0, 1] is read a second time, to tell 0s and 1s from values between them. ValueError
+    for a float mask holding +inf or NaN (``name``: the argument): its rows' scores would
+    be +inf or NaN, and their softmax NaN."""
     if mask.dtype == torch.bool or mask.numel() == 0:  # aminmax refuses an empty tensor
         return flags.tolist(), False
     *values, low, high = torch.cat([flags.to(mask.dtype), torch.stack(torch.aminmax(mask))]).tolist()
+    if high == float("inf") or high != high:
+        raise ValueError(
+            f"{name} {tuple(mask.shape)} holds {'+inf' if high == float('inf') else 'NaN'}; a float mask is added "
+            "to the scores, and a row with a +inf or NaN score has NaN attention. Mask out with -inf "
+            f"(or pass a bool {name}, True = masked out) and keep added biases finite"
+        )
     zeros_and_ones = low == 0 and high == 1 and bool(((mask == 0) | (mask == 1)).all())
     return [bool(v) for v in values], zeros_and_ones
 
@@ -105,7 +113,7 @@ def summarize_key_padding_mask(mask: Tensor, lengths_wanted: bool = True) -> Key
     column alone, N values (a sequence with every key padded has its first key padded)."""
     if not lengths_wanted or mask.requires_grad:
         if mask.shape[-1] > 0:
-            first, zeros_and_ones = _read_with_zeros_and_ones(masked_out(mask[:, 0]), mask)
+            first, zeros_and_ones = _read_with_zeros_and_ones(masked_out(mask[:, 0]), mask, "key_padding_mask")
             if zeros_and_ones:  # no -inf: no sequence is empty
                 return KeyPaddingSummary((), None, None, True)
             if True not in first:
@@ -129,7 +137,7 @@ def _empty_batches(is_blocked: Tensor, mask: Tensor) -> KeyPaddingSummary:
     """The summary without lengths of ``mask`` ``(N, S)``, ``is_blocked`` its booleans (True =
     padding), read once: N booleans through ``tolist``, not ``any()`` and a second read
     through ``bool()``."""
-    empty, zeros_and_ones = _read_with_zeros_and_ones(is_blocked.all(dim=-1), mask)
+    empty, zeros_and_ones = _read_with_zeros_and_ones(is_blocked.all(dim=-1), mask, "key_padding_mask")
     if True not in empty and not zeros_and_ones:
         return _EVERY_BATCH_OPEN
     return KeyPaddingSummary(tuple(n for n, e in enumerate(empty) if e), None, None, zeros_and_ones)
@@ -180,5 +188,7 @@ def summarize_attn_mask(mask: Tensor) -> AttnMaskSummary:
         if mask.dtype == torch.bool and L == S and L > 1 and torch.equal(mask, ~standard):
             return AttnMaskSummary(False, True, (L - 1,))
     empty = masked_out(mask).all(dim=-1)
-    rows, zeros_and_ones = _read_with_zeros_and_ones(empty.reshape(-1, empty.shape[-1]).any(dim=0), mask)
+    rows, zeros_and_ones = _read_with_zeros_and_ones(
+        empty.reshape(-1, empty.shape[-1]).any(dim=0), mask, "attn_mask"
+    )
     return AttnMaskSummary(False, False, tuple(i for i, e in enumerate(rows) if e), zeros_and_ones)

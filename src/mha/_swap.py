@@ -56,10 +56,17 @@ def swap(model: nn.Module, to: Literal["mha", "torch"] = "mha") -> nn.Module:
     they are, as those objects are kept.
 
     Returns the model, changed in place (or the new module when ``model`` itself is
-    replaced)::
+    replaced).
 
-        model = mha.swap(nn.Transformer(d_model=64, nhead=8))
-        model = mha.swap(model, to="torch")
+    Example::
+
+        >>> import torch, mha
+        >>> model = mha.swap(torch.nn.Transformer(d_model=64, nhead=8, batch_first=True))
+        >>> type(model.encoder.layers[0].self_attn)
+        <class 'mha._module.MultiheadAttention'>
+        >>> model = mha.swap(model, to="torch")
+        >>> type(model.encoder.layers[0].self_attn)
+        <class 'torch.nn.modules.activation.MultiheadAttention'>
     """
     if to not in _CLASSES:
         raise ValueError(f"to must be 'mha' or 'torch', got {to!r}")

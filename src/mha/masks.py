@@ -78,7 +78,15 @@ class Mask:
         dtype: torch.dtype = torch.float32,
     ) -> Tensor:
         """Dense additive form, shape ``(N, H, L, S)``: 0 where allowed, -inf where
-        blocked, plus any bias. For the reference backend and tests only."""
+        blocked, plus any bias, in the floating-point ``dtype``. For the reference
+        backend and tests only. Raises ValueError if the mask cannot apply to
+        ``(N, H, L, S)``."""
+        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+            raise TypeError(
+                f"materialize builds the additive form (0 and -inf) in a floating-point dtype, got {dtype}; "
+                "for a boolean mask of allowed positions take torch.isfinite(materialize(...))"
+            )
+        self._check_shape(N, H, L, S)
         out = torch.zeros(N, H, L, S, device=device, dtype=dtype)
         for part in self.parts():
             out = out + part._additive(N, H, L, S, device=device, dtype=dtype)
@@ -202,6 +210,7 @@ class KeyPadding(Mask):
     def __init__(self, lengths: Tensor) -> None:
         if not isinstance(lengths, Tensor):
             raise TypeError(f"KeyPadding lengths must be a Tensor of shape (N,), got {type(lengths).__name__}")
+        _require_dense(lengths, "KeyPadding lengths")
         if lengths.dim() != 1:
             raise ValueError(f"KeyPadding lengths must have shape (N,), got {tuple(lengths.shape)}")
         if lengths.is_floating_point() or lengths.dtype == torch.bool or lengths.is_complex():
@@ -259,6 +268,16 @@ class KeyPadding(Mask):
 
 
 
+def _require_dense(tensor: Tensor, what: str) -> None:
+    """TypeError unless ``tensor`` is dense (strided, not nested): masks are read as dense tensors."""
+    if tensor.layout != torch.strided or tensor.is_nested:
+        kind = "nested" if tensor.is_nested else str(tensor.layout)
+        raise TypeError(
+            f"{what} takes a dense tensor, got a {kind} one; masks are read as dense tensors: pass "
+            f"{'a padded one (nested.to_padded_tensor(...))' if tensor.is_nested else 'tensor.to_dense()'}"
+        )
+
+
 def right_padding_lengths(padding_mask: Tensor) -> Tensor | None:
     """Lengths ``(N,)`` if the boolean ``(N, S)`` mask (True = padding) is right
     padding, else None. Reads the mask once: O(N*S), no (L, S) work."""
@@ -277,6 +296,7 @@ class _TensorMask(Mask):
     def __init__(self, tensor: Tensor) -> None:
         if not isinstance(tensor, Tensor):
             raise TypeError(f"{type(self).__name__} takes a Tensor, got {type(tensor).__name__}")
+        _require_dense(tensor, type(self).__name__)
         if tensor.dim() > 4:
             raise ValueError(
                 f"{type(self).__name__} takes a tensor broadcastable to (N, H, L, S), "
@@ -333,7 +353,8 @@ class Blocked(_TensorMask):
 
 
 class Bias(_TensorMask):
-    """Float tensor added to the scaled scores; ``-inf`` blocks."""
+    """Float tensor added to the scaled scores; ``-inf`` blocks. Its values are not read:
+    a ``+inf`` or NaN entry makes its row's output NaN (keep biases finite)."""
 
     def _validate_dtype(self, tensor: Tensor) -> None:
         if not tensor.is_floating_point():

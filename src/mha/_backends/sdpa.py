@@ -102,7 +102,8 @@ def _heads_differ(q: Tensor, k: Tensor) -> bool:
 
 def _sdpa(q: Tensor, k: Tensor, v: Tensor, plan: MaskPlan, scale: float, dropout_p: float) -> Tensor:
     gqa = _heads_differ(q, k)
-    if plan.band is not None and plan.band.is_top_left_causal and not plan.has_tensors:
+    # torch's fused CPU kernel multiplies its causal -inf by the scale: NaN for scale <= 0.
+    if plan.band is not None and plan.band.is_top_left_causal and not plan.has_tensors and scale > 0:
         return F.scaled_dot_product_attention(
             q, k, v, dropout_p=dropout_p, is_causal=True, scale=scale, enable_gqa=gqa
         )

@@ -56,9 +56,21 @@ def context_parallel(group: Any = None, layout: Layout = "contiguous") -> Iterat
 
     Example::
 
-        with mha.distributed.context_parallel(layout="zigzag"):
-            x_r = mha.distributed.shard(x, 1, layout="zigzag")      # (L_r, N, E)
-            y_r, _ = attn(x_r, x_r, x_r, is_causal=True, need_weights=False)
+        >>> import os, torch, torch.distributed as dist, mha
+        >>> if not dist.is_initialized():  # torchrun sets these; alone: one rank
+        ...     for name, value in {"RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "0"}.items():
+        ...         _ = os.environ.setdefault(name, value)
+        ...     dist.init_process_group("gloo")
+        >>> torch.manual_seed(0)  # the same whole tensors and weights on every rank
+        <torch._C.Generator object at ...>
+        >>> attn = mha.MultiheadAttention(64, 4)
+        >>> x = torch.randn(256, 2, 64)                                   # (L, N, E)
+        >>> with mha.distributed.context_parallel(layout="zigzag"):
+        ...     x_r = mha.distributed.shard(x, 0, layout="zigzag")       # (L_r, N, E)
+        ...     y_r, _ = attn(x_r, x_r, x_r, is_causal=True, need_weights=False)
+        >>> y = mha.distributed.unshard(y_r, 0, layout="zigzag")          # (L, N, E)
+        >>> torch.allclose(y, attn(x, x, x, is_causal=True)[0], atol=1e-5)
+        True
     """
     state = ContextParallel(group, validate_layout(layout))
     _ACTIVE.append(state)

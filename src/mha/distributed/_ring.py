@@ -31,7 +31,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from .._core import AttentionOutput, attention
+from .._core import AttentionOutput, attention, check_scale
 from ..masks import KeyPadding, Mask
 from ._layout import LAYOUTS, Layout, Piece, check_divisible, local_length, pieces, validate_layout
 from ._rules import Rule, rule_from_mask
@@ -529,7 +529,7 @@ def ring_attention(
             differ by at most 1) or ``"zigzag"`` (chunks ``r`` and ``2P - 1 - r``
             of ``2P``, balanced under ``Causal``; ``L`` and ``S`` multiples of ``2P``).
             :func:`mha.distributed.shard` cuts a whole tensor this way.
-        scale: multiplies the scores; default ``1 / sqrt(Dk)``.
+        scale: multiplies the scores (any finite number); default ``1 / sqrt(Dk)``.
         return_lse: also return this rank's rows ``(N, Hq, L_r)`` of the lse.
         offsets: packed variable-length sequences: ``N == 1``, the tokens of ``B``
             sequences packed along the sequence dim, sequence ``b`` at global
@@ -560,6 +560,7 @@ def ring_attention(
             f"ring_attention: mask must be an mha.masks object (Causal, Window, KeyPadding or an & of them), "
             f"got {type(mask).__name__}"
         )
+    scale = check_scale(scale, "ring_attention")
     ring = plan_ring(query, key, value, mask, offsets, group, validate_layout(layout), scale)
     out, lse = _RingFunction.apply(query, key, value, ring)
     return AttentionOutput(out, None, lse if return_lse else None)

@@ -253,7 +253,7 @@ def test_empty_nested_query_raises_value_error():
 @pytest.mark.xfail(
     strict=True,
     raises=NotImplementedError,
-    reason="nested inputs with add_bias_kv or add_zero_attn are not supported yet; torch runs them",
+    reason="nested inputs with add_bias_kv or add_zero_attn are not supported yet (torch raises for them too)",
 )
 @pytest.mark.parametrize("extra", ["add_bias_kv", "add_zero_attn"])
 def test_nested_input_with_extra_keys_runs_like_torch(extra):

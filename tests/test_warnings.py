@@ -189,3 +189,16 @@ def test_mixed_mask_types_do_not_warn(module, x):
         module(x, x, x, key_padding_mask=kpm, attn_mask=float_attn)
         module(x, x, x, key_padding_mask=kpm.float().masked_fill(kpm, float("-inf")), attn_mask=_triu(L))
     assert caught == []
+
+
+def test_warning_inside_a_model_points_at_the_callers_line():
+    """Through torch's transformer layer (after mha.swap) and Module calls, the warning
+    names the line that called the layer, not torch's or mha's internals."""
+    layer = mha.swap(torch.nn.TransformerEncoderLayer(E, H, 16, dropout=0.0, batch_first=True))
+    x, padding = torch.randn(2, 3, E), torch.tensor([[False] * 3, [True] * 3])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        line = sys._getframe().f_lineno + 1
+        layer(x, src_key_padding_mask=padding)
+    (w,) = caught
+    assert (w.filename, w.lineno) == (__file__, line)

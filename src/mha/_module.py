@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import itertools
+import os
+import sys
 import warnings
 from typing import Any, ClassVar, cast
 
@@ -231,8 +233,10 @@ class MultiheadAttention(ScriptableAttention):
             self, query, key, value, key_padding_mask, attn_mask, is_causal,
             need_weights, average_attn_weights, self.training,
         )
-        for message in plan.warnings:
-            warnings.warn(message, UserWarning, stacklevel=4)  # forward, Module call (2), caller
+        if plan.warnings:
+            level = _caller_stacklevel()
+            for message in plan.warnings:
+                warnings.warn(message, UserWarning, stacklevel=level)
         out, weights = getattr(self, self._ROUTES[plan.route])(plan)
         if not plan.batched:
             out = out.squeeze(1)
@@ -484,6 +488,23 @@ class MultiheadAttention(ScriptableAttention):
         bias (its hooks do not run, as in torch; a module call costs microseconds)."""
         out_proj = module_member(self, "out_proj")
         return F.linear(x, module_member(out_proj, "weight"), module_member(out_proj, "bias"))
+
+
+# Where a warning should not point: mha's modules, and torch.nn's (Module.__call__, the
+# transformer layers and containers that call the attention).
+_LIBRARY_DIRS = (os.path.dirname(__file__) + os.sep, os.path.dirname(nn.modules.module.__file__) + os.sep)
+
+
+def _caller_stacklevel() -> int:
+    """The ``stacklevel`` of the first frame outside mha and ``torch.nn``'s modules, for a
+    warning raised in the caller of this function: the line of the user's code that
+    called the attention, directly or through a model's layers."""
+    frame = sys._getframe(1)
+    level = 1
+    while frame.f_back is not None and frame.f_code.co_filename.startswith(_LIBRARY_DIRS):
+        frame = frame.f_back
+        level += 1
+    return level
 
 
 def built_like(attention: nn.MultiheadAttention) -> MultiheadAttention:

@@ -105,10 +105,10 @@ class TransformerEncoderLayer(nn.TransformerEncoderLayer):
         """Whether torch's forward (its fused kernel in eval under ``no_grad``) gives this
         call mha's result: no backend forced, and either no mask and no ``is_causal`` (no
         row can lose every key), or, in eval without autograd, a short sequence whose
-        masks were read and leave every row a key and deserve no warning (checked by
-        mha's front end, which raises for malformed masks), ``is_causal`` only with the causal mask itself
-        (torch's kernel applies the mask alone, mha both). Over longer sequences mha's
-        path is the faster."""
+        masks mha's front end read (it raises for malformed ones) and found to leave
+        every row a key and to deserve no warning, with ``is_causal`` only beside the
+        causal mask itself (torch's kernel applies the mask alone, mha both). Over
+        longer sequences mha's path is the faster."""
         if forced_backend() is not None:
             return False
         if src_mask is None and src_key_padding_mask is None:
@@ -131,6 +131,7 @@ class TransformerEncoderLayer(nn.TransformerEncoderLayer):
     def _torch_forward(
         self, src: Tensor, src_mask: Tensor | None, src_key_padding_mask: Tensor | None, is_causal: bool
     ) -> Tensor:
+        """torch's own forward (not compiled by TorchScript, which compiles no ``super()``)."""
         return super().forward(src, src_mask, src_key_padding_mask, is_causal)
 
 

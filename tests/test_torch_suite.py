@@ -250,19 +250,31 @@ def test_empty_nested_query_raises_value_error():
         ours(empty, empty, empty)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=NotImplementedError,
-    reason="nested inputs with add_bias_kv or add_zero_attn are not supported yet (torch raises for them too)",
-)
-@pytest.mark.parametrize("extra", ["add_bias_kv", "add_zero_attn"])
-def test_nested_input_with_extra_keys_runs_like_torch(extra):
-    theirs, ours = build_pair(10, 5, batch_first=True, dtype=F64, **{extra: True})
-    seqs = [torch.randn(4, 10, dtype=F64), torch.randn(6, 10, dtype=F64)]
-    x = torch.nested.nested_tensor(seqs, layout=torch.jagged)
-    out, _ = ours.eval()(x, x, x, need_weights=False)
+@pytest.mark.parametrize("extra", [{"add_bias_kv": True}, {"add_zero_attn": True}, {"add_bias_kv": True, "add_zero_attn": True}])
+@pytest.mark.parametrize("layout", [torch.jagged, torch.strided])
+def test_nested_input_with_appended_keys_matches_torch_per_sequence(extra, layout):
+    """add_bias_kv / add_zero_attn append their keys to every sequence of a nested batch: each
+    sequence's output, weights and gradients are torch's for that sequence alone (torch
+    itself refuses nested inputs here: its nested path is the fast path, which these turn off)."""
+    theirs, ours = build_pair(10, 5, batch_first=True, dtype=F64, **extra)
+    seqs = [torch.randn(4, 10, dtype=F64), torch.randn(6, 10, dtype=F64), torch.randn(1, 10, dtype=F64)]
+    x = torch.nested.nested_tensor(seqs, layout=layout)
+    out, weights = ours(x, x, x, average_attn_weights=False)
+    sum(o.sum() for o in out.unbind()).backward()
     for n, seq in enumerate(seqs):
-        torch.testing.assert_close(out[n], theirs.eval()(seq[None], seq[None], seq[None])[0][0], **TOL64)
+        expected, expected_weights = theirs(seq[None], seq[None], seq[None], average_attn_weights=False)
+        torch.testing.assert_close(out.unbind()[n], expected[0], **TOL64)
+        torch.testing.assert_close(weights.unbind()[n], expected_weights[0], **TOL64)
+        expected.sum().backward()
+    for name, p in ours.named_parameters():
+        torch.testing.assert_close(p.grad, dict(theirs.named_parameters())[name].grad, **TOL64, msg=name)
+
+
+def test_nested_input_with_appended_keys_and_is_causal_is_refused():
+    _, ours = build_pair(10, 5, batch_first=True, dtype=F64, add_bias_kv=True)
+    x = torch.nested.nested_tensor([torch.randn(4, 10, dtype=F64)], layout=torch.jagged)
+    with pytest.raises(NotImplementedError, match="is_causal=True with add_bias_kv or add_zero_attn"):
+        ours(x, x, x, is_causal=True)
 
 
 # Copies, pickles, training.

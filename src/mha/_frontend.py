@@ -17,7 +17,8 @@ Routes:
 * ``"key_lengths"``: right-padded keys, where dropping them before the key and
   value projections pays (:func:`key_lengths_may_pay`, :func:`key_lengths_pay`);
   sequences are packed and attended at their own lengths, with the plan's band mask;
-* ``"nested"``: nested (variable-length) inputs, attended per sequence;
+* ``"nested"``: nested (variable-length) inputs, attended per sequence (the keys of
+  ``add_bias_kv``/``add_zero_attn`` appended to each);
 * ``"context_parallel"``: inside :func:`mha.distributed.context_parallel`, the
   inputs are this rank's shards of the sequence and the torch-style masks keep
   their meaning on the whole sequence; :mod:`mha.distributed` reads them.
@@ -158,8 +159,15 @@ def plan_forward(
     if isinstance(query, Tensor) and query.is_nested:
         refuse_nested()
         validate_nested_forward(config, query, key, value, key_padding_mask, attn_mask)
+        extra_keys = int(config.bias_k is not None) + int(config.add_zero_attn)
+        if extra_keys and is_causal:
+            raise NotImplementedError(
+                "is_causal=True with add_bias_kv or add_zero_attn is not supported with nested inputs: the "
+                "appended keys stay open to every query, which a causal band per sequence cannot say; pass "
+                "the sequences padded, with is_causal=True"
+            )
         return ForwardPlan(
-            "nested", query, key, value, True, True, query.size(0), 0, 0, 0,
+            "nested", query, key, value, True, True, query.size(0), 0, 0, extra_keys,
             CAUSAL if is_causal else None, None, weights, dropout_p, (), False,
         )
     batched, N, L, S = validate_forward(config, query, key, value, key_padding_mask, attn_mask)

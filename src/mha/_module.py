@@ -28,6 +28,7 @@ from ._varlen import (
     jagged_from_packed,
     nested_packed,
     nested_weights,
+    with_appended_keys,
 )
 from .distributed._context import context_parallel_attention
 
@@ -362,12 +363,27 @@ class MultiheadAttention(ScriptableAttention):
         q, k, v = self._in_projection(q_in, k_in, v_in)
         H = self.num_heads
         q, k, v = (t.unflatten(-1, (H, t.shape[-1] // H)) for t in (q, k, v))
+        if plan.extra_keys:
+            k, v, k_offsets = with_appended_keys(k, v, k_offsets, *self._appended_tokens(k))
         result = packed_attention(
             q, k, v, q_offsets, k_offsets, plan.mask, dropout_p=plan.dropout_p, weights=plan.weights
         )
         out = self._out_projection(result.output.flatten(-2))
         weights = nested_weights(result.weights) if result.weights is not None else None
         return jagged_from_packed(out, q_offsets, query), weights
+
+    def _appended_tokens(self, k: Tensor) -> tuple[Tensor, Tensor]:
+        """The keys and values ``add_bias_kv`` and ``add_zero_attn`` append, in that order, as
+        heads ``(A, H, E // H)`` in the dtype of the projected keys ``k``."""
+        H, D = self.num_heads, self.embed_dim // self.num_heads
+        keys, values = [], []
+        if self.bias_k is not None and self.bias_v is not None:
+            keys.append(self.bias_k.view(1, H, D))
+            values.append(self.bias_v.view(1, H, D))
+        if self.add_zero_attn:
+            keys.append(k.new_zeros(1, H, D))
+            values.append(k.new_zeros(1, H, D))
+        return torch.cat(keys).to(k.dtype), torch.cat(values).to(k.dtype)
 
     def _context_parallel(self, plan: ForwardPlan) -> tuple[Tensor, None]:
         """Inputs are this rank's shards of the sequence: project here, attend by ring

@@ -138,6 +138,19 @@ class Offsets:
                 self._longest = max([0, *self.lengths()])
         return self._longest
 
+    def appended(self, count: int) -> Offsets:
+        """The offsets after ``count`` rows are appended to every sequence (and the rows
+        that follow each moved down): ``offsets[n] + count * n``."""
+        if count == 0:
+            return self
+        return Offsets(
+            None if self._host is None else [o + count * n for n, o in enumerate(self._host)],
+            None if self._device is None else self._device + count * torch.arange(
+                self._device.shape[0], device=self._device.device, dtype=self._device.dtype
+            ),
+            None if self._longest is None else self._longest + count,
+        )
+
     def shifted(self, by: int) -> Offsets:
         """The offsets minus ``by``."""
         if by == 0:

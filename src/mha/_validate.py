@@ -492,8 +492,6 @@ def validate_nested_forward(
             "attn_mask is not supported with nested inputs (sequences differ in length); "
             "for causal attention pass is_causal=True"
         )
-    if module.bias_k is not None or module.add_zero_attn:
-        raise NotImplementedError("add_bias_kv and add_zero_attn are not supported with nested inputs yet")
 
 
 def _validate_regular_features(name: str, t: Tensor) -> None:

@@ -120,6 +120,32 @@ def nested_packed(t: Tensor) -> tuple[Tensor, Offsets]:
     return torch.cat(parts, dim=0), Offsets(list(itertools.accumulate((p.shape[0] for p in parts), initial=0)))
 
 
+def with_appended_keys(
+    key: Tensor, value: Tensor, offsets: Offsets, keys: Tensor, values: Tensor
+) -> tuple[Tensor, Tensor, Offsets]:
+    """Packed ``key`` ``(T, H, Dk)`` and ``value`` ``(T, H, Dv)`` with ``A`` tokens appended
+    at the end of every sequence, ``keys`` ``(A, H, Dk)`` and ``values`` ``(A, H, Dv)`` in
+    order (``add_bias_kv``'s and ``add_zero_attn``'s), and the offsets of the longer
+    sequences. Device ops only (nothing is read back), differentiable in every input.
+
+    Row ``r`` of sequence ``n`` moves to ``r + A * n``, which is ``r`` plus ``A`` times
+    the number of sequences ending at or before it; token ``a`` of sequence ``n`` goes to
+    ``offsets[n + 1] + A * n + a``."""
+    A, T = keys.shape[0], key.shape[0]
+    ends = offsets.on(key.device).long()
+    N = ends.shape[0] - 1
+    rows = torch.arange(T, device=key.device)
+    moved = rows + A * torch.searchsorted(ends[1:], rows, right=True)
+    first = ends[1:] + A * torch.arange(N, device=key.device)
+    appended = (first[:, None] + torch.arange(A, device=key.device)).flatten()
+    out = []
+    for packed, tokens in ((key, keys), (value, values)):
+        grown = packed.new_zeros((T + A * N, *packed.shape[1:]))
+        grown = grown.index_copy(0, moved, packed).index_copy(0, appended, tokens.repeat(N, 1, 1))
+        out.append(grown)
+    return out[0], out[1], offsets.appended(A)
+
+
 def _jagged_offsets(t: NestedTensor) -> Offsets:
     return Offsets(device=t._offsets, longest=getattr(t, "_maybe_max_seqlen", None))
 

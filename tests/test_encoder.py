@@ -167,3 +167,26 @@ def test_compiled_layer_keeps_a_fully_padded_sequence_finite():
         got = torch.compile(ours, backend="eager")(x, src_key_padding_mask=kpm)
     assert got.isfinite().all()
     torch.testing.assert_close(got, expected, **TOL64)
+
+
+def test_float_masks_that_add_values_are_not_read_as_booleans_in_eval():
+    """torch's fused kernel reads a float mask as booleans (nonzero = masked out): an added
+    bias gave wrong outputs there, and a row of -1e9 NaN. Such calls run through mha's
+    attention and give torch's standard path's result."""
+    theirs, ours = _pair()
+    x = torch.randn(N, S, E, dtype=F64, generator=torch.Generator().manual_seed(6))
+    bias = torch.randn(S, S, dtype=F64, generator=torch.Generator().manual_seed(7))
+    for kwargs in (
+        {"src_mask": bias},
+        {"src_mask": torch.full((S, S), -1e9, dtype=F64)},
+        {"src_key_padding_mask": torch.randn(N, S, dtype=F64, generator=torch.Generator().manual_seed(8))},
+    ):
+        torch.backends.mha.set_fastpath_enabled(False)
+        try:
+            with torch.no_grad():
+                expected = theirs(x, **kwargs)  # torch's standard path
+        finally:
+            torch.backends.mha.set_fastpath_enabled(True)
+        with torch.no_grad():
+            got = ours(x, **kwargs)
+        torch.testing.assert_close(got, expected, **TOL64)

@@ -9,10 +9,11 @@ causal mask goes unwarned, and the masks are merged to ``(N, nhead, S, S)``.
 This layer plans each masked call with mha's front end first (the masks are
 checked and read, as :class:`mha.MultiheadAttention` reads them). Torch's
 forward, fused kernel included, serves what it serves as mha would: calls without
-a mask, and short masked calls (``S <= 128``) whose masks leave every row a key
-and deserve no warning. Every other call runs through ``self_attn``, mha's
-attention: rows left with no key give zeros, pitfalls warn, and longer
-sequences skip what the masks close instead of merging them. Under
+a mask, and short masked calls (``S <= 128``) whose masks leave every row a key,
+deserve no warning and only block or pass keys (boolean, or float 0 and ``-inf``:
+the kernel reads a float mask as booleans). Every other call runs through
+``self_attn``, mha's attention: rows left with no key give zeros, pitfalls warn,
+and longer sequences skip what the masks close instead of merging them. Under
 :func:`mha.use_backend` every call runs through mha.
 
 Inside :class:`torch.nn.TransformerEncoder` with ``enable_nested_tensor`` (the
@@ -31,7 +32,7 @@ from torch import Tensor, nn
 from ._dispatch import forced_backend
 from ._frontend import plan_forward
 from ._fx import leaf_call
-from ._mask_analysis import is_standard_causal
+from ._mask_analysis import blocks_or_passes, is_standard_causal
 from ._module import built_like
 
 
@@ -125,7 +126,11 @@ class TransformerEncoderLayer(nn.TransformerEncoderLayer):
         )
         # Masks whose values were not read (traced by torch.compile, meta or fake tensors)
         # may leave rows without a key: mha's path.
-        return plan.route == "dense" and plan.values_read and not plan.warnings
+        if plan.route != "dense" or not plan.values_read or plan.warnings:
+            return False
+        # torch's kernel reads a float mask as booleans (nonzero = masked out): an added
+        # bias, or a large negative number, would block its keys there.
+        return blocks_or_passes(src_mask) and blocks_or_passes(src_key_padding_mask)
 
     @torch.jit.unused
     def _torch_forward(

@@ -190,3 +190,21 @@ def test_float_masks_that_add_values_are_not_read_as_booleans_in_eval():
         with torch.no_grad():
             got = ours(x, **kwargs)
         torch.testing.assert_close(got, expected, **TOL64)
+
+
+@pytest.mark.filterwarnings("ignore:The PyTorch API of nested tensors is in prototype stage")
+def test_scripted_encoder_runs_its_nested_batches():
+    """A scripted nn.TransformerEncoder (nested tensors enabled, as mha.swap leaves it) nests
+    a right-padded batch in eval and its layers see no mask: mha's scripted layer runs torch's
+    kernel on it, as torch's does (mha's scripted attention refused the nested tensor)."""
+    torch.manual_seed(9)
+    layer = mha.TransformerEncoderLayer(E, H, FF, dropout=0.0, batch_first=True, dtype=F64)
+    encoder = nn.TransformerEncoder(layer, 2).eval()
+    x = torch.randn(N, S, E, dtype=F64)
+    kpm = torch.arange(S)[None, :] >= torch.tensor([S, 2, 4])[:, None]
+    with torch.no_grad():
+        expected = encoder(x, src_key_padding_mask=kpm)
+        got = torch.jit.script(encoder)(x, src_key_padding_mask=kpm)
+    torch.testing.assert_close(got, expected, **TOL64)
+    # Without the biases the kernel needs, the layer still compiles (its encoder would not nest).
+    torch.jit.script(mha.TransformerEncoderLayer(E, H, FF, batch_first=True, bias=False))

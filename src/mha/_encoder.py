@@ -67,6 +67,10 @@ class TransformerEncoderLayer(nn.TransformerEncoderLayer):
                 return traced
             if self._torch_serves(src, src_mask, src_key_padding_mask, is_causal):
                 return self._torch_forward(src, src_mask, src_key_padding_mask, is_causal)
+        elif src.is_nested and src_mask is None and src_key_padding_mask is None and not is_causal:
+            nested = self._nested_kernel(src)
+            if nested is not None:
+                return nested
         # torch's forward past its fused kernel, written out: TorchScript compiles no super().
         src_key_padding_mask = F._canonical_mask(
             mask=src_key_padding_mask,
@@ -89,6 +93,28 @@ class TransformerEncoderLayer(nn.TransformerEncoderLayer):
             return x + self._ff_block(self.norm2(x))
         x = self.norm1(x + self._sa_block(x, src_mask, src_key_padding_mask, is_causal=is_causal))
         return self.norm2(x + self._ff_block(x))
+
+    def _nested_kernel(self, src: Tensor) -> Tensor | None:
+        """torch's fused kernel over a nested ``src`` without masks, as torch's forward runs
+        it, for the forward TorchScript compiles (no ``super()`` there): a scripted
+        ``TransformerEncoder`` nests right-padded batches in eval, having checked the
+        kernel's conditions, and mha's scripted attention takes no nested tensor. None
+        where a parameter the kernel needs is absent (``bias=False``)."""
+        attn = self.self_attn
+        in_bias, out_bias = attn.in_proj_bias, attn.out_proj.bias
+        norm1_bias, norm2_bias = self.norm1.bias, self.norm2.bias
+        bias1, bias2 = self.linear1.bias, self.linear2.bias
+        if (
+            in_bias is None or out_bias is None or norm1_bias is None or norm2_bias is None
+            or bias1 is None or bias2 is None
+        ):
+            return None
+        return torch._transformer_encoder_layer_fwd(
+            src, attn.embed_dim, attn.num_heads, attn.in_proj_weight, in_bias,
+            attn.out_proj.weight, out_bias, self.activation_relu_or_gelu == 2, self.norm_first,
+            self.norm1.eps, self.norm1.weight, norm1_bias, self.norm2.weight, norm2_bias,
+            self.linear1.weight, bias1, self.linear2.weight, bias2, None, None,
+        )
 
     @torch.jit.unused
     def _fx_node(

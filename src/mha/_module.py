@@ -215,7 +215,9 @@ class MultiheadAttention(ScriptableAttention):
             return self._forward_scripted(
                 query, key, value, key_padding_mask, need_weights, attn_mask, average_attn_weights, is_causal
             )
-        if type(query) is not Tensor:  # a proxy of torch.fx (or a nested or other subclass)
+        # A proxy of torch.fx (or a nested or other subclass); the query may be a constant
+        # (a buffer) while the key and value are traced.
+        if type(query) is not Tensor or type(key) is not Tensor or type(value) is not Tensor:
             node = leaf_call(
                 self, (query, key, value),
                 {"key_padding_mask": key_padding_mask, "need_weights": need_weights, "attn_mask": attn_mask,

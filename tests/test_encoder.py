@@ -208,3 +208,27 @@ def test_scripted_encoder_runs_its_nested_batches():
     torch.testing.assert_close(got, expected, **TOL64)
     # Without the biases the kernel needs, the layer still compiles (its encoder would not nest).
     torch.jit.script(mha.TransformerEncoderLayer(E, H, FF, batch_first=True, bias=False))
+
+
+@pytest.mark.parametrize("case", ["sequence_first", "fastpath_disabled"])
+def test_masked_calls_torchs_kernel_would_not_serve_are_planned_once(monkeypatch, case):
+    """Where torch's forward would not run its kernel (batch_first=False, torch's default, or
+    the fast path disabled) a masked call in eval goes straight to mha's path: planning it
+    for the kernel first read the masks, and the attention planned them again (~10% of a
+    small layer call)."""
+    _, ours = _pair(batch_first=case != "sequence_first")
+    x = torch.randn(S, N, E, dtype=F64) if case == "sequence_first" else torch.randn(N, S, E, dtype=F64)
+    kpm = torch.arange(S)[None, :] >= torch.tensor([S, 2, 4])[:, None]
+    plans: list[int] = []
+    plan_forward = mha._encoder.plan_forward
+
+    def spy(*args, **kwargs):
+        plans.append(1)
+        return plan_forward(*args, **kwargs)
+
+    monkeypatch.setattr(mha._encoder, "plan_forward", spy)
+    monkeypatch.setattr(torch.backends.mha, "get_fastpath_enabled", lambda: case != "fastpath_disabled")
+    calls = _calls(monkeypatch)
+    with torch.no_grad():
+        ours(x, src_key_padding_mask=kpm)
+    assert (plans, calls) == ([], [1])

@@ -140,8 +140,11 @@ class TransformerEncoderLayer(nn.TransformerEncoderLayer):
             return False
         if src_mask is None and src_key_padding_mask is None:
             return not is_causal  # is_causal alone: torch's kernel would attend every key
-        if self.training or torch.is_grad_enabled() or src.dim() != 3:
-            return False  # torch's forward would call self_attn: mha's path directly
+        if (
+            self.training or torch.is_grad_enabled() or src.dim() != 3 or not self.self_attn.batch_first
+            or not torch.backends.mha.get_fastpath_enabled()
+        ):
+            return False  # torch's forward would call self_attn: mha's path directly, planned once
         if is_causal and (src_mask is None or not is_standard_causal(src_mask)):
             return False  # torch's kernel reads the mask alone; mha applies causality too
         if src.shape[1 if self.self_attn.batch_first else 0] > _TORCH_KERNEL_MAX_KEYS:

@@ -232,3 +232,20 @@ def test_masked_calls_torchs_kernel_would_not_serve_are_planned_once(monkeypatch
     with torch.no_grad():
         ours(x, src_key_padding_mask=kpm)
     assert (plans, calls) == ([], [1])
+
+
+def test_warnings_name_the_callers_line():
+    """A pitfall warning from the attention inside the layer (in a TransformerEncoder, with a
+    hook on the attention) names the line that called the model, not torch's _sa_block,
+    which every layer of every model shares (the default filter then warned once for all)."""
+    _, ours = _pair()
+    encoder = nn.TransformerEncoder(ours, 2, enable_nested_tensor=False).eval()
+    encoder.layers[0].self_attn.register_forward_hook(lambda *args: None)
+    x = torch.randn(N, S, E, dtype=F64)
+    kpm = torch.arange(S)[None, :] >= torch.tensor([S, 0, 4])[:, None]
+    with torch.no_grad(), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ours(x, src_key_padding_mask=kpm)
+        encoder(x, src_key_padding_mask=kpm)
+    assert len(caught) == 3
+    assert all(w.filename == __file__ for w in caught), [(w.filename, w.lineno) for w in caught]

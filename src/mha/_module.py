@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import itertools
+import os
+import sys
 import warnings
 from typing import Any, ClassVar, cast
 
@@ -234,7 +236,7 @@ class MultiheadAttention(ScriptableAttention):
             need_weights, average_attn_weights, self.training,
         )
         for message in plan.warnings:
-            warnings.warn(message, UserWarning, stacklevel=4)  # forward, Module call (2), caller
+            warnings.warn(message, UserWarning, stacklevel=_caller_stacklevel())
         out, weights = getattr(self, self._ROUTES[plan.route])(plan)
         if not plan.batched:
             out = out.squeeze(1)
@@ -486,6 +488,24 @@ class MultiheadAttention(ScriptableAttention):
         bias (its hooks do not run, as in torch; a module call costs microseconds)."""
         out_proj = module_member(self, "out_proj")
         return F.linear(x, module_member(out_proj, "weight"), module_member(out_proj, "bias"))
+
+
+# Frames skipped to reach the line a warning names: torch.nn's (module calls, hooks, torch's
+# transformer layers) and mha's own (its transformer layers).
+_INTERNAL_FILES = (os.path.dirname(nn.__file__) + os.sep, os.path.dirname(__file__) + os.sep)
+
+
+def _caller_stacklevel() -> int:
+    """The ``stacklevel`` for a warning from :meth:`MultiheadAttention.forward` that names
+    the first line outside torch.nn and mha: the user's call, not the ``Module`` call's
+    frames, nor torch's transformer layer that called the attention (each of its layers
+    would name one line of torch's, and warn once for the whole program)."""
+    frame = sys._getframe(2)  # forward's caller
+    level = 2
+    while frame.f_back is not None and frame.f_code.co_filename.startswith(_INTERNAL_FILES):
+        frame = frame.f_back
+        level += 1
+    return level
 
 
 def built_like(attention: nn.MultiheadAttention) -> MultiheadAttention:

@@ -145,6 +145,8 @@ class TransformerEncoderLayer(nn.TransformerEncoderLayer):
             or not torch.backends.mha.get_fastpath_enabled()
         ):
             return False  # torch's forward would call self_attn: mha's path directly, planned once
+        if torch.jit.is_tracing():
+            return False  # a trace would keep the kernel chosen from these masks' values for any others
         if is_causal and (src_mask is None or not is_standard_causal(src_mask)):
             return False  # torch's kernel reads the mask alone; mha applies causality too
         if src.shape[1 if self.self_attn.batch_first else 0] > _TORCH_KERNEL_MAX_KEYS:

@@ -210,10 +210,10 @@ def test_scripted_encoder_runs_its_nested_batches():
     torch.jit.script(mha.TransformerEncoderLayer(E, H, FF, batch_first=True, bias=False))
 
 
-@pytest.mark.parametrize("case", ["sequence_first", "fastpath_disabled"])
+@pytest.mark.parametrize("case", ["sequence_first", "fastpath_disabled", "cuda_autocast"])
 def test_masked_calls_torchs_kernel_would_not_serve_are_planned_once(monkeypatch, case):
-    """Where torch's forward would not run its kernel (batch_first=False, torch's default, or
-    the fast path disabled) a masked call in eval goes straight to mha's path: planning it
+    """Where torch's forward would not run its kernel (batch_first=False, torch's default,
+    the fast path disabled, CUDA autocast) a masked call in eval goes straight to mha's path: planning it
     for the kernel first read the masks, and the attention planned them again (~10% of a
     small layer call)."""
     _, ours = _pair(batch_first=case != "sequence_first")
@@ -228,6 +228,7 @@ def test_masked_calls_torchs_kernel_would_not_serve_are_planned_once(monkeypatch
 
     monkeypatch.setattr(mha._encoder, "plan_forward", spy)
     monkeypatch.setattr(torch.backends.mha, "get_fastpath_enabled", lambda: case != "fastpath_disabled")
+    monkeypatch.setattr(torch, "is_autocast_enabled", lambda *device: case == "cuda_autocast" and not device)
     calls = _calls(monkeypatch)
     with torch.no_grad():
         ours(x, src_key_padding_mask=kpm)

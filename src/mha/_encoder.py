@@ -142,7 +142,7 @@ class TransformerEncoderLayer(nn.TransformerEncoderLayer):
             return not is_causal  # is_causal alone: torch's kernel would attend every key
         if (
             self.training or torch.is_grad_enabled() or src.dim() != 3 or not self.self_attn.batch_first
-            or not torch.backends.mha.get_fastpath_enabled()
+            or not torch.backends.mha.get_fastpath_enabled() or torch.is_autocast_enabled()
         ):
             return False  # torch's forward would call self_attn: mha's path directly, planned once
         if torch.jit.is_tracing():

@@ -195,3 +195,16 @@ def test_fx_records_a_call_whose_query_is_a_constant() -> None:
     traced = torch.fx.symbolic_trace(model)
     assert [n.target for n in traced.graph.nodes if n.op == "call_module"] == ["attention"]
     torch.testing.assert_close(traced(x), model(x))
+
+
+def test_fx_graph_of_a_swapped_model_runs_after_swapping_back() -> None:
+    """The call_module nodes hold torch's arguments only (mha's cache= when given): the
+    traced graph also runs torch's modules, after mha.swap(graph_module, to="torch")
+    (it passed cache=None to them: TypeError)."""
+    torch.manual_seed(0)
+    model = mha.swap(_Blocks().eval())
+    x, padding = torch.randn(2, 5, E), torch.tensor([[False] * 5, [False, False, False, True, True]])
+    expected = model(x, padding)
+    traced = mha.swap(torch.fx.symbolic_trace(model), to="torch")
+    assert all(type(m).__module__.startswith("torch.") for m in traced.modules() if m is not traced)
+    torch.testing.assert_close(traced(x, padding), expected)

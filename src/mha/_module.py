@@ -223,7 +223,8 @@ class MultiheadAttention(ScriptableAttention):
             node = leaf_call(
                 self, (query, key, value),
                 {"key_padding_mask": key_padding_mask, "need_weights": need_weights, "attn_mask": attn_mask,
-                 "average_attn_weights": average_attn_weights, "is_causal": is_causal, "cache": cache},
+                 "average_attn_weights": average_attn_weights, "is_causal": is_causal},
+                cache,
             )
             if node is not None:
                 return node  # a proxy of the (output, weights) pair

@@ -256,8 +256,9 @@ def case_module(world: int) -> None:
 
 def case_encoder_layer(world: int) -> None:
     """A one-device torch encoder layer, swapped to mha, runs on shards under context_parallel:
-    causal mask built at the shard's size, boolean padding (torch turns it into floats);
-    in training and in eval under no_grad (where torch's fused fast path must stay off)."""
+    causal mask built at the shard's size, boolean padding (torch turns it into floats), or
+    no mask; in training and in eval under no_grad (where torch's fused fast path must stay
+    off)."""
     torch.manual_seed(20)
     E, N, L, layout = 10, 2, 4 * world, "zigzag"
     theirs = nn.TransformerEncoderLayer(E, 2, dim_feedforward=16, dropout=0.0, batch_first=True, dtype=F64)
@@ -272,6 +273,10 @@ def case_encoder_layer(world: int) -> None:
         with context_parallel(layout=layout), torch.set_grad_enabled(train):
             out_r = ours(x_r, src_mask=local, src_key_padding_mask=pad_r, is_causal=True)
         _close(out_r, shard(ref, 1, layout=layout), f"encoder layer, train={train}")
+        # Without a mask too: torch's fused kernel in eval would attend this rank's shard alone.
+        with context_parallel(layout=layout), torch.set_grad_enabled(train):
+            out_r = ours(x_r)
+        _close(out_r, shard(theirs(x), 1, layout=layout), f"encoder layer without a mask, train={train}")
     assert torch.backends.mha.get_fastpath_enabled()
 
 

@@ -172,3 +172,39 @@ def test_fx_symbolic_trace_records_the_modules_as_leaves() -> None:
     traced = torch.fx.symbolic_trace(model)
     assert [(n.op, n.target) for n in traced.graph.nodes] == nodes
     torch.testing.assert_close(traced(x, padding), model(x, padding))
+
+
+class _ConstantQuery(nn.Module):
+    """Cross-attention from a constant query (a buffer: fx passes it as a tensor, not a proxy)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.attention = nn.MultiheadAttention(E, H, batch_first=True)
+        self.register_buffer("query", torch.randn(2, 3, E))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.attention(self.query, x, x, need_weights=False)[0]
+
+
+def test_fx_records_a_call_whose_query_is_a_constant() -> None:
+    """Only the key and value are proxies: the call is still one call_module node (mha's
+    module checked the query alone, and its validation met the proxies)."""
+    torch.manual_seed(0)
+    model = mha.swap(_ConstantQuery())
+    x = torch.randn(2, 5, E)
+    traced = torch.fx.symbolic_trace(model)
+    assert [n.target for n in traced.graph.nodes if n.op == "call_module"] == ["attention"]
+    torch.testing.assert_close(traced(x), model(x))
+
+
+def test_fx_graph_of_a_swapped_model_runs_after_swapping_back() -> None:
+    """The call_module nodes hold torch's arguments only (mha's cache= when given): the
+    traced graph also runs torch's modules, after mha.swap(graph_module, to="torch")
+    (it passed cache=None to them: TypeError)."""
+    torch.manual_seed(0)
+    model = mha.swap(_Blocks().eval())
+    x, padding = torch.randn(2, 5, E), torch.tensor([[False] * 5, [False, False, False, True, True]])
+    expected = model(x, padding)
+    traced = mha.swap(torch.fx.symbolic_trace(model), to="torch")
+    assert all(type(m).__module__.startswith("torch.") for m in traced.modules() if m is not traced)
+    torch.testing.assert_close(traced(x, padding), expected)

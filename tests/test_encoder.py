@@ -167,3 +167,103 @@ def test_compiled_layer_keeps_a_fully_padded_sequence_finite():
         got = torch.compile(ours, backend="eager")(x, src_key_padding_mask=kpm)
     assert got.isfinite().all()
     torch.testing.assert_close(got, expected, **TOL64)
+
+
+def test_float_masks_that_add_values_are_not_read_as_booleans_in_eval():
+    """torch's fused kernel reads a float mask as booleans (nonzero = masked out): an added
+    bias gave wrong outputs there, and a row of -1e9 NaN. Such calls run through mha's
+    attention and give torch's standard path's result."""
+    theirs, ours = _pair()
+    x = torch.randn(N, S, E, dtype=F64, generator=torch.Generator().manual_seed(6))
+    bias = torch.randn(S, S, dtype=F64, generator=torch.Generator().manual_seed(7))
+    for kwargs in (
+        {"src_mask": bias},
+        {"src_mask": torch.full((S, S), -1e9, dtype=F64)},
+        {"src_key_padding_mask": torch.randn(N, S, dtype=F64, generator=torch.Generator().manual_seed(8))},
+    ):
+        torch.backends.mha.set_fastpath_enabled(False)
+        try:
+            with torch.no_grad():
+                expected = theirs(x, **kwargs)  # torch's standard path
+        finally:
+            torch.backends.mha.set_fastpath_enabled(True)
+        with torch.no_grad():
+            got = ours(x, **kwargs)
+        torch.testing.assert_close(got, expected, **TOL64)
+
+
+@pytest.mark.filterwarnings("ignore:The PyTorch API of nested tensors is in prototype stage")
+def test_scripted_encoder_runs_its_nested_batches():
+    """A scripted nn.TransformerEncoder (nested tensors enabled, as mha.swap leaves it) nests
+    a right-padded batch in eval and its layers see no mask: mha's scripted layer runs torch's
+    kernel on it, as torch's does (mha's scripted attention refused the nested tensor)."""
+    torch.manual_seed(9)
+    layer = mha.TransformerEncoderLayer(E, H, FF, dropout=0.0, batch_first=True, dtype=F64)
+    encoder = nn.TransformerEncoder(layer, 2).eval()
+    x = torch.randn(N, S, E, dtype=F64)
+    kpm = torch.arange(S)[None, :] >= torch.tensor([S, 2, 4])[:, None]
+    with torch.no_grad():
+        expected = encoder(x, src_key_padding_mask=kpm)
+        got = torch.jit.script(encoder)(x, src_key_padding_mask=kpm)
+    torch.testing.assert_close(got, expected, **TOL64)
+    # Without the biases the kernel needs, the layer still compiles (its encoder would not nest).
+    torch.jit.script(mha.TransformerEncoderLayer(E, H, FF, batch_first=True, bias=False))
+
+
+@pytest.mark.parametrize("case", ["sequence_first", "fastpath_disabled", "cuda_autocast"])
+def test_masked_calls_torchs_kernel_would_not_serve_are_planned_once(monkeypatch, case):
+    """Where torch's forward would not run its kernel (batch_first=False, torch's default,
+    the fast path disabled, CUDA autocast) a masked call in eval goes straight to mha's path: planning it
+    for the kernel first read the masks, and the attention planned them again (~10% of a
+    small layer call)."""
+    _, ours = _pair(batch_first=case != "sequence_first")
+    x = torch.randn(S, N, E, dtype=F64) if case == "sequence_first" else torch.randn(N, S, E, dtype=F64)
+    kpm = torch.arange(S)[None, :] >= torch.tensor([S, 2, 4])[:, None]
+    plans: list[int] = []
+    plan_forward = mha._encoder.plan_forward
+
+    def spy(*args, **kwargs):
+        plans.append(1)
+        return plan_forward(*args, **kwargs)
+
+    monkeypatch.setattr(mha._encoder, "plan_forward", spy)
+    monkeypatch.setattr(torch.backends.mha, "get_fastpath_enabled", lambda: case != "fastpath_disabled")
+    monkeypatch.setattr(torch, "is_autocast_enabled", lambda *device: case == "cuda_autocast" and not device)
+    calls = _calls(monkeypatch)
+    with torch.no_grad():
+        ours(x, src_key_padding_mask=kpm)
+    assert (plans, calls) == ([], [1])
+
+
+def test_warnings_name_the_callers_line():
+    """A pitfall warning from the attention inside the layer (in a TransformerEncoder, with a
+    hook on the attention) names the line that called the model, not torch's _sa_block,
+    which every layer of every model shares (the default filter then warned once for all)."""
+    _, ours = _pair()
+    encoder = nn.TransformerEncoder(ours, 2, enable_nested_tensor=False).eval()
+    encoder.layers[0].self_attn.register_forward_hook(lambda *args: None)
+    x = torch.randn(N, S, E, dtype=F64)
+    kpm = torch.arange(S)[None, :] >= torch.tensor([S, 0, 4])[:, None]
+    with torch.no_grad(), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ours(x, src_key_padding_mask=kpm)
+        encoder(x, src_key_padding_mask=kpm)
+    assert len(caught) == 3
+    assert all(w.filename == __file__ for w in caught), [(w.filename, w.lineno) for w in caught]
+
+
+def test_traced_layer_keeps_a_fully_padded_sequence_finite():
+    """torch.jit.trace records one path: a masked call traced through torch's kernel (chosen
+    from the example masks' values) gave NaN when replayed with a fully padded sequence.
+    Traced masked calls record mha's attention, as the traced attention module does."""
+    _, ours = _pair()
+    x = torch.randn(N, S, E, dtype=F64)
+    example = torch.arange(S)[None, :] >= torch.tensor([S, 2, 4])[:, None]
+    padded = torch.arange(S)[None, :] >= torch.tensor([S, 0, 4])[:, None]
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        traced = torch.jit.trace(ours, (x, torch.zeros(S, S, dtype=F64), example))
+        expected = ours(x, src_key_padding_mask=padded)
+        got = traced(x, torch.zeros(S, S, dtype=F64), padded)
+    assert got.isfinite().all()
+    torch.testing.assert_close(got, expected, **TOL64)

@@ -114,9 +114,9 @@ class _DecoderCall(nn.Module):
         kwargs = {
             "tgt_mask": tgt_mask, "memory_mask": memory_mask, "tgt_key_padding_mask": tgt_key_padding_mask,
             "memory_key_padding_mask": memory_key_padding_mask, "tgt_is_causal": tgt_is_causal,
-            "memory_is_causal": memory_is_causal, "cache": cache,
+            "memory_is_causal": memory_is_causal,
         }
-        return leaf_call(self, (tgt, memory), kwargs)  # a proxy of the output, or None
+        return leaf_call(self, (tgt, memory), kwargs, cache)  # a proxy of the output, or None
 
 
 class TransformerDecoderLayer(_DecoderCall, nn.TransformerDecoderLayer):

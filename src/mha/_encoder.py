@@ -9,10 +9,11 @@ causal mask goes unwarned, and the masks are merged to ``(N, nhead, S, S)``.
 This layer plans each masked call with mha's front end first (the masks are
 checked and read, as :class:`mha.MultiheadAttention` reads them). Torch's
 forward, fused kernel included, serves what it serves as mha would: calls without
-a mask, and short masked calls (``S <= 128``) whose masks leave every row a key
-and deserve no warning. Every other call runs through ``self_attn``, mha's
-attention: rows left with no key give zeros, pitfalls warn, and longer
-sequences skip what the masks close instead of merging them. Under
+a mask, and short masked calls (``S <= 128``) whose masks leave every row a key,
+deserve no warning and only block or pass keys (boolean, or float 0 and ``-inf``:
+the kernel reads a float mask as booleans). Every other call runs through
+``self_attn``, mha's attention: rows left with no key give zeros, pitfalls warn,
+and longer sequences skip what the masks close instead of merging them. Under
 :func:`mha.use_backend` every call runs through mha.
 
 Inside :class:`torch.nn.TransformerEncoder` with ``enable_nested_tensor`` (the
@@ -31,7 +32,7 @@ from torch import Tensor, nn
 from ._dispatch import forced_backend
 from ._frontend import plan_forward
 from ._fx import leaf_call
-from ._mask_analysis import is_standard_causal
+from ._mask_analysis import blocks_or_passes, is_standard_causal
 from ._module import built_like
 
 
@@ -66,6 +67,10 @@ class TransformerEncoderLayer(nn.TransformerEncoderLayer):
                 return traced
             if self._torch_serves(src, src_mask, src_key_padding_mask, is_causal):
                 return self._torch_forward(src, src_mask, src_key_padding_mask, is_causal)
+        elif src.is_nested and src_mask is None and src_key_padding_mask is None and not is_causal:
+            nested = self._nested_kernel(src)
+            if nested is not None:
+                return nested
         # torch's forward past its fused kernel, written out: TorchScript compiles no super().
         src_key_padding_mask = F._canonical_mask(
             mask=src_key_padding_mask,
@@ -88,6 +93,28 @@ class TransformerEncoderLayer(nn.TransformerEncoderLayer):
             return x + self._ff_block(self.norm2(x))
         x = self.norm1(x + self._sa_block(x, src_mask, src_key_padding_mask, is_causal=is_causal))
         return self.norm2(x + self._ff_block(x))
+
+    def _nested_kernel(self, src: Tensor) -> Tensor | None:
+        """torch's fused kernel over a nested ``src`` without masks, as torch's forward runs
+        it, for the forward TorchScript compiles (no ``super()`` there): a scripted
+        ``TransformerEncoder`` nests right-padded batches in eval, having checked the
+        kernel's conditions, and mha's scripted attention takes no nested tensor. None
+        where a parameter the kernel needs is absent (``bias=False``)."""
+        attn = self.self_attn
+        in_bias, out_bias = attn.in_proj_bias, attn.out_proj.bias
+        norm1_bias, norm2_bias = self.norm1.bias, self.norm2.bias
+        bias1, bias2 = self.linear1.bias, self.linear2.bias
+        if (
+            in_bias is None or out_bias is None or norm1_bias is None or norm2_bias is None
+            or bias1 is None or bias2 is None
+        ):
+            return None
+        return torch._transformer_encoder_layer_fwd(
+            src, attn.embed_dim, attn.num_heads, attn.in_proj_weight, in_bias,
+            attn.out_proj.weight, out_bias, self.activation_relu_or_gelu == 2, self.norm_first,
+            self.norm1.eps, self.norm1.weight, norm1_bias, self.norm2.weight, norm2_bias,
+            self.linear1.weight, bias1, self.linear2.weight, bias2, None, None,
+        )
 
     @torch.jit.unused
     def _fx_node(
@@ -113,8 +140,13 @@ class TransformerEncoderLayer(nn.TransformerEncoderLayer):
             return False
         if src_mask is None and src_key_padding_mask is None:
             return not is_causal  # is_causal alone: torch's kernel would attend every key
-        if self.training or torch.is_grad_enabled() or src.dim() != 3:
-            return False  # torch's forward would call self_attn: mha's path directly
+        if (
+            self.training or torch.is_grad_enabled() or src.dim() != 3 or not self.self_attn.batch_first
+            or not torch.backends.mha.get_fastpath_enabled() or torch.is_autocast_enabled()
+        ):
+            return False  # torch's forward would call self_attn: mha's path directly, planned once
+        if torch.jit.is_tracing():
+            return False  # a trace would keep the kernel chosen from these masks' values for any others
         if is_causal and (src_mask is None or not is_standard_causal(src_mask)):
             return False  # torch's kernel reads the mask alone; mha applies causality too
         if src.shape[1 if self.self_attn.batch_first else 0] > _TORCH_KERNEL_MAX_KEYS:
@@ -125,7 +157,11 @@ class TransformerEncoderLayer(nn.TransformerEncoderLayer):
         )
         # Masks whose values were not read (traced by torch.compile, meta or fake tensors)
         # may leave rows without a key: mha's path.
-        return plan.route == "dense" and plan.values_read and not plan.warnings
+        if plan.route != "dense" or not plan.values_read or plan.warnings:
+            return False
+        # torch's kernel reads a float mask as booleans (nonzero = masked out): an added
+        # bias, or a large negative number, would block its keys there.
+        return blocks_or_passes(src_mask) and blocks_or_passes(src_key_padding_mask)
 
     @torch.jit.unused
     def _torch_forward(

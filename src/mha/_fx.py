@@ -16,11 +16,15 @@ from torch import nn
 from torch.fx import Proxy, Tracer
 
 
-def leaf_call(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-    """The ``call_module`` node of ``module(*args, **kwargs)`` when an argument is a
-    ``torch.fx.Proxy`` (the call is being traced) and ``module`` is not the traced root:
-    a proxy of what the call returns (typed Any, as it stands for the module's outputs);
-    None otherwise, and the call runs as usual."""
+def leaf_call(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], cache: Any = None) -> Any:
+    """The ``call_module`` node of ``module(*args, **kwargs, cache=cache)`` when an argument
+    is a ``torch.fx.Proxy`` (the call is being traced) and ``module`` is not the traced
+    root: a proxy of what the call returns (typed Any, as it stands for the module's
+    outputs); None otherwise, and the call runs as usual. ``cache``, mha's own argument,
+    is recorded only when given: the graph then calls torch's module as well (after
+    ``mha.swap(graph_module, to="torch")``)."""
+    if cache is not None:
+        kwargs = {**kwargs, "cache": cache}
     for arg in (*args, *kwargs.values()):
         if isinstance(arg, Proxy):
             tracer = arg.tracer

@@ -164,6 +164,15 @@ def _build_standard_causal(L: int, S: int, dtype: torch.dtype, device: torch.dev
 _cached_standard_causal = functools.lru_cache(maxsize=64)(_build_standard_causal)
 
 
+def blocks_or_passes(mask: Tensor | None) -> bool:
+    """Whether ``mask`` (a torch-style mask, or None) only blocks or passes keys: None,
+    boolean, or float holding only 0 and ``-inf`` (one host read), as opposed to a float
+    mask that adds other values to the scores."""
+    if mask is None or mask.dtype == torch.bool:
+        return True
+    return bool(((mask == 0) | torch.isneginf(mask)).all())
+
+
 def is_standard_causal(mask: Tensor) -> bool:
     """Whether ``mask`` is the standard causal ``attn_mask`` ``(L, S)``: boolean, True above
     the diagonal (``triu(ones(L, S), 1)``), or float, ``-inf`` there and 0 elsewhere

@@ -218,11 +218,14 @@ class MultiheadAttention(ScriptableAttention):
             return self._forward_scripted(
                 query, key, value, key_padding_mask, need_weights, attn_mask, average_attn_weights, is_causal
             )
-        if type(query) is not Tensor:  # a proxy of torch.fx (or a nested or other subclass)
+        # A proxy of torch.fx (or a nested or other subclass); the query may be a constant
+        # (a buffer) while the key and value are traced.
+        if type(query) is not Tensor or type(key) is not Tensor or type(value) is not Tensor:
             node = leaf_call(
                 self, (query, key, value),
                 {"key_padding_mask": key_padding_mask, "need_weights": need_weights, "attn_mask": attn_mask,
-                 "average_attn_weights": average_attn_weights, "is_causal": is_causal, "cache": cache},
+                 "average_attn_weights": average_attn_weights, "is_causal": is_causal},
+                cache,
             )
             if node is not None:
                 return node  # a proxy of the (output, weights) pair
@@ -506,18 +509,19 @@ class MultiheadAttention(ScriptableAttention):
         return F.linear(x, module_member(out_proj, "weight"), module_member(out_proj, "bias"))
 
 
-# Where a warning should not point: mha's modules, and torch.nn's (Module.__call__, the
-# transformer layers and containers that call the attention).
-_LIBRARY_DIRS = (os.path.dirname(__file__) + os.sep, os.path.dirname(nn.modules.module.__file__) + os.sep)
+# Frames skipped to reach the line a warning names: torch.nn's (module calls, hooks, torch's
+# transformer layers) and mha's own (its transformer layers).
+_INTERNAL_FILES = (os.path.dirname(nn.__file__) + os.sep, os.path.dirname(__file__) + os.sep)
 
 
 def _caller_stacklevel() -> int:
-    """The ``stacklevel`` of the first frame outside mha and ``torch.nn``'s modules, for a
-    warning raised in the caller of this function: the line of the user's code that
-    called the attention, directly or through a model's layers."""
-    frame = sys._getframe(1)
-    level = 1
-    while frame.f_back is not None and frame.f_code.co_filename.startswith(_LIBRARY_DIRS):
+    """The ``stacklevel`` for a warning from :meth:`MultiheadAttention.forward` that names
+    the first line outside torch.nn and mha: the user's call, not the ``Module`` call's
+    frames, nor torch's transformer layer that called the attention (each of its layers
+    would name one line of torch's, and warn once for the whole program)."""
+    frame = sys._getframe(2)  # forward's caller
+    level = 2
+    while frame.f_back is not None and frame.f_code.co_filename.startswith(_INTERNAL_FILES):
         frame = frame.f_back
         level += 1
     return level

@@ -214,7 +214,34 @@ def test_attn_mask_given_as_s_l(module, qkv):
 
 
 def test_attn_mask_of_wrong_shape(module, qkv):
-    check(ValueError, lambda: module(*qkv, attn_mask=_bool(L, 14)), "attn_mask", "(L, S) = (10, 15)", "(10, 14)")
+    check(
+        ValueError, lambda: module(*qkv, attn_mask=_bool(L, 14)), "attn_mask", "(L, S) = (10, 15)", "(10, 14)",
+        "one column per key",
+    )
+
+
+def test_attn_mask_with_rows_for_other_queries_says_one_row_per_query(module, qkv):
+    check(ValueError, lambda: module(*qkv, attn_mask=_bool(12, S)), "(12, 15)", "one row per query", "L = 10")
+
+
+def test_attn_mask_of_another_square_size_says_how_to_build_one(module):
+    """An encoder's causal mask made for one more token than the input has, as in a
+    nn.Transformer call with src_mask for the wrong length."""
+    x = torch.randn(L, N, E)
+    mask = torch.nn.Transformer.generate_square_subsequent_mask(L + 1)
+    check(ValueError, lambda: module(x, x, x, attn_mask=mask), "(L, S) = (10, 10)", "(11, 11)", "generate_square_subsequent_mask(10)")
+
+
+@pytest.mark.parametrize("batch_first", [False, True])
+def test_attn_mask_made_for_the_other_layout_says_so(batch_first):
+    """Batch-first tensors (2, 3, E) in a sequence-first module read as L = S = 2 with N = 3;
+    the caller's (3, 3) causal mask is (L, S) in the layout they meant, so the module's
+    batch_first is the fix (and the same the other way round)."""
+    m = mha.MultiheadAttention(E, H, batch_first=batch_first)
+    x = torch.randn(2, 3, E)
+    meant = 2 if batch_first else 3
+    mask = torch.nn.Transformer.generate_square_subsequent_mask(meant)
+    check(ValueError, lambda: m(x, x, x, attn_mask=mask), "attn_mask", f"({meant}, {meant})", f"batch_first={not batch_first}")
 
 
 @pytest.mark.parametrize("shape", [(S,), (1, 1, 1, L, S)])

@@ -195,7 +195,9 @@ def validate_forward(
     if key_padding_mask is not None:
         _validate_key_padding_mask(module, key_padding_mask, batched, N, S, notation, key)
     if attn_mask is not None:
-        _validate_attn_mask(module, attn_mask, batched, N, L, S, query.device)
+        # (L, S) as the tensors would read in the other layout, for the message of a mask made for it.
+        other = (query.shape[0], key.shape[0]) if bf else (query.shape[1], key.shape[1])
+        _validate_attn_mask(module, attn_mask, batched, N, L, S, query.device, other if batched else None)
     return batched, N, L, S
 
 
@@ -266,16 +268,21 @@ def _batch_first_hint(module: Any, query: Tensor, key: Tensor, value: Tensor) ->
         return ""
     bat_other = 1 if module.batch_first else 0
     if query.shape[bat_other] == key.shape[bat_other] == value.shape[bat_other]:
-        if module.batch_first:
-            return (
-                ". The shapes fit sequence-first tensors (L, N, E): this module has batch_first=True; "
-                "build it with batch_first=False or pass query.transpose(0, 1)"
-            )
-        return (
-            ". The shapes fit batch-first tensors (N, L, E): this module has batch_first=False; "
-            "build it with batch_first=True or pass query.transpose(0, 1) (and key, value likewise)"
-        )
+        return f". The shapes fit {_other_layout(module)}"
     return ""
+
+
+def _other_layout(module: Any) -> str:
+    """The layout the module was not built for, and how to switch to it."""
+    if module.batch_first:
+        return (
+            "sequence-first tensors (L, N, E): this module has batch_first=True; "
+            "build it with batch_first=False or pass query.transpose(0, 1)"
+        )
+    return (
+        "batch-first tensors (N, L, E): this module has batch_first=False; "
+        "build it with batch_first=True or pass query.transpose(0, 1) (and key, value likewise)"
+    )
 
 
 def _validate_dtypes_devices(module: Any, query: Tensor, key: Tensor, value: Tensor) -> None:
@@ -382,8 +389,17 @@ def _validate_key_padding_mask(
 
 
 def _validate_attn_mask(
-    module: Any, mask: Any, batched: bool, N: int, L: int, S: int, device: torch.device
+    module: Any,
+    mask: Any,
+    batched: bool,
+    N: int,
+    L: int,
+    S: int,
+    device: torch.device,
+    other_layout: tuple[int, int] | None = None,
 ) -> None:
+    """``other_layout``: ``(L, S)`` as batched tensors read in the layout the module was
+    not built for (batch-first vs sequence-first), or None."""
     H = module.num_heads
     layouts = {3: "(N*num_heads, L, S)" if batched else "(num_heads, L, S)", 4: "(N, num_heads, L, S)"}
     expected = layouts.get(mask.dim(), "(L, S)") if isinstance(mask, Tensor) else "(L, S)"
@@ -397,7 +413,10 @@ def _validate_attn_mask(
                 f"attn_mask has shape {shape} = (S, L), expected (L, S) = ({L}, {S}): one row per query; "
                 "pass attn_mask.T"
             )
-        raise ValueError(f"attn_mask must be (L, S) = ({L}, {S}) (queries x keys), got {shape}")
+        raise ValueError(
+            f"attn_mask must be (L, S) = ({L}, {S}) (queries x keys), got {shape}"
+            + _fix_2d(module, shape, L, S, other_layout)
+        )
     if mask.dim() == 3:
         lead = N * H if batched else H
         lead_name = "N*num_heads" if batched else "num_heads"
@@ -439,6 +458,22 @@ def _validate_attn_mask(
         )
         + f", got {mask.dim()}-D {shape}"
     )
+
+
+def _fix_2d(module: Any, shape: tuple[int, ...], L: int, S: int, other_layout: tuple[int, int] | None) -> str:
+    """How to build a 2-D ``attn_mask`` of ``shape`` that is not ``(L, S)`` (nor ``(S, L)``)."""
+    if shape == other_layout:
+        return f"; that is (L, S) for {_other_layout(module)}"
+    if shape[0] == L:
+        return f"; it has {shape[1]} columns: it needs one column per key, S = {S} (the key's length)"
+    if shape[1] == S:
+        return f"; it has {shape[0]} rows: it needs one row per query, L = {L} (the query's length)"
+    if L == S:
+        return (
+            f"; build it with one row per query and one column per key, e.g. "
+            f"nn.Transformer.generate_square_subsequent_mask({L}) for a causal mask"
+        )
+    return "; build it with one row per query and one column per key"
 
 
 def validate_nested_forward(

@@ -208,3 +208,16 @@ def test_fx_graph_of_a_swapped_model_runs_after_swapping_back() -> None:
     traced = mha.swap(torch.fx.symbolic_trace(model), to="torch")
     assert all(type(m).__module__.startswith("torch.") for m in traced.modules() if m is not traced)
     torch.testing.assert_close(traced(x, padding), expected)
+
+
+def test_fsdp_size_based_policy_keeps_the_attention_whole_as_torchs() -> None:
+    """FSDP's size_based_auto_wrap_policy never recurses into torch's attention (it is in the
+    policy's FORCE_LEAF_MODULES): the forward reads out_proj's weight directly, and an FSDP
+    unit of out_proj's own would leave it sharded there (with two ranks, mha's forward then
+    failed on the flat parameter's views). mha's attention is kept whole the same way."""
+    wrap = pytest.importorskip("torch.distributed.fsdp.wrap")
+    policy = wrap.size_based_auto_wrap_policy
+    theirs, ours = build_pair(E, H)
+    for attention in (theirs, ours):
+        assert not policy(attention, recurse=True, nonwrapped_numel=10**6, min_num_params=1)
+    assert policy(nn.Sequential(nn.Linear(E, E)), recurse=True, nonwrapped_numel=10**6, min_num_params=1)

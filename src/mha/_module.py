@@ -133,6 +133,7 @@ class MultiheadAttention(ScriptableAttention):
             self.bias_k = self.bias_v = None
         self.add_zero_attn = add_zero_attn
         self._reset_parameters()
+        _keep_whole_under_fsdp()
 
     def _reset_parameters(self) -> None:
         if self._qkv_same_embed_dim:
@@ -525,6 +526,21 @@ def _caller_stacklevel() -> int:
         frame = frame.f_back
         level += 1
     return level
+
+
+def _keep_whole_under_fsdp() -> None:
+    """List :class:`MultiheadAttention` in FSDP's ``size_based_auto_wrap_policy``
+    ``FORCE_LEAF_MODULES``, where torch lists its own attention, once FSDP's wrap module is
+    imported: the forward reads ``out_proj``'s weight directly, as torch's does, and an
+    FSDP unit of ``out_proj``'s own would leave that weight sharded there. Checked at
+    import and when a module is built; importing FSDP for it would cost about a second."""
+    wrap = sys.modules.get("torch.distributed.fsdp.wrap")
+    leaves = getattr(getattr(wrap, "size_based_auto_wrap_policy", None), "FORCE_LEAF_MODULES", None)
+    if isinstance(leaves, set):
+        leaves.add(MultiheadAttention)
+
+
+_keep_whole_under_fsdp()
 
 
 def built_like(attention: nn.MultiheadAttention) -> MultiheadAttention:

@@ -105,6 +105,27 @@ def test_which_calls_torchs_fused_kernel_serves_in_eval(monkeypatch):
     torch.testing.assert_close(got, theirs(x, src_mask=band | causal.isinf()), **TOL64)
 
 
+def test_a_row_emptied_by_a_per_head_mask_and_the_padding_mask_gives_no_nan_in_eval():
+    """src_mask (N * nhead, S, S) leaves a row one key that src_key_padding_mask blocks: the
+    row has no key, which torch's fused kernel turns into NaN; mha's layer gives that row
+    zero attention, as in training mode."""
+    _, ours = _pair()
+    x = torch.randn(N, S, E, dtype=F64, generator=torch.Generator().manual_seed(4))
+    src_mask = torch.zeros(N * H, S, S, dtype=torch.bool)
+    src_mask[H : 2 * H, 2, :] = True
+    src_mask[H : 2 * H, 2, 4] = False  # batch element 1, row 2: key 4 only
+    kpm = torch.zeros(N, S, dtype=torch.bool)
+    kpm[1, 4] = True
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        got = ours(x, src_mask=src_mask, src_key_padding_mask=kpm)
+    assert got.isfinite().all()
+    ours.train()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.testing.assert_close(got, ours(x, src_mask=src_mask, src_key_padding_mask=kpm).detach(), **TOL64)
+
+
 def test_a_fully_padded_sequence_gives_no_nan_in_eval(monkeypatch):
     """torch's fused kernel gives NaN for a sequence whose every key is padded; mha's layer
     runs such a call through its attention (zero attention there, a warning), and the

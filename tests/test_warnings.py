@@ -113,6 +113,22 @@ def test_rows_emptied_by_both_masks(module, x):
     assert "row(s) [0, 1, 2]" in message
 
 
+@pytest.mark.parametrize("layout", ["(N*H, L, S)", "(N, H, L, S)", "(N, 1, L, S)"])
+def test_rows_emptied_by_a_per_batch_mask_and_the_padding_mask(module, x, layout):
+    """A 3-D or 4-D attn_mask (one per batch element and head) that leaves row 4 of batch
+    element 1 a single key, which the padding mask then blocks: only the two together empty
+    the row. (Only 2-D masks were checked together with the padding mask.)"""
+    per_row = torch.zeros(N, H, L, L, dtype=torch.bool)
+    per_row[1, :, 4, :] = True
+    per_row[1, :, 4, 5] = False  # row 4 of batch element 1: key 5 only
+    kpm = torch.zeros(N, L, dtype=torch.bool)
+    kpm[1, 5] = True
+    mask = {"(N*H, L, S)": per_row.flatten(0, 1), "(N, H, L, S)": per_row, "(N, 1, L, S)": per_row[:, :1]}[layout]
+    assert not _caught(lambda: module(x, x, x, attn_mask=mask))
+    (message,) = _caught(lambda: module(x, x, x, key_padding_mask=kpm, attn_mask=mask))
+    assert "attn_mask and key_padding_mask together block every key of query row(s) [4]" in message
+
+
 def test_long_listings_are_cut(module):
     x = torch.randn(30, 1, E)
     mask = torch.zeros(30, 30, dtype=torch.bool)

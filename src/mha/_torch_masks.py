@@ -147,7 +147,7 @@ def _empty_rows_message(
         if rows:
             messages.append(f"attn_mask blocks every key of query row(s) {_listing(rows)}")
             return _joined(messages)
-        if not attn.standard_causal and attn_mask.dim() == 2:
+        if not attn.standard_causal:
             ab = masked_out(attn_mask) if ab is None else ab
     if kpm is not None and padding is not None and (ab is not None or causal_rule):
         if ab is None and padding.lengths is not None:
@@ -155,7 +155,10 @@ def _empty_rows_message(
         if ab is None:
             S = kpm.shape[-1]
             ab = causal_blocked(S, S, kpm.device)
-        both = _rows_empty_through_both(ab, masked_out(kpm))
+        if ab.dim() == 2:
+            both = _rows_empty_through_both(ab, masked_out(kpm))
+        else:
+            both = _rows_empty_per_batch_element(ab, masked_out(kpm))
         if both:
             what = "attn_mask" if attn_mask is not None else "is_causal"
             messages.append(
@@ -173,6 +176,18 @@ def _rows_empty_through_both(attn_blocked: Tensor, kpm_blocked: Tensor, block: i
         open_pairs = (~attn_blocked[start : start + block]).to(torch.float32) @ open_keys
         rows += (start + (open_pairs == 0).any(dim=1).nonzero().flatten()).tolist()
     return rows
+
+
+def _rows_empty_per_batch_element(attn_blocked: Tensor, kpm_blocked: Tensor) -> list[int]:
+    """As :func:`_rows_empty_through_both` for a mask per batch element and head:
+    ``attn_blocked`` ``(N*H, L, S)`` or ``(N or 1, H or 1, L, S)``, ``kpm_blocked`` ``(N, S)``."""
+    N = kpm_blocked.shape[0]
+    if N == 0:
+        return []
+    if attn_blocked.dim() == 3:
+        attn_blocked = attn_blocked.unflatten(0, (N, attn_blocked.shape[0] // N))
+    empty = (attn_blocked | kpm_blocked[:, None, None, :]).all(dim=-1)  # (N, H, L)
+    return empty.flatten(0, 1).any(dim=0).nonzero().flatten().tolist()
 
 
 def _joined(messages: list[str]) -> str | None:

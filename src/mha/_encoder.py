@@ -34,6 +34,7 @@ from ._frontend import plan_forward
 from ._fx import leaf_call
 from ._mask_analysis import blocks_or_passes, is_standard_causal
 from ._module import built_like
+from ._validate import module_member
 
 
 class TransformerEncoderLayer(nn.TransformerEncoderLayer):
@@ -140,19 +141,21 @@ class TransformerEncoderLayer(nn.TransformerEncoderLayer):
             return False
         if src_mask is None and src_key_padding_mask is None:
             return not is_causal  # is_causal alone: torch's kernel would attend every key
+        attention = module_member(self, "self_attn")
         if (
-            self.training or torch.is_grad_enabled() or src.dim() != 3 or not self.self_attn.batch_first
+            self.training or torch.is_grad_enabled() or src.dim() != 3 or not attention.batch_first
             or not torch.backends.mha.get_fastpath_enabled() or torch.is_autocast_enabled()
         ):
             return False  # torch's forward would call self_attn: mha's path directly, planned once
         if torch.jit.is_tracing():
             return False  # a trace would keep the kernel chosen from these masks' values for any others
-        if is_causal and (src_mask is None or not is_standard_causal(src_mask)):
-            return False  # torch's kernel reads the mask alone; mha applies causality too
-        if src.shape[1 if self.self_attn.batch_first else 0] > _TORCH_KERNEL_MAX_KEYS:
+        if src.shape[1] > _TORCH_KERNEL_MAX_KEYS:  # (N, S, E): batch_first
             return False
+        causal_mask = is_causal and src_mask is not None and is_standard_causal(src_mask)
+        if is_causal and not causal_mask:
+            return False  # torch's kernel reads the mask alone; mha applies causality too
         plan = plan_forward(
-            self.self_attn, src, src, src, src_key_padding_mask, src_mask, is_causal,
+            attention, src, src, src, src_key_padding_mask, src_mask, is_causal,
             need_weights=False, average_attn_weights=True, training=False,
         )
         # Masks whose values were not read (traced by torch.compile, meta or fake tensors)
@@ -160,8 +163,9 @@ class TransformerEncoderLayer(nn.TransformerEncoderLayer):
         if plan.route != "dense" or not plan.values_read or plan.warnings:
             return False
         # torch's kernel reads a float mask as booleans (nonzero = masked out): an added
-        # bias, or a large negative number, would block its keys there.
-        return blocks_or_passes(src_mask) and blocks_or_passes(src_key_padding_mask)
+        # bias, or a large negative number, would block its keys there (the causal mask
+        # holds only 0 and -inf).
+        return (causal_mask or blocks_or_passes(src_mask)) and blocks_or_passes(src_key_padding_mask)
 
     @torch.jit.unused
     def _torch_forward(

@@ -113,7 +113,7 @@ def test_rows_emptied_by_both_masks(module, x):
     assert "row(s) [0, 1, 2]" in message
 
 
-@pytest.mark.parametrize("layout", ["(N*H, L, S)", "(N, H, L, S)", "(N, 1, L, S)"])
+@pytest.mark.parametrize("layout", ["(N*H, L, S)", "(N, H, L, S)", "(N, 1, L, S)", "(1, H, L, S)"])
 def test_rows_emptied_by_a_per_batch_mask_and_the_padding_mask(module, x, layout):
     """A 3-D or 4-D attn_mask (one per batch element and head) that leaves row 4 of batch
     element 1 a single key, which the padding mask then blocks: only the two together empty
@@ -123,7 +123,10 @@ def test_rows_emptied_by_a_per_batch_mask_and_the_padding_mask(module, x, layout
     per_row[1, :, 4, 5] = False  # row 4 of batch element 1: key 5 only
     kpm = torch.zeros(N, L, dtype=torch.bool)
     kpm[1, 5] = True
-    mask = {"(N*H, L, S)": per_row.flatten(0, 1), "(N, H, L, S)": per_row, "(N, 1, L, S)": per_row[:, :1]}[layout]
+    mask = {
+        "(N*H, L, S)": per_row.flatten(0, 1), "(N, H, L, S)": per_row, "(N, 1, L, S)": per_row[:, :1],
+        "(1, H, L, S)": per_row[1:2],  # one mask for every batch element, not expanded over N
+    }[layout]
     assert not _caught(lambda: module(x, x, x, attn_mask=mask))
     (message,) = _caught(lambda: module(x, x, x, key_padding_mask=kpm, attn_mask=mask))
     assert "attn_mask and key_padding_mask together block every key of query row(s) [4]" in message

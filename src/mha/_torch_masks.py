@@ -180,14 +180,19 @@ def _rows_empty_through_both(attn_blocked: Tensor, kpm_blocked: Tensor, block: i
 
 def _rows_empty_per_batch_element(attn_blocked: Tensor, kpm_blocked: Tensor) -> list[int]:
     """As :func:`_rows_empty_through_both` for a mask per batch element and head:
-    ``attn_blocked`` ``(N*H, L, S)`` or ``(N or 1, H or 1, L, S)``, ``kpm_blocked`` ``(N, S)``."""
+    ``attn_blocked`` ``(N*H, L, S)`` or ``(N or 1, H or 1, L, S)``, ``kpm_blocked`` ``(N, S)``.
+    One batch element at a time, so that a mask broadcast over the batch is never
+    expanded to ``(N, H, L, S)``; one host read."""
     N = kpm_blocked.shape[0]
     if N == 0:
         return []
     if attn_blocked.dim() == 3:
         attn_blocked = attn_blocked.unflatten(0, (N, attn_blocked.shape[0] // N))
-    empty = (attn_blocked | kpm_blocked[:, None, None, :]).all(dim=-1)  # (N, H, L)
-    return empty.flatten(0, 1).any(dim=0).nonzero().flatten().tolist()
+    empty = torch.zeros(attn_blocked.shape[-2], dtype=torch.bool, device=attn_blocked.device)
+    for n in range(N):
+        rows = (attn_blocked[n if attn_blocked.shape[0] > 1 else 0] | kpm_blocked[n]).all(dim=-1)  # (H, L)
+        empty |= rows.any(dim=0)
+    return empty.nonzero().flatten().tolist()
 
 
 def _joined(messages: list[str]) -> str | None:

@@ -39,6 +39,7 @@ __all__ = [
     "nested_packed",
     "nested_weights",
     "unpack_heads",
+    "with_appended_keys",
 ]
 
 

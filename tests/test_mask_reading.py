@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import mha
 from conftest import TOL, build_pair
@@ -175,3 +177,36 @@ def test_float_padding_mask_over_no_keys_gives_zero_attention():
     assert out.shape == (3, 2, 8)
     # No key: zero attention, the output is out_proj's bias (torch gives NaN there).
     torch.testing.assert_close(out, ours.out_proj.bias.detach().expand(3, 2, 8), **TOL[torch.float32])
+
+
+_VALUES = [0.0, 1.0, -1.0, 0.5, -1e9, 1e308, float("-inf"), float("inf"), float("nan")]
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    shape=st.tuples(st.integers(1, 5), st.integers(1, 6)),
+    data=st.data(),
+    dtype=st.sampled_from([torch.bool, torch.float32, torch.float64, torch.float16]),
+)
+def test_a_small_key_padding_mask_read_whole_is_summarised_as_its_first_column_read(shape, data, dtype):
+    """Masks of at most _READ_WHOLE_ELEMENTS values are read whole and summarised in Python;
+    larger ones by their first column in torch. Both give the same summary, and the same
+    ValueError for a float mask holding NaN or +inf (not for large finite values whose
+    sum overflows)."""
+    from mha import _mask_analysis
+
+    if dtype == torch.bool:
+        values = data.draw(st.lists(st.booleans(), min_size=shape[0] * shape[1], max_size=shape[0] * shape[1]))
+    else:
+        values = data.draw(st.lists(st.sampled_from(_VALUES), min_size=shape[0] * shape[1], max_size=shape[0] * shape[1]))
+    mask = torch.tensor(values, dtype=dtype).view(shape)
+
+    def summary(whole: int) -> object:
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(_mask_analysis, "_READ_WHOLE_ELEMENTS", whole)
+            try:
+                return _mask_analysis.summarize_key_padding_mask(mask, False)
+            except ValueError as error:
+                return str(error)
+
+    assert summary(mask.numel()) == summary(0)

@@ -9,7 +9,8 @@ Each mask is read when a call is planned, once per call, and never remembered
 across calls: a mask's memory can change without torch's version counter
 moving (a ``torch.from_numpy`` buffer refilled per batch, ``mask.data[...] =
 ...``, ``mask.data = ...``, a storage alias), so a summary kept from an earlier
-call could be stale. Host reads per call: for a ``key_padding_mask``, 1 (whether some sequence has no key), or,
+call could be stale. Host reads per call: for a ``key_padding_mask``, 1 (whether some sequence has no key:
+its first column, or the whole mask when it is small), or,
 where dropping right padding could pay, 2 (whether it is right padding, its
 lengths; 3 for a float mask: whether its values are exactly 0 and ``-inf``); 1 for the standard causal
 ``attn_mask``, 1 more for the inverted one, 1 to 2 more for the rows any other
@@ -96,14 +97,50 @@ def _read_with_zeros_and_ones(flags: Tensor, mask: Tensor, name: str) -> tuple[l
     if mask.dtype == torch.bool or mask.numel() == 0:  # aminmax refuses an empty tensor
         return flags.tolist(), False
     *values, low, high = torch.cat([flags.to(mask.dtype), torch.stack(torch.aminmax(mask))]).tolist()
-    if high == float("inf") or high != high:
-        raise ValueError(
-            f"{name} {tuple(mask.shape)} holds {'+inf' if high == float('inf') else 'NaN'}; a float mask is added "
-            "to the scores, and a row with a +inf or NaN score has NaN attention. Mask out with -inf "
-            f"(or pass a bool {name}, True = masked out) and keep added biases finite"
-        )
+    if high == _INF or high != high:
+        raise _not_finite_error(name, mask, "+inf" if high == _INF else "NaN")
     zeros_and_ones = low == 0 and high == 1 and bool(((mask == 0) | (mask == 1)).all())
     return [bool(v) for v in values], zeros_and_ones
+
+
+_INF = float("inf")
+
+
+def _not_finite_error(name: str, mask: Tensor, what: str) -> ValueError:
+    return ValueError(
+        f"{name} {tuple(mask.shape)} holds {what}; a float mask is added "
+        "to the scores, and a row with a +inf or NaN score has NaN attention. Mask out with -inf "
+        f"(or pass a bool {name}, True = masked out) and keep added biases finite"
+    )
+
+
+# A key_padding_mask of at most this many elements is read whole, in one host read, and
+# summarised in Python. Its first column alone costs more torch calls (a select, and for a
+# float mask isneginf, aminmax, stack and cat), and right after a call's projections, with
+# the caches cold, each torch call costs 10-20 us on a CPU; reading 1024 values and
+# summing them in Python costs less than two.
+_READ_WHOLE_ELEMENTS = 1024
+
+
+def _summary_of_values(mask: Tensor) -> KeyPaddingSummary:
+    """The summary without lengths of a non-empty ``(N, S)`` ``key_padding_mask`` of at most
+    :data:`_READ_WHOLE_ELEMENTS` values, read whole. The same as the column read's, and
+    the same ValueError for a float mask holding +inf or NaN."""
+    rows = mask.tolist()
+    if mask.dtype == torch.bool:
+        empty = tuple(n for n, row in enumerate(rows) if all(row))
+        return KeyPaddingSummary(empty, None, None) if empty else _EVERY_BATCH_OPEN
+    # The sum is -inf or finite unless the mask holds a NaN or +inf (or large values overflow).
+    total = sum(map(sum, rows))
+    if total != total or total == _INF:
+        if any(v != v for row in rows for v in row):
+            raise _not_finite_error("key_padding_mask", mask, "NaN")
+        if max(map(max, rows)) == _INF:
+            raise _not_finite_error("key_padding_mask", mask, "+inf")
+    if min(map(min, rows)) == 0 and max(map(max, rows)) == 1 and all(v in (0, 1) for row in rows for v in row):
+        return KeyPaddingSummary((), None, None, True)  # no -inf: no sequence is empty
+    empty = tuple(n for n, row in enumerate(rows) if max(row) == -_INF)
+    return KeyPaddingSummary(empty, None, None) if empty else _EVERY_BATCH_OPEN
 
 
 def summarize_key_padding_mask(mask: Tensor, lengths_wanted: bool = True) -> KeyPaddingSummary:
@@ -112,6 +149,8 @@ def summarize_key_padding_mask(mask: Tensor, lengths_wanted: bool = True) -> Key
     open in every sequence (right padding, the usual case) is cleared by reading that
     column alone, N values (a sequence with every key padded has its first key padded)."""
     if not lengths_wanted or mask.requires_grad:
+        if 0 < mask.numel() <= _READ_WHOLE_ELEMENTS:
+            return _summary_of_values(mask)
         if mask.shape[-1] > 0:
             first, zeros_and_ones = _read_with_zeros_and_ones(masked_out(mask[:, 0]), mask, "key_padding_mask")
             if zeros_and_ones:  # no -inf: no sequence is empty

@@ -1,4 +1,4 @@
-"""GPU benchmark and check of the triton backend (issue 6). ``bash
+"""GPU benchmark and check of the triton backend. ``bash
 benchmarks/gpu_all.sh`` runs every section in about 3 minutes on one H100
 (checks in parallel processes); one section at a time::
 

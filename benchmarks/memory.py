@@ -1,6 +1,6 @@
 """Peak-memory growth of one forward: mha.MultiheadAttention against torch.nn.MultiheadAttention.
 
-Issue 3's targets (fp32, ``need_weights=False`` unless said, self-attention, eval, no_grad):
+The targets (fp32, ``need_weights=False`` unless said, self-attention, eval, no_grad):
 
 * ``masked``: L = S = 8192, N = 1, E = 256, H = 8, a right-padded ``key_padding_mask``
   (60% of the keys valid) and the causal boolean ``attn_mask`` (``torch.triu(ones, 1)``);
@@ -9,7 +9,7 @@ Issue 3's targets (fp32, ``need_weights=False`` unless said, self-attention, eva
   mask; mha should grow by at most 25% of torch's growth.
 
 The modules are built with ``batch_first=True`` and fed ``(N, L, E)`` inputs, the layout of
-torch's fast path, which is where torch grows by the figures quoted in issue 3
+torch's fast path, which is where torch grows the most
 (``--seq-first`` measures the default layout instead, where torch grows less).
 
 Each measurement runs in a fresh process (this script with ``--child``), so that no

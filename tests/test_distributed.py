@@ -280,6 +280,29 @@ def case_encoder_layer(world: int) -> None:
     assert torch.backends.mha.get_fastpath_enabled()
 
 
+def case_fsdp_out_proj_unit(world: int) -> None:
+    """FSDP with out_proj as a unit of its own (a policy wrapping every linear layer):
+    torch's attention reads out_proj's weight directly and fails on the shard; mha calls
+    the wrapped out_proj, whose hooks gather the weight. Output and input gradients equal
+    the module's without FSDP (every rank runs the same inputs)."""
+    from torch.distributed.fsdp import FullyShardedDataParallel
+    from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+
+    torch.manual_seed(21)
+    plain = mha.MultiheadAttention(8, 2, dtype=F64)
+    policy = ModuleWrapPolicy({type(plain.out_proj)})
+    sharded = FullyShardedDataParallel(copy.deepcopy(plain), auto_wrap_policy=policy, device_id=torch.device("cpu"))
+    assert isinstance(sharded.module.out_proj, FullyShardedDataParallel)
+    x = torch.randn(3, 2, 8, dtype=F64, requires_grad=True)
+    y = x.detach().clone().requires_grad_()
+    out = sharded(x, x, x, need_weights=False)[0]
+    want = plain(y, y, y, need_weights=False)[0]
+    out.square().sum().backward()
+    want.square().sum().backward()
+    _close(out, want, "FSDP output")
+    _close(x.grad, y.grad, "FSDP input gradient")
+
+
 def _raises(exc: type[Exception], match: str, fn: Callable[[], object]) -> None:
     with pytest.raises(exc, match=match):
         fn()

@@ -213,8 +213,9 @@ def test_fx_graph_of_a_swapped_model_runs_after_swapping_back() -> None:
 def test_fsdp_size_based_policy_keeps_the_attention_whole_as_torchs() -> None:
     """FSDP's size_based_auto_wrap_policy never recurses into torch's attention (it is in the
     policy's FORCE_LEAF_MODULES): the forward reads out_proj's weight directly, and an FSDP
-    unit of out_proj's own would leave it sharded there (with two ranks, mha's forward then
-    failed on the flat parameter's views). mha's attention is kept whole the same way."""
+    unit of out_proj's own would leave it sharded there (torch's forward fails on the flat
+    parameter's views; mha's calls the wrapped out_proj: test_distributed.py). mha's
+    attention is kept whole the same way."""
     wrap = pytest.importorskip("torch.distributed.fsdp.wrap")
     policy = wrap.size_based_auto_wrap_policy
     theirs, ours = build_pair(E, H)

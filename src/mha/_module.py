@@ -505,8 +505,14 @@ class MultiheadAttention(ScriptableAttention):
 
     def _out_projection(self, x: Tensor) -> Tensor:
         """``out_proj`` on ``(..., E)``, as torch applies it: ``F.linear`` on its weight and
-        bias (its hooks do not run, as in torch; a module call costs microseconds)."""
+        bias (its hooks do not run, as in torch; a module call costs microseconds). An
+        ``out_proj`` that is no longer torch's linear class (FSDP's wrapper of its own unit,
+        ``fully_shard``'s or a parametrization's subclass) is called as a module: FSDP
+        gathers the sharded weight in its hooks (torch's attention reads the shard there
+        and fails)."""
         out_proj = module_member(self, "out_proj")
+        if type(out_proj) is not NonDynamicallyQuantizableLinear and type(out_proj) is not nn.Linear:
+            return out_proj(x)
         return F.linear(x, module_member(out_proj, "weight"), module_member(out_proj, "bias"))
 
 
@@ -531,9 +537,10 @@ def _caller_stacklevel() -> int:
 def _keep_whole_under_fsdp() -> None:
     """List :class:`MultiheadAttention` in FSDP's ``size_based_auto_wrap_policy``
     ``FORCE_LEAF_MODULES``, where torch lists its own attention, once FSDP's wrap module is
-    imported: the forward reads ``out_proj``'s weight directly, as torch's does, and an
-    FSDP unit of ``out_proj``'s own would leave that weight sharded there. Checked at
-    import and when a module is built; importing FSDP for it would cost about a second."""
+    imported, so that the policy wraps the two as torch's alone (a unit of ``out_proj``'s
+    own runs too, through :meth:`MultiheadAttention._out_projection`, but costs a
+    gather of its own). Checked at import and when a module is built; importing FSDP for
+    it would cost about a second."""
     wrap = sys.modules.get("torch.distributed.fsdp.wrap")
     leaves = getattr(getattr(wrap, "size_based_auto_wrap_policy", None), "FORCE_LEAF_MODULES", None)
     if isinstance(leaves, set):

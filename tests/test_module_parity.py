@@ -756,3 +756,26 @@ def test_float_masks_get_gradients(attn_shape, need_weights):
         grads.append((a.grad, k.grad))
     for theirs_grad, ours_grad in zip(*grads, strict=True):
         torch.testing.assert_close(ours_grad, theirs_grad, **TOL[torch.float64])
+
+
+@pytest.mark.parametrize("route", ["dense", "key_lengths"])
+@pytest.mark.parametrize(("batch_first", "training"), [(False, False), (False, True), (True, True)])
+def test_output_is_laid_out_in_memory_as_torch_lays_it_out(monkeypatch, route, batch_first, training):
+    """Without ``batch_first`` the output is ``(L, N, E)`` contiguous, as torch's: code after the
+    module may ``view`` it. In training with ``batch_first`` it is torch's transposed ``(L, N,
+    E)``: a dropout after the attention draws its random numbers in memory order, and drops
+    the same elements as after torch's only over the same layout."""
+    taken = _routes_taken(monkeypatch)
+    theirs, ours = build_pair(16, 2, batch_first=batch_first)
+    theirs.train(training), ours.train(training)
+    N, L = 3, 5
+    x = torch.randn(N, L, 16) if batch_first else torch.randn(L, N, 16)
+    kpm = torch.arange(L)[None, :] >= torch.tensor([5, 2, 1])[:, None]
+    with _key_lengths_route_always() if route == "key_lengths" else contextlib.nullcontext():
+        got = ours(x, x, x, key_padding_mask=kpm, need_weights=False)[0]
+    want = theirs(x, x, x, key_padding_mask=kpm, need_weights=False)[0]
+    assert taken == ["_" + route]
+    assert got.stride() == want.stride()
+    torch.testing.assert_close(got, want, **TOL[torch.float32])
+    if not batch_first:
+        assert got.view(L * N, 16).shape == (L * N, 16)

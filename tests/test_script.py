@@ -389,3 +389,17 @@ def test_trace_of_self_attention_serves_distinct_query_key_value():
     traced = torch.jit.trace(ours, (x, x, x))
     q, k, v = _inputs("batch_first", seed=5, length=S)
     _assert_same(traced(q, k, v), ours(q, k, v))
+
+
+@pytest.mark.parametrize(("batch_first", "training"), [(False, False), (False, True), (True, True)])
+def test_scripted_output_is_laid_out_in_memory_as_torch_lays_it_out(batch_first, training):
+    """``(L, N, E)`` contiguous without ``batch_first`` (a scripted model may ``view`` it),
+    torch's transposed ``(L, N, E)`` in training with it (a dropout after the attention then
+    drops the same elements as after torch's)."""
+    theirs, ours = build_pair(16, 2, batch_first=batch_first)
+    scripted = torch.jit.script(ours)
+    theirs.train(training), scripted.train(training)
+    x = torch.randn(3, 5, 16)
+    got, want = scripted(x, x, x, need_weights=False)[0], theirs(x, x, x, need_weights=False)[0]
+    assert got.stride() == want.stride()
+    torch.testing.assert_close(got, want, **TOL[torch.float32])

@@ -218,3 +218,17 @@ def test_keeps_buffers_attributes_submodules_and_weight_norm():
         assert isinstance(attention.adapter, nn.Linear)
         assert attention.tag == "layer0"
         torch.testing.assert_close(attention(x, x, x)[0], ref)
+
+
+def test_training_with_dropout_after_swap_draws_as_torch():
+    """A batch-first layer with dropout, in training: after the swap the same random state
+    gives the same output (the dropouts after the attention see torch's memory layout)."""
+    torch.manual_seed(3)
+    model = nn.TransformerEncoderLayer(d_model=32, nhead=4, dim_feedforward=48, dropout=0.1, batch_first=True)
+    x = torch.randn(2, 9, 32)
+    torch.manual_seed(5)
+    want = model(x)
+    mha.swap(model)
+    torch.manual_seed(5)
+    got = model(x)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)

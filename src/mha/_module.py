@@ -19,7 +19,7 @@ from ._core import checked_attention, packed_attention
 from ._frontend import ForwardPlan, KeyLengths, ShardedMasks, plan_forward
 from ._fx import leaf_call
 from ._module_cache import cached_forward, new_module_cache
-from ._script import ScriptableAttention
+from ._script import ScriptableAttention, sequence_major
 from ._types import device_type
 from ._validate import module_member, validate_constructor
 from ._varlen import (
@@ -289,9 +289,7 @@ class MultiheadAttention(ScriptableAttention):
             k = torch.cat([k, k.new_zeros(N, H, 1, k.shape[-1])], dim=2)
             v = torch.cat([v, v.new_zeros(N, H, 1, v.shape[-1])], dim=2)
         result = checked_attention(q, k, v, plan.mask, plan.dropout_p, plan.weights)
-        # (N, H, L, Dh) -> (L, N, E) or (N, L, E)
-        out = result.output.permute((0, 2, 1, 3) if batch_first else (2, 0, 1, 3))
-        return self._out_projection(out.reshape(*out.shape[:2], self.embed_dim)), result.weights
+        return self._merged_heads_out(result.output, batch_first), result.weights
 
     def _one_key(self, plan: ForwardPlan) -> tuple[Tensor, Tensor | None]:
         """Self-attention over one position (``L = S = 1``, query is key is value, so one
@@ -343,8 +341,10 @@ class MultiheadAttention(ScriptableAttention):
             q, k, v, q_offsets, k_offsets, plan.mask, dropout_p=plan.dropout_p, weights=plan.weights
         )
         out = self._out_projection(result.output.reshape(N, L, E))
-        if not plan.batch_first:
-            out = out.transpose(0, 1)
+        if sequence_major(plan.batch_first, self.training):
+            out = out.transpose(0, 1).contiguous()
+            if plan.batch_first:
+                out = out.transpose(0, 1)
         weights = None
         if result.weights is not None:
             weights = out.new_zeros((N, L, S) if plan.weights == "mean" else (N, H, L, S))
@@ -402,8 +402,7 @@ class MultiheadAttention(ScriptableAttention):
             attn_mask=sharded.attn_mask, is_causal=sharded.is_causal, need_weights=plan.weights is not None,
             dropout_p=plan.dropout_p, appended_keys=plan.extra_keys > 0,
         )
-        out = out.permute((0, 2, 1, 3) if plan.batch_first else (2, 0, 1, 3))
-        return self._out_projection(out.reshape(*out.shape[:2], self.embed_dim)), None
+        return self._merged_heads_out(out, plan.batch_first), None
 
     # The method that runs each route of a plan: a new route (a KV cache, context
     # parallelism) is a method taking the plan, and one entry here.
@@ -502,6 +501,17 @@ class MultiheadAttention(ScriptableAttention):
         raises in ``F.linear`` otherwise)."""
         b: Tensor | None = module_member(self, "in_proj_bias")
         return b if b is None or b.dtype == dtype else b.to(dtype)
+
+    def _merged_heads_out(self, heads: Tensor, batch_first: bool) -> Tensor:
+        """Heads ``(N, H, L, E // H)`` merged and through ``out_proj``: ``(L, N, E)``, or
+        ``(N, L, E)`` with ``batch_first``, in torch's memory layout (see
+        :func:`mha._script.sequence_major`)."""
+        if sequence_major(batch_first, self.training):
+            out = heads.permute(2, 0, 1, 3)
+            out = self._out_projection(out.reshape(*out.shape[:2], self.embed_dim))
+            return out.transpose(0, 1) if batch_first else out
+        out = heads.permute(0, 2, 1, 3)
+        return self._out_projection(out.reshape(*out.shape[:2], self.embed_dim))
 
     def _out_projection(self, x: Tensor) -> Tensor:
         """``out_proj`` on ``(..., E)``, as torch applies it: ``F.linear`` on its weight and

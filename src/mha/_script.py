@@ -125,12 +125,15 @@ class ScriptableAttention(nn.Module):
                 opened, empty = _open_empty_rows(mask)
                 out = F.scaled_dot_product_attention(q, k, v, attn_mask=opened.to(q.dtype), dropout_p=dropout_p)
                 out = out.masked_fill(empty, 0.0)
-        # (N, H, L, Dh) -> (N, L, E)
-        out = self.out_proj(out.transpose(1, 2).reshape(N, L, self.embed_dim))
-        if not batched:
-            out = out.squeeze(0)
-        elif not self.batch_first:
-            out = out.transpose(0, 1)
+        # (N, H, L, Dh) -> (L, N, E) or (N, L, E), in torch's memory layout (see sequence_major)
+        if batched and sequence_major(self.batch_first, self.training):
+            out = self.out_proj(out.permute(2, 0, 1, 3).reshape(L, N, self.embed_dim))
+            if self.batch_first:
+                out = out.transpose(0, 1)
+        else:
+            out = self.out_proj(out.transpose(1, 2).reshape(N, L, self.embed_dim))
+            if not batched:
+                out = out.squeeze(0)
         return out, weights
 
     def _project(
@@ -385,3 +388,15 @@ def _attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, dropout_p: flo
     if dropout_p > 0.0:
         probs = F.dropout(probs, dropout_p)
     return torch.matmul(probs, v), probs
+
+
+def sequence_major(batch_first: bool, training: bool) -> bool:
+    """Whether the output is laid out as torch lays it out outside its fused inference path:
+    ``(L, N, E)`` contiguous, and its transpose with ``batch_first``. Always without
+    ``batch_first`` (code after the module may ``view`` it), and in training with it,
+    where torch's fused path never runs: the random numbers that a dropout after the
+    attention draws follow the memory order, so a batch-first ``(N, L, E)`` contiguous
+    output would drop other elements than torch's for the same random state. In eval
+    with ``batch_first`` the output is ``(N, L, E)`` contiguous, as torch's fused path
+    returns it."""
+    return training or not batch_first

@@ -135,7 +135,7 @@ def test_a_fully_padded_sequence_gives_no_nan_in_eval(monkeypatch):
     kpm = torch.arange(S)[None, :] >= torch.tensor([S, 0, 3])[:, None]
     with torch.no_grad():
         expected = theirs(x, src_key_padding_mask=kpm)
-        with pytest.warns(UserWarning, match=r"blocks every key of batch element\(s\) \[1\]"):
+        with pytest.warns(UserWarning, match="blocks every key of some batch elements"):
             got = ours(x, src_key_padding_mask=kpm)
     assert expected[1].isnan().all()  # what torch's fused kernel gives
     assert got.isfinite().all()

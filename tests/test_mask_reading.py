@@ -172,7 +172,7 @@ def test_key_padding_summary_of_no_keys_or_no_sequences(dtype):
 def test_float_padding_mask_over_no_keys_gives_zero_attention():
     _, ours = build_pair(8, 2)
     q, kv, padding = torch.randn(3, 2, 8), torch.randn(0, 2, 8), torch.zeros(2, 0)
-    with pytest.warns(UserWarning, match=r"blocks every key of batch element\(s\) \[0, 1\]"):
+    with pytest.warns(UserWarning, match="blocks every key of some batch elements"):
         out = ours(q, kv, kv, key_padding_mask=padding, need_weights=False)[0]
     assert out.shape == (3, 2, 8)
     # No key: zero attention, the output is out_proj's bias (torch gives NaN there).

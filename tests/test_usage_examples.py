@@ -32,7 +32,7 @@ def test_example_2_random_key_padding_mask_gives_no_nan():
     key_padding_mask = torch.randint(0, 2, (32, 15)).bool()
     key_padding_mask[3] = True  # make sure one batch element has every key masked
 
-    with pytest.warns(UserWarning, match=r"key_padding_mask blocks every key of batch element\(s\) \[.*\b3\b"):
+    with pytest.warns(UserWarning, match="key_padding_mask blocks every key of some batch elements"):
         attn_output, attn_output_weights = attention(query, key, value, key_padding_mask=key_padding_mask)
     assert attn_output.shape == torch.Size([10, 32, 64])
     assert not torch.isnan(attn_output).any()

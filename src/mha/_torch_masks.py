@@ -126,11 +126,17 @@ def _empty_rows_message(
     padding: KeyPaddingSummary | None,
     attn: AttnMaskSummary | None,
 ) -> str | None:
-    """The message for query rows that have every key blocked (they get zero attention)."""
+    """The message for query rows that have every key blocked (they get zero attention).
+
+    Rows are listed only for a 2-D ``attn_mask``, which is the same for every batch: where
+    the batch's own masks decide (a padding mask, a mask per batch element), a listing
+    would make the text new on every batch, and the default warning filter, which shows
+    a text once per line of code, would repeat the warning through a training loop."""
     messages: list[str] = []
     if kpm is not None and padding is not None and padding.empty_batches:
         messages.append(
-            f"key_padding_mask blocks every key of batch element(s) {_listing(list(padding.empty_batches))}"
+            "key_padding_mask blocks every key of some batch elements (key_padding_mask.all(-1) finds them; "
+            "key_padding_mask.isneginf().all(-1) for a float mask)"
         )
     causal_rule = is_causal
     ab: Tensor | None = None
@@ -145,7 +151,8 @@ def _empty_rows_message(
         else:
             rows = list(attn.empty_rows)
         if rows:
-            messages.append(f"attn_mask blocks every key of query row(s) {_listing(rows)}")
+            listed = f"query row(s) {_listing(rows)}" if attn_mask.dim() == 2 else "some query rows"
+            messages.append(f"attn_mask blocks every key of {listed}")
             return _joined(messages)
         if not attn.standard_causal:
             ab = masked_out(attn_mask) if ab is None else ab
@@ -161,9 +168,7 @@ def _empty_rows_message(
             both = _rows_empty_per_batch_element(ab, masked_out(kpm))
         if both:
             what = "attn_mask" if attn_mask is not None else "is_causal"
-            messages.append(
-                f"{what} and key_padding_mask together block every key of query row(s) {_listing(both)}"
-            )
+            messages.append(f"{what} and key_padding_mask together block every key of some query rows")
     return _joined(messages)
 
 

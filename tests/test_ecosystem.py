@@ -222,3 +222,34 @@ def test_fsdp_size_based_policy_keeps_the_attention_whole_as_torchs() -> None:
     for attention in (theirs, ours):
         assert not policy(attention, recurse=True, nonwrapped_numel=10**6, min_num_params=1)
     assert policy(nn.Sequential(nn.Linear(E, E)), recurse=True, nonwrapped_numel=10**6, min_num_params=1)
+
+
+@pytest.mark.parametrize("masks", ["causal", "float_causal", "padding_and_causal"])
+def test_make_fx_real_mode_graph_runs_other_masks_like_torch(masks: str) -> None:
+    """make_fx in its "real" tracing mode (the default) sees plain tensors but refuses to
+    read their values (aten::equal raised in the causal check) and bakes any it can read
+    into the graph. mha reads no mask values there, as under torch.compile, so the graph
+    serves other masks too."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    theirs, ours = build_pair(E, H, batch_first=True)
+    L = 5
+    causal = torch.ones(L, L, dtype=torch.bool).triu(1)
+    other = torch.ones(L, L, dtype=torch.bool).triu(2)
+    if masks == "float_causal":
+        causal, other = (torch.zeros(L, L).masked_fill(m, float("-inf")) for m in (causal, other))
+    padding = torch.tensor([[False] * 5, [False, False, False, True, True]])
+    other_padding = torch.tensor([[False, True, True, True, True], [False] * 5])
+    params = dict(ours.named_parameters())
+
+    def call(module, params, q, attn_mask, key_padding_mask):
+        kwargs = {"attn_mask": attn_mask}
+        if masks == "padding_and_causal":
+            kwargs["key_padding_mask"] = key_padding_mask
+        return functional_call(module, params, (q, q, q), kwargs)
+
+    q = torch.randn(2, L, E)
+    graph = make_fx(lambda p, q, a, k: call(ours, p, q, a, k))(params, q, causal, padding)
+    got = graph(params, q, other, other_padding)
+    expected = call(theirs, dict(theirs.named_parameters()), q, other, other_padding)
+    torch.testing.assert_close(got, expected)

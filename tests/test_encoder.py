@@ -288,3 +288,49 @@ def test_traced_layer_keeps_a_fully_padded_sequence_finite():
         got = traced(x, torch.zeros(S, S, dtype=F64), padded)
     assert got.isfinite().all()
     torch.testing.assert_close(got, expected, **TOL64)
+
+
+@pytest.mark.parametrize("device", ["meta", "fake"])
+def test_causal_call_in_eval_on_meta_or_fake_tensors_gives_torchs_shape(device):
+    """In eval under no_grad, is_causal=True with the causal src_mask was compared to the
+    standard causal mask before anything asked whether the mask's values can be read:
+    aten::equal has no meta kernel (NotImplementedError) and a fake mask has no values
+    (DataDependentOutputException). Torch's layer runs on both."""
+    theirs, ours = _pair()
+    kwargs = {"src_mask": nn.Transformer.generate_square_subsequent_mask(S, dtype=F64), "is_causal": True}
+    x = torch.randn(N, S, E, dtype=F64)
+    with torch.no_grad():
+        if device == "meta":
+            expected = theirs.to("meta")(x.to("meta"), **{**kwargs, "src_mask": kwargs["src_mask"].to("meta")})
+            got = ours.to("meta")(x.to("meta"), **{**kwargs, "src_mask": kwargs["src_mask"].to("meta")})
+            assert got.device.type == "meta"
+        else:
+            from torch._subclasses.fake_tensor import FakeTensorMode
+
+            with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+                fake = {**kwargs, "src_mask": mode.from_tensor(kwargs["src_mask"])}
+                expected = theirs(mode.from_tensor(x), **fake)
+                got = ours(mode.from_tensor(x), **fake)
+    assert got.shape == expected.shape
+
+
+@pytest.mark.parametrize("mode", ["real", "symbolic"])
+def test_make_fx_graph_of_a_causal_call_in_eval_matches_torch(mode):
+    """torch.fx.experimental.proxy_tensor.make_fx (under AOTAutograd and torch.func
+    tooling) traces plain tensors in its "real" mode, whose values it refuses to read:
+    the causal check's aten::equal raised there, and with symbolic sizes the mask cache
+    was keyed on SymInts (TypeError). The graph now records mha's attention."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    theirs, ours = _pair()
+    params = dict(ours.named_parameters())
+    causal = nn.Transformer.generate_square_subsequent_mask(S, dtype=F64)
+
+    def call(params, x, mask):
+        return torch.func.functional_call(ours, params, (x,), {"src_mask": mask, "is_causal": True})
+
+    x = torch.randn(N, S, E, dtype=F64)
+    with torch.no_grad():
+        graph = make_fx(call, tracing_mode=mode)(params, x, causal)
+        x = torch.randn(N, S, E, dtype=F64)
+        torch.testing.assert_close(graph(params, x, causal), theirs(x, causal, is_causal=True), **TOL64)

@@ -32,7 +32,7 @@ from torch import Tensor, nn
 from ._dispatch import forced_backend
 from ._frontend import plan_forward
 from ._fx import leaf_call
-from ._mask_analysis import blocks_or_passes, is_standard_causal
+from ._mask_analysis import blocks_or_passes, is_standard_causal, values_readable
 from ._module import built_like
 from ._validate import module_member
 
@@ -151,6 +151,8 @@ class TransformerEncoderLayer(nn.TransformerEncoderLayer):
             return False  # a trace would keep the kernel chosen from these masks' values for any others
         if src.shape[1] > _TORCH_KERNEL_MAX_KEYS:  # (N, S, E): batch_first
             return False
+        if not values_readable(src_mask, src_key_padding_mask):
+            return False  # meta, fake or traced masks (unread, they may empty rows): mha's path
         causal_mask = is_causal and src_mask is not None and is_standard_causal(src_mask)
         if is_causal and not causal_mask:
             return False  # torch's kernel reads the mask alone; mha applies causality too
@@ -158,9 +160,7 @@ class TransformerEncoderLayer(nn.TransformerEncoderLayer):
             attention, src, src, src, src_key_padding_mask, src_mask, is_causal,
             need_weights=False, average_attn_weights=True, training=False,
         )
-        # Masks whose values were not read (traced by torch.compile, meta or fake tensors)
-        # may leave rows without a key: mha's path.
-        if plan.route != "dense" or not plan.values_read or plan.warnings:
+        if plan.route != "dense" or plan.warnings:
             return False
         # torch's kernel reads a float mask as booleans (nonzero = masked out): an added
         # bias, or a large negative number, would block its keys there (the causal mask

@@ -112,8 +112,9 @@ class ForwardPlan(NamedTuple):
         weights: ``"mean"``, ``"per_head"`` or None (``need_weights=False``).
         dropout_p: dropout on the attention weights (0 in eval).
         warnings: messages the call deserves (the module warns them).
-        values_read: whether mask values were read (not under ``torch.compile``, nor on
-            meta or fake tensors); without, masks apply at their broadcast shapes.
+        values_read: whether mask values were read (not under ``torch.compile`` or
+            ``make_fx``, nor on meta or fake tensors); without, masks apply at their
+            broadcast shapes.
         sharded: for ``"context_parallel"``, the context and the torch-style masks.
     """
 

@@ -17,7 +17,7 @@ lengths; 3 for a float mask: whether its values are exactly 0 and ``-inf``); 1 f
 leaves without a key.
 
 Values are read only from plain tensors on a real device, outside
-``torch.compile`` and ``torch.func`` transforms (:func:`values_readable`): never
+``torch.compile``, ``make_fx`` tracing and ``torch.func`` transforms (:func:`values_readable`): never
 from ``meta`` tensors, fake tensors or other tensor subclasses. A mask that requires grad is never
 summarised as a causal mask or as padding lengths, so its gradient is kept.
 """
@@ -36,11 +36,18 @@ from .masks import causal_blocked, right_padding_lengths
 _PLAIN = (Tensor, nn.Parameter)
 
 
+_PROXY_MODE = torch._C._TorchDispatchModeKey.PROXY
+
+
 def values_readable(*tensors: Tensor | None) -> bool:
     """Whether the values of every given tensor can be read on the host: eager mode, plain
     tensors (no fake or other subclass) on a device other than ``meta``, outside
-    ``torch.func`` transforms (a mask batched by ``vmap`` has no storage to read)."""
-    if torch.compiler.is_compiling():
+    ``torch.func`` transforms (a mask batched by ``vmap`` has no storage to read) and
+    outside ``make_fx`` tracing (its "real" mode traces plain tensors, refuses some reads
+    and bakes the others into the graph, which would then serve other masks wrongly)."""
+    if torch.compiler.is_compiling() or (
+        torch._C._len_torch_dispatch_stack() and torch._C._get_dispatch_mode(_PROXY_MODE) is not None
+    ):
         return False
     for t in tensors:  # a loop, not all(<generator>): this runs on every call
         if t is not None and (type(t) not in _PLAIN or t.is_meta or in_functorch_transform()):

@@ -224,12 +224,14 @@ def test_fsdp_size_based_policy_keeps_the_attention_whole_as_torchs() -> None:
     assert policy(nn.Sequential(nn.Linear(E, E)), recurse=True, nonwrapped_numel=10**6, min_num_params=1)
 
 
+@pytest.mark.parametrize("pre_dispatch", [False, True])
 @pytest.mark.parametrize("masks", ["causal", "float_causal", "padding_and_causal"])
-def test_make_fx_real_mode_graph_runs_other_masks_like_torch(masks: str) -> None:
+def test_make_fx_real_mode_graph_runs_other_masks_like_torch(masks: str, pre_dispatch: bool) -> None:
     """make_fx in its "real" tracing mode (the default) sees plain tensors but refuses to
     read their values (aten::equal raised in the causal check) and bakes any it can read
     into the graph. mha reads no mask values there, as under torch.compile, so the graph
-    serves other masks too."""
+    serves other masks too. With ``pre_dispatch=True`` (export's pre-autograd graph) the
+    tracing mode sits on the pre-dispatch mode stack, not the dispatch stack."""
     from torch.fx.experimental.proxy_tensor import make_fx
 
     theirs, ours = build_pair(E, H, batch_first=True)
@@ -249,7 +251,7 @@ def test_make_fx_real_mode_graph_runs_other_masks_like_torch(masks: str) -> None
         return functional_call(module, params, (q, q, q), kwargs)
 
     q = torch.randn(2, L, E)
-    graph = make_fx(lambda p, q, a, k: call(ours, p, q, a, k))(params, q, causal, padding)
+    graph = make_fx(lambda p, q, a, k: call(ours, p, q, a, k), pre_dispatch=pre_dispatch)(params, q, causal, padding)
     got = graph(params, q, other, other_padding)
     expected = call(theirs, dict(theirs.named_parameters()), q, other, other_padding)
     torch.testing.assert_close(got, expected)

@@ -39,15 +39,24 @@ _PLAIN = (Tensor, nn.Parameter)
 _PROXY_MODE = torch._C._TorchDispatchModeKey.PROXY
 
 
+def _make_fx_tracing() -> bool:
+    """Whether ``make_fx`` is tracing: its mode on the dispatch stack, or, with
+    ``pre_dispatch=True``, on the pre-dispatch stack, which such tracing always pairs with a
+    torch function mode (the cheap test first: this runs on every call)."""
+    if torch._C._len_torch_dispatch_stack() and torch._C._get_dispatch_mode(_PROXY_MODE) is not None:
+        return True
+    return torch._C._is_torch_function_mode_enabled() and (
+        torch._ops._get_dispatch_mode_pre_dispatch(_PROXY_MODE) is not None
+    )
+
+
 def values_readable(*tensors: Tensor | None) -> bool:
     """Whether the values of every given tensor can be read on the host: eager mode, plain
     tensors (no fake or other subclass) on a device other than ``meta``, outside
     ``torch.func`` transforms (a mask batched by ``vmap`` has no storage to read) and
     outside ``make_fx`` tracing (its "real" mode traces plain tensors, refuses some reads
     and bakes the others into the graph, which would then serve other masks wrongly)."""
-    if torch.compiler.is_compiling() or (
-        torch._C._len_torch_dispatch_stack() and torch._C._get_dispatch_mode(_PROXY_MODE) is not None
-    ):
+    if torch.compiler.is_compiling() or _make_fx_tracing():
         return False
     for t in tensors:  # a loop, not all(<generator>): this runs on every call
         if t is not None and (type(t) not in _PLAIN or t.is_meta or in_functorch_transform()):

@@ -398,5 +398,6 @@ def sequence_major(batch_first: bool, training: bool) -> bool:
     attention draws follow the memory order, so a batch-first ``(N, L, E)`` contiguous
     output would drop other elements than torch's for the same random state. In eval
     with ``batch_first`` the output is ``(N, L, E)`` contiguous, as torch's fused path
-    returns it."""
+    returns it (where torch's forward does not take that path, with autograd on, say,
+    torch's is the transposed ``(L, N, E)``)."""
     return training or not batch_first

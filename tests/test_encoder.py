@@ -314,8 +314,9 @@ def test_causal_call_in_eval_on_meta_or_fake_tensors_gives_torchs_shape(device):
     assert got.shape == expected.shape
 
 
+@pytest.mark.parametrize("pre_dispatch", [False, True])
 @pytest.mark.parametrize("mode", ["real", "symbolic"])
-def test_make_fx_graph_of_a_causal_call_in_eval_matches_torch(mode):
+def test_make_fx_graph_of_a_causal_call_in_eval_matches_torch(mode, pre_dispatch):
     """torch.fx.experimental.proxy_tensor.make_fx (under AOTAutograd and torch.func
     tooling) traces plain tensors in its "real" mode, whose values it refuses to read:
     the causal check's aten::equal raised there, and with symbolic sizes the mask cache
@@ -331,6 +332,6 @@ def test_make_fx_graph_of_a_causal_call_in_eval_matches_torch(mode):
 
     x = torch.randn(N, S, E, dtype=F64)
     with torch.no_grad():
-        graph = make_fx(call, tracing_mode=mode)(params, x, causal)
+        graph = make_fx(call, tracing_mode=mode, pre_dispatch=pre_dispatch)(params, x, causal)
         x = torch.randn(N, S, E, dtype=F64)
         torch.testing.assert_close(graph(params, x, causal), theirs(x, causal, is_causal=True), **TOL64)

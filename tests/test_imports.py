@@ -9,6 +9,8 @@ counts (``TYPE_CHECKING`` blocks included: they are read by type checkers).
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -105,3 +107,35 @@ def test_function_level_imports_count():
     modules = {"mha._core", "mha.masks", "mha._dispatch"}
     assert _imports(source, "mha._dispatch", False, modules) == {"mha._core", "mha.masks"}
     assert _imports("from .. import _types\n", "mha._backends.sdpa", False, {"mha._types"}) == {"mha._types"}
+
+
+_FIRST_CALLS = """
+import sys, torch
+from torch import nn
+x = torch.randn(5, 2, 8)
+causal = nn.Transformer.generate_square_subsequent_mask(5)
+nn.MultiheadAttention(8, 2)(x, x, x, attn_mask=causal, is_causal=True)
+if "sympy" in sys.modules:
+    print("torch")
+    raise SystemExit
+import mha
+from mha.masks import Causal, Window
+m = mha.MultiheadAttention(8, 2)
+m(x, x, x, attn_mask=causal, is_causal=True)
+m(x, x, x, is_causal=True, need_weights=True, average_attn_weights=False)
+m(x, x, x, key_padding_mask=torch.zeros(2, 5, dtype=torch.bool))
+q, k = torch.randn(1, 2, 5, 4), torch.randn(1, 2, 7, 4)
+mha.attention(q, k, k, Window(2, 1, align="bottom_right"), weights="mean")
+mha.attention(q, k, k, Causal(), return_lse=True)
+print("sympy" if "sympy" in sys.modules else "clean")
+"""
+
+
+def test_first_calls_do_not_import_sympy():
+    """torch imports sympy (0.4 s) on the first call of torch.broadcast_shapes; torch's own
+    attention never does, and mha's first causal call did (the band predicate broadcast its
+    index vectors through it)."""
+    out = subprocess.run([sys.executable, "-c", _FIRST_CALLS], capture_output=True, text=True, check=True).stdout
+    if out.strip() == "torch":
+        pytest.skip("this torch imports sympy on its own first attention call")
+    assert out.strip() == "clean"

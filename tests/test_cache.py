@@ -708,3 +708,27 @@ def test_equal_lengths_need_no_padding_mask(monkeypatch):
     mha.attention(_randn(g, N, HQ, 1, DK), _randn(g, N, HKV, 1, DK), _randn(g, N, HKV, 1, DK), cache=cache)
     assert kinds() == [set(), {"KeyPadding"}]
     assert cache.lengths.tolist() == [3, 6, 6]
+
+
+def test_caches_made_and_used_in_inference_mode():
+    """Decoding runs under torch.inference_mode, whose tensors have no version counter:
+    making a cache there (module, decoder or KVCache) raised RuntimeError from reading
+    lengths._version, and so did a reorder there that changed the batch size."""
+    theirs, ours = build_pair(30, 5, dtype=F64)
+    decoder = mha.swap(nn.TransformerDecoder(nn.TransformerDecoderLayer(30, 5, 16, dropout=0.0), 1)).double().eval()
+    g = torch.Generator().manual_seed(12)
+    x, memory = _randn(g, 4, 2, 30), _randn(g, 3, 2, 30)
+    want, _ = theirs(x, x, x, attn_mask=_causal(4))
+    with torch.inference_mode():
+        cache = ours.new_cache(2, 6)
+        out = torch.cat([ours(x[:2], x[:2], x[:2], cache=cache)[0]] + [ours(t, t, t, cache=cache)[0] for t in x[2:, None]])
+        cache.reorder(torch.tensor([1, 0, 1]))
+        ours(x[:1, [0, 0, 0]], x[:1, [0, 0, 0]], x[:1, [0, 0, 0]], cache=cache)
+        cache.lengths = torch.tensor([2, 2, 2])  # set by hand: an inference tensor
+        ours(x[:1, [0, 0, 0]], x[:1, [0, 0, 0]], x[:1, [0, 0, 0]], cache=cache)
+        layer_cache = decoder.new_cache(2, max_length=4, memory_length=3)
+        decoder(x[:1], memory, cache=layer_cache)
+        layer_cache.reorder(torch.tensor([0]))
+        decoder(x[1:2, :1], memory[:, :1], cache=layer_cache)
+    torch.testing.assert_close(out, want, **TOL[F64])
+    assert cache.lengths.tolist() == [3, 3, 3]

@@ -732,3 +732,15 @@ def test_caches_made_and_used_in_inference_mode():
         decoder(x[1:2, :1], memory[:, :1], cache=layer_cache)
     torch.testing.assert_close(out, want, **TOL[F64])
     assert cache.lengths.tolist() == [3, 3, 3]
+
+
+def test_cache_made_in_inference_mode_and_written_outside_it_says_so():
+    """Its buffers are inference tensors, which torch refuses to write outside inference
+    mode: that was RuntimeError from inside the write."""
+    with torch.inference_mode():
+        cache = mha.KVCache(2, 4, 1, 8)
+    q = torch.randn(2, 2, 1, 8)
+    for grad in (False, True):
+        with torch.set_grad_enabled(grad), pytest.raises(ValueError, match=r"inference_mode.*new_cache"):
+            mha.attention(q, q[:, :1], q[:, :1], cache=cache)
+    assert cache.lengths.tolist() == [0, 0]

@@ -197,6 +197,14 @@ def _version_tracked(lengths: Tensor) -> Tensor:
 
 
 def _validate_new(cache: KVCache, key: Tensor, value: Tensor, N: int, Hq: int) -> None:
+    # Dynamo cannot trace is_inference(); a compiled step is left to torch's own error.
+    if not torch.compiler.is_compiling() and cache.key.is_inference() and not torch.is_inference_mode_enabled():
+        raise ValueError(
+            "attention: this cache was made under torch.inference_mode, so its buffers are inference "
+            "tensors, which torch does not let code outside inference mode write; run the decoding "
+            "steps under torch.inference_mode() too, or make the cache (new_cache / KVCache) outside it "
+            "(torch.no_grad() is enough to decode without gradients)"
+        )
     for name, t, buf, dim in (("key", key, cache.key, "Dk"), ("value", value, cache.value, "Dv")):
         if not isinstance(t, Tensor):
             raise TypeError(f"attention: {name} must be a torch.Tensor, got {type(t).__name__}")

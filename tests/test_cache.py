@@ -4,6 +4,7 @@ against torch's full causal forward over the whole sequence so far."""
 from __future__ import annotations
 
 import contextlib
+import functools
 
 import pytest
 import torch
@@ -546,6 +547,24 @@ def test_module_cache_errors():
     with pytest.raises(NotImplementedError, match="add_bias_kv and add_zero_attn"):
         with_bias_kv(x, x, x, cache=with_bias_kv.new_cache(N, 8))
     assert cache.lengths.tolist() == [0] * N
+
+
+def test_is_causal_on_a_static_cache_is_refused_not_ignored():
+    """Without a cache is_causal=True masks the memory causally (top-left); on a static
+    (cross-attention) cache it was dropped silently, by the module and by explain."""
+    _, ours = build_pair(30, 5, dtype=F64)
+    x, memory = torch.ones(2, N, 30, dtype=F64), torch.ones(4, N, 30, dtype=F64)
+    static = ours.new_cache(N, 8, static=True)
+    for call in (ours, functools.partial(mha.explain, ours)):
+        with pytest.raises(NotImplementedError, match="is_causal=True is not supported on a static"):
+            call(x, memory, memory, is_causal=True, cache=static)
+    assert static.lengths.tolist() == [0] * N
+    ours(x, memory, memory, cache=static)
+    with pytest.raises(NotImplementedError, match="is_causal=True is not supported on a static"):
+        ours(x, None, None, is_causal=True, cache=static)
+    self_cache = ours.new_cache(N, 8)  # causal already: is_causal=True is what it does
+    ours(x, x, x, is_causal=True, cache=self_cache)
+    assert self_cache.lengths.tolist() == [2] * N
 
 
 @pytest.mark.parametrize("padding", ["right", "holes"])

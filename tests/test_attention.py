@@ -875,3 +875,21 @@ def test_checked_attention_is_attention_without_the_second_check(weights: str | 
         assert ours.weights is None
     else:
         torch.testing.assert_close(ours.weights, ref.weights)
+
+
+@pytest.mark.parametrize("backend", [None, "reference", "tiled", "sdpa"])
+def test_bias_of_a_wider_dtype_is_added_in_the_query_dtype_on_every_backend(backend):
+    """A float32 Bias with float16 heads: sdpa took it in float16 (-1e9 became -inf, a
+    fully masked row, zeros) while reference and tiled added it in float32 (-1e9 finite,
+    uniform attention), so the same call gave different rows by backend."""
+    q, k, v = make_qkv(1, 2, 2, 3, 4, 8, 8, dtype=torch.float16)
+    bias = torch.zeros(3, 4)
+    bias[1] = -1e9  # -inf in float16
+    bias[2, 0] = 0.3
+    weights = None if backend == "sdpa" else "per_head"  # sdpa returns no weights
+    got = mha.attention(q, k, v, M.Bias(bias), backend=backend, weights=weights)
+    want = mha.attention(q, k, v, M.Bias(bias.half()), backend="reference", weights=weights)
+    assert torch.equal(got.output[:, :, 1], torch.zeros(1, 2, 8, dtype=torch.float16))
+    torch.testing.assert_close(got.output, want.output, rtol=2**-10, atol=1e-3)
+    if weights is not None:
+        torch.testing.assert_close(got.weights, want.weights, rtol=2**-10, atol=1e-3)

@@ -4,6 +4,7 @@ against torch's full causal forward over the whole sequence so far."""
 from __future__ import annotations
 
 import contextlib
+import functools
 
 import pytest
 import torch
@@ -548,6 +549,24 @@ def test_module_cache_errors():
     assert cache.lengths.tolist() == [0] * N
 
 
+def test_is_causal_on_a_static_cache_is_refused_not_ignored():
+    """Without a cache is_causal=True masks the memory causally (top-left); on a static
+    (cross-attention) cache it was dropped silently, by the module and by explain."""
+    _, ours = build_pair(30, 5, dtype=F64)
+    x, memory = torch.ones(2, N, 30, dtype=F64), torch.ones(4, N, 30, dtype=F64)
+    static = ours.new_cache(N, 8, static=True)
+    for call in (ours, functools.partial(mha.explain, ours)):
+        with pytest.raises(NotImplementedError, match="is_causal=True is not supported on a static"):
+            call(x, memory, memory, is_causal=True, cache=static)
+    assert static.lengths.tolist() == [0] * N
+    ours(x, memory, memory, cache=static)
+    with pytest.raises(NotImplementedError, match="is_causal=True is not supported on a static"):
+        ours(x, None, None, is_causal=True, cache=static)
+    self_cache = ours.new_cache(N, 8)  # causal already: is_causal=True is what it does
+    ours(x, x, x, is_causal=True, cache=self_cache)
+    assert self_cache.lengths.tolist() == [2] * N
+
+
 @pytest.mark.parametrize("padding", ["right", "holes"])
 def test_compiled_static_fill_reads_any_memory_padding(padding):
     """Under torch.compile the memory's key_padding_mask cannot be read to tell right
@@ -708,3 +727,39 @@ def test_equal_lengths_need_no_padding_mask(monkeypatch):
     mha.attention(_randn(g, N, HQ, 1, DK), _randn(g, N, HKV, 1, DK), _randn(g, N, HKV, 1, DK), cache=cache)
     assert kinds() == [set(), {"KeyPadding"}]
     assert cache.lengths.tolist() == [3, 6, 6]
+
+
+def test_caches_made_and_used_in_inference_mode():
+    """Decoding runs under torch.inference_mode, whose tensors have no version counter:
+    making a cache there (module, decoder or KVCache) raised RuntimeError from reading
+    lengths._version, and so did a reorder there that changed the batch size."""
+    theirs, ours = build_pair(30, 5, dtype=F64)
+    decoder = mha.swap(nn.TransformerDecoder(nn.TransformerDecoderLayer(30, 5, 16, dropout=0.0), 1)).double().eval()
+    g = torch.Generator().manual_seed(12)
+    x, memory = _randn(g, 4, 2, 30), _randn(g, 3, 2, 30)
+    want, _ = theirs(x, x, x, attn_mask=_causal(4))
+    with torch.inference_mode():
+        cache = ours.new_cache(2, 6)
+        out = torch.cat([ours(x[:2], x[:2], x[:2], cache=cache)[0]] + [ours(t, t, t, cache=cache)[0] for t in x[2:, None]])
+        cache.reorder(torch.tensor([1, 0, 1]))
+        ours(x[:1, [0, 0, 0]], x[:1, [0, 0, 0]], x[:1, [0, 0, 0]], cache=cache)
+        cache.lengths = torch.tensor([2, 2, 2])  # set by hand: an inference tensor
+        ours(x[:1, [0, 0, 0]], x[:1, [0, 0, 0]], x[:1, [0, 0, 0]], cache=cache)
+        layer_cache = decoder.new_cache(2, max_length=4, memory_length=3)
+        decoder(x[:1], memory, cache=layer_cache)
+        layer_cache.reorder(torch.tensor([0]))
+        decoder(x[1:2, :1], memory[:, :1], cache=layer_cache)
+    torch.testing.assert_close(out, want, **TOL[F64])
+    assert cache.lengths.tolist() == [3, 3, 3]
+
+
+def test_cache_made_in_inference_mode_and_written_outside_it_says_so():
+    """Its buffers are inference tensors, which torch refuses to write outside inference
+    mode: that was RuntimeError from inside the write."""
+    with torch.inference_mode():
+        cache = mha.KVCache(2, 4, 1, 8)
+    q = torch.randn(2, 2, 1, 8)
+    for grad in (False, True):
+        with torch.set_grad_enabled(grad), pytest.raises(ValueError, match=r"inference_mode.*new_cache"):
+            mha.attention(q, q[:, :1], q[:, :1], cache=cache)
+    assert cache.lengths.tolist() == [0, 0]

@@ -105,6 +105,20 @@ def test_ragged_prompts_and_reorder():
         torch.testing.assert_close(torch.cat(outs[n]), ref[:, 0], **TOL[F64])
 
 
+@pytest.mark.parametrize("layer", [False, True])
+def test_memory_is_causal_with_a_cache_is_refused_not_ignored(layer):
+    """Without a cache memory_is_causal=True masks the memory causally; with one it was
+    dropped silently, so the cached output was that of another call."""
+    _, ours = _pair()
+    module = ours.layers[0] if layer else ours
+    x = torch.ones(2, N, E, dtype=F64)
+    cache = module.new_cache(N, 8)
+    with pytest.raises(NotImplementedError, match="memory_is_causal=True is not supported"):
+        module(x, x, memory_is_causal=True, cache=cache)
+    lengths = cache.self_attn.lengths if layer else cache.lengths
+    assert lengths.tolist() == [0] * N
+
+
 def test_cache_errors():
     _, ours = _pair()
     x = torch.ones(2, N, E, dtype=F64)

@@ -320,23 +320,23 @@ def plan_additive(plan: MaskPlan, N, H, L, S) -> torch.Tensor:
 def test_plan_shapes_are_never_expanded():
     """Each piece stays at its own broadcast shape; nothing becomes (N, H, L, S)."""
     dev = torch.device("cpu")
-    kp = plan_mask(KeyPadding(torch.tensor([3, 5])), L, S)
+    kp = plan_mask(KeyPadding(torch.tensor([3, 5])), L, S, torch.float32)
     assert kp.allowed_rows(0, L, S, dev).shape == (N, 1, 1, S)
     assert kp.additive_rows(0, L, S, torch.float32, dev).shape == (N, 1, 1, S)
-    causal = plan_mask(Causal(), L, S)
+    causal = plan_mask(Causal(), L, S, torch.float32)
     assert causal.allowed_rows(1, 4, S, dev).shape == (1, 1, 3, S)
-    both = plan_mask(Causal() & KeyPadding(torch.tensor([3, 5])), L, S)
+    both = plan_mask(Causal() & KeyPadding(torch.tensor([3, 5])), L, S, torch.float32)
     assert both.allowed_rows(0, L, S, dev).shape == (N, 1, L, S)
-    per_head = plan_mask(Bias(torch.zeros(1, H, 1, S)), L, S)
+    per_head = plan_mask(Bias(torch.zeros(1, H, 1, S)), L, S, torch.float32)
     assert per_head.bias_rows(0, L, torch.float32, dev).shape == (1, H, 1, S)
     assert per_head.additive_rows(2, 4, S, torch.float32, dev).shape == (1, H, 1, S)
-    key_only = plan_mask(Blocked(torch.zeros(N, 1, 1, S, dtype=torch.bool)), L, S)
+    key_only = plan_mask(Blocked(torch.zeros(N, 1, 1, S, dtype=torch.bool)), L, S, torch.float32)
     assert key_only.allowed_rows(0, L, S, dev).shape == (N, 1, 1, S)
     t = torch.zeros(L, S)
-    bias_plan = plan_mask(Bias(t), L, S)
+    bias_plan = plan_mask(Bias(t), L, S, torch.float32)
     assert bias_plan.bias[0].data_ptr() == t.data_ptr()  # a view, not a copy
-    assert plan_mask(None, L, S).is_empty
-    assert plan_mask(None, L, S).additive_rows(0, L, S, torch.float32, dev) is None
+    assert plan_mask(None, L, S, torch.float32).is_empty
+    assert plan_mask(None, L, S, torch.float32).additive_rows(0, L, S, torch.float32, dev) is None
 
 
 def test_plan_reduces_bands_and_lengths():
@@ -344,6 +344,7 @@ def test_plan_reduces_bands_and_lengths():
         Causal("bottom_right") & Window(2, 3) & KeyPadding(torch.tensor([4, 9])) & KeyPadding(torch.tensor([6, 1])),
         L,
         S,
+        torch.float32,
     )
     assert plan.band == Band(-2, S - L)
     assert plan.lengths.tolist() == [4, 1]
@@ -383,7 +384,7 @@ def test_plan_agrees_with_materialize(kinds, Lq, Sk, start, seed):
     for kind in kinds[1:]:
         mask = mask & make_mask(kind, 2, 2, Lq, Sk, g)
     want = mask.materialize(2, 2, Lq, Sk, dtype=torch.float64)
-    plan = plan_mask(mask, Lq, Sk)
+    plan = plan_mask(mask, Lq, Sk, torch.float64)
     assert_additive_equal(plan_additive(plan, 2, 2, Lq, Sk), want)
     # A block of rows reads the same rows.
     start = min(start, Lq - 1)

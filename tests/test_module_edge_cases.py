@@ -208,3 +208,37 @@ def test_the_dense_route_draws_the_same_dropout_as_torch(kwargs, need_weights):
     torch.testing.assert_close(got_out, want_out, **TOL[torch.float32])
     if need_weights:
         torch.testing.assert_close(got_w, want_w, **TOL[torch.float32])
+
+
+@pytest.mark.parametrize("need_weights", [False, True])
+def test_float_mask_of_a_wider_dtype_is_added_in_the_inputs_dtype(need_weights):
+    """A float32 attn_mask on a float16 module: the path without weights added it in
+    float16 (a row of -1e9 became -inf: blocked, output out_proj.bias) and the weights path
+    in float32 (-1e9 finite: uniform attention), so need_weights changed the output."""
+    ours = mha.MultiheadAttention(E, H).half()
+    x = torch.randn(L, N, E).half()
+    mask = torch.zeros(L, L)
+    mask[1] = -1e9  # -inf in float16
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out, _ = ours(x, x, x, attn_mask=mask, need_weights=need_weights)
+        want, _ = ours(x, x, x, attn_mask=mask.half(), need_weights=need_weights)
+    torch.testing.assert_close(out, want, rtol=0, atol=0)
+    assert torch.equal(out[1], ours.out_proj.bias.expand(N, E))
+    assert caught
+    assert "query row(s) [1]" in str(caught[0].message)  # warned as for the float16 mask
+
+
+def test_float_mask_of_a_wider_dtype_overflowing_the_inputs_dtype_raises():
+    """A finite float64 attn_mask on float32 inputs whose value overflows float32 became
+    +inf after the +inf check, and the row NaN."""
+    ours = mha.MultiheadAttention(E, H)
+    x = torch.randn(L, N, E)
+    mask = torch.zeros(L, L, dtype=torch.float64)
+    mask[1, 2] = 1e300
+    with pytest.raises(ValueError, match=r"attn_mask \(5, 5\) holds \+inf in the inputs' dtype torch.float32"):
+        ours(x, x, x, attn_mask=mask)
+    padding = torch.zeros(N, L, dtype=torch.float64)
+    padding[0, 2] = 1e300
+    with pytest.raises(ValueError, match=r"key_padding_mask \(3, 5\) holds \+inf"):
+        ours(x, x, x, key_padding_mask=padding)

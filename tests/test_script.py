@@ -187,6 +187,22 @@ def test_scripted_low_precision_error_is_eager_mha_error(dtype, need_weights):
         assert (g.double() - r).abs().max() <= 2 * (e.double() - r).abs().max() + ulp
 
 
+@pytest.mark.parametrize("need_weights", [True, False])
+def test_scripted_float_mask_of_a_wider_dtype_is_added_in_the_inputs_dtype(need_weights):
+    """A float32 attn_mask on a float16 module: the scripted weights path added it in
+    float32 (a row of -1e9 finite: uniform attention) and its path without weights in
+    float16 (-inf: blocked, output out_proj.bias), as eager mha does in both."""
+    module = mha.MultiheadAttention(E, H).half()
+    scripted = torch.jit.script(module)
+    x = torch.randn(L, N, E).half()
+    mask = torch.zeros(L, L)
+    mask[1] = -1e9  # -inf in float16
+    got, _ = scripted(x, x, x, attn_mask=mask, need_weights=need_weights)
+    want, _ = _quiet(module, x, x, x, attn_mask=mask, need_weights=need_weights)
+    torch.testing.assert_close(got, want, rtol=2**-10, atol=1e-3)
+    assert torch.equal(got[1], module.out_proj.bias.expand(N, E))
+
+
 @pytest.mark.parametrize("config", ["plain", "kdim_vdim", "extra_keys"])
 def test_scripted_gradients_match_eager(config):
     _, ours = build_pair(E, H, dtype=F64, **CONFIGS[config])

@@ -127,6 +127,14 @@ def test_rejects_unknown_target():
         mha.swap(nn.Linear(2, 2), to="flash")
 
 
+@pytest.mark.parametrize("model", [nn.Linear, [nn.MultiheadAttention(4, 2)], None])
+def test_rejects_what_is_not_a_module(model):
+    """A class, a list of modules or None raised AttributeError ('... has no attribute
+    modules') from inside swap."""
+    with pytest.raises(TypeError, match=r"swap: model must be a torch\.nn\.Module instance, got "):
+        mha.swap(model)
+
+
 class _Block(nn.Module):
     """Calls its attention with keyword arguments, as nn.TransformerEncoderLayer does."""
 

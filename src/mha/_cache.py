@@ -94,7 +94,7 @@ class KVCache:
         self.value = torch.zeros(N, H, M, Dv, dtype=dtype, device=device)
         if not self.key.is_floating_point():
             raise TypeError(f"KVCache: dtype must be a floating-point dtype, got {self.key.dtype}")
-        self.lengths = torch.zeros(N, dtype=torch.int64, device=self.key.device)
+        self.lengths = _version_tracked(torch.zeros(N, dtype=torch.int64, device=self.key.device))
         self.static = bool(static)
         self.key_padding_mask: Tensor | None = None
         # An upper bound on lengths.max() known on the host, so that eager steps read only
@@ -122,7 +122,10 @@ class KVCache:
         )
 
     def _lengths_state(self) -> tuple[int, int]:
-        return id(self.lengths), self.lengths._version
+        # Lengths set by hand to an inference tensor have no version counter: -1, so only
+        # replacing them (a new id), not writing them in place, voids the bound.
+        lengths = self.lengths
+        return id(lengths), -1 if lengths.is_inference() else lengths._version
 
     def _host_state(self) -> tuple[int, bool]:
         """``(bound, uniform)``: an upper bound on ``lengths.max()`` and whether every length
@@ -177,12 +180,31 @@ class KVCache:
             if new.shape == old.shape:
                 old.copy_(new)
             else:
-                setattr(self, name, new)
+                setattr(self, name, _version_tracked(new) if name == "lengths" else new)
         if known:
             self._set_bound(bound, uniform)
 
 
+def _version_tracked(lengths: Tensor) -> Tensor:
+    """``lengths``, copied out of inference mode if made in it: the cache tells a write of
+    its lengths by hand from its own by their version counter, which inference tensors
+    (made under ``torch.inference_mode``, where decoding runs) lack. Writing a normal
+    tensor in place inside inference mode is allowed and counts."""
+    if not lengths.is_inference():
+        return lengths
+    with torch.inference_mode(False):
+        return lengths.clone()
+
+
 def _validate_new(cache: KVCache, key: Tensor, value: Tensor, N: int, Hq: int) -> None:
+    # Dynamo cannot trace is_inference(); a compiled step is left to torch's own error.
+    if not torch.compiler.is_compiling() and cache.key.is_inference() and not torch.is_inference_mode_enabled():
+        raise ValueError(
+            "attention: this cache was made under torch.inference_mode, so its buffers are inference "
+            "tensors, which torch does not let code outside inference mode write; run the decoding "
+            "steps under torch.inference_mode() too, or make the cache (new_cache / KVCache) outside it "
+            "(torch.no_grad() is enough to decode without gradients)"
+        )
     for name, t, buf, dim in (("key", key, cache.key, "Dk"), ("value", value, cache.value, "Dv")):
         if not isinstance(t, Tensor):
             raise TypeError(f"attention: {name} must be a torch.Tensor, got {type(t).__name__}")

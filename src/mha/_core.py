@@ -189,7 +189,7 @@ def checked_attention(
     _, _, L, Dk = query.shape
     S = key.shape[2]
     scale = 1.0 / math.sqrt(Dk) if Dk > 0 else 1.0
-    call = Call(query, key, value, mask, plan_mask(mask, L, S), scale, dropout_p, weights, False)
+    call = Call(query, key, value, mask, plan_mask(mask, L, S, query.dtype), scale, dropout_p, weights, False)
     return _dispatch.select_backend(call).forward(call)
 
 
@@ -366,7 +366,7 @@ def _validate_call(
     q_size, k_size, v_size = _sizes(query, key, value)
     scale = _validate_sizes(q_size, k_size, v_size, mask, scale, dropout_p, weights)
     return Call(
-        query, key, value, mask, plan_mask(mask, q_size[2], k_size[2]), scale, float(dropout_p), weights,
+        query, key, value, mask, plan_mask(mask, q_size[2], k_size[2], query.dtype), scale, float(dropout_p), weights,
         bool(return_lse),
     )
 

@@ -84,12 +84,17 @@ class DecoderCache:
             layer.reset()
 
 
-def _reject_masks(tgt_mask: Tensor | None, memory_mask: Tensor | None) -> None:
+def _reject_masks(tgt_mask: Tensor | None, memory_mask: Tensor | None, memory_is_causal: bool) -> None:
     if tgt_mask is not None or memory_mask is not None:
         raise NotImplementedError(
             "TransformerDecoderLayer with cache=: tgt_mask and memory_mask are not supported (attention "
             "on the self-attention cache is causal already); pass key padding masks for padding, or run "
             "without cache="
+        )
+    if memory_is_causal:
+        raise NotImplementedError(
+            "TransformerDecoderLayer with cache=: memory_is_causal=True is not supported (the memory is "
+            "attended whole, without causality, by every new token); drop it, or run without cache="
         )
 
 
@@ -170,7 +175,8 @@ class TransformerDecoderLayer(_DecoderCall, nn.TransformerDecoderLayer):
                 return traced
         if cache is not None:
             return self._forward_cached(
-                tgt, memory, tgt_mask, memory_mask, tgt_key_padding_mask, memory_key_padding_mask, cache
+                tgt, memory, tgt_mask, memory_mask, tgt_key_padding_mask, memory_key_padding_mask,
+                memory_is_causal, cache,
             )
         # torch's own forward, written out: TorchScript compiles no super() call.
         x = tgt
@@ -191,9 +197,10 @@ class TransformerDecoderLayer(_DecoderCall, nn.TransformerDecoderLayer):
         memory_mask: Tensor | None,
         tgt_key_padding_mask: Tensor | None,
         memory_key_padding_mask: Tensor | None,
+        memory_is_causal: bool,
         cache: Any,
     ) -> Tensor:
-        _reject_masks(tgt_mask, memory_mask)
+        _reject_masks(tgt_mask, memory_mask, memory_is_causal)
         if isinstance(cache, LayerCache) and cache._checked_for_step:
             cache._checked_for_step = False
         else:
@@ -332,7 +339,8 @@ class TransformerDecoder(_DecoderCall, nn.TransformerDecoder):
                 return traced
         if cache is not None:
             return self._forward_cached(
-                tgt, memory, tgt_mask, memory_mask, tgt_key_padding_mask, memory_key_padding_mask, cache
+                tgt, memory, tgt_mask, memory_mask, tgt_key_padding_mask, memory_key_padding_mask,
+                memory_is_causal, cache,
             )
         # torch's own forward, written out: TorchScript compiles no super() call.
         seq_len = _get_seq_len(tgt, self.layers[0].self_attn.batch_first)
@@ -355,6 +363,7 @@ class TransformerDecoder(_DecoderCall, nn.TransformerDecoder):
         memory_mask: Tensor | None,
         tgt_key_padding_mask: Tensor | None,
         memory_key_padding_mask: Tensor | None,
+        memory_is_causal: bool,
         cache: Any,
     ) -> Tensor:
         layers = module_member(self, "layers")
@@ -363,7 +372,7 @@ class TransformerDecoder(_DecoderCall, nn.TransformerDecoder):
                 f"TransformerDecoder: cache must be a DecoderCache from new_cache() with one entry per layer "
                 f"({len(layers)}), got {type(cache).__name__}"
             )
-        _reject_masks(tgt_mask, memory_mask)
+        _reject_masks(tgt_mask, memory_mask, memory_is_causal)
         for i, layer in enumerate(layers):
             if not isinstance(layer, TransformerDecoderLayer):
                 raise TypeError(

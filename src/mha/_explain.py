@@ -172,7 +172,7 @@ def explain(
         )
     if cache is not None:
         return _explain_cached(module, query, key, value, key_padding_mask, need_weights, attn_mask,
-                               average_attn_weights, cache)
+                               average_attn_weights, is_causal, cache)
     if key is None or value is None:
         raise TypeError(
             "explain: key and value must be tensors (S, N, E); None is for a filled static "
@@ -419,12 +419,13 @@ def _explain_cached(
     need_weights: bool,
     attn_mask: Tensor | None,
     average_attn_weights: bool,
+    is_causal: bool,
     cache: KVCache,
 ) -> Explanation:
     """:func:`explain` of ``module(query, key, value, ..., cache=cache)``: query ``(T, N, E)``
     (``(N, T, E)`` batch-first) new tokens, key/value their keys and values (or the
     memory filling a static cache, or None on a filled one)."""
-    check_cached_call(module, query, attn_mask, cache)
+    check_cached_call(module, query, attn_mask, is_causal, cache)
     bf = module.batch_first
     H, E = module.num_heads, module.embed_dim
     Dh = E // H

@@ -181,6 +181,11 @@ def plan_forward(
             key_padding_mask = key_padding_mask.unsqueeze(0)
         if attn_mask is not None and attn_mask.dim() == 3:
             attn_mask = attn_mask.unsqueeze(0)
+    # A float mask is added to the scores in the inputs' dtype: cast it before its values are
+    # read, so that a value the cast overflows is refused as +inf and one it rounds to -inf
+    # counts as blocked, as the scores will see them.
+    key_padding_mask = _in_dtype(key_padding_mask, query.dtype)
+    attn_mask = _in_dtype(attn_mask, query.dtype)
     batch_first = config.batch_first and batched
     extra_keys = int(config.bias_k is not None) + int(config.add_zero_attn)
     context = active_context()
@@ -227,6 +232,13 @@ def plan_forward(
         route, query, key, value, batched, batch_first, N, L, S, extra_keys,
         mask, key_lengths, weights, dropout_p, messages, values_read,
     )
+
+
+def _in_dtype(mask: Tensor | None, dtype: torch.dtype) -> Tensor | None:
+    """A float ``mask`` in ``dtype``; a boolean one, or None, as it is."""
+    if mask is None or mask.dtype == torch.bool or mask.dtype == dtype:
+        return mask
+    return mask.to(dtype)
 
 
 def _one_open_key(

@@ -232,7 +232,7 @@ class MultiheadAttention(ScriptableAttention):
                 return node  # a proxy of the (output, weights) pair
         if cache is not None:
             return self._forward_cached(
-                query, key, value, key_padding_mask, need_weights, attn_mask, average_attn_weights, cache
+                query, key, value, key_padding_mask, need_weights, attn_mask, average_attn_weights, is_causal, cache
             )
         plan = plan_forward(
             self, query, key, value, key_padding_mask, attn_mask, is_causal,
@@ -265,10 +265,12 @@ class MultiheadAttention(ScriptableAttention):
         need_weights: bool,
         attn_mask: Tensor | None,
         average_attn_weights: bool,
+        is_causal: bool,
         cache: Any,
     ) -> tuple[Tensor, Tensor | None]:
         return cached_forward(
-            self, query, key, value, key_padding_mask, need_weights, average_attn_weights, attn_mask, cache
+            self, query, key, value, key_padding_mask, need_weights, average_attn_weights, attn_mask, is_causal,
+            cache,
         )
 
     def _dense(self, plan: ForwardPlan) -> tuple[Tensor, Tensor | None]:

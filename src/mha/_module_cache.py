@@ -31,10 +31,19 @@ def new_module_cache(module: Any, batch_size: int, max_length: int, static: bool
     )
 
 
-def check_cached_call(module: Any, query: Tensor, attn_mask: Tensor | None, cache: object) -> None:
-    """Raise what ``module(query, ..., attn_mask=attn_mask, cache=cache)`` cannot run."""
+def check_cached_call(
+    module: Any, query: Tensor, attn_mask: Tensor | None, is_causal: bool, cache: object
+) -> None:
+    """Raise what ``module(query, ..., attn_mask=attn_mask, is_causal=is_causal, cache=cache)``
+    cannot run."""
     if not isinstance(cache, KVCache):
         raise TypeError(f"MultiheadAttention: cache must be an mha.KVCache, got {type(cache).__name__}")
+    if is_causal and cache.static:
+        raise NotImplementedError(
+            "MultiheadAttention with cache=: is_causal=True is not supported on a static "
+            "(cross-attention) cache, whose memory every query attends whole; drop it, or run "
+            "without cache="
+        )
     _fail_unsupported(module, query, attn_mask)
 
 
@@ -185,7 +194,7 @@ def check_step(
     need_weights=False, cache=cache)`` would raise after its projections (the backend
     it would run refusing the call included), from the shapes of its heads: nothing is
     projected or written. Shapes as for :func:`cached_forward`."""
-    check_cached_call(module, query, None, cache)
+    check_cached_call(module, query, None, False, cache)
     new_lengths, padding = _step_inputs(module, query, key, value, key_padding_mask, cache)
     batch_first = module.batch_first
     N, T = (query.shape[0], query.shape[1]) if batch_first else (query.shape[1], query.shape[0])
@@ -211,6 +220,7 @@ def cached_forward(
     need_weights: bool,
     average_attn_weights: bool,
     attn_mask: Tensor | None,
+    is_causal: bool,
     cache: KVCache,
 ) -> tuple[Tensor, Tensor | None]:
     """One step of ``module`` on ``cache``. Shapes (``batch_first=False``): query
@@ -219,7 +229,7 @@ def cached_forward(
     (any boolean pattern on a static cache). Returns output ``(T, N, E)`` and
     weights ``(N, T, S')`` (or ``(N, h, T, S')``) over the cache's first ``S'``
     positions. A step that raises leaves the cache as it was."""
-    check_cached_call(module, query, attn_mask, cache)
+    check_cached_call(module, query, attn_mask, is_causal, cache)
     new_lengths, padding = _step_inputs(module, query, key, value, key_padding_mask, cache)
     batch_first = module.batch_first
     if key is None or value is None:

@@ -188,8 +188,11 @@ _NO_MASK = MaskPlan()
 _TOP_LEFT_BAND_PLANS: dict[tuple[int | None, int | None, int], MaskPlan] = {}
 
 
-def plan_mask(mask: m.Mask | None, L: int, S: int) -> MaskPlan:
-    """Reduce a mask object to a :class:`MaskPlan` for a call with ``L`` queries and ``S`` keys."""
+def plan_mask(mask: m.Mask | None, L: int, S: int, dtype: torch.dtype) -> MaskPlan:
+    """Reduce a mask object to a :class:`MaskPlan` for a call with ``L`` queries and ``S`` keys
+    on heads of ``dtype``. Bias tensors are cast to ``dtype`` here, once for every backend:
+    ``sdpa`` adds them in it, the others in float32, so a wider Bias (-1e9 in float32 on
+    float16 heads: -inf once cast) would otherwise give rows that depend on the backend."""
     if mask is None:
         return _NO_MASK
     # Not while compiling: dynamo would guard on the memo's contents, and a call that fills
@@ -219,7 +222,8 @@ def plan_mask(mask: m.Mask | None, L: int, S: int) -> MaskPlan:
         elif isinstance(part, m.Blocked):
             allowed += (~part.tensor4d,)
         elif isinstance(part, m.Bias):
-            bias += (part.tensor4d,)
+            t = part.tensor4d
+            bias += (t if t.dtype == dtype else t.to(dtype),)
         else:
             raise TypeError(f"unknown mask type {type(part).__name__}")
     return MaskPlan(band, lengths, allowed, bias)

@@ -315,11 +315,12 @@ def _split_heads(x: Tensor, heads: int) -> Tensor:
     return x.reshape(x.shape[0], x.shape[1], heads, x.shape[2] // heads).transpose(1, 2)
 
 
-def _as_additive(mask: Tensor, dtype: torch.dtype) -> Tensor:
-    """Bool (True = blocked) as 0 / -inf; float as it is, in ``dtype``."""
+def _as_additive(mask: Tensor, dtype: torch.dtype, inputs_dtype: torch.dtype) -> Tensor:
+    """Bool (True = blocked) as 0 / -inf; float rounded to ``inputs_dtype`` (as eager mha and
+    SDPA add it: -1e9 in float32 is -inf in float16), then in ``dtype``."""
     if mask.dtype == torch.bool:
         return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(mask, float("-inf"))
-    return mask.to(dtype)
+    return mask.to(inputs_dtype).to(dtype)
 
 
 def _additive_mask(
@@ -344,9 +345,9 @@ def _additive_mask(
             attn_mask = attn_mask.unsqueeze(0).unsqueeze(0)
         elif attn_mask.dim() == 3:
             attn_mask = attn_mask.reshape(N, H, L, S)
-        mask = _as_additive(attn_mask, dtype)
+        mask = _as_additive(attn_mask, dtype, q.dtype)
     if key_padding_mask is not None:
-        padding = _as_additive(key_padding_mask, dtype).unsqueeze(1).unsqueeze(1)
+        padding = _as_additive(key_padding_mask, dtype, q.dtype).unsqueeze(1).unsqueeze(1)
         mask = padding if mask is None else mask + padding
     if is_causal:
         blocked = torch.ones(L, S, dtype=torch.bool, device=q.device).triu(1)

@@ -68,6 +68,12 @@ def swap(model: nn.Module, to: Literal["mha", "torch"] = "mha") -> nn.Module:
         >>> type(model.encoder.layers[0].self_attn)
         <class 'torch.nn.modules.activation.MultiheadAttention'>
     """
+    if not isinstance(model, nn.Module):
+        what = f"the class {model.__name__}" if isinstance(model, type) else type(model).__name__
+        raise TypeError(
+            f"swap: model must be a torch.nn.Module instance, got {what}; pass the model itself "
+            "(an instance, e.g. mha.swap(model)), or wrap a list of modules in nn.ModuleList"
+        )
     if to not in _CLASSES:
         raise ValueError(f"to must be 'mha' or 'torch', got {to!r}")
     layers = {(theirs if to == "mha" else ours): (ours if to == "mha" else theirs) for theirs, ours in _LAYERS}

@@ -54,7 +54,7 @@ def by_groups(call: Call, dense: Callable[[Call], AttentionOutput]) -> Attention
             heads_first(key, k_off, rows),
             heads_first(value, k_off, rows),
             call.mask,
-            plan_mask(call.mask, L, S),
+            plan_mask(call.mask, L, S, query.dtype),
             call.scale,
             call.dropout_p,
             call.weights,

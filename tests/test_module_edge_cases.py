@@ -236,9 +236,31 @@ def test_float_mask_of_a_wider_dtype_overflowing_the_inputs_dtype_raises():
     x = torch.randn(L, N, E)
     mask = torch.zeros(L, L, dtype=torch.float64)
     mask[1, 2] = 1e300
-    with pytest.raises(ValueError, match=r"attn_mask \(5, 5\) holds \+inf in the inputs' dtype torch.float32"):
+    with pytest.raises(ValueError, match=r"attn_mask \(5, 5\) holds \+inf in the heads' dtype torch.float32"):
         ours(x, x, x, attn_mask=mask)
     padding = torch.zeros(N, L, dtype=torch.float64)
     padding[0, 2] = 1e300
     with pytest.raises(ValueError, match=r"key_padding_mask \(3, 5\) holds \+inf"):
         ours(x, x, x, key_padding_mask=padding)
+
+
+@pytest.mark.parametrize("need_weights", [False, True])
+def test_float_mask_under_autocast_is_read_in_the_heads_dtype(need_weights):
+    """Under float16 autocast the inputs are float32 but the heads float16: the float32
+    mask was read in float32 and cast to float16 only when added, so a 7e4 (+inf once
+    cast) gave NaN rows instead of the ValueError, and a row of -1e9 (-inf once cast) was
+    blocked without the warning, as they are on float16 inputs."""
+    ours = mha.MultiheadAttention(E, H)
+    x = torch.randn(L, N, E)
+    overflowing = torch.zeros(L, L)
+    overflowing[1, 2] = 7e4
+    blocking = torch.zeros(L, L)
+    blocking[1] = -1e9
+    with torch.autocast("cpu", dtype=torch.float16):
+        with pytest.raises(ValueError, match=r"attn_mask \(5, 5\) holds \+inf in the heads' dtype torch.float16"):
+            ours(x, x, x, attn_mask=overflowing, need_weights=need_weights)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            out, _ = ours(x, x, x, attn_mask=blocking, need_weights=need_weights)
+    assert not out.isnan().any()
+    assert any("query row(s) [1]" in str(w.message) for w in caught)

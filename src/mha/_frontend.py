@@ -50,7 +50,7 @@ from ._mask_analysis import (
 )
 from ._torch_masks import CAUSAL, masks_from_torch, pitfall_messages
 from ._types import in_functorch_transform
-from ._validate import validate_forward, validate_nested_forward
+from ._validate import autocast_enabled, validate_forward, validate_nested_forward
 from .distributed._context import ContextParallel, active_context, refuse_nested
 from .masks import Mask, causal_blocked
 
@@ -181,11 +181,12 @@ def plan_forward(
             key_padding_mask = key_padding_mask.unsqueeze(0)
         if attn_mask is not None and attn_mask.dim() == 3:
             attn_mask = attn_mask.unsqueeze(0)
-    # A float mask is added to the scores in the inputs' dtype: cast it before its values are
+    # A float mask is added to the scores in the heads' dtype: cast it before its values are
     # read, so that a value the cast overflows is refused as +inf and one it rounds to -inf
     # counts as blocked, as the scores will see them.
-    key_padding_mask = _in_dtype(key_padding_mask, query.dtype)
-    attn_mask = _in_dtype(attn_mask, query.dtype)
+    heads_dtype = _heads_dtype(query)
+    key_padding_mask = _in_dtype(key_padding_mask, heads_dtype)
+    attn_mask = _in_dtype(attn_mask, heads_dtype)
     batch_first = config.batch_first and batched
     extra_keys = int(config.bias_k is not None) + int(config.add_zero_attn)
     context = active_context()
@@ -232,6 +233,15 @@ def plan_forward(
         route, query, key, value, batched, batch_first, N, L, S, extra_keys,
         mask, key_lengths, weights, dropout_p, messages, values_read,
     )
+
+
+def _heads_dtype(query: Tensor) -> torch.dtype:
+    """The dtype of the projected heads: the inputs' own, or autocast's, to which the
+    in-projections cast floating-point inputs other than float64 (float32 inputs give
+    float16 heads under float16 autocast)."""
+    if query.dtype != torch.float64 and autocast_enabled(query.device.type):
+        return torch.get_autocast_dtype(query.device.type)
+    return query.dtype
 
 
 def _in_dtype(mask: Tensor | None, dtype: torch.dtype) -> Tensor | None:

@@ -124,7 +124,7 @@ _INF = float("inf")
 
 def _not_finite_error(name: str, mask: Tensor, what: str) -> ValueError:
     return ValueError(
-        f"{name} {tuple(mask.shape)} holds {what} in the inputs' dtype {mask.dtype}; a float mask is added "
+        f"{name} {tuple(mask.shape)} holds {what} in the heads' dtype {mask.dtype}; a float mask is added "
         "to the scores, and a row with a +inf or NaN score has NaN attention. Mask out with -inf "
         f"(or pass a bool {name}, True = masked out) and keep added biases finite"
     )

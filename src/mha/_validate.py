@@ -288,7 +288,7 @@ def _other_layout(module: Any) -> str:
 def _validate_dtypes_devices(module: Any, query: Tensor, key: Tensor, value: Tensor) -> None:
     # Under autocast the projections cast inputs and parameters to one dtype, as torch's
     # do: mixed dtypes are what autocast regions hold (a bf16 activation, fp32 weights).
-    if not _autocast_enabled(query.device.type):
+    if not autocast_enabled(query.device.type):
         _validate_dtypes(module, query, key, value)
     param = module.out_proj.weight
     if not (query.device == key.device == value.device == param.device):
@@ -298,7 +298,7 @@ def _validate_dtypes_devices(module: Any, query: Tensor, key: Tensor, value: Ten
         )
 
 
-def _autocast_enabled(device_type: str) -> bool:
+def autocast_enabled(device_type: str) -> bool:
     """Whether autocast is on for ``device_type``; False for types autocast has no key
     for (``meta``), where torch.is_autocast_enabled raises."""
     try:

@@ -893,3 +893,19 @@ def test_bias_of_a_wider_dtype_is_added_in_the_query_dtype_on_every_backend(back
     torch.testing.assert_close(got.output, want.output, rtol=2**-10, atol=1e-3)
     if weights is not None:
         torch.testing.assert_close(got.weights, want.weights, rtol=2**-10, atol=1e-3)
+
+
+@pytest.mark.parametrize("bias_dtype", [torch.float32, torch.float16])
+def test_reference_adds_float16_biases_in_float32_like_tiled(bias_dtype):
+    """Two float16 Biases of 4e4 each: the reference backend materialised the whole mask
+    in float16, so their sum overflowed to +inf and the row was NaN, where tiled casts
+    each Bias to float16 and adds them to float32 scores (8e4: the row attends key 0)."""
+    q, k, v = make_qkv(1, 2, 2, 3, 4, 8, 8, dtype=torch.float16)
+    bias = torch.zeros(3, 4, dtype=bias_dtype)
+    bias[1, 0] = 4e4
+    mask = M.Bias(bias) & M.Bias(bias.clone())
+    got = mha.attention(q, k, v, mask, backend="reference", weights="per_head")
+    want = mha.attention(q, k, v, mask, backend="tiled", weights="per_head")
+    assert torch.equal(got.output[:, :, 1], v[:, :, 0].detach())
+    torch.testing.assert_close(got.output, want.output, rtol=2**-10, atol=1e-3)
+    torch.testing.assert_close(got.weights, want.weights, rtol=2**-10, atol=1e-3)

@@ -33,9 +33,10 @@ class _Reference:
         v = v.repeat_interleave(Hq // Hkv, dim=1)
         scores = torch.matmul(q, k.transpose(-1, -2)) * call.scale
         if call.mask is not None:
-            # Materialised in the heads' dtype, as the plan casts a Bias of another dtype.
-            mask = call.mask.materialize(N, Hq, L, S, device=q.device, dtype=call.query.dtype)
-            scores = scores + mask.to(dtype)
+            # Each part in the heads' dtype, as the plan casts a Bias of another dtype, and
+            # added to the scores in theirs: a sum of float16 Biases does not overflow.
+            for part in call.mask.parts():
+                scores = scores + part.materialize(N, Hq, L, S, device=q.device, dtype=call.query.dtype).to(dtype)
         lse = masked_logsumexp(scores)
         # Fully masked rows are filled with 0 before the softmax and set to 0 after.
         empty = torch.isneginf(scores).all(dim=-1, keepdim=True)

@@ -763,3 +763,21 @@ def test_cache_made_in_inference_mode_and_written_outside_it_says_so():
         with torch.set_grad_enabled(grad), pytest.raises(ValueError, match=r"inference_mode.*new_cache"):
             mha.attention(q, q[:, :1], q[:, :1], cache=cache)
     assert cache.lengths.tolist() == [0, 0]
+
+
+def test_lengths_set_by_hand_in_inference_mode_and_written_in_place_are_read():
+    """Lengths set by hand to an inference tensor have no version counter: a write of
+    them in place (a hand-made reset) went unseen, the next step wrote after the stale
+    bound of 3 positions instead of at 0, and attended them."""
+    g = torch.Generator().manual_seed(13)
+    q, k, v = (_randn(g, 2, 1, 1, 8) for _ in range(3))
+    with torch.inference_mode():
+        cache = mha.KVCache(2, 6, 1, 8, dtype=F64)
+        mha.attention(*(_randn(g, 2, 1, 2, 8) for _ in range(3)), cache=cache)
+        cache.lengths = torch.tensor([2, 2])
+        mha.attention(q, k, v, cache=cache)
+        cache.lengths.zero_()
+        got = mha.attention(q, k, v, cache=cache).output
+        assert cache.lengths.tolist() == [1, 1]
+    torch.testing.assert_close(got, v, **TOL[F64])
+

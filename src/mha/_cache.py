@@ -121,17 +121,18 @@ class KVCache:
             f"value_head_dim={self.value.shape[-1]}{kind}, dtype={self.key.dtype}, device={self.key.device})"
         )
 
-    def _lengths_state(self) -> tuple[int, int]:
-        # Lengths set by hand to an inference tensor have no version counter: -1, so only
-        # replacing them (a new id), not writing them in place, voids the bound.
+    def _lengths_state(self) -> tuple[int, int] | None:
+        # None for lengths set by hand to an inference tensor, which has no version counter:
+        # a write of them in place could not be told, so no bound is trusted for them.
         lengths = self.lengths
-        return id(lengths), -1 if lengths.is_inference() else lengths._version
+        return None if lengths.is_inference() else (id(lengths), lengths._version)
 
     def _host_state(self) -> tuple[int, bool]:
         """``(bound, uniform)``: an upper bound on ``lengths.max()`` and whether every length
         equals it; from the host when still valid, else read from ``lengths`` (one sync),
         or ``(max_length, False)`` where its values cannot be read (meta, fake tensors)."""
-        if self._bound is None or self._bound_for != self._lengths_state():
+        state = self._lengths_state()
+        if self._bound is None or state is None or self._bound_for != state:
             if not values_readable(self.lengths):
                 self._set_bound(self.max_length)
             else:
@@ -171,7 +172,8 @@ class KVCache:
                 )
         index = index.to(self.key.device, torch.int64)  # index_select takes int32 or int64 only
         # Rows of the old lengths: the bound still bounds them, and equal ones stay equal.
-        known = self._bound_for == self._lengths_state()
+        state = self._lengths_state()
+        known = state is not None and self._bound_for == state
         bound, uniform = self._bound, self._uniform
         tensors = ["key", "value", "lengths"] + ([] if self.key_padding_mask is None else ["key_padding_mask"])
         for name in tensors:

@@ -781,3 +781,16 @@ def test_lengths_set_by_hand_in_inference_mode_and_written_in_place_are_read():
         assert cache.lengths.tolist() == [1, 1]
     torch.testing.assert_close(got, v, **TOL[F64])
 
+
+def test_cache_made_in_inference_mode_and_reordered_outside_it_says_so():
+    """Reordering in place writes the buffers, inference tensors: torch's RuntimeError
+    from inside the copy. A reorder that changes the batch size makes new buffers, and
+    runs."""
+    with torch.inference_mode():
+        cache = mha.KVCache(2, 4, 1, 8)
+    with pytest.raises(ValueError, match=r"inference_mode.*new_cache"):
+        cache.reorder(torch.tensor([1, 0]))
+    cache.reorder(torch.tensor([1, 0, 0]))
+    assert not cache.key.is_inference()
+    mha.attention(*(torch.randn(3, 1, 1, 8) for _ in range(3)), cache=cache)
+    assert cache.lengths.tolist() == [1, 1, 1]

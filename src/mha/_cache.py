@@ -170,6 +170,8 @@ class KVCache:
                 raise ValueError(
                     f"KVCache.reorder: index values must be batch rows in [0, {N}), got values in [{low}, {high}]"
                 )
+        if index.shape[0] == N:  # the buffers are written in place
+            _refuse_inference_write(self, "KVCache.reorder")
         index = index.to(self.key.device, torch.int64)  # index_select takes int32 or int64 only
         # Rows of the old lengths: the bound still bounds them, and equal ones stay equal.
         state = self._lengths_state()
@@ -198,15 +200,21 @@ def _version_tracked(lengths: Tensor) -> Tensor:
         return lengths.clone()
 
 
-def _validate_new(cache: KVCache, key: Tensor, value: Tensor, N: int, Hq: int) -> None:
+def _refuse_inference_write(cache: KVCache, who: str) -> None:
+    """ValueError if ``cache``'s buffers are inference tensors and inference mode is off,
+    where torch refuses to write them."""
     # Dynamo cannot trace is_inference(); a compiled step is left to torch's own error.
     if not torch.compiler.is_compiling() and cache.key.is_inference() and not torch.is_inference_mode_enabled():
         raise ValueError(
-            "attention: this cache was made under torch.inference_mode, so its buffers are inference "
+            f"{who}: this cache was made under torch.inference_mode, so its buffers are inference "
             "tensors, which torch does not let code outside inference mode write; run the decoding "
             "steps under torch.inference_mode() too, or make the cache (new_cache / KVCache) outside it "
             "(torch.no_grad() is enough to decode without gradients)"
         )
+
+
+def _validate_new(cache: KVCache, key: Tensor, value: Tensor, N: int, Hq: int) -> None:
+    _refuse_inference_write(cache, "attention")
     for name, t, buf, dim in (("key", key, cache.key, "Dk"), ("value", value, cache.value, "Dv")):
         if not isinstance(t, Tensor):
             raise TypeError(f"attention: {name} must be a torch.Tensor, got {type(t).__name__}")

@@ -49,7 +49,7 @@ from ._mask_analysis import (
     values_readable,
 )
 from ._torch_masks import CAUSAL, masks_from_torch, pitfall_messages
-from ._types import in_functorch_transform
+from ._types import device_type, in_functorch_transform
 from ._validate import autocast_enabled, validate_forward, validate_nested_forward
 from .distributed._context import ContextParallel, active_context, refuse_nested
 from .masks import Mask, causal_blocked
@@ -184,9 +184,12 @@ def plan_forward(
     # A float mask is added to the scores in the heads' dtype: cast it before its values are
     # read, so that a value the cast overflows is refused as +inf and one it rounds to -inf
     # counts as blocked, as the scores will see them.
-    heads_dtype = _heads_dtype(query)
-    key_padding_mask = _in_dtype(key_padding_mask, heads_dtype)
-    attn_mask = _in_dtype(attn_mask, heads_dtype)
+    if (key_padding_mask is not None and key_padding_mask.dtype != torch.bool) or (
+        attn_mask is not None and attn_mask.dtype != torch.bool
+    ):
+        heads_dtype = _heads_dtype(query)
+        key_padding_mask = _in_dtype(key_padding_mask, heads_dtype)
+        attn_mask = _in_dtype(attn_mask, heads_dtype)
     batch_first = config.batch_first and batched
     extra_keys = int(config.bias_k is not None) + int(config.add_zero_attn)
     context = active_context()
@@ -239,8 +242,10 @@ def _heads_dtype(query: Tensor) -> torch.dtype:
     """The dtype of the projected heads: the inputs' own, or autocast's, to which the
     in-projections cast floating-point inputs other than float64 (float32 inputs give
     float16 heads under float16 autocast)."""
-    if query.dtype != torch.float64 and autocast_enabled(query.device.type):
-        return torch.get_autocast_dtype(query.device.type)
+    if query.dtype != torch.float64:
+        kind = device_type(query.device)
+        if autocast_enabled(kind):
+            return torch.get_autocast_dtype(kind)
     return query.dtype
 
 

@@ -231,7 +231,7 @@ def test_padded_tokens_are_not_stored():
         # Rejected before the new tokens are written, not after.
         ({"query": torch.ones(3, 6, 2, 40)}, TypeError, "query has dtype torch.float32 .* the cache torch.float64"),
         ({"query": torch.ones(3, 6, 2, 7, dtype=F64)}, ValueError, r"query .* must have the cache's Dk = 40"),
-        ({"dropout_p": 2.0}, ValueError, r"dropout_p must be a float in \[0, 1\)"),
+        ({"dropout_p": 2.0}, ValueError, r"dropout_p must be in \[0, 1\]"),
         ({"weights": "all"}, ValueError, "weights must be None, 'mean' or 'per_head'"),
         ({"backend": "fast"}, ValueError, "unknown backend 'fast'"),
         ({"backend": "sdpa", "weights": "mean"}, NotImplementedError, "SDPA returns no attention weights"),

@@ -78,9 +78,19 @@ def test_non_numeric_sizes(kwargs, name):
     check(TypeError, lambda: mha.MultiheadAttention(**kwargs), name)
 
 
-@pytest.mark.parametrize("dropout", [1.0, 1.5, -0.1])
+@pytest.mark.parametrize("dropout", [1.5, -0.1, float("nan"), float("inf")])
 def test_dropout_outside_unit_interval(dropout):
-    check(ValueError, lambda: mha.MultiheadAttention(8, 2, dropout=dropout), "dropout", "[0, 1)", str(dropout))
+    check(ValueError, lambda: mha.MultiheadAttention(8, 2, dropout=dropout), "dropout", "[0, 1]", str(dropout))
+
+
+@pytest.mark.parametrize("dropout", [0, 1, 1.0, 0.5])
+def test_dropout_in_the_closed_unit_interval_is_accepted_as_torch_accepts_it(dropout):
+    assert mha.MultiheadAttention(8, 2, dropout=dropout).dropout == torch.nn.MultiheadAttention(8, 2, dropout=dropout).dropout
+
+
+@pytest.mark.parametrize("dropout", [True, "0.1", torch.tensor(0.1), None])
+def test_dropout_of_another_type(dropout):
+    check(TypeError, lambda: mha.MultiheadAttention(8, 2, dropout=dropout), "dropout", type(dropout).__name__, "float")
 
 
 # Inputs: rank, width, lengths, batch sizes

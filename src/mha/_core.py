@@ -23,6 +23,7 @@ from ._cache import CachedStep, KVCache, cached_step
 from ._dispatch import Backend
 from ._plan import plan_mask, plan_varlen_mask
 from ._types import AttentionOutput, Call, Offsets, WeightsMode, split_weights
+from ._validate import check_dropout
 
 __all__ = ["AttentionOutput", "Call", "PackedOutput", "WeightsMode", "attention", "check_scale", "packed_attention"]
 
@@ -409,8 +410,7 @@ def _validate_options(dropout_p: float, weights: WeightsMode | None) -> None:
     """Checks ``weights`` and ``dropout_p`` of :func:`attention`."""
     if weights not in (None, "mean", "per_head"):
         raise ValueError(f"attention: weights must be None, 'mean' or 'per_head', got {weights!r}")
-    if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p < 1.0:
-        raise ValueError(f"attention: dropout_p must be a float in [0, 1), got {dropout_p!r}")
+    check_dropout(dropout_p, "dropout_p", "attention: ")
 
 
 def _validate_sizes(

@@ -65,7 +65,7 @@ class MultiheadAttention(ScriptableAttention):
     Args:
         embed_dim: ``E``, width of query and of the output.
         num_heads: ``h``; ``E`` must be divisible by it.
-        dropout: dropout probability on the attention weights, in [0, 1).
+        dropout: dropout probability on the attention weights, in [0, 1] (1 drops every weight in training).
         bias: add biases to the input and output projections.
         add_bias_kv: append a learned key and value (``bias_k``, ``bias_v``).
         add_zero_attn: append a zero key and value.

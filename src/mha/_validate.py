@@ -62,11 +62,22 @@ def validate_constructor(
             f"embed_dim // num_heads features. Choose num_heads from {_few(divisors)}, "
             f"or embed_dim as a multiple of {num_heads} (e.g. {num_heads * max(1, round(embed_dim / num_heads))})"
         )
-    if isinstance(dropout, bool) or not isinstance(dropout, Real):
-        raise TypeError(f"dropout must be a float in [0, 1), got {type(dropout).__name__} {dropout!r}")
-    if not 0.0 <= float(dropout) < 1.0:
+    check_dropout(dropout, "dropout", "")
+
+
+def check_dropout(value: Any, name: str, prefix: str) -> None:
+    """TypeError unless ``value`` is a real number (not a bool), ValueError unless it is in
+    [0, 1] as torch's ``F.dropout`` takes it (1 zeroes every weight); ``prefix`` starts the
+    message (the function's name)."""
+    if isinstance(value, bool) or not isinstance(value, Real):
+        fix = f"float({name})" if isinstance(value, Tensor) else f"a Python float, e.g. {name}=0.1"
+        raise TypeError(
+            f"{prefix}{name} must be a float in [0, 1], got {type(value).__name__} {value!r}; pass {fix}"
+        )
+    if not 0.0 <= float(value) <= 1.0:
         raise ValueError(
-            f"dropout must be in [0, 1) (the probability of zeroing an attention weight), got dropout={dropout}"
+            f"{prefix}{name} must be in [0, 1] (the probability of zeroing an attention weight), "
+            f"got {name}={value}"
         )
 
 

@@ -185,6 +185,25 @@ def test_reorder_to_another_batch_size_and_reset():
         cache.reorder([0, 1])  # type: ignore[arg-type]
 
 
+@pytest.mark.parametrize("static", [False, True])
+def test_reorder_to_no_rows_is_refused_before_changing_anything(static):
+    """An empty index would leave a cache of batch size 0, which the constructor refuses
+    and which no reorder can bring rows back to: refused, the cache as it was."""
+    cache = mha.KVCache(N, M, HKV, DK, static=static, dtype=F64)
+    mha.attention(*(torch.randn(N, h, 2, DK, dtype=F64) for h in (HQ, HKV, HKV)), cache=cache)
+    if static:
+        cache.key_padding_mask = torch.zeros(N, M, dtype=torch.bool)
+    before = _cache_state(cache)
+    with pytest.raises(ValueError, match=r"index is empty: it would leave no sequence \(batch_size=0\).*reset\(\)"):
+        cache.reorder(torch.tensor([], dtype=torch.int64))
+    after = _cache_state(cache)
+    assert all(torch.equal(a, b) for a, b in zip(before[:3], after[:3], strict=True))
+    assert after[3] is before[3]
+    assert cache.batch_size == N
+    out = mha.attention(*(torch.randn(N, h, 1, DK, dtype=F64) for h in (HQ, HKV, HKV)), cache=cache).output
+    assert out.shape == (N, HQ, 1, DK)
+
+
 def test_overflow_names_max_length_lengths_and_fix():
     cache = mha.KVCache(2, 5, 1, 4, dtype=F64)
     x = torch.ones(2, 1, 4, 4, dtype=F64)

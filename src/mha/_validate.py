@@ -8,6 +8,7 @@ says what was expected, what came, and how to fix it.
 
 from __future__ import annotations
 
+import operator
 from numbers import Real
 from typing import Any
 
@@ -38,6 +39,24 @@ def module_member(module: nn.Module, name: str) -> Any:
 
 def _is_int(x: Any) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
+
+
+def as_int(value: Any, what: str, expected: str = "an int") -> int:
+    """``value`` as a Python int: an int or another integral type (a numpy integer, a
+    one-element integer tensor: what ``operator.index`` takes), never a bool. TypeError
+    naming ``what``, the ``expected`` kind and what came otherwise."""
+    if not isinstance(value, bool) and not (isinstance(value, Tensor) and value.dtype == torch.bool):
+        try:
+            return operator.index(value)
+        except (TypeError, RuntimeError):  # RuntimeError: a tensor that holds no value (meta)
+            pass
+    got = (
+        f"a Tensor of shape {_shape(value)}, dtype {value.dtype} on {value.device}"
+        if isinstance(value, Tensor)
+        else f"{type(value).__name__} {value!r}"
+    )
+    fix = "pass a Python int" + (f", e.g. int({what.split()[-1]})" if isinstance(value, Real) else "")
+    raise TypeError(f"{what} must be {expected}, got {got}; {fix} (numpy and torch integers are taken too)")
 
 
 def validate_constructor(

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import functools
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -410,6 +411,18 @@ def test_ragged_steps_on_the_meta_device():
     mha.attention(x, x, x, cache=cache, new_lengths=torch.tensor([1, 2, 0], device="meta"))
     cache.lengths[0] = 2  # by hand: the lengths are unknown, every position may be read
     assert mha.attention(x, x, x, cache=cache, weights="mean").weights.shape == (N, 2, M)
+
+
+@pytest.mark.parametrize("integer", [np.int64, torch.tensor])
+def test_sizes_of_any_integral_type(integer):
+    """Sizes read from numpy arrays or tensors (what operator.index takes) are ints; a bool,
+    a float or a str is a TypeError naming the argument."""
+    cache = mha.KVCache(integer(2), integer(5), integer(1), integer(4), integer(3))
+    assert repr(cache) == repr(mha.KVCache(2, 5, 1, 4, 3))
+    assert mha.MultiheadAttention(8, 2).new_cache(integer(2), integer(5)).key.shape == (2, 2, 5, 4)
+    for bad, got in ((True, "bool True"), (2.0, "float 2.0"), ("2", "str '2'")):
+        with pytest.raises(TypeError, match=f"KVCache: batch_size must be an int, got {got}; pass a Python int"):
+            mha.KVCache(bad, 5, 1, 4)  # type: ignore[arg-type]
 
 
 def test_constructor_errors_and_no_cache_arguments():

@@ -6,6 +6,7 @@ from __future__ import annotations
 import warnings
 from unittest import mock
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import event, given, settings
@@ -76,6 +77,21 @@ def test_non_positive_sizes(kwargs, name):
 )
 def test_non_numeric_sizes(kwargs, name):
     check(TypeError, lambda: mha.MultiheadAttention(**kwargs), name)
+
+
+@pytest.mark.parametrize("integer", [np.int64, np.int32, torch.tensor])
+def test_sizes_of_any_integral_type_as_torch_takes_them(integer):
+    """torch's constructor takes numpy integers (and integer tensors) for the sizes; mha
+    takes them too, stored as ints, and gives torch's results."""
+    kwargs = {"embed_dim": integer(8), "num_heads": integer(2), "kdim": integer(6), "vdim": integer(4)}
+    theirs = torch.nn.MultiheadAttention(**kwargs)
+    ours = mha.MultiheadAttention(**kwargs)
+    for name in ("embed_dim", "num_heads", "kdim", "vdim", "head_dim"):
+        assert type(getattr(ours, name)) is int
+        assert getattr(ours, name) == getattr(theirs, name)
+    ours.load_state_dict(theirs.state_dict())
+    q, k, v = torch.randn(3, 2, 8), torch.randn(5, 2, 6), torch.randn(5, 2, 4)
+    torch.testing.assert_close(ours(q, k, v)[0], theirs(q, k, v)[0])
 
 
 @pytest.mark.parametrize("dropout", [1.5, -0.1, float("nan"), float("inf")])

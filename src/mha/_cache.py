@@ -34,11 +34,11 @@ from . import masks as _masks
 from ._backends.decode import MAX_ROWS
 from ._dispatch import forced_backend
 from ._mask_analysis import values_readable
+from ._validate import as_int
 
 
 def _positive_int(name: str, value: object, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"KVCache: {name} must be an int, got {type(value).__name__}")
+    value = as_int(value, f"KVCache: {name}")
     if value < minimum:
         raise ValueError(f"KVCache: {name} must be >= {minimum}, got {value}")
     return value

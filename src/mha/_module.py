@@ -98,7 +98,7 @@ class MultiheadAttention(ScriptableAttention):
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
-        validate_constructor(embed_dim, num_heads, dropout, kdim, vdim)
+        embed_dim, num_heads, kdim, vdim = validate_constructor(embed_dim, num_heads, dropout, kdim, vdim)
         factory_kwargs: dict[str, Any] = {"device": device, "dtype": dtype}
         super().__init__()
         self.embed_dim = embed_dim

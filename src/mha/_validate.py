@@ -37,10 +37,6 @@ def module_member(module: nn.Module, name: str) -> Any:
     return member if member is not None else getattr(module, name)
 
 
-def _is_int(x: Any) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
-
-
 def as_int(value: Any, what: str, expected: str = "an int") -> int:
     """``value`` as a Python int: an int or another integral type (a numpy integer, a
     one-element integer tensor: what ``operator.index`` takes), never a bool. TypeError
@@ -61,18 +57,19 @@ def as_int(value: Any, what: str, expected: str = "an int") -> int:
 
 def validate_constructor(
     embed_dim: Any, num_heads: Any, dropout: Any, kdim: Any, vdim: Any
-) -> None:
+) -> tuple[int, int, int | None, int | None]:
+    """Check the constructor's arguments; return ``(embed_dim, num_heads, kdim, vdim)`` as
+    Python ints (None kept): numpy integers and integer tensors, which torch's constructor
+    takes, are read through ``operator.index``."""
+    embed_dim = as_int(embed_dim, "embed_dim")
+    num_heads = as_int(num_heads, "num_heads")
     for name, value in (("embed_dim", embed_dim), ("num_heads", num_heads)):
-        if not _is_int(value):
-            raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
         if value <= 0:
             raise ValueError(f"{name} must be positive, got {name}={value}")
+    kdim = None if kdim is None else as_int(kdim, "kdim", "an int or None")
+    vdim = None if vdim is None else as_int(vdim, "vdim", "an int or None")
     for name, value in (("kdim", kdim), ("vdim", vdim)):
-        if value is None:
-            continue
-        if not _is_int(value):
-            raise TypeError(f"{name} must be an int or None, got {type(value).__name__} {value!r}")
-        if value <= 0:
+        if value is not None and value <= 0:
             raise ValueError(f"{name} must be positive (the width of {'key' if name == 'kdim' else 'value'}), got {name}={value}")
     if embed_dim % num_heads != 0:
         divisors = [h for h in range(1, embed_dim + 1) if embed_dim % h == 0]
@@ -82,6 +79,7 @@ def validate_constructor(
             f"or embed_dim as a multiple of {num_heads} (e.g. {num_heads * max(1, round(embed_dim / num_heads))})"
         )
     check_dropout(dropout, "dropout", "")
+    return embed_dim, num_heads, kdim, vdim
 
 
 def check_dropout(value: Any, name: str, prefix: str) -> None:

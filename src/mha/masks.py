@@ -224,7 +224,10 @@ class KeyPadding(Mask):
 
     def __init__(self, lengths: Tensor) -> None:
         if not isinstance(lengths, Tensor):
-            raise TypeError(f"KeyPadding lengths must be a Tensor of shape (N,), got {type(lengths).__name__}")
+            raise TypeError(
+                f"KeyPadding lengths must be an integer Tensor of shape (N,), got {type(lengths).__name__}; "
+                "build it with torch.tensor(lengths)"
+            )
         _require_dense(lengths, "KeyPadding lengths")
         if lengths.dim() != 1:
             raise ValueError(f"KeyPadding lengths must have shape (N,), got {tuple(lengths.shape)}")

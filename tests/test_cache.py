@@ -255,7 +255,7 @@ def test_padded_tokens_are_not_stored():
         ({"weights": "all"}, ValueError, "weights must be None, 'mean' or 'per_head'"),
         ({"backend": "fast"}, ValueError, "unknown backend 'fast'"),
         ({"backend": "sdpa", "weights": "mean"}, NotImplementedError, "SDPA returns no attention weights"),
-        ({"mask": Blocked(torch.ones(3, 1, 2, M, dtype=torch.bool, device="meta"))}, ValueError, "holds a tensor on meta but the query is on cpu"),
+        ({"mask": Blocked(torch.ones(3, 1, 2, M, dtype=torch.bool, device="meta"))}, ValueError, r"mask Blocked\(shape=\(3, 1, 2, 29\), .* holds a tensor on meta but the query is on cpu"),
         ({"scale": "big"}, TypeError, "scale must be a number or None, got 'big'"),
     ],
 )
@@ -411,6 +411,24 @@ def test_ragged_steps_on_the_meta_device():
     mha.attention(x, x, x, cache=cache, new_lengths=torch.tensor([1, 2, 0], device="meta"))
     cache.lengths[0] = 2  # by hand: the lengths are unknown, every position may be read
     assert mha.attention(x, x, x, cache=cache, weights="mean").weights.shape == (N, 2, M)
+
+
+@pytest.mark.parametrize(("embed_dim", "num_heads"), [(12, 3), (8, 4), (16, 2)])
+@pytest.mark.parametrize("static", [False, True])
+def test_cache_of_another_module_names_the_module_and_new_cache(embed_dim, num_heads, static):
+    """A cache made for other heads failed in the terms of the heads (Dk, Hkv) with no fix:
+    now it says what the module needs, what the cache holds, and to use new_cache."""
+    module = mha.MultiheadAttention(8, 2)
+    cache = mha.MultiheadAttention(embed_dim, num_heads).new_cache(2, 5, static=static)
+    x = torch.randn(1, 2, 8)
+    match = (
+        rf"KVCache\(batch_size=2, max_length=5, num_heads={num_heads}, head_dim={embed_dim // num_heads}, .* was not "
+        r"made for this module \(embed_dim=8, num_heads=2\).* needs num_heads=2, head_dim=4, value_head_dim=4; "
+        r"make it with this module's new_cache\(batch_size, max_length\)"
+    )
+    with pytest.raises(ValueError, match=match):
+        module(x, x, x, cache=cache)
+    assert cache.lengths.tolist() == [0, 0]
 
 
 @pytest.mark.parametrize("integer", [np.int64, torch.tensor])

@@ -520,6 +520,19 @@ def _check_call(cache: KVCache, query: Tensor, mask: _masks.Mask | None) -> None
             )
     _check_batch(cache, tuple(query.shape))
     _check_query(cache, query)
+    if mask is not None:  # before the mask is sliced to the positions read: the user's own shapes
+        check_mask_devices(mask, query.device)
+
+
+def check_mask_devices(mask: _masks.Mask, device: torch.device) -> None:
+    """ValueError naming the part of ``mask`` that holds a tensor on another ``device`` than the query's."""
+    for part in mask.parts():
+        for t in part.tensors():
+            if t.device != device:
+                raise ValueError(
+                    f"attention: mask {part!r} holds a tensor on {t.device} but the query is on {device}; "
+                    f"build the mask on the query's device (e.g. tensor.to(query.device))"
+                )
 
 
 def _check_batch(cache: KVCache, query_shape: tuple[int, ...]) -> None:

@@ -7,10 +7,12 @@ per head) and the gradients of q, k, v and of any Bias tensor that requires grad
 
 from __future__ import annotations
 
+import fractions
 import math
 import warnings
 from collections.abc import Callable
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
@@ -666,6 +668,26 @@ def test_dropout_keeps_fully_masked_rows_zero():
         assert not torch.isnan(out).any()
 
 
+@pytest.mark.parametrize("backend", ["reference", "tiled", "sdpa", None])
+def test_dropout_of_one_drops_every_weight(backend):
+    """dropout_p=1.0, which torch's F.dropout and SDPA take, zeroes every probability:
+    output and weights 0, no NaN from the 1 / (1 - p) rescaling; gradients are 0 too."""
+    q, k, v = make_qkv(2, 2, 2, 3, 5, 4, 4)
+    weights = None if backend == "sdpa" else "per_head"
+    result = mha.attention(q, k, v, M.Causal(), dropout_p=1.0, weights=weights, backend=backend)
+    assert torch.equal(result.output, torch.zeros_like(result.output))
+    if weights is not None:
+        assert torch.equal(result.weights, torch.zeros_like(result.weights))
+    result.output.sum().backward()
+    assert all(torch.equal(t.grad, torch.zeros_like(t)) for t in (q, k, v))
+
+
+@pytest.mark.parametrize("dropout_p", [np.float32(0.0), np.float64(0.0), 0, fractions.Fraction(0)])
+def test_dropout_p_of_any_real_type(dropout_p):
+    q, k, v = (t.detach() for t in make_qkv(1, 2, 2, 3, 5, 4, 4))
+    torch.testing.assert_close(mha.attention(q, k, v, dropout_p=dropout_p).output, mha.attention(q, k, v).output)
+
+
 # ---------------------------------------------------------------- validation
 
 
@@ -711,11 +733,12 @@ def _t(*shape, dtype=torch.float32):
         ((_t(2, 1, 3, 4), _t(2, 1, 5, 4), _t(2, 1, 5, 4).to_sparse()), {}, TypeError, r"value is a torch.sparse_coo tensor"),
         ((_t(2, 1, 3, 4), _t(2, 1, 5, 4), _t(2, 1, 5, 4)), {"weights": "all"}, ValueError, "weights must be None, 'mean' or 'per_head'"),
         ((_t(2, 1, 3, 4), _t(2, 1, 5, 4), _t(2, 1, 5, 4)), {"weights": True}, ValueError, "weights must be"),
-        ((_t(2, 1, 3, 4), _t(2, 1, 5, 4), _t(2, 1, 5, 4)), {"dropout_p": 1.0}, ValueError, r"dropout_p must be a float in \[0, 1\)"),
+        ((_t(2, 1, 3, 4), _t(2, 1, 5, 4), _t(2, 1, 5, 4)), {"dropout_p": 1.5}, ValueError, r"dropout_p must be in \[0, 1\] .*, got dropout_p=1.5"),
         ((_t(2, 1, 3, 4), _t(2, 1, 5, 4), _t(2, 1, 5, 4)), {"dropout_p": -0.1}, ValueError, "dropout_p"),
         ((_t(2, 1, 3, 4), _t(2, 1, 5, 4), _t(2, 1, 5, 4)), {"dropout_p": float("nan")}, ValueError, "dropout_p"),
-        ((_t(2, 1, 3, 4), _t(2, 1, 5, 4), _t(2, 1, 5, 4)), {"dropout_p": "0.1"}, ValueError, "dropout_p"),
-        ((_t(2, 1, 3, 4), _t(2, 1, 5, 4), _t(2, 1, 5, 4)), {"dropout_p": True}, ValueError, "dropout_p"),
+        ((_t(2, 1, 3, 4), _t(2, 1, 5, 4), _t(2, 1, 5, 4)), {"dropout_p": "0.1"}, TypeError, "dropout_p must be a float in \\[0, 1\\], got str"),
+        ((_t(2, 1, 3, 4), _t(2, 1, 5, 4), _t(2, 1, 5, 4)), {"dropout_p": True}, TypeError, "dropout_p .* got bool"),
+        ((_t(2, 1, 3, 4), _t(2, 1, 5, 4), _t(2, 1, 5, 4)), {"dropout_p": torch.tensor(0.1)}, TypeError, r"dropout_p .* got Tensor .* float\(dropout_p\)"),
         ((_t(2, 1, 3, 4), _t(2, 1, 5, 4), _t(2, 1, 5, 4)), {"backend": "flash"}, ValueError, r"unknown backend 'flash'; choose one of \["),
         ((_t(2, 1, 3, 4), _t(2, 1, 5, 4), _t(2, 1, 5, 4)), {"scale": float("nan")}, ValueError, "scale must be finite, got nan"),
         ((_t(2, 1, 3, 4), _t(2, 1, 5, 4), _t(2, 1, 5, 4)), {"scale": float("inf")}, ValueError, "scale must be finite"),

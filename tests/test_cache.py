@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import functools
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -185,6 +186,25 @@ def test_reorder_to_another_batch_size_and_reset():
         cache.reorder([0, 1])  # type: ignore[arg-type]
 
 
+@pytest.mark.parametrize("static", [False, True])
+def test_reorder_to_no_rows_is_refused_before_changing_anything(static):
+    """An empty index would leave a cache of batch size 0, which the constructor refuses
+    and which no reorder can bring rows back to: refused, the cache as it was."""
+    cache = mha.KVCache(N, M, HKV, DK, static=static, dtype=F64)
+    mha.attention(*(torch.randn(N, h, 2, DK, dtype=F64) for h in (HQ, HKV, HKV)), cache=cache)
+    if static:
+        cache.key_padding_mask = torch.zeros(N, M, dtype=torch.bool)
+    before = _cache_state(cache)
+    with pytest.raises(ValueError, match=r"index is empty: it would leave no sequence \(batch_size=0\).*reset\(\)"):
+        cache.reorder(torch.tensor([], dtype=torch.int64))
+    after = _cache_state(cache)
+    assert all(torch.equal(a, b) for a, b in zip(before[:3], after[:3], strict=True))
+    assert after[3] is before[3]
+    assert cache.batch_size == N
+    out = mha.attention(*(torch.randn(N, h, 1, DK, dtype=F64) for h in (HQ, HKV, HKV)), cache=cache).output
+    assert out.shape == (N, HQ, 1, DK)
+
+
 def test_overflow_names_max_length_lengths_and_fix():
     cache = mha.KVCache(2, 5, 1, 4, dtype=F64)
     x = torch.ones(2, 1, 4, 4, dtype=F64)
@@ -231,11 +251,11 @@ def test_padded_tokens_are_not_stored():
         # Rejected before the new tokens are written, not after.
         ({"query": torch.ones(3, 6, 2, 40)}, TypeError, "query has dtype torch.float32 .* the cache torch.float64"),
         ({"query": torch.ones(3, 6, 2, 7, dtype=F64)}, ValueError, r"query .* must have the cache's Dk = 40"),
-        ({"dropout_p": 2.0}, ValueError, r"dropout_p must be a float in \[0, 1\)"),
+        ({"dropout_p": 2.0}, ValueError, r"dropout_p must be in \[0, 1\]"),
         ({"weights": "all"}, ValueError, "weights must be None, 'mean' or 'per_head'"),
         ({"backend": "fast"}, ValueError, "unknown backend 'fast'"),
         ({"backend": "sdpa", "weights": "mean"}, NotImplementedError, "SDPA returns no attention weights"),
-        ({"mask": Blocked(torch.ones(3, 1, 2, M, dtype=torch.bool, device="meta"))}, ValueError, "holds a tensor on meta but the query is on cpu"),
+        ({"mask": Blocked(torch.ones(3, 1, 2, M, dtype=torch.bool, device="meta"))}, ValueError, r"mask Blocked\(shape=\(3, 1, 2, 29\), .* holds a tensor on meta but the query is on cpu"),
         ({"scale": "big"}, TypeError, "scale must be a number or None, got 'big'"),
     ],
 )
@@ -391,6 +411,36 @@ def test_ragged_steps_on_the_meta_device():
     mha.attention(x, x, x, cache=cache, new_lengths=torch.tensor([1, 2, 0], device="meta"))
     cache.lengths[0] = 2  # by hand: the lengths are unknown, every position may be read
     assert mha.attention(x, x, x, cache=cache, weights="mean").weights.shape == (N, 2, M)
+
+
+@pytest.mark.parametrize(("embed_dim", "num_heads"), [(12, 3), (8, 4), (16, 2)])
+@pytest.mark.parametrize("static", [False, True])
+def test_cache_of_another_module_names_the_module_and_new_cache(embed_dim, num_heads, static):
+    """A cache made for other heads failed in the terms of the heads (Dk, Hkv) with no fix:
+    now it says what the module needs, what the cache holds, and to use new_cache."""
+    module = mha.MultiheadAttention(8, 2)
+    cache = mha.MultiheadAttention(embed_dim, num_heads).new_cache(2, 5, static=static)
+    x = torch.randn(1, 2, 8)
+    match = (
+        rf"KVCache\(batch_size=2, max_length=5, num_heads={num_heads}, head_dim={embed_dim // num_heads}, .* was not "
+        r"made for this module \(embed_dim=8, num_heads=2\).* needs num_heads=2, head_dim=4, value_head_dim=4; "
+        r"make it with this module's new_cache\(batch_size, max_length\)"
+    )
+    with pytest.raises(ValueError, match=match):
+        module(x, x, x, cache=cache)
+    assert cache.lengths.tolist() == [0, 0]
+
+
+@pytest.mark.parametrize("integer", [np.int64, torch.tensor])
+def test_sizes_of_any_integral_type(integer):
+    """Sizes read from numpy arrays or tensors (what operator.index takes) are ints; a bool,
+    a float or a str is a TypeError naming the argument."""
+    cache = mha.KVCache(integer(2), integer(5), integer(1), integer(4), integer(3))
+    assert repr(cache) == repr(mha.KVCache(2, 5, 1, 4, 3))
+    assert mha.MultiheadAttention(8, 2).new_cache(integer(2), integer(5)).key.shape == (2, 2, 5, 4)
+    for bad, got in ((True, "bool True"), (2.0, "float 2.0"), ("2", "str '2'")):
+        with pytest.raises(TypeError, match=f"KVCache: batch_size must be an int, got {got}; pass a Python int"):
+            mha.KVCache(bad, 5, 1, 4)  # type: ignore[arg-type]
 
 
 def test_constructor_errors_and_no_cache_arguments():

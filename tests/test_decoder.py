@@ -137,6 +137,11 @@ def test_cache_errors():
         ours(x, memory[:4, :2], cache=cache)
     with pytest.raises(ValueError, match=r"key_padding_mask must be \(N, T\) = \(3, 4\)"):
         ours(x, memory[:4], memory_key_padding_mask=torch.zeros(N, 9, dtype=torch.bool), cache=cache)
+    # The caches of a decoder of another width name the module and the fix.
+    other = mha.TransformerDecoder(mha.TransformerDecoderLayer(E, 3, dtype=F64), 2).new_cache(N, 8)
+    with pytest.raises(ValueError, match=r"num_heads=3, head_dim=10.* not made for this module .* new_cache"):
+        ours(x, memory[:4], cache=other)
+    assert other.lengths.tolist() == [0] * N
     assert cache.lengths.tolist() == [0] * N
     ours(x, memory[:4], cache=cache)
     assert cache.lengths.tolist() == [2] * N

@@ -6,6 +6,7 @@ from __future__ import annotations
 import warnings
 from unittest import mock
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import event, given, settings
@@ -78,9 +79,34 @@ def test_non_numeric_sizes(kwargs, name):
     check(TypeError, lambda: mha.MultiheadAttention(**kwargs), name)
 
 
-@pytest.mark.parametrize("dropout", [1.0, 1.5, -0.1])
+@pytest.mark.parametrize("integer", [np.int64, np.int32, torch.tensor])
+def test_sizes_of_any_integral_type_as_torch_takes_them(integer):
+    """torch's constructor takes numpy integers (and integer tensors) for the sizes; mha
+    takes them too, stored as ints, and gives torch's results."""
+    kwargs = {"embed_dim": integer(8), "num_heads": integer(2), "kdim": integer(6), "vdim": integer(4)}
+    theirs = torch.nn.MultiheadAttention(**kwargs)
+    ours = mha.MultiheadAttention(**kwargs)
+    for name in ("embed_dim", "num_heads", "kdim", "vdim", "head_dim"):
+        assert type(getattr(ours, name)) is int
+        assert getattr(ours, name) == getattr(theirs, name)
+    ours.load_state_dict(theirs.state_dict())
+    q, k, v = torch.randn(3, 2, 8), torch.randn(5, 2, 6), torch.randn(5, 2, 4)
+    torch.testing.assert_close(ours(q, k, v)[0], theirs(q, k, v)[0])
+
+
+@pytest.mark.parametrize("dropout", [1.5, -0.1, float("nan"), float("inf")])
 def test_dropout_outside_unit_interval(dropout):
-    check(ValueError, lambda: mha.MultiheadAttention(8, 2, dropout=dropout), "dropout", "[0, 1)", str(dropout))
+    check(ValueError, lambda: mha.MultiheadAttention(8, 2, dropout=dropout), "dropout", "[0, 1]", str(dropout))
+
+
+@pytest.mark.parametrize("dropout", [0, 1, 1.0, 0.5])
+def test_dropout_in_the_closed_unit_interval_is_accepted_as_torch_accepts_it(dropout):
+    assert mha.MultiheadAttention(8, 2, dropout=dropout).dropout == torch.nn.MultiheadAttention(8, 2, dropout=dropout).dropout
+
+
+@pytest.mark.parametrize("dropout", [True, "0.1", torch.tensor(0.1), None])
+def test_dropout_of_another_type(dropout):
+    check(TypeError, lambda: mha.MultiheadAttention(8, 2, dropout=dropout), "dropout", type(dropout).__name__, "float")
 
 
 # Inputs: rank, width, lengths, batch sizes

@@ -3,6 +3,7 @@ that the fast backends read (at each piece's own broadcast shape, never (N, H, L
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
@@ -232,15 +233,23 @@ def test_materialize_checks_the_shape():
     [
         (lambda: Window(-1, 0), ValueError, "before must be a non-negative int"),
         (lambda: Window(0, -2), ValueError, "after must be a non-negative int"),
-        (lambda: Window(1.5, 0), ValueError, "before"),
-        (lambda: Window(True, 0), ValueError, "before"),
+        (lambda: Window(1.5, 0), TypeError, r"Window before must be a non-negative int .* or None, got float 1.5; pass a Python int"),
+        (lambda: Window(True, 0), TypeError, "Window before .* got bool True"),
+        (lambda: Window(0, "2"), TypeError, "Window after .* got str '2'"),
+        (lambda: Window(0, torch.tensor(2.0)), TypeError, r"Window after .* got a Tensor of shape \(\), dtype torch.float32"),
+        (lambda: Window(0, torch.tensor([1, 2])), TypeError, r"Window after .* got a Tensor of shape \(2,\)"),
+        (lambda: Window(0, torch.tensor(True)), TypeError, "Window after .* dtype torch.bool"),
+        (lambda: Window(np.int64(-1), 0), ValueError, "before must be a non-negative int"),
+        (lambda: Window(1, 1, shift=0.5), TypeError, r"Window shift must be an int .*, got float 0.5"),
+        (lambda: Window(1, 1, shift=None), TypeError, r"Window shift must be an int \(a number of keys\), got NoneType None"),
+        (lambda: Window(1, 1, 3), TypeError, "align must be the str 'top_left' or 'bottom_right', got int 3"),
         # past int64 once offset: OverflowError, or wrapped to the wrong keys
         (lambda: Window(2**63 - 1, 2**63 - 1), ValueError, r"before must be at most 2\*\*60 .* use None"),
         (lambda: Window(None, 10**30), ValueError, r"after must be at most 2\*\*60"),
         (lambda: Window(1, 1, shift=-(2**61)), ValueError, r"shift must be within -2\*\*60..2\*\*60"),
         (lambda: Window(1, 1, "center"), ValueError, "top_left' or 'bottom_right"),
         (lambda: Causal("bottom-right"), ValueError, "top_left' or 'bottom_right"),
-        (lambda: KeyPadding([1, 2]), TypeError, "Tensor of shape"),
+        (lambda: KeyPadding([1, 2]), TypeError, r"Tensor of shape \(N,\), got list; build it with torch.tensor\(lengths\)"),
         (lambda: KeyPadding(torch.ones(2, 1, dtype=torch.long)), ValueError, r"\(N,\)"),
         (lambda: KeyPadding(torch.tensor([1.0, 2.0])), TypeError, "integer"),
         (lambda: KeyPadding(torch.tensor([True])), TypeError, "integer"),
@@ -263,6 +272,17 @@ def test_materialize_checks_the_shape():
 def test_constructor_validation(make, exc, match):
     with pytest.raises(exc, match=match):
         make()
+
+
+@pytest.mark.parametrize("integer", [np.int64, np.int32, np.uint8, torch.tensor])
+def test_window_takes_any_integral_type_as_an_int(integer):
+    """Sides and shifts read from numpy arrays or tensors (what operator.index takes) are
+    stored as Python ints: the same mask, equal and with the same repr."""
+    window = Window(integer(2), integer(0), "bottom_right", shift=integer(1))
+    assert window == Window(2, 0, "bottom_right", shift=1)
+    assert all(type(getattr(window, name)) is int for name in ("before", "after", "shift"))
+    assert repr(window) == "Window(before=2, after=0, align='bottom_right', shift=1)"
+    assert torch.equal(window.allowed(3, 5), Window(2, 0, "bottom_right", shift=1).allowed(3, 5))
 
 
 @pytest.mark.parametrize("align", ["top_left", "bottom_right"])

@@ -725,6 +725,29 @@ def test_dropout_is_unbiased(need_weights, batch_first):
         _within_noise(w, w_eval[0], dim=0)
 
 
+@pytest.mark.parametrize("need_weights", [True, False])
+@pytest.mark.parametrize("is_causal", [False, True])
+def test_dropout_of_one_matches_torch(need_weights, is_causal):
+    """torch accepts dropout=1.0 (F.dropout takes p in [0, 1]): in training every weight is
+    dropped, so the output is out_proj's bias and the weights are 0, with no NaN from the
+    1 / (1 - p) rescaling; in eval the module attends as without dropout."""
+    theirs, ours = build_pair(8, 2, dropout=1.0)
+    q, k = torch.randn(3, 2, 8), torch.randn(5, 2, 8)
+    mask = torch.ones(3, 5, dtype=torch.bool).triu(1) if is_causal else None
+    for training in (True, False):
+        theirs.train(training)
+        ours.train(training)
+        want = theirs(q, k, k, need_weights=need_weights, attn_mask=mask)
+        got = ours(q, k, k, need_weights=need_weights, attn_mask=mask)
+        torch.testing.assert_close(got[0], want[0], **TOL[torch.float32])
+        if need_weights:
+            torch.testing.assert_close(got[1], want[1], **TOL[torch.float32])
+        assert not got[0].isnan().any()
+    theirs.train()
+    ours.train()
+    torch.testing.assert_close(ours(q, k, k)[0], ours.out_proj.bias.detach().expand(3, 2, 8))
+
+
 @pytest.mark.parametrize("method", ["__init__", "forward"])
 def test_same_signature_as_torch(method):
     ours = [(p.name, p.kind, p.default) for p in inspect.signature(getattr(mha.MultiheadAttention, method)).parameters.values()]

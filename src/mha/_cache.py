@@ -34,11 +34,11 @@ from . import masks as _masks
 from ._backends.decode import MAX_ROWS
 from ._dispatch import forced_backend
 from ._mask_analysis import values_readable
+from ._validate import as_int
 
 
 def _positive_int(name: str, value: object, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"KVCache: {name} must be an int, got {type(value).__name__}")
+    value = as_int(value, f"KVCache: {name}")
     if value < minimum:
         raise ValueError(f"KVCache: {name} must be >= {minimum}, got {value}")
     return value
@@ -136,7 +136,7 @@ class KVCache:
             if not values_readable(self.lengths):
                 self._set_bound(self.max_length)
             else:
-                low, high = (int(x) for x in torch.aminmax(self.lengths)) if self.batch_size else (0, 0)
+                low, high = (int(x) for x in torch.aminmax(self.lengths))
                 self._set_bound(high, uniform=low == high)
         return cast(int, self._bound), self._uniform
 
@@ -155,7 +155,7 @@ class KVCache:
     def reorder(self, index: Tensor) -> None:
         """Make the batch the rows ``index`` ``(N',)`` of the current one (beam search).
 
-        Rows may repeat. With ``N' == N`` the buffers are updated in place."""
+        Rows may repeat; ``N' >= 1``. With ``N' == N`` the buffers are updated in place."""
         if not isinstance(index, Tensor):
             raise TypeError(f"KVCache.reorder: index must be an integer Tensor (N',), got {type(index).__name__}")
         if index.dim() != 1 or index.is_floating_point() or index.dtype == torch.bool:
@@ -164,7 +164,14 @@ class KVCache:
                 f"{tuple(index.shape)} dtype {index.dtype}"
             )
         N = self.batch_size
-        if index.numel() and values_readable(index):
+        if index.numel() == 0:
+            raise ValueError(
+                f"KVCache.reorder: index is empty: it would leave no sequence (batch_size=0), which no call "
+                f"can use and no reorder can fill again; the cache keeps its {N} sequences. When every "
+                "sequence is done, stop decoding (or reset() the cache, or make a new one, for the next "
+                "batch); to keep some of them, pass their rows"
+            )
+        if values_readable(index):
             low, high = int(index.min()), int(index.max())
             if low < 0 or high >= N:
                 raise ValueError(
@@ -250,7 +257,7 @@ def _validate_new_lengths(new_lengths: Tensor | None, N: int, T: int) -> None:
         raise TypeError(f"attention: new_lengths must be an integer tensor, got dtype {new_lengths.dtype}")
     if new_lengths.shape != (N,):
         raise ValueError(f"attention: new_lengths must have shape (N,) = ({N},), got {tuple(new_lengths.shape)}")
-    if values_readable(new_lengths) and N > 0:
+    if values_readable(new_lengths):
         low, high = int(new_lengths.min()), int(new_lengths.max())
         if low < 0 or high > T:
             raise ValueError(
@@ -523,6 +530,19 @@ def _check_call(cache: KVCache, query: Tensor, mask: _masks.Mask | None) -> None
             )
     _check_batch(cache, tuple(query.shape))
     _check_query(cache, query)
+    if mask is not None:  # before the mask is sliced to the positions read: the user's own shapes
+        check_mask_devices(mask, query.device)
+
+
+def check_mask_devices(mask: _masks.Mask, device: torch.device) -> None:
+    """ValueError naming the part of ``mask`` that holds a tensor on another ``device`` than the query's."""
+    for part in mask.parts():
+        for t in part.tensors():
+            if t.device != device:
+                raise ValueError(
+                    f"attention: mask {part!r} holds a tensor on {t.device} but the query is on {device}; "
+                    f"build the mask on the query's device (e.g. tensor.to(query.device))"
+                )
 
 
 def _check_batch(cache: KVCache, query_shape: tuple[int, ...]) -> None:

@@ -19,10 +19,11 @@ from torch import Tensor
 
 from . import _dispatch, _varlen
 from . import masks as _masks
-from ._cache import CachedStep, KVCache, cached_step
+from ._cache import CachedStep, KVCache, cached_step, check_mask_devices
 from ._dispatch import Backend
 from ._plan import plan_mask, plan_varlen_mask
 from ._types import AttentionOutput, Call, Offsets, WeightsMode, split_weights
+from ._validate import check_dropout
 
 __all__ = ["AttentionOutput", "Call", "PackedOutput", "WeightsMode", "attention", "check_scale", "packed_attention"]
 
@@ -125,7 +126,7 @@ def attention(
         return _attention_jagged(query, key, value, mask, scale, dropout_p, weights, return_lse, backend)
     call = _validate_call(query, key, value, mask, scale, dropout_p, weights, return_lse)
     if mask is not None:
-        _validate_mask_devices(mask, query.device)
+        check_mask_devices(mask, query.device)
     return _dispatch.select_backend(call, backend).forward(call)
 
 
@@ -171,7 +172,7 @@ def plan_cached(
     step = cached_step(cache, query, key, value, mask, new_lengths, backend, padding)
     call = _validate_call(query, step.key, step.value, step.mask, scale, dropout_p, weights, return_lse)
     if step.mask is not None:
-        _validate_mask_devices(step.mask, query.device)
+        check_mask_devices(step.mask, query.device)
     # Dispatch sees the views as the write leaves them: requiring grad if the new tokens do.
     checked = call._replace(key=step.key.detach().requires_grad_()) if step.gains_grad else call
     return CachedCall(step, call, _dispatch.select_backend(checked, step.backend))
@@ -341,16 +342,6 @@ def _sizes(*tensors: Tensor) -> list[tuple[int, ...]]:
     return [tuple(t.shape) for t in tensors]
 
 
-def _validate_mask_devices(mask: _masks.Mask, device: torch.device) -> None:
-    for part in mask.parts():
-        for t in part.tensors():
-            if t.device != device:
-                raise ValueError(
-                    f"attention: mask {part!r} holds a tensor on {t.device} but the query is on {device}; "
-                    f"build the mask on the query's device (e.g. tensor.to(query.device))"
-                )
-
-
 def _validate_call(
     query: Tensor,
     key: Tensor,
@@ -409,8 +400,7 @@ def _validate_options(dropout_p: float, weights: WeightsMode | None) -> None:
     """Checks ``weights`` and ``dropout_p`` of :func:`attention`."""
     if weights not in (None, "mean", "per_head"):
         raise ValueError(f"attention: weights must be None, 'mean' or 'per_head', got {weights!r}")
-    if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p < 1.0:
-        raise ValueError(f"attention: dropout_p must be a float in [0, 1), got {dropout_p!r}")
+    check_dropout(dropout_p, "dropout_p", "attention: ")
 
 
 def _validate_sizes(

@@ -65,7 +65,7 @@ class MultiheadAttention(ScriptableAttention):
     Args:
         embed_dim: ``E``, width of query and of the output.
         num_heads: ``h``; ``E`` must be divisible by it.
-        dropout: dropout probability on the attention weights, in [0, 1).
+        dropout: dropout probability on the attention weights, in [0, 1] (1 drops every weight in training).
         bias: add biases to the input and output projections.
         add_bias_kv: append a learned key and value (``bias_k``, ``bias_v``).
         add_zero_attn: append a zero key and value.
@@ -98,7 +98,7 @@ class MultiheadAttention(ScriptableAttention):
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
-        validate_constructor(embed_dim, num_heads, dropout, kdim, vdim)
+        embed_dim, num_heads, kdim, vdim = validate_constructor(embed_dim, num_heads, dropout, kdim, vdim)
         factory_kwargs: dict[str, Any] = {"device": device, "dtype": dtype}
         super().__init__()
         self.embed_dim = embed_dim

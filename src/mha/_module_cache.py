@@ -38,6 +38,14 @@ def check_cached_call(
     cannot run."""
     if not isinstance(cache, KVCache):
         raise TypeError(f"MultiheadAttention: cache must be an mha.KVCache, got {type(cache).__name__}")
+    H, D = module.num_heads, module.head_dim
+    if (cache.key.shape[1], cache.key.shape[3], cache.value.shape[3]) != (H, D, D):
+        raise ValueError(
+            f"MultiheadAttention with cache=: {cache!r} was not made for this module (embed_dim="
+            f"{module.embed_dim}, num_heads={H}), whose keys and values are num_heads={H} heads of head_dim "
+            f"= embed_dim // num_heads = {D}: the cache needs num_heads={H}, head_dim={D}, value_head_dim={D}; "
+            "make it with this module's new_cache(batch_size, max_length) (a decoder's with its own new_cache)"
+        )
     if is_causal and cache.static:
         raise NotImplementedError(
             "MultiheadAttention with cache=: is_causal=True is not supported on a static "

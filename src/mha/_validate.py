@@ -8,6 +8,7 @@ says what was expected, what came, and how to fix it.
 
 from __future__ import annotations
 
+import operator
 from numbers import Real
 from typing import Any
 
@@ -36,24 +37,39 @@ def module_member(module: nn.Module, name: str) -> Any:
     return member if member is not None else getattr(module, name)
 
 
-def _is_int(x: Any) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
+def as_int(value: Any, what: str, expected: str = "an int") -> int:
+    """``value`` as a Python int: an int or another integral type (a numpy integer, a
+    one-element integer tensor: what ``operator.index`` takes), never a bool. TypeError
+    naming ``what``, the ``expected`` kind and what came otherwise."""
+    if not isinstance(value, bool) and not (isinstance(value, Tensor) and value.dtype == torch.bool):
+        try:
+            return operator.index(value)
+        except (TypeError, RuntimeError):  # RuntimeError: a tensor that holds no value (meta)
+            pass
+    got = (
+        f"a Tensor of shape {_shape(value)}, dtype {value.dtype} on {value.device}"
+        if isinstance(value, Tensor)
+        else f"{type(value).__name__} {value!r}"
+    )
+    fix = "pass a Python int" + (f", e.g. int({what.split()[-1]})" if isinstance(value, Real) else "")
+    raise TypeError(f"{what} must be {expected}, got {got}; {fix} (numpy and torch integers are taken too)")
 
 
 def validate_constructor(
     embed_dim: Any, num_heads: Any, dropout: Any, kdim: Any, vdim: Any
-) -> None:
+) -> tuple[int, int, int | None, int | None]:
+    """Check the constructor's arguments; return ``(embed_dim, num_heads, kdim, vdim)`` as
+    Python ints (None kept): numpy integers and integer tensors, which torch's constructor
+    takes, are read through ``operator.index``."""
+    embed_dim = as_int(embed_dim, "embed_dim")
+    num_heads = as_int(num_heads, "num_heads")
     for name, value in (("embed_dim", embed_dim), ("num_heads", num_heads)):
-        if not _is_int(value):
-            raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
         if value <= 0:
             raise ValueError(f"{name} must be positive, got {name}={value}")
+    kdim = None if kdim is None else as_int(kdim, "kdim", "an int or None")
+    vdim = None if vdim is None else as_int(vdim, "vdim", "an int or None")
     for name, value in (("kdim", kdim), ("vdim", vdim)):
-        if value is None:
-            continue
-        if not _is_int(value):
-            raise TypeError(f"{name} must be an int or None, got {type(value).__name__} {value!r}")
-        if value <= 0:
+        if value is not None and value <= 0:
             raise ValueError(f"{name} must be positive (the width of {'key' if name == 'kdim' else 'value'}), got {name}={value}")
     if embed_dim % num_heads != 0:
         divisors = [h for h in range(1, embed_dim + 1) if embed_dim % h == 0]
@@ -62,11 +78,23 @@ def validate_constructor(
             f"embed_dim // num_heads features. Choose num_heads from {_few(divisors)}, "
             f"or embed_dim as a multiple of {num_heads} (e.g. {num_heads * max(1, round(embed_dim / num_heads))})"
         )
-    if isinstance(dropout, bool) or not isinstance(dropout, Real):
-        raise TypeError(f"dropout must be a float in [0, 1), got {type(dropout).__name__} {dropout!r}")
-    if not 0.0 <= float(dropout) < 1.0:
+    check_dropout(dropout, "dropout", "")
+    return embed_dim, num_heads, kdim, vdim
+
+
+def check_dropout(value: Any, name: str, prefix: str) -> None:
+    """TypeError unless ``value`` is a real number (not a bool), ValueError unless it is in
+    [0, 1] as torch's ``F.dropout`` takes it (1 zeroes every weight); ``prefix`` starts the
+    message (the function's name)."""
+    if isinstance(value, bool) or not isinstance(value, Real):
+        fix = f"float({name})" if isinstance(value, Tensor) else f"a Python float, e.g. {name}=0.1"
+        raise TypeError(
+            f"{prefix}{name} must be a float in [0, 1], got {type(value).__name__} {value!r}; pass {fix}"
+        )
+    if not 0.0 <= float(value) <= 1.0:
         raise ValueError(
-            f"dropout must be in [0, 1) (the probability of zeroing an attention weight), got dropout={dropout}"
+            f"{prefix}{name} must be in [0, 1] (the probability of zeroing an attention weight), "
+            f"got {name}={value}"
         )
 
 

@@ -38,6 +38,8 @@ import torch
 from torch import Tensor
 from torch.types import Device
 
+from ._validate import as_int
+
 __all__ = [
     "Allowed",
     "Bias",
@@ -131,6 +133,8 @@ def _blocked_to_additive(allowed: Tensor, dtype: torch.dtype) -> Tensor:
 
 
 def _validate_align(align: str) -> None:
+    if not isinstance(align, str):
+        raise TypeError(f"align must be the str 'top_left' or 'bottom_right', got {type(align).__name__} {align!r}")
     if align not in _ALIGNS:
         raise ValueError(f"align must be 'top_left' or 'bottom_right', got {align!r}")
 
@@ -157,17 +161,26 @@ class Window(Mask):
 
     def __post_init__(self) -> None:
         _validate_align(self.align)
+        for name in ("before", "after", "shift"):
+            given = getattr(self, name)
+            side = name != "shift"
+            if type(given) is not int and not (side and given is None):  # a numpy or torch integer: an int
+                expected = "a non-negative int (a number of keys) or None" if side else "an int (a number of keys)"
+                object.__setattr__(self, name, as_int(given, f"Window {name}", expected))
         for name in ("before", "after"):
             value = getattr(self, name)
-            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
-                raise ValueError(f"Window {name} must be a non-negative int or None, got {value!r}")
-            if value is not None and value > _MAX_OFFSET:
+            if value is None:
+                continue
+            if value < 0:
+                raise ValueError(
+                    f"Window {name} must be a non-negative int (a number of keys) or None, got {value}; "
+                    "use None for no limit on that side"
+                )
+            if value > _MAX_OFFSET:
                 raise ValueError(
                     f"Window {name} must be at most 2**60 (band offsets are int64 indices), got {value}; "
                     "use None for no limit on that side"
                 )
-        if not isinstance(self.shift, int) or isinstance(self.shift, bool):
-            raise TypeError(f"Window shift must be an int, got {type(self.shift).__name__}")
         if abs(self.shift) > _MAX_OFFSET:
             raise ValueError(f"Window shift must be within -2**60..2**60 (band offsets are int64 indices), got {self.shift}")
 
@@ -211,7 +224,10 @@ class KeyPadding(Mask):
 
     def __init__(self, lengths: Tensor) -> None:
         if not isinstance(lengths, Tensor):
-            raise TypeError(f"KeyPadding lengths must be a Tensor of shape (N,), got {type(lengths).__name__}")
+            raise TypeError(
+                f"KeyPadding lengths must be an integer Tensor of shape (N,), got {type(lengths).__name__}; "
+                "build it with torch.tensor(lengths)"
+            )
         _require_dense(lengths, "KeyPadding lengths")
         if lengths.dim() != 1:
             raise ValueError(f"KeyPadding lengths must have shape (N,), got {tuple(lengths.shape)}")
